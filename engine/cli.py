@@ -1,0 +1,212 @@
+"""`mae` command line: pretrain | visualize | export (and the subcommands other modules register).
+
+Options are a preset plus dotted overrides (`--optim.lr 1e-3 --model.mask_ratio 0.9`). Bad input ends
+with one paragraph naming the problem and exit status 2; nothing already written is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import ConfigError, Config, PRESETS, apply_overrides, describe_fields, get_preset
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """An error in what the user asked for; printed as one paragraph, exit status 2."""
+
+
+def split_overrides(extra: list[str]) -> dict[str, str]:
+    """['--optim.lr', '1e-3', '--model.mask_ratio=0.9'] -> {'optim.lr': '1e-3', 'model.mask_ratio': '0.9'}."""
+    out, i = {}, 0
+    while i < len(extra):
+        tok = extra[i]
+        if not tok.startswith("--") or len(tok) <= 2:
+            raise UserError(f"unexpected argument {tok!r}; overrides look like --SECTION.FIELD VALUE "
+                            "(see --help for the list)")
+        key = tok[2:]
+        if "=" in key:
+            key, val = key.split("=", 1)
+        else:
+            if i + 1 >= len(extra) or (extra[i + 1].startswith("--") and not _is_number(extra[i + 1])):
+                raise UserError(f"option --{key} needs a value")
+            val = extra[i + 1]
+            i += 1
+        if "." not in key:
+            raise UserError(f"unknown option --{key}; see --help")
+        out[key] = val
+        i += 1
+    return out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def build_config(preset: str, extra: list[str]) -> Config:
+    cfg = get_preset(preset)
+    return apply_overrides(cfg, split_overrides(extra))
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def cmd_pretrain(args, extra) -> int:
+    cfg = build_config(args.preset, extra)
+    if args.run_dir:
+        cfg.train.run_dir = args.run_dir
+    if args.data:
+        cfg.data.path = args.data
+    from .pretrain import run_pretrain
+
+    return run_pretrain(cfg, resume=args.resume)
+
+
+def cmd_visualize(args, extra) -> int:
+    import torch
+
+    from pipelines.common import DataError
+    from . import checkpoint as ckpt
+    from .model import build_model
+    from .visualize import reconstruction_grid, save_grid
+
+    state = ckpt.load_checkpoint(args.checkpoint)
+    cfg = _config_of(state, args, extra)
+    model = build_model(cfg.model)
+    ckpt.load_model_state(model, ckpt.model_state_from(state, args.checkpoint), args.checkpoint)
+    imgs = []
+    from pipelines.torchvision import ImageFiles
+
+    ds = ImageFiles([], cfg.model.img_size, cfg.data.scale, cfg.data.ratio, 0.0, cfg.data.mean, cfg.data.std, 0,
+                    deterministic=True)
+    for path in args.images:
+        p = Path(path)
+        if not p.is_file():
+            raise DataError(f"image {p} does not exist")
+        try:
+            img = ds.load(str(p))
+        except Exception as e:
+            raise DataError(f"cannot read image {p}: {type(e).__name__}: {e}") from None
+        imgs.append(ds.transform(img, None))
+    batch = torch.stack(imgs)
+    gen = torch.Generator().manual_seed(args.seed)
+    noise = torch.rand(batch.shape[0], cfg.model.num_patches, generator=gen)
+    ratio = cfg.model.mask_ratio if args.mask_ratio is None else args.mask_ratio
+    from .config import check_mask_ratio
+
+    check_mask_ratio(ratio, cfg.model.num_patches)
+    grid = reconstruction_grid(model, batch, cfg.data.mean, cfg.data.std, ratio, noise,
+                               scale=max(1, 224 // cfg.model.img_size))
+    out = save_grid(grid, args.out)
+    print(f"wrote {out} ({len(imgs)} image(s): original | masked | reconstruction | reconstruction + visible)")
+    return 0
+
+
+def cmd_export(args, extra) -> int:
+    from . import checkpoint as ckpt
+
+    state = ckpt.load_checkpoint(args.checkpoint)
+    sd = ckpt.model_state_from(state, args.checkpoint)
+    if args.what == "encoder":
+        out_sd = ckpt.encoder_state_dict(sd)
+    else:
+        out_sd = {"model": dict(sd)}
+    out = ckpt.atomic_torch_save(out_sd, args.out)
+    n = len(out_sd) if args.what == "encoder" else len(sd)
+    print(f"wrote {out}: {args.what} state dict, {n} tensors"
+          + (" (loads into timm.create_model(..., num_classes=0) with strict=True)" if args.what == "encoder" else
+             " (the reference implementation's format: {'model': state_dict})"))
+    return 0
+
+
+def _config_of(state: dict, args, extra) -> Config:
+    if getattr(args, "preset", None):
+        return build_config(args.preset, extra)
+    if "config" in state:
+        return apply_overrides(Config.from_dict(state["config"]), split_overrides(extra))
+    raise UserError(f"{args.checkpoint} carries no config; name its architecture with --preset")
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_parser() -> argparse.ArgumentParser:
+    presets = ", ".join(PRESETS)
+    p = argparse.ArgumentParser(prog="mae", description="Masked Autoencoder pretraining engine.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    pre = sub.add_parser(
+        "pretrain", help="MAE pretraining (embedded sample photographs when no data is given)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Pretrain an MAE. Any config field can be overridden as --SECTION.FIELD VALUE:\n\n"
+                    + describe_fields(get_preset("debug")))
+    pre.add_argument("--preset", default="debug", help=f"one of: {presets} (default: debug)")
+    pre.add_argument("--data", default="", help="image directory (shorthand for --data.path)")
+    pre.add_argument("--run-dir", default="", help="run directory (shorthand for --train.run_dir)")
+    pre.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
+    pre.set_defaults(func=cmd_pretrain)
+
+    vis = sub.add_parser("visualize", help="reconstruction grid PNG from a checkpoint and images")
+    vis.add_argument("checkpoint")
+    vis.add_argument("images", nargs="+")
+    vis.add_argument("--out", default="reconstruction.png")
+    vis.add_argument("--mask-ratio", type=float, default=None)
+    vis.add_argument("--seed", type=int, default=0, help="seed of the mask")
+    vis.add_argument("--preset", default=None, help="architecture, for checkpoints without a config")
+    vis.set_defaults(func=cmd_visualize)
+
+    exp = sub.add_parser("export", help="write the encoder (timm layout) or the full model from a checkpoint")
+    exp.add_argument("checkpoint")
+    exp.add_argument("--out", required=True)
+    exp.add_argument("--what", choices=("encoder", "full"), default="encoder")
+    exp.set_defaults(func=cmd_export)
+
+    for register in _extra_commands():
+        register(sub)
+    return p
+
+
+def _extra_commands():
+    """Subcommands that live in other modules (bench, profile, data), registered when importable."""
+    regs = []
+    for mod, fn in (("engine.data_cli", "register"), ("benchmarks.cli", "register")):
+        try:
+            module = __import__(mod, fromlist=[fn])
+        except ImportError:
+            continue
+        regs.append(getattr(module, fn))
+    return regs
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines.common import DataError
+
+    from .checkpoint import CheckpointError
+    from .trainer import NonFiniteLossError
+
+    parser = make_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    if extra and args.command not in ("pretrain", "visualize") and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return int(args.func(args, extra) or 0)
+    except (UserError, ConfigError, DataError, CheckpointError, NonFiniteLossError) as e:
+        print(f"mae {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE if not isinstance(e, NonFiniteLossError) else 1
+    except KeyboardInterrupt:
+        print(f"mae {args.command}: interrupted; the last checkpoint written is intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""Typed configuration: dataclasses, presets, dotted command-line overrides.
+
+Every field carries a one-line docstring (the string literal after it); `__post_init__` validates, so a
+bad value fails at start-up with a message that names the field, the value and the limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field, the value and the limit."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class ModelConfig:
+    img_size: int = 224
+    """Input image side in pixels (square images)."""
+    patch_size: int = 16
+    """Patch side in pixels; img_size must be a multiple of it."""
+    in_chans: int = 3
+    """Input channels."""
+    embed_dim: int = 1024
+    """Encoder width."""
+    depth: int = 24
+    """Encoder blocks."""
+    num_heads: int = 16
+    """Encoder attention heads."""
+    decoder_embed_dim: int = 512
+    """Decoder width (the paper: 512)."""
+    decoder_depth: int = 8
+    """Decoder blocks (the paper: 8)."""
+    decoder_num_heads: int = 16
+    """Decoder attention heads (the paper: 16)."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width / block width."""
+    norm_pix_loss: bool = True
+    """Regress per-patch normalised pixels (the paper's default)."""
+    mask_ratio: float = 0.75
+    """Fraction of patches removed per image; in [0, 1) with at least one patch kept."""
+    encoder_mask_tokens: bool = False
+    """Dense baseline (the paper's Table 1 'w/ [M]'): the encoder sees all patches, mask tokens at removed ones."""
+    kernels: str = "auto"
+    """Masking/unshuffle/loss implementation: auto (Triton on CUDA, torch elsewhere) | triton | torch."""
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def len_keep(self) -> int:
+        return int(self.num_patches * (1 - self.mask_ratio))
+
+    def __post_init__(self) -> None:
+        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
+                     "decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 1, f"model.{name} must be a positive integer, got {v!r}")
+        _check(self.img_size % self.patch_size == 0,
+               f"model.img_size={self.img_size} is not divisible by model.patch_size={self.patch_size}")
+        _check(self.embed_dim % self.num_heads == 0,
+               f"model.embed_dim={self.embed_dim} is not divisible by model.num_heads={self.num_heads}")
+        _check(self.decoder_embed_dim % self.decoder_num_heads == 0,
+               f"model.decoder_embed_dim={self.decoder_embed_dim} is not divisible by "
+               f"model.decoder_num_heads={self.decoder_num_heads}")
+        for name in ("embed_dim", "decoder_embed_dim"):
+            _check(getattr(self, name) % 4 == 0,
+                   f"model.{name}={getattr(self, name)} must be divisible by 4 (2-D sin-cos position embedding)")
+        _check(self.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        check_mask_ratio(self.mask_ratio, self.num_patches)
+        _check(self.kernels in ("auto", "triton", "torch"),
+               f"model.kernels must be auto, triton or torch, got {self.kernels!r}")
+
+
+def check_mask_ratio(mask_ratio: float, num_patches: int) -> None:
+    """Mask ratio in [0, 1) and at least one visible patch out of `num_patches`."""
+    _check(0.0 <= mask_ratio < 1.0, f"mask ratio must be in [0, 1), got {mask_ratio}")
+    _check(int(num_patches * (1 - mask_ratio)) >= 1,
+           f"mask ratio {mask_ratio} leaves no visible patch out of {num_patches} "
+           f"(at most {1 - 1 / num_patches:.4f} for this image/patch size)")
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Image directory (class subfolders optional, labels ignored); empty = the embedded sample photographs."""
+    backend: str = "auto"
+    """auto | dali | torchvision | synthetic (auto = DALI when importable, else torchvision)."""
+    num_workers: int = 2
+    """DataLoader worker processes (torchvision backend); 0 loads in the main process."""
+    scale: tuple[float, float] = (0.2, 1.0)
+    """RandomResizedCrop area range (the paper: 0.2-1.0)."""
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """RandomResizedCrop aspect-ratio range."""
+    hflip: float = 0.5
+    """Horizontal flip probability."""
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    """Per-channel normalisation mean."""
+    std: tuple[float, float, float] = IMAGENET_STD
+    """Per-channel normalisation std."""
+    repeat: int = 0
+    """Times the file list is repeated per epoch; 0 = 1 for a directory, enough for 256 samples when embedded."""
+    quarantine: str = ""
+    """File listing paths to exclude (as written by `mae data check`); empty = DIR/.mae_quarantine.txt if present."""
+
+    def __post_init__(self) -> None:
+        self.scale = tuple(float(s) for s in self.scale)
+        self.ratio = tuple(float(r) for r in self.ratio)
+        self.mean = tuple(float(m) for m in self.mean)
+        self.std = tuple(float(s) for s in self.std)
+        _check(self.backend in ("auto", "dali", "torchvision", "synthetic"),
+               f"data.backend must be auto, dali, torchvision or synthetic, got {self.backend!r}")
+        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1,
+               f"data.scale must be (lo, hi) with 0 < lo <= hi <= 1, got {self.scale}")
+        _check(len(self.ratio) == 2 and 0 < self.ratio[0] <= self.ratio[1],
+               f"data.ratio must be (lo, hi) with 0 < lo <= hi, got {self.ratio}")
+        _check(0.0 <= self.hflip <= 1.0, f"data.hflip must be in [0, 1], got {self.hflip}")
+        _check(all(s > 0 for s in self.std), f"data.std must be positive, got {self.std}")
+        _check(self.repeat >= 0, f"data.repeat must be >= 0, got {self.repeat}")
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4
+    """Learning rate per 256 images; the lr used is base_lr * effective_batch / 256 (the paper's rule)."""
+    lr: float = 0.0
+    """Absolute learning rate; when > 0 it replaces the scaled base_lr."""
+    min_lr: float = 0.0
+    """Floor of the cosine schedule."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (not applied to norms, biases, tokens, position embeddings)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (the paper: 0.9, 0.95)."""
+    warmup_epochs: float = 40.0
+    """Linear warm-up length in epochs."""
+    fused: str = "auto"
+    """Optimizer: auto (apex FusedAdam when importable on CUDA, else torch fused AdamW) | torch | apex."""
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        _check(self.base_lr > 0, f"optim.base_lr must be > 0, got {self.base_lr}")
+        _check(self.lr >= 0, f"optim.lr must be >= 0, got {self.lr}")
+        _check(self.min_lr >= 0, f"optim.min_lr must be >= 0, got {self.min_lr}")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               f"optim.betas must be two values in [0, 1), got {self.betas}")
+        _check(self.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        _check(self.fused in ("auto", "torch", "apex"), f"optim.fused must be auto, torch or apex, got {self.fused!r}")
+
+    def scaled_lr(self, effective_batch: int) -> float:
+        return self.lr if self.lr > 0 else self.base_lr * effective_batch / 256
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64
+    """Images per micro-batch per device."""
+    accum_steps: int = 1
+    """Micro-batches per optimizer step (gradient accumulation)."""
+    epochs: int = 800
+    """Training length in epochs."""
+    max_steps: int = 0
+    """When > 0, stop after this many optimizer steps (the schedule still spans `epochs`)."""
+    seed: int = 0
+    """Seed of data order, augmentation, initialisation and masking."""
+    device: str = "auto"
+    """auto (cuda when available) | cpu | cuda | cuda:N."""
+    precision: str = "auto"
+    """auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32."""
+    run_dir: str = "runs/mae"
+    """Where metrics, checkpoints and reconstructions go."""
+    log_every: int = 10
+    """Optimizer steps between metric logs (the only host syncs of the loop)."""
+    ckpt_every: int = 500
+    """Optimizer steps between checkpoints (one is always written at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept in the run directory."""
+    vis_every: int = 500
+    """Optimizer steps between reconstruction grids (0 = only at the end)."""
+    max_bad_steps: int = 10
+    """Consecutive non-finite steps (each skipped) after which training stops with an error."""
+    progress: bool = True
+    """Show a progress bar."""
+    tensorboard: bool = True
+    """Write TensorBoard event files next to metrics.jsonl."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "accum_steps", "epochs", "log_every", "ckpt_every", "keep_last", "max_bad_steps"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 1, f"train.{name} must be a positive integer, got {v!r}")
+        _check(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
+        _check(self.vis_every >= 0, f"train.vis_every must be >= 0, got {self.vis_every}")
+        _check(self.precision in ("auto", "bf16", "fp32"),
+               f"train.precision must be auto, bf16 or fp32, got {self.precision!r}")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+               f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = "custom"
+    """Name of the preset this config started from."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        return cls(model=ModelConfig(**d["model"]), data=DataConfig(**d["data"]),
+                   optim=OptimConfig(**d["optim"]), train=TrainConfig(**d["train"]),
+                   preset=d.get("preset", "custom"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Presets (functions, as in the paper's model factories)
+
+
+def debug() -> Config:
+    """A depth-2, width-64, 32-pixel MAE that trains, checkpoints and resumes on a CPU in seconds."""
+    return Config(
+        model=ModelConfig(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4,
+                          decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4),
+        optim=OptimConfig(base_lr=1e-2, warmup_epochs=2),
+        train=TrainConfig(batch_size=32, epochs=20, log_every=5, ckpt_every=50, vis_every=50,
+                          run_dir="runs/debug", device="auto"),
+        preset="debug",
+    )
+
+
+def tiny() -> Config:
+    """A 64-pixel ViT-Tiny-width MAE: learns visibly on a CPU within a minute or two."""
+    return Config(
+        model=ModelConfig(img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3,
+                          decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
+        optim=OptimConfig(base_lr=4e-3, warmup_epochs=3),
+        train=TrainConfig(batch_size=32, epochs=30, log_every=10, ckpt_every=100, vis_every=100,
+                          run_dir="runs/tiny"),
+        preset="tiny",
+    )
+
+
+def _paper(embed_dim: int, depth: int, num_heads: int, patch_size: int, name: str) -> Config:
+    return Config(
+        model=ModelConfig(img_size=224, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                          num_heads=num_heads, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+        optim=OptimConfig(base_lr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), warmup_epochs=40),
+        train=TrainConfig(batch_size=64, accum_steps=1, epochs=800, run_dir=f"runs/{name}"),
+        preset=name,
+    )
+
+
+def mae_vit_base_patch16() -> Config:
+    """ViT-B/16 MAE, the paper's recipe (4096 effective batch in the paper: set batch/accum/world to match)."""
+    return _paper(768, 12, 12, 16, "mae_vit_base_patch16")
+
+
+def mae_vit_large_patch16() -> Config:
+    """ViT-L/16 MAE, the paper's recipe."""
+    return _paper(1024, 24, 16, 16, "mae_vit_large_patch16")
+
+
+def mae_vit_huge_patch14() -> Config:
+    """ViT-H/14 MAE, the paper's recipe."""
+    return _paper(1280, 32, 16, 14, "mae_vit_huge_patch14")
+
+
+PRESETS = {
+    "debug": debug,
+    "tiny": tiny,
+    "mae_vit_base_patch16": mae_vit_base_patch16,
+    "mae_vit_large_patch16": mae_vit_large_patch16,
+    "mae_vit_huge_patch14": mae_vit_huge_patch14,
+}
+ALIASES = {"vit-b": "mae_vit_base_patch16", "vit-l": "mae_vit_large_patch16", "vit-h": "mae_vit_huge_patch14"}
+
+
+def get_preset(name: str) -> Config:
+    key = ALIASES.get(name, name)
+    if key not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)} "
+                          f"(aliases: {', '.join(ALIASES)})")
+    return PRESETS[key]()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dotted overrides: --optim.lr 1e-3 --model.mask_ratio 0.9
+
+
+def _convert(text: str, typ, key: str):
+    origin = typing.get_origin(typ)
+    try:
+        if typ is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if origin is tuple:
+            parts = [p for p in text.replace(",", " ").split() if p]
+            args = typing.get_args(typ)
+            n = len(args)
+            if len(parts) != n:
+                raise ValueError(f"expected {n} comma-separated values")
+            return tuple(_convert(p, a, key) for p, a in zip(parts, args))
+        if typ is int:
+            return int(text)
+        if typ is float:
+            return float(text)
+        return str(text)
+    except ValueError as e:
+        raise ConfigError(f"bad value {text!r} for --{key}: {e}") from None
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, str]) -> Config:
+    """Apply {"optim.lr": "1e-3", ...} to a config, converting by field type; validate the result."""
+    sections = {f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))}
+    changes: dict[str, dict] = {s: {} for s in sections}
+    for key, text in overrides.items():
+        parts = key.split(".")
+        if len(parts) != 2 or parts[0] not in sections:
+            raise ConfigError(f"unknown option --{key}; options look like --SECTION.FIELD with SECTION one of "
+                              f"{', '.join(sorted(sections))}")
+        sec, name = parts
+        sub = getattr(cfg, sec)
+        hints = typing.get_type_hints(type(sub))
+        if name not in hints:
+            raise ConfigError(f"unknown option --{key}; {sec} has: {', '.join(f.name for f in dataclasses.fields(sub))}")
+        changes[sec][name] = _convert(text, hints[name], key)
+    kwargs = {s: dataclasses.replace(getattr(cfg, s), **changes[s]) for s in sections}
+    return dataclasses.replace(cfg, **kwargs)
+
+
+def describe_fields(cfg: Config) -> str:
+    """Help text listing every dotted option with its default and docstring."""
+    import ast
+    import inspect
+
+    lines = []
+    for sec in ("model", "data", "optim", "train"):
+        sub = getattr(cfg, sec)
+        docs = _field_docs(type(sub), ast, inspect)
+        for f in dataclasses.fields(sub):
+            lines.append(f"  --{sec}.{f.name} (default {getattr(sub, f.name)!r}): {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def _field_docs(cls, ast, inspect) -> dict[str, str]:
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    out = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(getattr(b, "value", None), ast.Constant):
+            out[a.target.id] = str(b.value.value)
+    return out

@@ -1,0 +1,209 @@
+"""Masked Autoencoder with a ViT backbone (He et al., 2021), built from timm layers.
+
+The encoder sees only the kept patches plus the cls token; the decoder (512 wide, 8 blocks, 16 heads
+in the paper) sees encoder tokens projected to its width, a shared learned mask token at every removed
+position, and fixed 2-D sin-cos position embeddings; it predicts p*p*C pixels per patch. Parameter names
+follow the paper's reference implementation so its checkpoints load strictly and the encoder exports to
+timm's VisionTransformer. This file knows nothing of torch.distributed.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+
+import kernels
+from kernels.loss import patchify, unpatchify
+
+from .config import ModelConfig, check_mask_ratio
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fixed 2-D sin-cos position embeddings, as in the reference implementation (float64 maths, fp32 result)
+
+
+def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+    omega = 1.0 / 10000**omega
+    out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d_pos_embed(dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:
+    """[grid*grid (+1), dim] fp32; the cls position (first row) is zeros."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape(2, 1, grid_size, grid_size)
+    emb = np.concatenate([_sincos_1d(dim // 2, grid[0]), _sincos_1d(dim // 2, grid[1])], axis=1)
+    if cls_token:
+        emb = np.concatenate([np.zeros([1, dim]), emb], axis=0)
+    return torch.from_numpy(emb).float()
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """MAE with a ViT encoder and a light ViT decoder.
+
+    forward(imgs [N, C, H, W], mask_ratio, noise [N, L] | None) -> (loss, pred [N, L, p*p*C], mask [N, L]).
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
+                 norm_pix_loss=True, mask_ratio=0.75, encoder_mask_tokens=False, kernels_impl="auto",
+                 device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.norm_pix_loss = norm_pix_loss
+        self.mask_ratio = mask_ratio
+        self.encoder_mask_tokens = encoder_mask_tokens
+        self.kernels = kernels_impl
+
+        # encoder
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, **dd)
+        num_patches = self.patch_embed.num_patches
+        self.num_patches = num_patches
+        self.grid_size = img_size // patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim, **dd), requires_grad=False)
+        if encoder_mask_tokens:  # only in the dense baseline, so default checkpoints keep the reference keys
+            self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer, **dd) for _ in range(depth)
+        ])
+        self.norm = norm_layer(embed_dim, **dd)
+
+        # decoder
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True, **dd)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim, **dd))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim, **dd),
+                                              requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer, **dd)
+            for _ in range(decoder_depth)
+        ])
+        self.decoder_norm = norm_layer(decoder_embed_dim, **dd)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True, **dd)
+
+        if self.pos_embed.device.type != "meta":
+            self.init_weights()
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, device=None, dtype=None) -> "MaskedAutoencoderViT":
+        return cls(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+                   embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+                   decoder_embed_dim=cfg.decoder_embed_dim, decoder_depth=cfg.decoder_depth,
+                   decoder_num_heads=cfg.decoder_num_heads, mlp_ratio=cfg.mlp_ratio,
+                   norm_pix_loss=cfg.norm_pix_loss, mask_ratio=cfg.mask_ratio,
+                   encoder_mask_tokens=cfg.encoder_mask_tokens, kernels_impl=cfg.kernels,
+                   device=device, dtype=dtype)
+
+    # ------------------------------------------------------------------------------------------------------
+    # initialisation (as the reference: sin-cos position embeddings, xavier linears, normal(0.02) tokens)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter; also used to materialise a model built on the meta device."""
+        self.pos_embed.copy_(sincos_2d_pos_embed(self.pos_embed.shape[-1], self.grid_size).unsqueeze(0))
+        self.decoder_pos_embed.copy_(
+            sincos_2d_pos_embed(self.decoder_pos_embed.shape[-1], self.grid_size).unsqueeze(0))
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        if self.encoder_mask_tokens:
+            nn.init.normal_(self.encoder_mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """imgs [N, C, H, W] -> [N, L, p*p*C]."""
+        return patchify(imgs, self.patch_size)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, L, p*p*C] -> imgs [N, C, H, W]."""
+        return unpatchify(x, self.patch_size, self.in_chans)
+
+    def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+        """x [N, L, D] -> (x_kept [N, K, D], mask [N, L], ids_restore [N, L], ids_keep [N, K])."""
+        return kernels.random_masking(x, mask_ratio, noise, impl=self.kernels)
+
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+        """imgs [N, C, H, W] -> latent [N, K+1, D] (or [N, L+1, D] in the dense baseline), mask, ids_restore."""
+        x = self.patch_embed(imgs)  # [N, L, D]
+        if noise is None:
+            noise = torch.rand(x.shape[0], x.shape[1], device=x.device)
+        if self.encoder_mask_tokens:
+            # dense baseline: every patch enters the encoder, removed ones replaced by a learned token
+            _, mask, ids_restore, _ = self.random_masking(x, mask_ratio, noise)
+            w = mask.unsqueeze(-1).to(x.dtype)
+            x = x * (1 - w) + self.encoder_mask_token.to(x.dtype) * w
+            x = x + self.pos_embed[:, 1:, :]
+        else:
+            x = x + self.pos_embed[:, 1:, :]
+            x, mask, ids_restore, _ = self.random_masking(x, mask_ratio, noise)  # [N, K, D]
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return x, mask, ids_restore
+
+    def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """x [N, K+1, D] (or [N, L+1, D]) -> pred [N, L, p*p*C]."""
+        x = self.decoder_embed(x)  # [N, K+1, Dd]
+        if not self.encoder_mask_tokens:
+            x = kernels.unshuffle(x, ids_restore, self.mask_token, has_cls=True, impl=self.kernels)  # [N, L+1, Dd]
+        x = x + self.decoder_pos_embed.to(x.dtype)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_norm(x)
+        x = self.decoder_pred(x)
+        return x[:, 1:, :]
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """MSE on removed patches against (normalised) pixels; scalar fp32."""
+        return kernels.norm_pix_mse(imgs, pred, mask, self.patch_size, norm_pix=self.norm_pix_loss,
+                                    impl=self.kernels)
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None, noise: torch.Tensor | None = None):
+        mask_ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        check_mask_ratio(mask_ratio, self.num_patches)
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        loss = self.forward_loss(imgs, pred, mask)
+        return loss, pred, mask
+
+
+def build_model(cfg: ModelConfig, device=None, dtype=None) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT.from_config(cfg, device=device, dtype=dtype)
+
+
+# Factories named as in the reference implementation.
+def mae_vit_base_patch16(**kw) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(patch_size=16, embed_dim=768, depth=12, num_heads=12, **kw)
+
+
+def mae_vit_large_patch16(**kw) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(patch_size=16, embed_dim=1024, depth=24, num_heads=16, **kw)
+
+
+def mae_vit_huge_patch14(**kw) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **kw)

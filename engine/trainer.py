@@ -1,0 +1,267 @@
+"""The pretraining loop: micro-batches with gradient accumulation, per-step lr, a non-finite guard that
+skips bad steps on the device, metrics at the log interval, atomic checkpoints, reconstruction grids.
+
+Host syncs happen only at the log interval (and at checkpoints): loss sums, finite flags and the
+consecutive-bad-step counter stay on the device in between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipelines import build_loader
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError
+from .metrics import MetricsWriter, datasheet_peak, mfu, peak_allocated_gib, train_flops_per_image
+from .model import build_model
+from .optim import build_optimizer, lr_at, set_lr, supports_found_inf
+from .visualize import reconstruction_grid, save_grid
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    """Optimizer steps done."""
+    last_loss: float | None
+    """Mean loss over the last log interval."""
+    checkpoint: Path | None
+    """The last checkpoint written."""
+    run_dir: Path
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but CUDA is not available here; use --train.device cpu")
+    return dev
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype, or None for plain fp32."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: bool = False, rank: int = 0, world: int = 1, log=None,
+                 device: torch.device | None = None):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.is_main = rank == 0
+        self.log = log or (lambda msg: print(msg, flush=True))
+        t = cfg.train
+        self.device = device or resolve_device(t.device)
+        self.amp_dtype = resolve_dtype(t.precision, self.device)
+        self.run_dir = Path(t.run_dir)
+
+        resume_path = None
+        if resume:
+            resume_path = ckpt.latest_checkpoint(self.run_dir)
+            if resume_path is None:
+                self.log(f"--resume: no checkpoint in {self.run_dir}, starting from scratch")
+
+        torch.manual_seed(t.seed)
+        self.model = build_model(cfg.model).to(self.device)
+        self.effective_batch = t.batch_size * t.accum_steps * world
+        self.lr = cfg.optim.scaled_lr(self.effective_batch)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.lr, self.device)
+        self.loader = build_loader(cfg.data, cfg.model.img_size, t.batch_size, self.device, t.seed, rank, world,
+                                   cfg.model.in_chans, quiet=not self.is_main)
+        self.steps_per_epoch = self.loader.batches_per_epoch // t.accum_steps
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"one epoch has {self.loader.batches_per_epoch} micro-batch(es) per rank, fewer than "
+                              f"train.accum_steps={t.accum_steps}; lower accum_steps or batch_size")
+        self.total_steps = t.epochs * self.steps_per_epoch
+        self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        self.stop_at = min(self.total_steps, t.max_steps) if t.max_steps else self.total_steps
+        self.mask_gen = torch.Generator(device=self.device).manual_seed(t.seed * 7919 + 17 + rank)
+        self.step = 0
+        self.micro_batch = 0  # global micro-batch position of the data stream on this rank
+        self.flops_per_image = train_flops_per_image(cfg.model)
+        self.peak = datasheet_peak(self.device) if self.device.type == "cuda" else None
+        if resume_path is not None:
+            self._resume(resume_path)
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "data": {"micro_batch": self.micro_batch, "epoch": self.micro_batch // self.loader.batches_per_epoch,
+                     "batches_per_epoch": self.loader.batches_per_epoch},
+            "schedule": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps, "lr": self.lr},
+            "rng": ckpt.capture_rng({"mask": self.mask_gen}),
+            "config": self.cfg.to_dict(),
+        }
+
+    def _resume(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path)
+        ckpt.check_architecture(state.get("config"), self.cfg.model, path)
+        ckpt.load_model_state(self.model, ckpt.model_state_from(state, path), path)
+        for key in ("optimizer", "step", "data", "rng"):
+            if key not in state:
+                raise ckpt.CheckpointError(f"{path} is not a training checkpoint (no {key!r}); "
+                                           "to start from weights only, use a new run directory")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.micro_batch = int(state["data"]["micro_batch"])
+        ckpt.restore_rng(state["rng"], {"mask": self.mask_gen})
+        self.log(f"resumed from {path} at step {self.step} (epoch {state['data']['epoch']})")
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.run_dir, self.step, self.state_dict(), self.cfg.train.keep_last)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def banner(self) -> str:
+        t, m = self.cfg.train, self.cfg.model
+        n_params = sum(p.numel() for p in self.model.parameters())
+        return (f"preset {self.cfg.preset}: {n_params / 1e6:.2f}M parameters, {m.img_size}px, patch {m.patch_size}, "
+                f"mask ratio {m.mask_ratio} ({m.len_keep}/{m.num_patches} patches visible)\n"
+                f"device {self.device}, precision {self.amp_dtype or torch.float32}, data {self.loader.name} "
+                f"({self.loader.batches_per_epoch} micro-batches/epoch/rank)\n"
+                f"effective batch {self.effective_batch} = {t.batch_size} per device x {t.accum_steps} accumulation "
+                f"x {self.world} rank(s); lr {self.lr:.3g} "
+                + (f"(absolute)" if self.cfg.optim.lr > 0 else
+                   f"= base {self.cfg.optim.base_lr:g} x {self.effective_batch}/256")
+                + f"\n{self.total_steps} steps ({t.epochs} epochs x {self.steps_per_epoch}), warm-up "
+                f"{self.warmup_steps}, stopping at step {self.stop_at}; run dir {self.run_dir}")
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def train_step(self, stream) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over accum_steps micro-batches. Returns (mean loss, finite flag), on device."""
+        t, m = self.cfg.train, self.cfg.model
+        set_lr(self.optimizer, lr_at(self.step, self.total_steps, self.warmup_steps, self.lr, self.cfg.optim.min_lr))
+        step_loss = torch.zeros((), device=self.device)
+        for _ in range(t.accum_steps):
+            imgs = next(stream)
+            self.micro_batch += 1
+            noise = torch.rand(imgs.shape[0], m.num_patches, generator=self.mask_gen, device=self.device)
+            with self.autocast():
+                loss, _, _ = self.model(imgs, m.mask_ratio, noise)
+            (loss / t.accum_steps).backward()
+            step_loss += loss.detach()
+        step_loss /= t.accum_steps
+        finite = torch.isfinite(step_loss)
+        if supports_found_inf(self.optimizer):
+            # the fused optimizer reads found_inf on the device and skips the whole update when it is 1
+            self.optimizer.found_inf = (~finite).to(torch.float32)
+            self.optimizer.step()
+        elif finite.item():  # note: a host sync, only for optimizers that cannot skip on the device
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return step_loss, finite
+
+    def fit(self) -> TrainResult:
+        t = self.cfg.train
+        if self.is_main:
+            self.log(self.banner())
+        writer = MetricsWriter(self.run_dir, tensorboard=t.tensorboard, enabled=self.is_main)
+        bar = None
+        if self.is_main and t.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.stop_at, initial=self.step, unit="step", dynamic_ncols=True)
+        say = bar.write if bar is not None else self.log
+
+        stream = self.loader.stream(self.micro_batch)
+        vis_imgs = None
+        zero = torch.zeros((), device=self.device)
+        loss_sum, n_good, skipped = zero.clone(), zero.clone(), zero.clone()
+        bad_run, worst_run = zero.clone(), zero.clone()
+        last_loss, last_ckpt = None, None
+        t_log, steps_since, imgs_per_step = time.perf_counter(), 0, self.effective_batch // self.world
+        try:
+            while self.step < self.stop_at:
+                if vis_imgs is None and self.is_main:
+                    vis_imgs = self._peek_vis_batch(stream)
+                    stream = _chain_first(vis_imgs[1], stream)
+                    vis_imgs = vis_imgs[0]
+                loss, finite = self.train_step(stream)
+                loss_sum += torch.where(finite, loss, zero)
+                n_good += finite
+                skipped += ~finite
+                bad_run = torch.where(finite, zero, bad_run + 1)
+                worst_run = torch.maximum(worst_run, bad_run)
+                steps_since += 1
+                if bar is not None:
+                    bar.update(1)
+                if self.step % t.log_every == 0 or self.step == self.stop_at:
+                    # note: the loop's only regular host sync
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    dt = time.perf_counter() - t_log
+                    ng, sk, worst = int(n_good.item()), int(skipped.item()), int(worst_run.item())
+                    last_loss = loss_sum.item() / ng if ng else float("nan")
+                    ips = steps_since * imgs_per_step * self.world / dt
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    rec = dict(epoch=round(self.step / self.steps_per_epoch, 3), loss=last_loss, lr=lr,
+                               img_per_s=round(ips, 2), step_ms=round(1000 * dt / steps_since, 2), skipped=sk,
+                               tflops_per_s=round(self.flops_per_image * ips / 1e12, 4),
+                               mfu=mfu(self.flops_per_image, ips / self.world, self.peak),
+                               peak_mem_gib=peak_allocated_gib(self.device))
+                    writer.log(self.step, **rec)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+                    else:
+                        say(f"step {self.step}/{self.stop_at} loss {last_loss:.4f} lr {lr:.3e} {ips:.1f} img/s")
+                    if sk:
+                        say(f"warning: skipped {sk} step(s) with a non-finite loss before step {self.step} "
+                            f"(longest run {worst}); parameters were not updated on those steps")
+                    if worst >= t.max_bad_steps:
+                        raise NonFiniteLossError(
+                            f"{worst} consecutive steps had a non-finite loss (limit train.max_bad_steps="
+                            f"{t.max_bad_steps}) by step {self.step}; stopping. The last good checkpoint in "
+                            f"{self.run_dir} is intact: lower the lr or check the data, then --resume")
+                    loss_sum.zero_(), n_good.zero_(), skipped.zero_(), worst_run.copy_(bad_run)
+                    t_log, steps_since = time.perf_counter(), 0
+                if self.step % t.ckpt_every == 0 or self.step == self.stop_at:
+                    if self.is_main:
+                        last_ckpt = self.save()
+                    t_log = time.perf_counter()  # do not count the save in the throughput
+                if self.is_main and vis_imgs is not None and (
+                        (t.vis_every and self.step % t.vis_every == 0) or self.step == self.stop_at):
+                    self.write_reconstruction(vis_imgs)
+                    t_log = time.perf_counter()
+        finally:
+            if bar is not None:
+                bar.close()
+            writer.close()
+        return TrainResult(self.step, last_loss, last_ckpt, self.run_dir)
+
+    def _peek_vis_batch(self, stream):
+        first = next(stream)
+        return first[:4].detach().clone(), first
+
+    def write_reconstruction(self, imgs: torch.Tensor) -> Path:
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 4242)
+        noise = torch.rand(imgs.shape[0], self.cfg.model.num_patches, generator=gen, device=self.device)
+        with self.autocast():
+            grid = reconstruction_grid(self.model, imgs, self.cfg.data.mean, self.cfg.data.std,
+                                       self.cfg.model.mask_ratio, noise, scale=max(1, 128 // self.cfg.model.img_size))
+        return save_grid(grid, self.run_dir / "recon" / f"step_{self.step:08d}.png")
+
+
+def _chain_first(first, stream):
+    yield first
+    yield from stream

@@ -1,0 +1,77 @@
+"""MAE kernels: pure functions on tensors (random masking, unshuffle, norm-pixel MSE loss).
+
+Each op has a plain torch reference and, where Triton is available, a Triton kernel with the same
+signature. `impl` picks: "auto" (Triton on CUDA tensors, torch elsewhere), "triton" (forced; on CPU
+only under TRITON_INTERPRET=1) or "torch".
+
+Note: an unrelated package on PyPI is also called `kernels`; this one is the MAE engine's.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .loss import norm_pix_mse_torch, patchify, unpatchify
+from .masking import len_keep_for, random_masking_torch, unshuffle_torch
+
+__all__ = ["random_masking", "unshuffle", "norm_pix_mse", "patchify", "unpatchify", "len_keep_for",
+           "triton_available", "resolve_impl", "IMPLS"]
+
+IMPLS = ("auto", "triton", "torch")
+MAE_ENGINE_KERNELS = True  # marker: tests check that `import kernels` resolves to this project
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_impl(impl: str, t: torch.Tensor) -> str:
+    """Return "triton" or "torch" for a request on tensor `t`."""
+    if impl not in IMPLS:
+        raise ValueError(f"kernel impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return "torch"
+    usable = triton_available() and (t.is_cuda or (_interpreting() and t.device.type == "cpu"))
+    if impl == "triton":
+        if not usable:
+            raise RuntimeError("Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 on CPU) and an importable "
+                               f"triton; got a {t.device.type} tensor, triton importable: {triton_available()}")
+        return "triton"
+    return "triton" if (usable and t.is_cuda) else "torch"
+
+
+def random_masking(x, mask_ratio, noise=None, impl="auto"):
+    """x [N, L, D] -> (x_kept [N, K, D], mask [N, L], ids_restore [N, L], ids_keep [N, K])."""
+    if resolve_impl(impl, x) == "triton":
+        from .triton_masking import random_masking_triton
+
+        return random_masking_triton(x, mask_ratio, noise)
+    return random_masking_torch(x, mask_ratio, noise)
+
+
+def unshuffle(x, ids_restore, mask_token, has_cls=True, impl="auto"):
+    """x [N, K(+1), D] kept tokens -> [N, L(+1), D] in patch order with mask tokens at removed positions."""
+    if resolve_impl(impl, x) == "triton":
+        from .triton_masking import unshuffle_triton
+
+        return unshuffle_triton(x, ids_restore, mask_token, has_cls)
+    return unshuffle_torch(x, ids_restore, mask_token, has_cls)
+
+
+def norm_pix_mse(imgs, pred, mask, patch_size, norm_pix=True, eps=1e-6, impl="auto"):
+    """Scalar MSE over removed patches against (per-patch normalised) pixels; see kernels/loss.py."""
+    if resolve_impl(impl, pred) == "triton":
+        from .triton_loss import norm_pix_mse_triton
+
+        return norm_pix_mse_triton(imgs, pred, mask, patch_size, norm_pix, eps)
+    return norm_pix_mse_torch(imgs, pred, mask, patch_size, norm_pix, eps)

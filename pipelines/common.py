@@ -1,0 +1,150 @@
+"""What every backend shares: file listing, the embedded sample photographs, crop sampling, sharding."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+QUARANTINE_NAME = ".mae_quarantine.txt"
+
+# Colour photographs bundled inside scikit-image's wheel (no download).
+EMBEDDED = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
+            "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg")
+EMBEDDED_SAMPLES_PER_EPOCH = 256
+
+
+class DataError(RuntimeError):
+    """Input data is missing or unusable; the message names the path."""
+
+
+def embedded_images() -> list[str]:
+    try:
+        import skimage
+    except ImportError as e:  # pragma: no cover - scikit-image is a dependency
+        raise DataError("the embedded sample images come with scikit-image; install it or pass --data.path DIR") from e
+    root = Path(skimage.__file__).parent / "data"
+    files = [str(root / f) for f in EMBEDDED if (root / f).is_file()]
+    if not files:
+        raise DataError(f"no embedded sample photographs found in {root}; pass --data.path DIR")
+    return files
+
+
+def read_quarantine(path: str | os.PathLike) -> set[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"quarantine list {p} does not exist")
+    out = set()
+    for line in p.read_text().splitlines():
+        line = line.split("\t")[0].strip()
+        if line and not line.startswith("#"):
+            out.add(os.path.abspath(line))
+    return out
+
+
+def list_images(path: str, quarantine: str = "") -> tuple[list[str], list[str]]:
+    """Image files under `path` (recursive, sorted), minus quarantined ones.
+
+    Returns (images, skipped_non_images). Raises DataError when the directory is missing or has no images.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"data directory {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"data path {root} is not a directory")
+    images, others = [], []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if f.startswith("."):
+                continue
+            full = os.path.abspath(os.path.join(dirpath, f))
+            (images if f.lower().endswith(IMAGE_EXTS) else others).append(full)
+    qfile = quarantine or (str(root / QUARANTINE_NAME) if (root / QUARANTINE_NAME).is_file() else "")
+    if qfile:
+        bad = read_quarantine(qfile)
+        images = [f for f in images if f not in bad]
+    if not images:
+        raise DataError(f"no images found in {root} (looked recursively for {', '.join(IMAGE_EXTS)}"
+                        + (f", after excluding the quarantine list {qfile}" if qfile else "") + ")")
+    return images, others
+
+
+def resolve_files(data_cfg) -> tuple[list[str], int, list[str]]:
+    """(files, repeat, skipped) for a DataConfig: a directory, or the embedded photographs."""
+    if data_cfg.path:
+        files, skipped = list_images(data_cfg.path, data_cfg.quarantine)
+        repeat = data_cfg.repeat or 1
+    else:
+        files, skipped = embedded_images(), []
+        repeat = data_cfg.repeat or math.ceil(EMBEDDED_SAMPLES_PER_EPOCH / len(files))
+    return files, repeat, skipped
+
+
+def sample_crop(width: int, height: int, scale, ratio, rng: random.Random) -> tuple[int, int, int, int]:
+    """RandomResizedCrop parameters (top, left, h, w), torchvision's algorithm with an explicit RNG."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = rng.randint(0, height - h)
+            left = rng.randint(0, width - w)
+            return top, left, h, w
+    # fallback: central crop with the aspect clamped to the range
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """Per-sample augmentation RNG: a pure function of (seed, epoch, sample), so resume replays exactly."""
+    return random.Random(f"mae:{seed}:{epoch}:{index}")
+
+
+class EpochPlan:
+    """Which samples each rank sees in which micro-batch, as a pure function of (seed, epoch).
+
+    Every epoch is a fresh permutation of `num_samples` (= files x repeat), split evenly over ranks
+    (the remainder dropped so every rank has the same number of batches), then cut into batches.
+    A global micro-batch counter g maps to (epoch, batch) = divmod(g, batches_per_epoch).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} out of range for world size {world}")
+        self.num_samples, self.batch_size, self.seed, self.rank, self.world = num_samples, batch_size, seed, rank, world
+        per_rank = num_samples // world
+        self.batches_per_epoch = per_rank // batch_size
+        if self.batches_per_epoch < 1:
+            raise DataError(f"{num_samples} samples per epoch cannot fill one batch of {batch_size} on each of "
+                            f"{world} rank(s); lower train.batch_size or raise data.repeat")
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.num_samples, generator=g)
+        per_rank = self.num_samples // self.world
+        return perm[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()
+
+    def batches(self, start: int = 0):
+        """Yield [(epoch, sample_index), ...] batches forever from global micro-batch `start`."""
+        epoch, b = divmod(start, self.batches_per_epoch)
+        while True:
+            idx = self.epoch_indices(epoch)
+            for j in range(b, self.batches_per_epoch):
+                yield [(epoch, i) for i in idx[j * self.batch_size:(j + 1) * self.batch_size]]
+            epoch, b = epoch + 1, 0
