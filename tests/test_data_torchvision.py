@@ -1,0 +1,100 @@
+import math
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from engine.config import DataConfig
+from pipelines import DataError, build_loader, embedded_images, list_images
+from pipelines.common import EpochPlan, sample_crop
+
+
+def make_tree(root):
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    for i in range(5):
+        Image.new("RGB", (64 + i, 48), (i * 40, 100, 50)).save(root / "a" / f"img{i}.jpg")
+    Image.new("L", (40, 40), 90).save(root / "b" / "gray.png")
+    (root / "b" / "readme.txt").write_text("not an image")
+    (root / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (root / "b" / "empty.png").write_bytes(b"")
+    return root
+
+
+def test_embedded_photographs_exist():
+    files = embedded_images()
+    assert len(files) >= 8
+    for f in files:
+        with Image.open(f) as im:
+            assert im.mode == "RGB" and min(im.size) >= 300
+
+
+def test_listing_and_non_images(tmp_path):
+    make_tree(tmp_path)
+    imgs, others = list_images(str(tmp_path))
+    assert len(imgs) == 8 and [o.split("/")[-1] for o in others] == ["readme.txt"]
+
+
+def test_unreadable_files_skipped_with_one_warning(tmp_path, capfd):
+    make_tree(tmp_path)
+    cfg = DataConfig(path=str(tmp_path), num_workers=0)
+    loader = build_loader(cfg, 32, 4, "cpu", seed=0)
+    stream = loader.stream(0)
+    batches = [next(stream) for _ in range(2 * loader.batches_per_epoch)]
+    err = capfd.readouterr().err
+    assert all(b.shape == (4, 3, 32, 32) and torch.isfinite(b).all() for b in batches)
+    lines = err.splitlines()
+    assert sum("broken.jpg" in line for line in lines) == 1 and sum("empty.png" in line for line in lines) == 1
+    assert "readme.txt" in err
+
+
+def test_quarantine_list_excludes_files(tmp_path):
+    make_tree(tmp_path)
+    (tmp_path / ".mae_quarantine.txt").write_text(f"{tmp_path}/b/broken.jpg\n{tmp_path}/b/empty.png\n")
+    imgs, _ = list_images(str(tmp_path))
+    assert len(imgs) == 6 and not any("broken" in f for f in imgs)
+
+
+def test_missing_and_empty_dirs(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        list_images(str(tmp_path / "nope"))
+    with pytest.raises(DataError, match="no images found"):
+        list_images(str(tmp_path))
+
+
+def test_augmentation_normalised_and_deterministic():
+    cfg = DataConfig(num_workers=0)
+    a = build_loader(cfg, 32, 8, "cpu", seed=3)
+    b = build_loader(cfg, 32, 8, "cpu", seed=3)
+    xa, xb = next(a.stream(5)), next(b.stream(5))
+    assert torch.equal(xa, xb)
+    assert -2.2 < xa.min() < 0 < xa.max() < 2.7  # ImageNet normalised
+    assert not torch.equal(xa, next(build_loader(cfg, 32, 8, "cpu", seed=4).stream(5)))
+
+
+def test_epoch_plan_shards_evenly_and_resumes():
+    plans = [EpochPlan(103, 4, seed=1, rank=r, world=3) for r in range(3)]
+    assert all(p.batches_per_epoch == 8 for p in plans)
+    seen = [set(i for _, i in sum((next_n(p.batches(0), 8)), [])) for p in plans]
+    assert not (seen[0] & seen[1]) and not (seen[1] & seen[2])
+    full = next_n(plans[0].batches(0), 20)
+    assert next_n(plans[0].batches(13), 7) == full[13:]
+    assert full[8][0][0] == 1  # second epoch
+
+
+def next_n(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_crop_sampler_statistics():
+    rng = random.Random(0)
+    areas, ratios = [], []
+    for _ in range(4000):
+        top, left, h, w = sample_crop(400, 400, (0.2, 1.0), (3 / 4, 4 / 3), rng)
+        assert 0 <= top <= 400 - h and 0 <= left <= 400 - w
+        areas.append(h * w / (400 * 400))
+        ratios.append(math.log(w / h))
+    assert 0.18 <= min(areas) and max(areas) <= 1.0
+    assert abs(sum(ratios) / len(ratios)) < 0.03
+    assert 0.5 < sum(areas) / len(areas) < 0.62

@@ -1,0 +1,60 @@
+"""The torch reference loss against a literal transcription of the spec in DESIGN.md."""
+
+import pytest
+import torch
+
+from kernels import norm_pix_mse
+from kernels.loss import norm_pix_mse_torch
+
+
+def spec_loss(imgs, pred, mask, p, norm_pix=True):
+    # literal transcription of DESIGN.md "Numeric spec of the loss"
+    N, C, H, W = imgs.shape
+    h, w = H // p, W // p
+    target = imgs.reshape(N, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(N, h * w, p * p * C).float()
+    if norm_pix:
+        P = target.shape[-1]
+        mean = target.sum(-1, keepdim=True) / P
+        var = ((target - mean) ** 2).sum(-1, keepdim=True) / (P - 1)  # unbiased
+        target = (target - mean) / torch.sqrt(var + 1e-6)  # eps inside the square root
+    loss = ((pred.float() - target) ** 2).mean(-1)  # [N, L]
+    return (loss * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+@pytest.mark.parametrize("shape", [(2, 3, 32, 32, 4), (3, 3, 28, 28, 14), (1, 1, 16, 16, 8)])
+def test_reference_matches_spec(shape, norm_pix):
+    N, C, H, W, p = shape
+    imgs = torch.randn(N, C, H, W, dtype=torch.float64).float()
+    L = (H // p) * (W // p)
+    pred = torch.randn(N, L, p * p * C)
+    mask = (torch.rand(N, L) < 0.75).float()
+    mask[0, 0] = 1
+    got = norm_pix_mse_torch(imgs, pred, mask, p, norm_pix)
+    want = spec_loss(imgs, pred, mask, p, norm_pix)
+    assert torch.allclose(got, want, rtol=1e-6, atol=0)
+    assert torch.equal(norm_pix_mse(imgs, pred, mask, p, norm_pix, impl="torch"), got)
+
+
+def test_unbiased_variance_and_eps_placement():
+    # a constant patch: var = 0 -> target = 0 / sqrt(1e-6) = 0; pred = 1 -> loss 1
+    imgs = torch.full((1, 3, 4, 4), 0.3)
+    pred = torch.ones(1, 1, 48)
+    assert norm_pix_mse_torch(imgs, pred, torch.ones(1, 1), 4).item() == pytest.approx(1.0)
+    # a two-valued patch: unbiased std differs from biased
+    imgs = torch.zeros(1, 1, 2, 2)
+    imgs[0, 0, 0, 0] = 1.0
+    target = torch.tensor([1.0, 0, 0, 0])
+    t = (target - 0.25) / torch.sqrt(target.var(unbiased=True) + 1e-6)
+    got = norm_pix_mse_torch(imgs, t.view(1, 1, 4), torch.ones(1, 1), 2)
+    assert got.item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_only_removed_patches_count():
+    imgs = torch.randn(1, 3, 8, 8)
+    pred = torch.zeros(1, 4, 48)
+    mask = torch.tensor([[1.0, 0, 0, 0]])
+    base = norm_pix_mse_torch(imgs, pred, mask, 4)
+    pred2 = pred.clone()
+    pred2[0, 1:] = 100.0  # kept patches: no effect
+    assert torch.equal(norm_pix_mse_torch(imgs, pred2, mask, 4), base)

@@ -1,0 +1,127 @@
+import pytest
+import torch
+
+from engine.config import ModelConfig, debug
+from engine.model import MaskedAutoencoderViT, build_model, sincos_2d_pos_embed
+from kernels.loss import patchify, unpatchify
+
+
+def small(**kw):
+    m = debug().model
+    return build_model(ModelConfig(**{**m.__dict__, **kw}))
+
+
+def reference_keys(depth, decoder_depth):
+    """Parameter names of the paper's reference implementation (models_mae.py)."""
+    blk = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+           "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
+    keys = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
+    keys += [f"blocks.{i}.{k}" for i in range(depth) for k in blk]
+    keys += ["norm.weight", "norm.bias", "decoder_embed.weight", "decoder_embed.bias", "mask_token",
+             "decoder_pos_embed"]
+    keys += [f"decoder_blocks.{i}.{k}" for i in range(decoder_depth) for k in blk]
+    keys += ["decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias"]
+    return set(keys)
+
+
+def test_parameter_names_follow_reference():
+    with torch.device("meta"):
+        m = MaskedAutoencoderViT(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    assert set(m.state_dict()) == reference_keys(12, 8)
+    n = sum(p.numel() for p in m.parameters())
+    assert n == 111_907_840  # the reference mae_vit_base_patch16 (pos embeds included)
+    assert not m.pos_embed.requires_grad and not m.decoder_pos_embed.requires_grad
+
+
+def test_forward_conventions():
+    model = small()
+    imgs = torch.randn(3, 3, 32, 32)
+    loss, pred, mask = model(imgs, 0.75)
+    L, K = 64, 16
+    assert pred.shape == (3, L, 4 * 4 * 3) and mask.shape == (3, L) and mask.dtype == torch.float32
+    assert torch.equal(mask.sum(1), torch.full((3,), float(L - K)))  # 1 = removed
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_noise_makes_masking_reproducible_and_small_noise_is_kept():
+    model = small()
+    imgs = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, 64)
+    l1, p1, m1 = model(imgs, 0.75, noise)
+    l2, p2, m2 = model(imgs, 0.75, noise.clone())
+    assert torch.equal(m1, m2) and torch.equal(p1, p2) and torch.equal(l1, l2)
+    kept = torch.argsort(noise, dim=1)[:, :16]
+    assert torch.equal(m1.gather(1, kept), torch.zeros(2, 16))
+
+
+def test_encoder_sees_only_kept_patches_plus_cls():
+    model = small()
+    seen = []
+    model.blocks[0].register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
+    model(torch.randn(2, 3, 32, 32), 0.75)
+    assert seen == [torch.Size([2, 16 + 1, 64])]
+    seen.clear()
+    model(torch.randn(2, 3, 32, 32), 0.5)
+    assert seen == [torch.Size([2, 32 + 1, 64])]
+
+
+def test_dense_baseline_encoder_sees_all_patches():
+    model = small(encoder_mask_tokens=True)
+    seen = []
+    model.blocks[0].register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
+    loss, pred, mask = model(torch.randn(2, 3, 32, 32), 0.75)
+    assert seen == [torch.Size([2, 64 + 1, 64])] and "encoder_mask_token" in model.state_dict()
+    loss.backward()
+    assert model.encoder_mask_token.grad is not None and model.encoder_mask_token.grad.abs().sum() > 0
+    assert "encoder_mask_token" not in small().state_dict()
+
+
+def test_kept_patch_values_do_not_affect_masked_only_loss_target_path():
+    """Removed patches never reach the encoder: changing their pixels changes only the loss target."""
+    model = small(norm_pix_loss=False)
+    imgs = torch.randn(1, 3, 32, 32)
+    noise = torch.rand(1, 64)
+    _, p1, mask = model(imgs, 0.75, noise)
+    pix_mask = unpatchify(mask.unsqueeze(-1).expand(-1, -1, 48), 4, 3)
+    imgs2 = imgs + 5.0 * pix_mask  # perturb only removed patches
+    _, p2, _ = model(imgs2, 0.75, noise)
+    assert torch.equal(p1, p2)
+
+
+def test_mask_ratio_validation_in_forward():
+    with pytest.raises(ValueError, match="mask ratio"):
+        small()(torch.randn(1, 3, 32, 32), 1.0)
+
+
+def test_patchify_order_and_inverse():
+    imgs = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    x = patchify(imgs, 4)
+    assert x.shape == (2, 4, 48)
+    # first patch, pixel (p=0, q=1) channel c sits at (0 * 4 + 1) * 3 + c
+    for c in range(3):
+        assert x[0, 0, (0 * 4 + 1) * 3 + c] == imgs[0, c, 0, 1]
+    # patch index 1 is the top-right patch (row-major patches)
+    assert x[0, 1, 0] == imgs[0, 0, 0, 4]
+    assert torch.equal(unpatchify(x, 4, 3), imgs)
+
+
+def test_sincos_matches_reference_formula():
+    import numpy as np
+
+    emb = sincos_2d_pos_embed(8, 2, cls_token=True)
+    assert emb.shape == (5, 8) and torch.equal(emb[0], torch.zeros(8))
+    # position (h=1, w=0) -> row 1 + 1*2 + 0; first half encodes w (meshgrid(w, h)), second half h
+    omega = 1.0 / 10000 ** (np.arange(2) / 2.0)
+    w, h = 0.0, 1.0
+    expect = np.concatenate([np.sin(w * omega), np.cos(w * omega), np.sin(h * omega), np.cos(h * omega)])
+    assert np.allclose(emb[3].numpy(), expect, atol=1e-7)
+
+
+def test_meta_build_then_materialise():
+    cfg = debug().model
+    with torch.device("meta"):
+        m = build_model(cfg)
+    m = m.to_empty(device="cpu")
+    m.init_weights()
+    assert torch.isfinite(m(torch.randn(1, 3, 32, 32))[0])
+    assert torch.equal(m.pos_embed[0], sincos_2d_pos_embed(64, 8))
