@@ -24,11 +24,9 @@ MAE_ENGINE_KERNELS = True  # marker: tests check that `import kernels` resolves 
 
 
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    from .masking import HAS_TRITON
+
+    return HAS_TRITON
 
 
 def _interpreting() -> bool:
@@ -53,7 +51,7 @@ def resolve_impl(impl: str, t: torch.Tensor) -> str:
 def random_masking(x, mask_ratio, noise=None, impl="auto"):
     """x [N, L, D] -> (x_kept [N, K, D], mask [N, L], ids_restore [N, L], ids_keep [N, K])."""
     if resolve_impl(impl, x) == "triton":
-        from .triton_masking import random_masking_triton
+        from .masking import random_masking_triton
 
         return random_masking_triton(x, mask_ratio, noise)
     return random_masking_torch(x, mask_ratio, noise)
@@ -62,7 +60,7 @@ def random_masking(x, mask_ratio, noise=None, impl="auto"):
 def unshuffle(x, ids_restore, mask_token, has_cls=True, impl="auto"):
     """x [N, K(+1), D] kept tokens -> [N, L(+1), D] in patch order with mask tokens at removed positions."""
     if resolve_impl(impl, x) == "triton":
-        from .triton_masking import unshuffle_triton
+        from .masking import unshuffle_triton
 
         return unshuffle_triton(x, ids_restore, mask_token, has_cls)
     return unshuffle_torch(x, ids_restore, mask_token, has_cls)
@@ -71,7 +69,7 @@ def unshuffle(x, ids_restore, mask_token, has_cls=True, impl="auto"):
 def norm_pix_mse(imgs, pred, mask, patch_size, norm_pix=True, eps=1e-6, impl="auto"):
     """Scalar MSE over removed patches against (per-patch normalised) pixels; see kernels/loss.py."""
     if resolve_impl(impl, pred) == "triton":
-        from .triton_loss import norm_pix_mse_triton
+        from .loss import norm_pix_mse_triton
 
         return norm_pix_mse_triton(imgs, pred, mask, patch_size, norm_pix, eps)
     return norm_pix_mse_torch(imgs, pred, mask, patch_size, norm_pix, eps)

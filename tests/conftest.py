@@ -1,9 +1,15 @@
 import os
 import random
 
-import numpy as np
-import pytest
 import torch
+
+# Triton kernels run on the CPU under the interpreter when there is no GPU; the flag must be set before
+# `kernels` is imported (kernels are decorated at import time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 from engine.config import apply_overrides, debug
 
