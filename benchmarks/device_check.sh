@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One run on a GPU machine: CUDA correctness checks of every fast path, then the benchmarks, with all
+# reports written to the folder named on the command line (default benchmarks/results/).
+#   bash benchmarks/device_check.sh [OUT_DIR] [SECTIONS]
+# SECTIONS (comma list, default all): checks,kernels,speedup,fsdp,loader
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-benchmarks/results}
+SECTIONS=${2:-checks,kernels,speedup,fsdp,loader}
+mkdir -p "$OUT"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+status=0
+has() { [[ ",$SECTIONS," == *",$1,"* ]]; }
+step() {  # step NAME SECONDS CMD...
+  local name=$1 secs=$2; shift 2
+  echo "=== $name (limit ${secs}s): $*"
+  local t0=$SECONDS
+  timeout "$secs" "$@"
+  local rc=$?
+  echo "=== $name: exit $rc after $((SECONDS - t0))s"
+  [ $rc -eq 0 ] || status=1
+}
+$PY - <<'PY' || { echo "no CUDA device"; exit 2; }
+import torch, sys
+assert torch.cuda.is_available()
+print(torch.cuda.get_device_name(), "torch", torch.__version__)
+PY
+has checks && step cuda_checks 150 $PY -m benchmarks.cuda_checks --out "$OUT"
+if has checks && $PY -c "import pytest" 2>/dev/null; then
+  step pytest_kernels 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py
+fi
+has kernels && step kernels 150 $PY -m benchmarks.kernels --out "$OUT" --reps 100
+if has speedup && [ -f benchmarks/speedup.py ]; then
+  step speedup 420 $PY -m benchmarks.speedup --device-suite --out "$OUT"
+fi
+if has fsdp && [ -f benchmarks/fsdp.py ]; then
+  step fsdp 240 $PY -m benchmarks.fsdp --out "$OUT"
+fi
+if has loader && [ -f benchmarks/loader.py ] && $PY -c "import nvidia.dali" 2>/dev/null; then
+  step loader 240 $PY -m benchmarks.loader --device-suite --out "$OUT"
+fi
+echo "reports in $OUT"; ls -1 "$OUT"
+exit $status
