@@ -185,12 +185,32 @@ def _extra_commands():
     return regs
 
 
+def _passthrough(argv: list[str]) -> int | None:
+    if not argv or argv[0] not in ("bench", "profile"):
+        return None
+    try:
+        from benchmarks.cli import BENCHES, _run_module
+    except ImportError:
+        return None
+    if argv[0] == "profile":
+        return _run_module("benchmarks.profile", argv[1:])
+    if len(argv) < 2 or argv[1] not in BENCHES:
+        print(f"usage: mae bench {{{','.join(sorted(BENCHES))}}} [options]   (each with its own --help)",
+              file=sys.stderr)
+        return 0 if len(argv) > 1 and argv[1] in ("-h", "--help") else EXIT_USAGE
+    return _run_module(BENCHES[argv[1]], argv[2:])
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipelines.common import DataError
 
     from .checkpoint import CheckpointError
     from .trainer import NonFiniteLossError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = _passthrough(argv)
+    if passthrough is not None:  # `mae bench X ...` / `mae profile ...`: the module parses its own options
+        return passthrough
     parser = make_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command is None:

@@ -1,0 +1,116 @@
+"""`mae profile`: throughput and memory per mask ratio for one config, with an optional torch.profiler
+trace and a table of the top kernels by time, to see where a training step goes.
+
+    mae profile --preset vit-b --batch 128 --ratios 0.5,0.75,0.9 --trace runs/prof
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from engine.cli import UserError, build_config, split_overrides  # noqa: F401
+from engine.config import ConfigError
+from engine.metrics import datasheet_peak, mfu, train_flops_per_image
+
+from .common import RESULTS, device_tag, env_block, environment, md_table, today, write_csv
+from .step import NvmlSampler, StepRunner
+
+
+def top_kernels(prof, device: torch.device, top: int) -> tuple[str, list[dict]]:
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    try:
+        table = prof.key_averages().table(sort_by=key, row_limit=top)
+    except Exception:  # newer torch names it device time
+        key = "self_device_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=top)
+    rows = []
+    for ev in sorted(prof.key_averages(), key=lambda e: getattr(e, key.replace("_total", "_total"), 0) or 0,
+                     reverse=True)[:top]:
+        t = getattr(ev, key, None)
+        if t is None:
+            t = getattr(ev, "self_device_time_total", 0)
+        rows.append({"name": ev.key[:80], "calls": ev.count, "self_ms_total": round(t / 1000, 3)})
+    return table, rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="mae profile", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="debug")
+    ap.add_argument("--ratios", default="0.5,0.75,0.9,0.95")
+    ap.add_argument("--batch", type=int, default=0, help="default: the preset's train.batch_size")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--trace", default="", help="directory for torch.profiler chrome traces (one per ratio)")
+    ap.add_argument("--top", type=int, default=15, help="rows of the top-kernels table")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default=str(RESULTS))
+    args, extra = ap.parse_known_args(argv)
+    try:
+        cfg = build_config(args.preset, extra)
+        ratios = [float(r) for r in args.ratios.split(",") if r]
+        from engine.config import check_mask_ratio
+
+        for r in ratios:
+            check_mask_ratio(r, cfg.model.num_patches)
+    except (ConfigError, UserError, ValueError) as e:
+        print(f"mae profile: error: {e}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    batch = args.batch or cfg.train.batch_size
+    peak = datasheet_peak(device) if device.type == "cuda" else None
+    env = environment(device)
+    rows, sections = [], []
+    for r in ratios:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        runner = StepRunner(cfg.model, "mae", batch, device, mask_ratio=r, compile=args.compile)
+        with NvmlSampler(device.index or 0) as sampler:
+            st = runner.run(warmup=args.warmup, reps=args.steps)
+        ips = batch / (st.step_ms / 1000)
+        fl = train_flops_per_image(cfg.model, r)
+        row = {"mask_ratio": r, "batch": batch, "visible": int(cfg.model.num_patches * (1 - r)),
+               "img_per_s": round(ips, 1), "step_ms": round(st.step_ms, 3), "fwd_ms": round(st.fwd_ms, 3),
+               "bwd_ms": round(st.bwd_ms, 3), "opt_ms": round(st.opt_ms, 3),
+               "gflops_per_img": float(f"{fl / 1e9:.4g}"), "mfu_datasheet": mfu(fl, ips, peak)}
+        if device.type == "cuda":
+            row["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            row.update(sampler.summary())
+        rows.append(row)
+        print(f"r={r}: {ips:.1f} img/s, step {st.step_ms:.2f} ms", flush=True)
+        if args.trace:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=acts, profile_memory=True, record_shapes=False) as prof:
+                for _ in range(3):
+                    runner.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            tdir = Path(args.trace)
+            tdir.mkdir(parents=True, exist_ok=True)
+            trace = tdir / f"trace_{cfg.preset}_r{r}.json"
+            prof.export_chrome_trace(str(trace))
+            table, top = top_kernels(prof, device, args.top)
+            sections += [f"## Top {args.top} ops by self time, mask ratio {r} (3 steps; trace {trace})", "",
+                         md_table(top, ["name", "calls", "self_ms_total"]), ""]
+            print(table)
+        del runner
+    tag = f"profile_{cfg.preset}_{device_tag(env)}_{today()}"
+    out = Path(args.out)
+    write_csv(rows, out / f"{tag}.csv")
+    lines = [f"# Profile of {cfg.preset} per mask ratio ({env.get('device')}, {env['date']})", "", env_block(env), "",
+             md_table(rows, list(rows[0].keys()) if rows else []), ""] + sections
+    (out / f"{tag}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / (tag + '.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""`mae bench speedup`: what encoding only the visible patches buys, per model and mask ratio.
+
+For each model and mask ratio, a full training step (forward, backward, fused AdamW) of
+  mae        the MAE, encoder on the visible patches only;
+  mae_dense  the same MAE with the encoder on all patches and mask tokens (the paper's baseline);
+  vit        timm's dense supervised ViT of the same size (cross-entropy on random labels),
+all at the same batch (and, with --max-batch, at the largest batch that fits), in one process, on
+synthetic on-device input unless --data is given. Per row: img/s, step ms split into forward / backward
+/ optimizer, peak memory (torch allocator and the device's used memory from pynvml), GPU utilisation and
+power (pynvml), training FLOPs per image, MFU against the datasheet peak and against a matmul ceiling
+measured in the same run, and the measured speedup next to its FLOP-ratio ceiling.
+
+FLOPs: training = 6 x forward MACs per image; a ViT block of width d on T tokens costs
+T*d*d*(4 + 2*mlp_ratio) + 2*T*T*d MACs (qkv, proj, MLP; QK^T and AV). The MAE encoder runs on
+len_keep + 1 tokens (L + 1 in mae_dense), the decoder on L + 1; patch embedding, decoder embedding and the
+pixel head are added. See engine/metrics.py.
+
+Outputs: speedup_<gpu>_<date>.{csv,json,md} and .._imgs.png / .._memory.png in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+import torch
+
+from engine.config import ConfigError, get_preset
+from engine.metrics import datasheet_peak, device_memory_used, mfu
+
+from .common import RESULTS, device_tag, env_block, environment, md_table, today, write_csv, write_json
+from .step import MODE_LABELS, MODES, NvmlSampler, StepRunner, flops_for_mode, matmul_ceiling
+
+RATIOS = (0.5, 0.75, 0.9, 0.95)
+# targets on one H100 (bf16, synthetic input); see ../DESIGN.md for the reference measurements
+TARGETS = {"vit_h_img_s": 1700.0, "speedup_vit-h": 3.3, "speedup_vit-l": 2.9, "first_step_s": 30.0}
+SHORT = {"mae_vit_base_patch16": "vit-b", "mae_vit_large_patch16": "vit-l", "mae_vit_huge_patch14": "vit-h"}
+# the device suite: (preset, same-batch for all modes, larger MAE-only batch as in DESIGN.md's table)
+DEVICE_SUITE = (("vit-b", 256, 1024), ("vit-l", 128, 512), ("vit-h", 128, 256))
+
+
+def speedup_ceiling(m, mask_ratio: float) -> float:
+    """FLOP ratio of the encoder-on-all-patches MAE to the visible-only MAE: the ceiling of the speedup."""
+    return flops_for_mode(m, "mae_dense", mask_ratio) / flops_for_mode(m, "mae", mask_ratio)
+
+
+def measure(m, model_name: str, mode: str, batch: int, ratio: float | None, device, warmup: int, reps: int,
+            peak: float | None, ceiling: float | None, compile: bool = False, stream=None) -> dict:
+    row = {"model": model_name, "mode": mode, "mask_ratio": ratio, "batch": batch}
+    runner = None
+    try:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        runner = StepRunner(m, mode, batch, device, mask_ratio=ratio if ratio is not None else 0.0,
+                            compile=compile, stream=stream)
+        with NvmlSampler(device.index or 0) as sampler:
+            st = runner.run(warmup=warmup, reps=reps)
+        ips = batch / (st.step_ms / 1000)
+        fl = flops_for_mode(m, mode, ratio if ratio is not None else 0.0)
+        row.update(status="ok", img_per_s=round(ips, 1), step_ms=round(st.step_ms, 3), fwd_ms=round(st.fwd_ms, 3),
+                   bwd_ms=round(st.bwd_ms, 3), opt_ms=round(st.opt_ms, 3), p20_ms=round(st.p20_ms, 3),
+                   p80_ms=round(st.p80_ms, 3), reps=st.reps, first_step_s=round(st.first_step_s, 2),
+                   gflops_per_img=float(f"{fl / 1e9:.4g}"), tflops_per_s=float(f"{fl * ips / 1e12:.4g}"),
+                   mfu_datasheet=_r(mfu(fl, ips, peak)), mfu_measured=_r(mfu(fl, ips, ceiling)))
+        if device.type == "cuda":
+            row["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            used = device_memory_used(device.index or 0)
+            row["device_used_gib"] = round(used / 2**30, 2) if used is not None else None
+            row.update(sampler.summary())
+    except torch.cuda.OutOfMemoryError:
+        row.update(status="OOM")
+    finally:
+        del runner
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def _r(x):
+    return None if x is None else round(x, 4)
+
+
+def largest_batch(m, name, mode, ratio, device, start: int, cap: int, **kw) -> dict | None:
+    """Double the batch from `start` until OOM or `cap`; the last row that fit."""
+    best, b = None, start
+    while b <= cap:
+        row = measure(m, name, mode, b, ratio, device, **kw)
+        if row["status"] != "ok":
+            break
+        best, b = row, b * 2
+    if best is not None:
+        best = dict(best, batch_kind="largest")
+    return best
+
+
+def speedup_rows(rows: list[dict], models_cfg: dict) -> list[dict]:
+    """Measured speedups next to their FLOP ceilings, per model, ratio and batch."""
+    ok = {(r["model"], r["mode"], r["mask_ratio"], r["batch"]): r for r in rows
+          if r.get("status") == "ok" and r.get("batch_kind", "same") == "same"}
+    out = []
+    for (model, mode, ratio, batch), r in ok.items():
+        if mode != "mae":
+            continue
+        m = models_cfg[model]
+        dense = ok.get((model, "mae_dense", ratio, batch)) or next(
+            (v for k, v in ok.items() if k[0] == model and k[1] == "mae_dense" and k[3] == batch), None)
+        vit = ok.get((model, "vit", None, batch))
+        row = {"model": model, "mask_ratio": ratio, "batch": batch, "mae_img_s": r["img_per_s"]}
+        if dense:
+            row.update(dense_img_s=dense["img_per_s"], speedup_vs_dense=round(r["img_per_s"] / dense["img_per_s"], 3),
+                       dense_ratio_measured_at=dense["mask_ratio"])
+        row["flop_ceiling_vs_dense"] = round(speedup_ceiling(m, ratio), 3)
+        if vit:
+            row.update(vit_img_s=vit["img_per_s"], speedup_vs_vit=round(r["img_per_s"] / vit["img_per_s"], 3),
+                       flop_ceiling_vs_vit=round(flops_for_mode(m, "vit", 0) / flops_for_mode(m, "mae", ratio), 3))
+        out.append(row)
+    return out
+
+
+def target_lines(rows: list[dict], sp: list[dict]) -> list[str]:
+    lines = ["| target | goal | measured | met / gap |", "|---|---|---|---|"]
+
+    def line(name, goal, val, higher=True):
+        if val is None:
+            lines.append(f"| {name} | {goal} | not measured | - |")
+            return
+        met = val >= goal if higher else val <= goal
+        lines.append(f"| {name} | {goal} | {val:.4g} | {'met' if met else f'gap {abs(goal - val):.3g}'} |")
+
+    h = [r for r in rows if r["model"] == "vit-h" and r["mode"] == "mae" and r.get("mask_ratio") == 0.75
+         and r.get("status") == "ok"]
+    line("ViT-H/14 r=0.75 img/s (best batch)", TARGETS["vit_h_img_s"], max((r["img_per_s"] for r in h), default=None))
+    for model in ("vit-h", "vit-l"):
+        s = [x for x in sp if x["model"] == model and x["mask_ratio"] == 0.75 and "speedup_vs_dense" in x]
+        line(f"{model} speedup vs encoder-with-mask-tokens, same batch", TARGETS[f"speedup_{model}"],
+             max((x["speedup_vs_dense"] for x in s), default=None))
+    line("ViT-H/14 time to first step, s (build + first step)", TARGETS["first_step_s"],
+         min((r["first_step_s"] for r in h), default=None), higher=False)
+    return lines
+
+
+def plots(rows: list[dict], out_prefix: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for key, ylabel, suffix in (("img_per_s", "images / s", "imgs"), ("peak_alloc_gib", "peak memory (GiB)", "memory")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        drawn = False
+        for (model, mode, batch) in sorted({(r["model"], r["mode"], r["batch"]) for r in rows}):
+            pts = sorted((r["mask_ratio"], r.get(key)) for r in rows if (r["model"], r["mode"], r["batch"]) ==
+                         (model, mode, batch) and r.get("status") == "ok" and r.get(key) is not None
+                         and r.get("batch_kind", "same") == "same")
+            if not pts:
+                continue
+            label = f"{model} {MODE_LABELS[mode]} (batch {batch})"
+            if mode == "vit" or len(pts) == 1 and pts[0][0] is None:
+                ax.axhline(pts[0][1], linestyle="--", linewidth=1, label=label, color=f"C{hash((model, mode)) % 10}")
+            else:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            drawn = True
+        if not drawn:
+            plt.close(fig)
+            continue
+        ax.set_xlabel("mask ratio")
+        ax.set_ylabel(ylabel)
+        ax.set_yscale("log" if key == "img_per_s" else "linear")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = out_prefix.parent / f"{out_prefix.name}_{suffix}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def run_sweep(plan: list[tuple[str, str, float | None, int, str]], device, warmup, reps, compile=False,
+              data=None, max_batch: int = 0) -> tuple[list[dict], dict, float | None, float | None]:
+    """plan: (model preset, mode, ratio, batch, batch_kind) tuples."""
+    peak = datasheet_peak(device) if device.type == "cuda" else None
+    ceiling = matmul_ceiling(device)
+    models_cfg, rows = {}, []
+    for preset, mode, ratio, batch, kind in plan:
+        name = SHORT.get(preset, preset)
+        m = get_preset(preset).model
+        models_cfg[name] = m
+        stream = None
+        if data:
+            from pipelines import build_loader
+
+            d = get_preset(preset).data
+            d.path = data
+            stream = build_loader(d, m.img_size, batch, device, 0).stream(0)
+        kw = dict(warmup=warmup, reps=reps, peak=peak, ceiling=ceiling, compile=compile, stream=stream)
+        row = measure(m, name, mode, batch, ratio, device, **kw)
+        row["batch_kind"] = kind
+        rows.append(row)
+        print(_fmt(row), flush=True)
+        if max_batch and device.type == "cuda" and row["status"] == "ok" and kind == "same":
+            best = largest_batch(m, name, mode, ratio, device, batch * 2, max_batch, **kw)
+            if best is not None:
+                rows.append(best)
+                print(_fmt(best), flush=True)
+    return rows, models_cfg, peak, ceiling
+
+
+def _fmt(r: dict) -> str:
+    if r.get("status") != "ok":
+        return f"{r['model']:8s} {r['mode']:9s} r={r['mask_ratio']} batch {r['batch']}: {r.get('status')}"
+    return (f"{r['model']:8s} {r['mode']:9s} r={r['mask_ratio']} batch {r['batch']:5d}: {r['img_per_s']:9.1f} img/s "
+            f"step {r['step_ms']:.2f} ms (fwd {r['fwd_ms']:.2f} bwd {r['bwd_ms']:.2f} opt {r['opt_ms']:.2f})"
+            + (f" peak {r['peak_alloc_gib']} GiB" if r.get("peak_alloc_gib") is not None else ""))
+
+
+def write_report(rows, sp, env, out: Path, peak, ceiling, name="speedup") -> Path:
+    tag = f"{name}_{device_tag(env)}_{today()}"
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / f"{tag}.csv")
+    write_json({"environment": env, "datasheet_peak_flops": peak, "matmul_ceiling_flops": ceiling,
+                "rows": rows, "speedups": sp, "targets": TARGETS}, out / f"{tag}.json")
+    pngs = plots(rows, out / tag)
+    cols = ["model", "mode", "mask_ratio", "batch", "status", "img_per_s", "step_ms", "fwd_ms", "bwd_ms", "opt_ms",
+            "peak_alloc_gib", "device_used_gib", "gpu_util_pct", "power_w", "gflops_per_img", "mfu_datasheet",
+            "mfu_measured", "first_step_s"]
+    lines = [f"# Visible-only MAE vs dense baselines ({env.get('device')}, {env['date']})", "", env_block(env), "",
+             f"- datasheet bf16 peak: {peak / 1e12:.0f} TFLOP/s" if peak else "- datasheet peak: n/a (not a known GPU)",
+             f"- measured bf16 matmul ceiling (8192^3): {ceiling / 1e12:.0f} TFLOP/s" if ceiling else
+             "- matmul ceiling: n/a (CPU)", "",
+             "Full training step (forward, backward, fused AdamW), median of timed steps after warm-up; "
+             + ("CUDA events, bf16 autocast" if env.get("device") != "CPU" else "CPU wall clock, fp32")
+             + "; synthetic on-device input unless stated. Training FLOPs = 6 x forward MACs; a block of width d "
+             "on T tokens = T*d*d*(4 + 2*mlp_ratio) + 2*T*T*d MACs.", "",
+             md_table(rows, cols), "", "## Speedup of visible-only encoding", "",
+             md_table(sp, ["model", "mask_ratio", "batch", "mae_img_s", "dense_img_s", "speedup_vs_dense",
+                           "flop_ceiling_vs_dense", "vit_img_s", "speedup_vs_vit", "flop_ceiling_vs_vit"]),
+             "", "## Targets (one H100, bf16, synthetic input)", ""] + target_lines(rows, sp)
+    lines += ["", "Plots: " + ", ".join(p.name for p in pngs)] if pngs else []
+    path = out / f"{tag}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def build_plan(models, modes, ratios, batch, device_suite: bool) -> list[tuple]:
+    plan = []
+    if device_suite:
+        for short, same, big in DEVICE_SUITE:
+            preset = {v: k for k, v in SHORT.items()}[short]
+            for r in ratios:
+                plan.append((preset, "mae", r, same, "same"))
+            plan.append((preset, "mae_dense", 0.75, same, "same"))  # its cost does not depend on the ratio
+            plan.append((preset, "vit", None, same, "same"))
+            plan.append((preset, "mae", 0.75, big, "reference-batch"))
+        return plan
+    for preset in models:
+        for mode in modes:
+            for r in (ratios if mode != "vit" else [None]):
+                plan.append((preset, mode, r, batch, "same"))
+    return plan
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="mae bench speedup", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="", help="comma list of presets (default: debug,tiny on CPU; vit-b,vit-l,vit-h on GPU)")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
+    ap.add_argument("--ratios", default=",".join(map(str, RATIOS)))
+    ap.add_argument("--batch", type=int, default=0, help="same batch for every model and mode (default 32 CPU, 128 GPU)")
+    ap.add_argument("--max-batch", type=int, default=0, help="also find the largest batch that fits, up to this (GPU)")
+    ap.add_argument("--warmup", type=int, default=0)
+    ap.add_argument("--reps", type=int, default=0)
+    ap.add_argument("--compile", action="store_true", help="torch.compile each model")
+    ap.add_argument("--data", default="", help="an image directory: include the data loader in the step")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device-suite", action="store_true", help="the GPU suite of benchmarks/device_check.sh")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    gpu = device.type == "cuda"
+    try:
+        from engine.config import ALIASES
+
+        models = [ALIASES.get(x, x) for x in (args.models or ("vit-b,vit-l,vit-h" if gpu else "debug,tiny")).split(",")]
+        for mname in models:
+            get_preset(mname)
+        modes = [x for x in args.modes.split(",") if x]
+        bad = [x for x in modes if x not in MODES]
+        if bad:
+            raise ConfigError(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+        ratios = [float(x) for x in args.ratios.split(",") if x]
+        for r in ratios:
+            if not 0 <= r < 1:
+                raise ConfigError(f"mask ratio {r} is outside [0, 1)")
+    except (ConfigError, ValueError) as e:
+        print(f"mae bench speedup: error: {e}", file=sys.stderr)
+        return 2
+    batch = args.batch or (128 if gpu else 32)
+    warmup = args.warmup or (5 if gpu else 2)
+    reps = args.reps or (20 if gpu else 5)
+    plan = build_plan(models, modes, ratios, batch, args.device_suite and gpu)
+    env = environment(device)
+    rows, models_cfg, peak, ceiling = run_sweep(plan, device, warmup, reps, args.compile, args.data or None,
+                                                args.max_batch)
+    sp = speedup_rows(rows, models_cfg)
+    path = write_report(rows, sp, env, Path(args.out), peak, ceiling)
+    for x in sp:
+        if "speedup_vs_dense" in x:
+            print(f"{x['model']} r={x['mask_ratio']} batch {x['batch']}: {x['speedup_vs_dense']:.2f}x vs encoder with "
+                  f"mask tokens (FLOP ceiling {x['flop_ceiling_vs_dense']:.2f}x)")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

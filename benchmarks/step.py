@@ -1,0 +1,205 @@
+"""One timed training step (forward, backward, optimizer) of an MAE or of timm's dense supervised ViT,
+split into phases with CUDA events, plus pynvml sampling of utilisation and power while it runs."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.config import ModelConfig
+from engine.metrics import train_flops_per_image, vit_train_flops_per_image
+from engine.model import build_model
+from engine.optim import build_optimizer
+
+MODES = ("mae", "mae_dense", "vit")
+MODE_LABELS = {"mae": "MAE (visible only)", "mae_dense": "MAE, encoder with mask tokens", "vit": "dense ViT (timm)"}
+
+
+def build_for_mode(m: ModelConfig, mode: str, device, num_classes: int = 1000):
+    """The model a mode times: the MAE, the MAE with the encoder on all patches, or timm's ViT of that size."""
+    if mode == "vit":
+        from timm.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(img_size=m.img_size, patch_size=m.patch_size, in_chans=m.in_chans,
+                                 embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
+                                 num_classes=num_classes, qkv_bias=True).to(device)
+    import dataclasses
+
+    cfg = dataclasses.replace(m, encoder_mask_tokens=(mode == "mae_dense"))
+    return build_model(cfg).to(device)
+
+
+def flops_for_mode(m: ModelConfig, mode: str, mask_ratio: float, num_classes: int = 1000) -> float:
+    if mode == "vit":
+        return vit_train_flops_per_image(m, num_classes)
+    return train_flops_per_image(m, mask_ratio, encoder_all=(mode == "mae_dense"))
+
+
+class NvmlSampler:
+    """Samples GPU utilisation (%) and power (W) every `period` s in a thread; no-op without pynvml/CUDA."""
+
+    def __init__(self, device_index: int = 0, period: float = 0.05):
+        self.samples: list[tuple[float, float]] = []
+        self.period = period
+        self._stop = threading.Event()
+        self._thread = None
+        self._h = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nv = pynvml
+            self._h = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        except Exception:
+            self._h = None
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                u = self._nv.nvmlDeviceGetUtilizationRates(self._h).gpu
+                pw = self._nv.nvmlDeviceGetPowerUsage(self._h) / 1000.0
+                self.samples.append((float(u), float(pw)))
+            except Exception:
+                pass
+            time.sleep(self.period)
+
+    def __enter__(self):
+        if self._h is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {"gpu_util_pct": None, "power_w": None}
+        us, ps = zip(*self.samples)
+        return {"gpu_util_pct": round(sum(us) / len(us), 1), "power_w": round(sum(ps) / len(ps), 1)}
+
+
+@dataclass
+class StepStats:
+    step_ms: float
+    fwd_ms: float
+    bwd_ms: float
+    opt_ms: float
+    p20_ms: float
+    p80_ms: float
+    reps: int
+    first_step_s: float
+    extra: dict = field(default_factory=dict)
+
+
+class StepRunner:
+    """Times full training steps of one model on synthetic on-device input (or a loader's stream)."""
+
+    def __init__(self, m: ModelConfig, mode: str, batch: int, device, mask_ratio: float = 0.75,
+                 amp: bool | None = None, compile: bool = False, stream=None, num_classes: int = 1000, seed: int = 0):
+        self.t_build = time.perf_counter()
+        self.device = torch.device(device)
+        self.m, self.mode, self.batch, self.mask_ratio = m, mode, batch, mask_ratio
+        self.amp = (self.device.type == "cuda") if amp is None else amp
+        torch.manual_seed(seed)
+        self.model = build_for_mode(m, mode, self.device, num_classes)
+        if compile:
+            self.model = torch.compile(self.model)
+        from engine.config import OptimConfig
+
+        self.opt = build_optimizer(self.model, OptimConfig(), 1e-4, self.device)
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        self.gen = g
+        self.stream = stream
+        self.imgs = torch.randn(batch, m.in_chans, m.img_size, m.img_size, device=self.device, generator=g)
+        self.labels = torch.randint(0, num_classes, (batch,), device=self.device, generator=g)
+        self.num_classes = num_classes
+
+    def autocast(self):
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def forward(self):
+        imgs = next(self.stream) if self.stream is not None else self.imgs
+        with self.autocast():
+            if self.mode == "vit":
+                logits = self.model(imgs)
+                return torch.nn.functional.cross_entropy(logits.float(), self.labels[: imgs.shape[0]])
+            noise = torch.rand(imgs.shape[0], self.m.num_patches, device=self.device, generator=self.gen)
+            loss, _, _ = self.model(imgs, self.mask_ratio, noise)
+            return loss
+
+    def step(self) -> None:
+        loss = self.forward()
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def run(self, warmup: int = 5, reps: int = 20) -> StepStats:
+        self.step()
+        self._sync()
+        first_step_s = time.perf_counter() - self.t_build
+        for _ in range(max(0, warmup - 1)):
+            self.step()
+        self._sync()
+        fwd, bwd, opt, tot = [], [], [], []
+        if self.device.type == "cuda":
+            ev = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(reps)]
+            for e in ev:
+                e[0].record()
+                loss = self.forward()
+                e[1].record()
+                loss.backward()
+                e[2].record()
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                e[3].record()
+            self._sync()
+            for e in ev:
+                fwd.append(e[0].elapsed_time(e[1]))
+                bwd.append(e[1].elapsed_time(e[2]))
+                opt.append(e[2].elapsed_time(e[3]))
+                tot.append(e[0].elapsed_time(e[3]))
+        else:
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                loss = self.forward()
+                t1 = time.perf_counter()
+                loss.backward()
+                t2 = time.perf_counter()
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                t3 = time.perf_counter()
+                fwd.append(1000 * (t1 - t0))
+                bwd.append(1000 * (t2 - t1))
+                opt.append(1000 * (t3 - t2))
+                tot.append(1000 * (t3 - t0))
+        from .common import quantiles
+
+        med, p20, p80 = quantiles(tot)
+        return StepStats(med, quantiles(fwd)[0], quantiles(bwd)[0], quantiles(opt)[0], p20, p80, reps, first_step_s)
+
+
+def matmul_ceiling(device, n: int = 8192, reps: int = 20) -> float | None:
+    """Measured bf16 dense matmul FLOP/s on this GPU (the practical ceiling MFU is also reported against)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    from .common import time_fn
+
+    t = time_fn(lambda: a @ b, device, warmup=5, reps=reps)
+    del a, b
+    return 2 * n**3 / (t.median_ms / 1000)

@@ -1,0 +1,138 @@
+import json
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks import speedup
+from engine.config import debug, mae_vit_huge_patch14, mae_vit_large_patch16
+from engine.metrics import block_macs, mae_forward_macs, mfu, train_flops_per_image, vit_train_flops_per_image
+from engine.model import build_model
+
+
+def test_block_formula_matches_hand_count():
+    # ViT-H encoder block at mask 0.75: T = 64 + 1 tokens, d = 1280
+    T, d = 65, 1280
+    qkv, proj, mlp = T * d * 3 * d, T * d * d, 2 * T * d * 4 * d
+    attn = T * T * d + T * T * d  # QK^T and AV
+    assert block_macs(T, d) == qkv + proj + mlp + attn
+
+
+@pytest.mark.parametrize("tokens,width,heads", [(17, 64, 4), (65, 96, 3)])
+def test_block_formula_matches_flop_counter(tokens, width, heads):
+    from timm.models.vision_transformer import Block
+
+    blk = Block(width, heads, qkv_bias=True)
+    x = torch.randn(1, tokens, width)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:  # math SDPA: QK^T, AV are counted
+        blk(x)
+    assert fc.get_total_flops() == 2 * block_macs(tokens, width)
+
+
+@pytest.mark.parametrize("ratio,dense", [(0.75, False), (0.5, False), (0.75, True)])
+def test_model_formula_matches_flop_counter_forward_and_backward(ratio, dense):
+    cfg = debug().model
+    cfg.encoder_mask_tokens = dense
+    model = build_model(cfg)
+    imgs = torch.randn(2, 3, 32, 32)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        loss, _, _ = model(imgs, ratio)
+    fwd = fc.get_total_flops()
+    assert fwd == 2 * 2 * mae_forward_macs(cfg, ratio)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        loss.backward()
+    # backward = 2 x forward, minus the input-gradient GEMM of the patch embedding (images need none)
+    patch_embed = 2 * 2 * cfg.num_patches * 48 * cfg.embed_dim
+    assert fc.get_total_flops() == 2 * fwd - patch_embed
+
+
+def test_design_figures():
+    h = mae_vit_huge_patch14().model
+    assert train_flops_per_image(h) / 1e9 == pytest.approx(292, abs=1)
+    assert speedup.speedup_ceiling(h, 0.75) == pytest.approx(3.59, abs=0.01)
+    assert speedup.speedup_ceiling(mae_vit_large_patch16().model, 0.75) == pytest.approx(3.22, abs=0.01)
+    assert vit_train_flops_per_image(h) > train_flops_per_image(h)
+
+
+def test_mfu_arithmetic():
+    assert mfu(1e9, 1000, 1e12) == pytest.approx(1.0)
+    assert mfu(292e9, 1700, 989e12) == pytest.approx(0.502, abs=1e-3)  # the ViT-H target is ~50% MFU
+    assert mfu(1e9, 1000, None) is None
+
+
+def test_speedup_arithmetic():
+    m = debug().model
+    rows = [
+        {"model": "d", "mode": "mae", "mask_ratio": 0.75, "batch": 8, "status": "ok", "img_per_s": 300.0},
+        {"model": "d", "mode": "mae_dense", "mask_ratio": 0.75, "batch": 8, "status": "ok", "img_per_s": 100.0},
+        {"model": "d", "mode": "vit", "mask_ratio": None, "batch": 8, "status": "ok", "img_per_s": 150.0},
+        {"model": "d", "mode": "mae", "mask_ratio": 0.9, "batch": 8, "status": "OOM"},
+    ]
+    (sp,) = speedup.speedup_rows(rows, {"d": m})
+    assert sp["speedup_vs_dense"] == 3.0 and sp["speedup_vs_vit"] == 2.0
+    assert sp["flop_ceiling_vs_dense"] == pytest.approx(speedup.speedup_ceiling(m, 0.75), abs=1e-3)
+    lines = speedup.target_lines(rows, [sp])
+    assert any("not measured" in line for line in lines)
+
+
+def test_speedup_sweep_writes_all_outputs(tmp_path):
+    code = speedup.main(["--models", "debug", "--ratios", "0.5,0.75", "--reps", "2", "--warmup", "1",
+                         "--device", "cpu", "--out", str(tmp_path)])
+    assert code == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    stem = [n for n in names if n.endswith(".md")][0][:-3]
+    assert stem.startswith("speedup_cpu_")
+    assert {f"{stem}.csv", f"{stem}.json", f"{stem}.md", f"{stem}_imgs.png"} <= set(names)
+    data = json.loads((tmp_path / f"{stem}.json").read_text())
+    modes = {(r["mode"], r["mask_ratio"]) for r in data["rows"]}
+    assert modes == {("mae", 0.5), ("mae", 0.75), ("mae_dense", 0.5), ("mae_dense", 0.75), ("vit", None)}
+    assert all(r["status"] == "ok" and r["img_per_s"] > 0 for r in data["rows"])
+    assert data["environment"]["device"] == "CPU"
+    md = (tmp_path / f"{stem}.md").read_text()
+    assert "CPU" in md and "speedup_vs_dense" in md and "FLOP" in md
+
+
+def test_speedup_bad_args(capsys):
+    assert speedup.main(["--models", "vit-z"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert speedup.main(["--modes", "mae,sparse"]) == 2
+
+
+def test_oom_is_reported_and_sweep_continues(monkeypatch, tmp_path):
+    from benchmarks import step
+
+    real = step.StepRunner.run
+
+    def flaky(self, *a, **k):
+        if self.mode == "mae_dense":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(step.StepRunner, "run", flaky)
+    assert speedup.main(["--models", "debug", "--ratios", "0.75", "--reps", "2", "--warmup", "1", "--device", "cpu",
+                         "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok", "OOM", "ok"]
+
+
+def test_kernels_benchmark_cpu_smoke(tmp_path):
+    from benchmarks import kernels
+
+    assert kernels.main(["--shapes", "debug", "--impls", "eager", "--reps", "2", "--warmup", "1",
+                         "--device", "cpu", "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("kernels_cpu_*.json")).read_text())["rows"]
+    assert {(r["op"], r["mode"]) for r in rows} == {(o, m) for o in ("masking", "unshuffle", "loss")
+                                                   for m in ("fwd", "fwd+bwd")}
+    assert all(r["GB_per_s"] > 0 for r in rows)
+
+
+def test_profile_writes_table_and_trace(tmp_path):
+    from engine.cli import main
+
+    code = main(["profile", "--preset", "debug", "--ratios", "0.75", "--steps", "2", "--warmup", "1", "--device",
+                 "cpu", "--trace", str(tmp_path / "tr"), "--top", "5", "--out", str(tmp_path)])
+    assert code == 0
+    md = next(tmp_path.glob("profile_debug_cpu_*.md")).read_text()
+    assert "Top 5 ops by self time" in md and "aten::" in md
+    assert any((tmp_path / "tr").glob("trace_*.json"))
