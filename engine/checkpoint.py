@@ -1,8 +1,15 @@
-"""Checkpoints: atomic single-file save, keep-last-K, resume lookup, weights-only loading, timm export.
+"""Checkpoints: atomic save, keep-last-K, resume lookup, weights-only loading, timm export.
 
-A checkpoint is a plain dict of tensors and Python primitives, written to a temporary file in the run
-directory, fsynced and renamed into place, so a kill during a save leaves the previous checkpoint intact.
-Everything is loaded with `torch.load(weights_only=True)`: a checkpoint never executes code.
+Two on-disk forms of one logical content {model, optim (keyed by parameter name), step, data position,
+schedule, RNG, config}:
+- `ckpt_XXXXXXXX.pt`: one file, from a single-process run; a plain dict of tensors and primitives, loaded
+  with `torch.load(weights_only=True)` (a checkpoint never executes code).
+- `ckpt_XXXXXXXX.dcp/`: a torch.distributed.checkpoint directory written by every rank of a torchrun job
+  (sharded: no rank gathers the full model), with `meta.pt` beside the shards. DCP's own metadata file is
+  a pickle, so this form is for a run's own resumable checkpoints; weights from elsewhere come in as .pt
+  files (weights-only). Both forms resume on any world size: the optimizer state is keyed by parameter name.
+Both are written under a temporary name, fsynced and renamed into place, so a kill during a save leaves
+the previous checkpoint intact.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-CKPT_RE = re.compile(r"^ckpt_(\d{8})\.pt$")
+CKPT_RE = re.compile(r"^ckpt_(\d{8})\.(pt|dcp)$")
 DECODER_PREFIXES = ("decoder_", "mask_token", "encoder_mask_token")
 ARCH_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
                "decoder_depth", "decoder_num_heads", "mlp_ratio", "encoder_mask_tokens")
@@ -56,15 +63,17 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     return path
 
 
-def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
-    return Path(run_dir) / f"ckpt_{step:08d}.pt"
+def checkpoint_path(run_dir: str | os.PathLike, step: int, sharded: bool = False) -> Path:
+    return Path(run_dir) / f"ckpt_{step:08d}.{'dcp' if sharded else 'pt'}"
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Finished checkpoints, oldest first (by step, then .dcp before .pt)."""
     d = Path(run_dir)
     if not d.is_dir():
         return []
-    return sorted(p for p in d.iterdir() if CKPT_RE.match(p.name))
+    found = [p for p in d.iterdir() if CKPT_RE.match(p.name)]
+    return sorted(found, key=lambda p: (int(CKPT_RE.match(p.name).group(1)), p.suffix))
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -72,11 +81,138 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def prune(run_dir: str | os.PathLike, keep_last: int) -> None:
+    import shutil
+
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
 def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict, keep_last: int = 3) -> Path:
     path = atomic_torch_save(state, checkpoint_path(run_dir, step))
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        old.unlink(missing_ok=True)
+    prune(run_dir, keep_last)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training state (model + optimizer keyed by name + meta), in either form
+
+
+def _sd_api():
+    from torch.distributed.checkpoint import state_dict as sdapi
+
+    return sdapi
+
+
+def training_state(model, optimizer) -> dict:
+    """{"model", "optim"} with the optimizer state keyed by parameter name (sharded DTensors under FSDP)."""
+    sdapi = _sd_api()
+    return {"model": sdapi.get_model_state_dict(model), "optim": sdapi.get_optimizer_state_dict(model, optimizer)}
+
+
+def save_training_checkpoint(run_dir, step: int, model, optimizer, meta: dict, keep_last: int,
+                             sharded: bool, is_main: bool = True) -> Path:
+    """Write model + optimizer + meta atomically; sharded=True: every rank calls this (DCP)."""
+    run_dir = Path(run_dir)
+    if not sharded:
+        state = training_state(model, optimizer)
+        return save_checkpoint(run_dir, step, {**state, **meta}, keep_last)
+    import shutil
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    final = checkpoint_path(run_dir, step, sharded=True)
+    tmp = run_dir / f".{final.name}.tmp"
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    dcp.save(training_state(model, optimizer), checkpoint_id=str(tmp))
+    dist.barrier()
+    if is_main:
+        atomic_torch_save(meta, tmp / "meta.pt")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(run_dir)
+        prune(run_dir, keep_last)
+    dist.barrier()
+    return final
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """step, data position, schedule, RNG and config of a checkpoint of either form."""
+    path = Path(path)
+    if path.is_dir():
+        return load_checkpoint(path / "meta.pt")
+    obj = load_checkpoint(path)
+    return {k: v for k, v in obj.items() if k not in ("model", "optim", "optimizer")}
+
+
+def load_training_checkpoint(path: str | os.PathLike, model, optimizer, model_cfg=None) -> dict:
+    """Restore model and optimizer (any world size, either form); returns the meta dict."""
+    sdapi = _sd_api()
+    path = Path(path)
+    meta = read_meta(path)
+    if model_cfg is not None:
+        check_architecture(meta.get("config"), model_cfg, path)
+    if path.is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        state = training_state(model, optimizer)
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"cannot load sharded checkpoint {path}: {first}") from None
+        sdapi.set_model_state_dict(model, state["model"])
+        sdapi.set_optimizer_state_dict(model, optimizer, state["optim"])
+        return meta
+    obj = load_checkpoint(path)
+    if "optim" not in obj:
+        raise CheckpointError(f"{path} is not a training checkpoint (no optimizer state); "
+                              "to start from weights only, use a new run directory")
+    opts = sdapi.StateDictOptions(full_state_dict=True)
+    _check_keys(model, model_state_from(obj, path), path)
+    sdapi.set_model_state_dict(model, obj["model"], options=opts)
+    sdapi.set_optimizer_state_dict(model, optimizer, obj["optim"], options=opts)
+    return meta
+
+
+def _check_keys(model, sd: dict, path) -> None:
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {own[k]}" for k in own if k in sd
+              and tuple(sd[k].shape) != own[k]]
+    if missing or unexpected or shapes:
+        raise CheckpointError(_mismatch_message(path, missing, unexpected, shapes))
+
+
+def full_model_state(path: str | os.PathLike) -> dict:
+    """The full (consolidated) model state dict of a checkpoint of either form, or of a bare/reference one."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / ".metadata").is_file():
+            raise CheckpointError(f"{path} is not a checkpoint (no .pt file, no DCP .metadata)")
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        fd, tmp = tempfile.mkstemp(suffix=".pt")
+        os.close(fd)
+        try:
+            dcp_to_torch_save(str(path), tmp)
+            obj = load_checkpoint(tmp)
+        finally:
+            os.unlink(tmp)
+        return model_state_from(obj, path)
+    return model_state_from(load_checkpoint(path), path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -123,12 +259,16 @@ def load_model_state(model: torch.nn.Module, sd: dict, path: str | os.PathLike =
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-            if items:
-                parts.append(f"{label} ({len(items)}): " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
-        raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(parts))
+        raise CheckpointError(_mismatch_message(path, missing, unexpected, shapes))
     model.load_state_dict(sd, strict=True)
+
+
+def _mismatch_message(path, missing, unexpected, shapes) -> str:
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            parts.append(f"{label} ({len(items)}): " + ", ".join(items[:8]) + (" ..." if len(items) > 8 else ""))
+    return f"checkpoint {path} does not fit this model: " + "; ".join(parts)
 
 
 def encoder_state_dict(sd: dict) -> dict:

@@ -77,10 +77,10 @@ def cmd_visualize(args, extra) -> int:
     from .model import build_model
     from .visualize import reconstruction_grid, save_grid
 
-    state = ckpt.load_checkpoint(args.checkpoint)
-    cfg = _config_of(state, args, extra)
+    sd = ckpt.full_model_state(args.checkpoint)
+    cfg = _config_of(_meta_or_empty(args.checkpoint), args, extra)
     model = build_model(cfg.model)
-    ckpt.load_model_state(model, ckpt.model_state_from(state, args.checkpoint), args.checkpoint)
+    ckpt.load_model_state(model, sd, args.checkpoint)
     imgs = []
     from pipelines.torchvision import ImageFiles
 
@@ -112,8 +112,7 @@ def cmd_visualize(args, extra) -> int:
 def cmd_export(args, extra) -> int:
     from . import checkpoint as ckpt
 
-    state = ckpt.load_checkpoint(args.checkpoint)
-    sd = ckpt.model_state_from(state, args.checkpoint)
+    sd = ckpt.full_model_state(args.checkpoint)
     if args.what == "encoder":
         out_sd = ckpt.encoder_state_dict(sd)
     else:
@@ -124,6 +123,15 @@ def cmd_export(args, extra) -> int:
           + (" (loads into timm.create_model(..., num_classes=0) with strict=True)" if args.what == "encoder" else
              " (the reference implementation's format: {'model': state_dict})"))
     return 0
+
+
+def _meta_or_empty(path) -> dict:
+    from . import checkpoint as ckpt
+
+    try:
+        return ckpt.read_meta(path)
+    except ckpt.CheckpointError:
+        return {}
 
 
 def _config_of(state: dict, args, extra) -> Config:

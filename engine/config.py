@@ -199,6 +199,10 @@ class TrainConfig:
     """Show a progress bar."""
     tensorboard: bool = True
     """Write TensorBoard event files next to metrics.jsonl."""
+    activation_checkpointing: bool = False
+    """Recompute each encoder/decoder block in backward (less memory, about a third more compute)."""
+    compile: bool = False
+    """Regional torch.compile: each block compiled once and reused by every layer."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "accum_steps", "epochs", "log_every", "ckpt_every", "keep_last", "max_bad_steps"):

@@ -14,6 +14,7 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
@@ -93,6 +94,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_norm = norm_layer(decoder_embed_dim, **dd)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True, **dd)
 
+        self.grad_checkpointing = False  # set by engine.parallel: recompute each block in backward
         if self.pos_embed.device.type != "meta":
             self.init_weights()
 
@@ -109,27 +111,37 @@ class MaskedAutoencoderViT(nn.Module):
     # ------------------------------------------------------------------------------------------------------
     # initialisation (as the reference: sin-cos position embeddings, xavier linears, normal(0.02) tokens)
 
+    def initial_value(self, name: str, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+        """The initial value of parameter `name` (full shape), as the reference initialises it: sin-cos
+        position embeddings, xavier-uniform linears and patch projection (as a linear), normal(0.02) tokens,
+        LayerNorm ones/zeros, zero biases. Each parameter draws from its own generator seeded by (seed, name),
+        so the result does not depend on the order of initialisation or on how parameters are sharded.
+        """
+        import zlib
+
+        if name in ("pos_embed", "decoder_pos_embed"):
+            return sincos_2d_pos_embed(shape[-1], self.grid_size).reshape(shape)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        leaf = name.rsplit(".", 1)[-1]
+        if name in ("cls_token", "mask_token", "encoder_mask_token"):
+            return torch.empty(shape).normal_(0.0, 0.02, generator=g)
+        owner = self.get_submodule(name.rsplit(".", 1)[0]) if "." in name else self
+        if isinstance(owner, nn.LayerNorm):
+            return torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
+        if leaf == "bias":
+            return torch.zeros(shape)
+        if leaf == "weight" and isinstance(owner, (nn.Linear, nn.Conv2d)):
+            fan_out, fan_in = shape[0], int(torch.Size(shape[1:]).numel())
+            bound = (6.0 / (fan_in + fan_out)) ** 0.5  # xavier uniform (the conv as a linear)
+            return torch.empty(shape).uniform_(-bound, bound, generator=g)
+        raise ValueError(f"no initialisation rule for parameter {name!r}")
+
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialise every parameter; also used to materialise a model built on the meta device."""
-        self.pos_embed.copy_(sincos_2d_pos_embed(self.pos_embed.shape[-1], self.grid_size).unsqueeze(0))
-        self.decoder_pos_embed.copy_(
-            sincos_2d_pos_embed(self.decoder_pos_embed.shape[-1], self.grid_size).unsqueeze(0))
-        w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.proj.bias)
-        nn.init.normal_(self.cls_token, std=0.02)
-        nn.init.normal_(self.mask_token, std=0.02)
-        if self.encoder_mask_tokens:
-            nn.init.normal_(self.encoder_mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+    def init_weights(self, seed: int = 0) -> None:
+        """(Re)initialise every parameter in place; also materialises a model built on the meta device
+        (after `to_empty`). Sharded (DTensor) parameters are handled by engine.parallel."""
+        for name, p in self.named_parameters():
+            p.copy_(self.initial_value(name, tuple(p.shape), seed).to(p.dtype))
 
     # ------------------------------------------------------------------------------------------------------
 
@@ -161,10 +173,17 @@ class MaskedAutoencoderViT(nn.Module):
             x, mask, ids_restore, _ = self.random_masking(x, mask_ratio, noise)  # [N, K, D]
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1).to(x.dtype)
         x = torch.cat([cls, x], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
+        x = self._run_blocks(self.blocks, x)
         x = self.norm(x)
         return x, mask, ids_restore
+
+    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        for blk in blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """x [N, K+1, D] (or [N, L+1, D]) -> pred [N, L, p*p*C]."""
@@ -172,8 +191,7 @@ class MaskedAutoencoderViT(nn.Module):
         if not self.encoder_mask_tokens:
             x = kernels.unshuffle(x, ids_restore, self.mask_token, has_cls=True, impl=self.kernels)  # [N, L+1, Dd]
         x = x + self.decoder_pos_embed.to(x.dtype)
-        for blk in self.decoder_blocks:
-            x = blk(x)
+        x = self._run_blocks(self.decoder_blocks, x)
         x = self.decoder_norm(x)
         x = self.decoder_pred(x)
         return x[:, 1:, :]

@@ -1,4 +1,8 @@
-"""Entry point of pretraining: parse, build, train, close (`python -m engine.pretrain` = `mae pretrain`)."""
+"""Entry point of pretraining: parse, build, train, close.
+
+    mae pretrain ...                                          # one process (CPU or one GPU)
+    torchrun --nproc_per_node=8 -m engine.pretrain ...        # FSDP2 on 8 GPUs (or `mae pretrain` under torchrun)
+"""
 
 from __future__ import annotations
 
@@ -8,20 +12,29 @@ from .config import Config
 
 
 def run_pretrain(cfg: Config, resume: bool = False) -> int:
+    from . import parallel
     from .trainer import Trainer
 
-    trainer = Trainer(cfg, resume=resume)
-    result = trainer.fit()
-    loss = f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a"
-    print(f"done: step {result.step}, loss {loss}, checkpoint {result.checkpoint}, "
-          f"metrics {result.run_dir / 'metrics.jsonl'}, reconstructions {result.run_dir / 'recon'}", flush=True)
+    ctx, device = parallel.init_distributed(cfg.train.device)
+    try:
+        trainer = Trainer(cfg, resume=resume, ctx=ctx, device=device)
+        result = trainer.fit()
+        if ctx.is_main:
+            loss = f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a"
+            print(f"done: step {result.step}, loss {loss}, checkpoint {result.checkpoint}, "
+                  f"metrics {result.run_dir / 'metrics.jsonl'}, reconstructions {result.run_dir / 'recon'}",
+                  flush=True)
+    finally:
+        parallel.destroy_distributed()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import record
+
     from .cli import main as cli_main
 
-    return cli_main(["pretrain", *(sys.argv[1:] if argv is None else argv)])
+    return record(cli_main)(["pretrain", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

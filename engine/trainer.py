@@ -18,10 +18,11 @@ import torch
 from pipelines import build_loader
 
 from . import checkpoint as ckpt
+from . import parallel
 from .config import Config, ConfigError
 from .metrics import MetricsWriter, datasheet_peak, mfu, peak_allocated_gib, train_flops_per_image
-from .model import build_model
 from .optim import build_optimizer, lr_at, set_lr, supports_found_inf
+from .parallel import DistContext
 from .visualize import reconstruction_grid, save_grid
 
 
@@ -57,10 +58,11 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: bool = False, rank: int = 0, world: int = 1, log=None,
+    def __init__(self, cfg: Config, resume: bool = False, ctx: DistContext | None = None, log=None,
                  device: torch.device | None = None):
-        self.cfg, self.rank, self.world = cfg, rank, world
-        self.is_main = rank == 0
+        self.cfg = cfg
+        self.ctx = ctx or DistContext()
+        self.rank, self.world, self.is_main = self.ctx.rank, self.ctx.world, self.ctx.is_main
         self.log = log or (lambda msg: print(msg, flush=True))
         t = cfg.train
         self.device = device or resolve_device(t.device)
@@ -70,16 +72,16 @@ class Trainer:
         resume_path = None
         if resume:
             resume_path = ckpt.latest_checkpoint(self.run_dir)
-            if resume_path is None:
+            if resume_path is None and self.is_main:
                 self.log(f"--resume: no checkpoint in {self.run_dir}, starting from scratch")
 
         torch.manual_seed(t.seed)
-        self.model = build_model(cfg.model).to(self.device)
-        self.effective_batch = t.batch_size * t.accum_steps * world
+        self.model = parallel.build_parallel_model(cfg, self.ctx, self.device)
+        self.effective_batch = t.batch_size * t.accum_steps * self.world
         self.lr = cfg.optim.scaled_lr(self.effective_batch)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.lr, self.device)
-        self.loader = build_loader(cfg.data, cfg.model.img_size, t.batch_size, self.device, t.seed, rank, world,
-                                   cfg.model.in_chans, quiet=not self.is_main)
+        self.loader = build_loader(cfg.data, cfg.model.img_size, t.batch_size, self.device, t.seed, self.rank,
+                                   self.world, cfg.model.in_chans, quiet=not self.is_main)
         self.steps_per_epoch = self.loader.batches_per_epoch // t.accum_steps
         if self.steps_per_epoch < 1:
             raise ConfigError(f"one epoch has {self.loader.batches_per_epoch} micro-batch(es) per rank, fewer than "
@@ -87,9 +89,11 @@ class Trainer:
         self.total_steps = t.epochs * self.steps_per_epoch
         self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.stop_at = min(self.total_steps, t.max_steps) if t.max_steps else self.total_steps
-        self.mask_gen = torch.Generator(device=self.device).manual_seed(t.seed * 7919 + 17 + rank)
+        # one masking stream for the global micro-batch, the same on every rank; each rank takes its rows,
+        # so a run's masks do not depend on how the global batch is split over ranks
+        self.mask_gen = torch.Generator(device=self.device).manual_seed(t.seed * 7919 + 17)
         self.step = 0
-        self.micro_batch = 0  # global micro-batch position of the data stream on this rank
+        self.micro_batch = 0  # global micro-batch position of the data stream
         self.flops_per_image = train_flops_per_image(cfg.model)
         self.peak = datasheet_peak(self.device) if self.device.type == "cuda" else None
         if resume_path is not None:
@@ -97,34 +101,44 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
+    def meta(self) -> dict:
+        t = self.cfg.train
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "data": {"micro_batch": self.micro_batch, "epoch": self.micro_batch // self.loader.batches_per_epoch,
-                     "batches_per_epoch": self.loader.batches_per_epoch},
+                     "batches_per_epoch": self.loader.batches_per_epoch,
+                     "samples_seen": self.micro_batch * t.batch_size * self.world},
             "schedule": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps, "lr": self.lr},
             "rng": ckpt.capture_rng({"mask": self.mask_gen}),
+            "world": self.world,
             "config": self.cfg.to_dict(),
         }
 
+    def state_dict(self) -> dict:
+        return {**ckpt.training_state(self.model, self.optimizer), **self.meta()}
+
     def _resume(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path)
-        ckpt.check_architecture(state.get("config"), self.cfg.model, path)
-        ckpt.load_model_state(self.model, ckpt.model_state_from(state, path), path)
-        for key in ("optimizer", "step", "data", "rng"):
-            if key not in state:
+        meta = ckpt.load_training_checkpoint(path, self.model, self.optimizer, self.cfg.model)
+        for key in ("step", "data", "rng"):
+            if key not in meta:
                 raise ckpt.CheckpointError(f"{path} is not a training checkpoint (no {key!r}); "
                                            "to start from weights only, use a new run directory")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        self.micro_batch = int(state["data"]["micro_batch"])
-        ckpt.restore_rng(state["rng"], {"mask": self.mask_gen})
-        self.log(f"resumed from {path} at step {self.step} (epoch {state['data']['epoch']})")
+        self.step = int(meta["step"])
+        per_micro = self.cfg.train.batch_size * self.world
+        seen = int(meta["data"].get("samples_seen", meta["data"]["micro_batch"] * per_micro))
+        self.micro_batch = seen // per_micro
+        if seen % per_micro and self.is_main:
+            self.log(f"warning: {seen} samples seen is not a whole number of global micro-batches of {per_micro}; "
+                     f"resuming at sample {self.micro_batch * per_micro}")
+        ckpt.restore_rng(meta["rng"], {"mask": self.mask_gen})
+        if self.is_main:
+            self.log(f"resumed from {path} at step {self.step} (epoch {meta['data']['epoch']}"
+                     + (f", saved on {meta['world']} rank(s)" if meta.get("world", 1) != self.world else "") + ")")
 
     def save(self) -> Path:
-        return ckpt.save_checkpoint(self.run_dir, self.step, self.state_dict(), self.cfg.train.keep_last)
+        return ckpt.save_training_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.meta(),
+                                             self.cfg.train.keep_last, sharded=self.ctx.distributed,
+                                             is_main=self.is_main)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -139,7 +153,7 @@ class Trainer:
                 f"device {self.device}, precision {self.amp_dtype or torch.float32}, data {self.loader.name} "
                 f"({self.loader.batches_per_epoch} micro-batches/epoch/rank)\n"
                 f"effective batch {self.effective_batch} = {t.batch_size} per device x {t.accum_steps} accumulation "
-                f"x {self.world} rank(s); lr {self.lr:.3g} "
+                f"x {self.world} rank(s)" + (" (FSDP2)" if self.ctx.distributed else "") + f"; lr {self.lr:.3g} "
                 + (f"(absolute)" if self.cfg.optim.lr > 0 else
                    f"= base {self.cfg.optim.base_lr:g} x {self.effective_batch}/256")
                 + f"\n{self.total_steps} steps ({t.epochs} epochs x {self.steps_per_epoch}), warm-up "
@@ -152,25 +166,32 @@ class Trainer:
         t, m = self.cfg.train, self.cfg.model
         set_lr(self.optimizer, lr_at(self.step, self.total_steps, self.warmup_steps, self.lr, self.cfg.optim.min_lr))
         step_loss = torch.zeros((), device=self.device)
-        for _ in range(t.accum_steps):
+        fsdp = parallel.is_fsdp(self.model)
+        for micro in range(t.accum_steps):
             imgs = next(stream)
             self.micro_batch += 1
-            noise = torch.rand(imgs.shape[0], m.num_patches, generator=self.mask_gen, device=self.device)
+            b = imgs.shape[0]
+            noise = torch.rand(b * self.world, m.num_patches, generator=self.mask_gen, device=self.device)
+            noise = noise[self.rank * b:(self.rank + 1) * b]
+            if fsdp:  # reduce-scatter gradients only on the last micro-batch
+                self.model.set_requires_gradient_sync(micro == t.accum_steps - 1)
             with self.autocast():
                 loss, _, _ = self.model(imgs, m.mask_ratio, noise)
             (loss / t.accum_steps).backward()
             step_loss += loss.detach()
         step_loss /= t.accum_steps
-        finite = torch.isfinite(step_loss)
+        bad = (~torch.isfinite(step_loss)).to(torch.float32)
+        parallel.all_reduce_(bad, "max")  # every rank skips together (async on NCCL: no host sync)
+        _inject_fault(self.rank, self.step + 1)
         if supports_found_inf(self.optimizer):
             # the fused optimizer reads found_inf on the device and skips the whole update when it is 1
-            self.optimizer.found_inf = (~finite).to(torch.float32)
+            self.optimizer.found_inf = bad
             self.optimizer.step()
-        elif finite.item():  # note: a host sync, only for optimizers that cannot skip on the device
+        elif bad.item() == 0:  # note: a host sync, only for optimizers that cannot skip on the device
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return step_loss, finite
+        return step_loss, bad == 0
 
     def fit(self) -> TrainResult:
         t = self.cfg.train
@@ -193,7 +214,7 @@ class Trainer:
         t_log, steps_since, imgs_per_step = time.perf_counter(), 0, self.effective_batch // self.world
         try:
             while self.step < self.stop_at:
-                if vis_imgs is None and self.is_main:
+                if vis_imgs is None:
                     vis_imgs = self._peek_vis_batch(stream)
                     stream = _chain_first(vis_imgs[1], stream)
                     vis_imgs = vis_imgs[0]
@@ -211,8 +232,10 @@ class Trainer:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     dt = time.perf_counter() - t_log
-                    ng, sk, worst = int(n_good.item()), int(skipped.item()), int(worst_run.item())
-                    last_loss = loss_sum.item() / ng if ng else float("nan")
+                    stats = torch.stack([loss_sum, n_good])
+                    parallel.all_reduce_(stats)  # mean over ranks; skips are global already
+                    ng, sk, worst = int(stats[1].item()), int(skipped.item()), int(worst_run.item())
+                    last_loss = stats[0].item() / ng if ng else float("nan")
                     ips = steps_since * imgs_per_step * self.world / dt
                     lr = self.optimizer.param_groups[0]["lr"]
                     rec = dict(epoch=round(self.step / self.steps_per_epoch, 3), loss=last_loss, lr=lr,
@@ -223,9 +246,9 @@ class Trainer:
                     writer.log(self.step, **rec)
                     if bar is not None:
                         bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
-                    else:
+                    elif self.is_main:
                         say(f"step {self.step}/{self.stop_at} loss {last_loss:.4f} lr {lr:.3e} {ips:.1f} img/s")
-                    if sk:
+                    if sk and self.is_main:
                         say(f"warning: skipped {sk} step(s) with a non-finite loss before step {self.step} "
                             f"(longest run {worst}); parameters were not updated on those steps")
                     if worst >= t.max_bad_steps:
@@ -236,10 +259,9 @@ class Trainer:
                     loss_sum.zero_(), n_good.zero_(), skipped.zero_(), worst_run.copy_(bad_run)
                     t_log, steps_since = time.perf_counter(), 0
                 if self.step % t.ckpt_every == 0 or self.step == self.stop_at:
-                    if self.is_main:
-                        last_ckpt = self.save()
+                    last_ckpt = self.save()
                     t_log = time.perf_counter()  # do not count the save in the throughput
-                if self.is_main and vis_imgs is not None and (
+                if vis_imgs is not None and (
                         (t.vis_every and self.step % t.vis_every == 0) or self.step == self.stop_at):
                     self.write_reconstruction(vis_imgs)
                     t_log = time.perf_counter()
@@ -256,10 +278,20 @@ class Trainer:
     def write_reconstruction(self, imgs: torch.Tensor) -> Path:
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 4242)
         noise = torch.rand(imgs.shape[0], self.cfg.model.num_patches, generator=gen, device=self.device)
-        with self.autocast():
+        with self.autocast():  # every rank runs the forward (FSDP gathers weights collectively); rank 0 writes
             grid = reconstruction_grid(self.model, imgs, self.cfg.data.mean, self.cfg.data.std,
                                        self.cfg.model.mask_ratio, noise, scale=max(1, 128 // self.cfg.model.img_size))
-        return save_grid(grid, self.run_dir / "recon" / f"step_{self.step:08d}.png")
+        path = self.run_dir / "recon" / f"step_{self.step:08d}.png"
+        return save_grid(grid, path) if self.is_main else path
+
+
+def _inject_fault(rank: int, step: int) -> None:
+    """Fault injection for crash-handling tests: MAE_FAULT_STEP=S (and MAE_FAULT_RANK=R) raise on that step."""
+    import os
+
+    fs = os.environ.get("MAE_FAULT_STEP")
+    if fs and int(fs) == step and int(os.environ.get("MAE_FAULT_RANK", "0")) == rank:
+        raise RuntimeError(f"injected fault (MAE_FAULT_STEP={fs}) on rank {rank} at step {step}")
 
 
 def _chain_first(first, stream):

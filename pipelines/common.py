@@ -117,28 +117,30 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
 class EpochPlan:
     """Which samples each rank sees in which micro-batch, as a pure function of (seed, epoch).
 
-    Every epoch is a fresh permutation of `num_samples` (= files x repeat), split evenly over ranks
-    (the remainder dropped so every rank has the same number of batches), then cut into batches.
-    A global micro-batch counter g maps to (epoch, batch) = divmod(g, batches_per_epoch).
+    Every epoch is a fresh permutation of `num_samples` (= files x repeat) cut into global micro-batches
+    of batch_size x world samples (the remainder dropped, so every rank has the same number of batches);
+    rank r takes rows [r * batch_size, (r + 1) * batch_size) of each. A global micro-batch therefore holds
+    the same samples whatever the world size, and a counter g maps to (epoch, batch) = divmod(g, batches).
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} out of range for world size {world}")
         self.num_samples, self.batch_size, self.seed, self.rank, self.world = num_samples, batch_size, seed, rank, world
-        per_rank = num_samples // world
-        self.batches_per_epoch = per_rank // batch_size
+        self.batches_per_epoch = num_samples // (batch_size * world)
         if self.batches_per_epoch < 1:
             raise DataError(f"{num_samples} samples per epoch cannot fill one batch of {batch_size} on each of "
                             f"{world} rank(s); lower train.batch_size or raise data.repeat")
 
     def epoch_indices(self, epoch: int) -> list[int]:
+        """This rank's samples of `epoch`, in batch order."""
         import torch
 
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         perm = torch.randperm(self.num_samples, generator=g)
-        per_rank = self.num_samples // self.world
-        return perm[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()
+        gb = self.batch_size * self.world
+        perm = perm[:self.batches_per_epoch * gb].view(self.batches_per_epoch, self.world, self.batch_size)
+        return perm[:, self.rank].reshape(-1).tolist()
 
     def batches(self, start: int = 0):
         """Yield [(epoch, sample_index), ...] batches forever from global micro-batch `start`."""

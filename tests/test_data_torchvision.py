@@ -76,6 +76,11 @@ def test_augmentation_normalised_and_deterministic():
 def test_epoch_plan_shards_evenly_and_resumes():
     plans = [EpochPlan(103, 4, seed=1, rank=r, world=3) for r in range(3)]
     assert all(p.batches_per_epoch == 8 for p in plans)
+    # a global micro-batch holds the same samples whatever the world size
+    one = EpochPlan(103, 12, seed=1)
+    g = next_n(one.batches(0), 3)
+    for j in range(3):
+        assert sum((next_n(p.batches(j), 1)[0] for p in plans), []) == g[j]
     seen = [set(i for _, i in sum((next_n(p.batches(0), 8)), [])) for p in plans]
     assert not (seen[0] & seen[1]) and not (seen[1] & seen[2])
     full = next_n(plans[0].batches(0), 20)

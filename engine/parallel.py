@@ -1,0 +1,157 @@
+"""Parallelism applied to a finished model from outside: activation checkpointing, then regional
+torch.compile, then FSDP2 `fully_shard` per block, then the root; plus process-group set-up for torchrun.
+
+The model is built on the meta device and materialised after sharding, so ViT-H and larger never exist
+whole in fp32 on one rank: each parameter's initial value is computed alone and only this rank's shard
+is kept. The model file knows nothing of torch.distributed; everything distributed lives here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .config import Config
+from .model import MaskedAutoencoderViT, build_model
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    distributed: bool = False
+    """True under torchrun (any world size): FSDP2 and sharded (DCP) checkpoints."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def init_distributed(device_pref: str = "auto", timeout_s: int = 600) -> tuple[DistContext, torch.device]:
+    """Initialise the default process group from torchrun's environment (nccl on CUDA, gloo on CPU)."""
+    from .trainer import resolve_device
+
+    if not launched_by_torchrun():
+        return DistContext(), resolve_device(device_pref)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    device = resolve_device(device_pref)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kw = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kw)
+    return DistContext(rank, world, local, True), device
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def apply_activation_checkpointing(model: MaskedAutoencoderViT) -> None:
+    """Recompute every encoder and decoder block in backward (parameter names unchanged)."""
+    model.grad_checkpointing = True
+
+
+def apply_regional_compile(model: MaskedAutoencoderViT) -> None:
+    """torch.compile each block in place: one compiled block reused by every layer of that shape, not a
+    whole-model graph (a 32-block encoder compiles one block)."""
+    for blk in list(model.blocks) + list(model.decoder_blocks):
+        blk.compile()
+
+
+def apply_fsdp(model: MaskedAutoencoderViT, param_dtype: torch.dtype | None, reshard_after_forward: bool = True):
+    """fully_shard every encoder and decoder block, then the root.
+
+    param_dtype=bfloat16 gives MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): blocks compute
+    with bf16 weights gathered once per step, gradients are reduced in fp32 into fp32 master shards.
+    The root does not cast its inputs (images stay fp32 for the loss target; the noise stays fp32).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else \
+        MixedPrecisionPolicy()
+    root_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
+                                   cast_forward_inputs=False) if param_dtype else MixedPrecisionPolicy(
+        cast_forward_inputs=False)
+    for blk in list(model.blocks) + list(model.decoder_blocks):
+        fully_shard(blk, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mp_policy=root_mp, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+@torch.no_grad()
+def materialize(model: MaskedAutoencoderViT, device: torch.device, seed: int) -> None:
+    """Allocate a meta-built (possibly sharded) model on `device` and give every parameter its initial
+    value; for a DTensor only this rank's shard is written (no communication, no full-model tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    model.to_empty(device=device)
+    for name, p in model.named_parameters():
+        full = model.initial_value(name, tuple(p.shape), seed)
+        if isinstance(p, DTensor):
+            p.copy_(_distribute_local(full.to(device=device, dtype=p.dtype), p))
+        else:
+            p.copy_(full.to(p.dtype))
+
+
+def _distribute_local(full: torch.Tensor, like):
+    """`full` (identical on every rank) as a DTensor with `like`'s mesh and placements, split locally."""
+    from torch.distributed.tensor import distribute_tensor
+
+    try:
+        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+    except TypeError:  # older torch without src_data_rank: scatters from rank 0 (same values everywhere)
+        return distribute_tensor(full, like.device_mesh, like.placements)
+
+
+def build_parallel_model(cfg: Config, ctx: DistContext, device: torch.device) -> nn.Module:
+    """Meta build -> activation checkpointing -> regional compile -> FSDP2 (under torchrun) -> materialise."""
+    t = cfg.train
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    if t.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if t.compile:
+        apply_regional_compile(model)
+    if ctx.distributed:
+        from .trainer import resolve_dtype
+
+        apply_fsdp(model, resolve_dtype(t.precision, device))
+    materialize(model, device, t.seed)
+    return model
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce when a process group is up (no host sync on NCCL); identity otherwise."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
