@@ -102,13 +102,14 @@ class StepRunner:
     """Times full training steps of one model on synthetic on-device input (or a loader's stream)."""
 
     def __init__(self, m: ModelConfig, mode: str, batch: int, device, mask_ratio: float = 0.75,
-                 amp: bool | None = None, compile: bool = False, stream=None, num_classes: int = 1000, seed: int = 0):
+                 amp: bool | None = None, compile: bool = False, stream=None, num_classes: int = 1000, seed: int = 0,
+                 model: torch.nn.Module | None = None):
         self.t_build = time.perf_counter()
         self.device = torch.device(device)
         self.m, self.mode, self.batch, self.mask_ratio = m, mode, batch, mask_ratio
         self.amp = (self.device.type == "cuda") if amp is None else amp
         torch.manual_seed(seed)
-        self.model = build_for_mode(m, mode, self.device, num_classes)
+        self.model = model if model is not None else build_for_mode(m, mode, self.device, num_classes)
         if compile:
             self.model = torch.compile(self.model)
         from engine.config import OptimConfig

@@ -136,3 +136,18 @@ def test_profile_writes_table_and_trace(tmp_path):
     md = next(tmp_path.glob("profile_debug_cpu_*.md")).read_text()
     assert "Top 5 ops by self time" in md and "aten::" in md
     assert any((tmp_path / "tr").glob("trace_*.json"))
+
+
+def test_fsdp_benchmark_cpu_smoke(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "benchmarks.fsdp", "--preset", "debug", "--batch", "8",
+                        "--memory-batches", "8", "--reps", "2", "--warmup", "1", "--device", "cpu",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    md = next(tmp_path.glob("fsdp_cpu_*.md")).read_text()
+    assert "FSDP2 cost vs the better single-device run" in md and "all-gather" in md
+    data = json.loads(next(tmp_path.glob("fsdp_cpu_*.json")).read_text())
+    assert [r["fsdp"] for r in data["comparison"]] == [False, True, False]
+    assert all(r["status"] == "ok" for r in data["comparison"] + data["memory"])

@@ -1,0 +1,156 @@
+"""Single-GPU FSDP2 checks: FSDP2 (world size 1, bf16 MixedPrecisionPolicy) against plain single-device
+training at the same batch, and peak memory against batch with and without activation checkpointing.
+Adds a computed estimate of FSDP's collective volume per step and the interconnect it needs to scale.
+
+    PYTHONPATH=. python3 -m benchmarks.fsdp --out benchmarks/results      # one GPU; no torchrun needed
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from engine.config import get_preset
+
+from .common import RESULTS, device_tag, env_block, environment, md_table, today, write_json
+from .step import StepRunner
+
+
+def ensure_process_group(device: torch.device) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    kw = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kw)
+
+
+def build(preset: str, device, fsdp: bool, ac: bool):
+    from engine.parallel import DistContext, build_parallel_model
+
+    cfg = get_preset(preset)
+    cfg.train.activation_checkpointing = ac
+    cfg.train.precision = "bf16" if device.type == "cuda" else "fp32"
+    return cfg, build_parallel_model(cfg, DistContext(distributed=fsdp), device)
+
+
+def measure(preset, batch, device, fsdp, ac, warmup, reps) -> dict:
+    row = {"model": preset, "batch": batch, "fsdp": fsdp, "act_ckpt": ac}
+    runner = None
+    try:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        cfg, model = build(preset, device, fsdp, ac)
+        runner = StepRunner(cfg.model, "mae", batch, device, 0.75, model=model)
+        st = runner.run(warmup=warmup, reps=reps)
+        row.update(status="ok", img_per_s=round(batch / (st.step_ms / 1000), 1), step_ms=round(st.step_ms, 2))
+        if device.type == "cuda":
+            row["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    except torch.cuda.OutOfMemoryError:
+        row["status"] = "OOM"
+    finally:
+        del runner
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(row, flush=True)
+    return row
+
+
+def comm_estimate(preset: str, world: int, step_s: float | None) -> list[str]:
+    """Bytes each GPU moves per step under FSDP2 (ring collectives) and the bandwidth that hides them."""
+    from engine.model import build_model
+
+    with torch.device("meta"):
+        n = sum(p.numel() for p in build_model(get_preset(preset).model).parameters() if p.requires_grad)
+    frac = (world - 1) / world
+    ag = 2 * 2 * n * frac  # bf16 all-gather in forward and again in backward (reshard_after_forward)
+    rs = 4 * n * frac  # fp32 reduce-scatter of gradients
+    tot = ag + rs
+    lines = [f"- trainable parameters: {n / 1e6:.0f} M; per GPU per step at world size {world}: "
+             f"all-gather {ag / 1e9:.2f} GB (bf16, forward + backward) + reduce-scatter {rs / 1e9:.2f} GB (fp32) "
+             f"= {tot / 1e9:.2f} GB"]
+    if step_s:
+        lines += [f"- at the measured single-GPU step of {step_s * 1000:.0f} ms: fully overlapped, the collectives need "
+                  f"{tot / step_s / 1e9:.0f} GB/s per GPU; with no overlap at all, keeping scaling above 90% "
+                  f"(exposed communication <= 10% of the step) needs {tot / (0.1 * step_s) / 1e9:.0f} GB/s per GPU"]
+        for link, bw in (("NVLink 4 within an H100 SXM node, ~450 GB/s per direction", 450e9),
+                         ("400 Gb/s InfiniBand per GPU across nodes, ~50 GB/s", 50e9)):
+            t_comm = tot / bw
+            lines.append(f"- {link}: the collectives take {t_comm * 1000:.1f} ms per step, "
+                         f"{t_comm / step_s * 100:.0f}% of the step; scaling stays above 90% "
+                         + ("even without overlap" if t_comm <= 0.1 * step_s else
+                            "only if FSDP2's prefetch hides at least "
+                            f"{(1 - 0.1 * step_s / t_comm) * 100:.0f}% of it behind compute"
+                            + ("" if t_comm < step_s else " (impossible: communication outlasts the step; "
+                               "raise the per-GPU batch)")))
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="mae bench fsdp", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="mae_vit_huge_patch14")
+    ap.add_argument("--batch", type=int, default=128, help="batch of the FSDP vs single-device comparison")
+    ap.add_argument("--memory-batches", default="256,512,1024", help="batches of the memory table")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ensure_process_group(device)
+    env = environment(device)
+    single = measure(args.preset, args.batch, device, False, False, args.warmup, args.reps)
+    fsdp = measure(args.preset, args.batch, device, True, False, args.warmup, args.reps)
+    single2 = measure(args.preset, args.batch, device, False, False, args.warmup, args.reps)  # rerun baseline
+    rows = [single, fsdp, single2]
+    mem = []
+    for b in [int(x) for x in args.memory_batches.split(",") if x]:
+        for ac in (False, True):
+            mem.append(measure(args.preset, b, device, True, ac, 2, 3))
+    base = max((r.get("img_per_s", 0) for r in (single, single2)), default=0)
+    cost = (1 - fsdp["img_per_s"] / base) if base and fsdp.get("img_per_s") else None
+    step_s = (fsdp.get("step_ms") or 0) / 1000 or None
+    tag = f"fsdp_{device_tag(env)}_{today()}"
+    out = Path(args.out)
+    write_json({"environment": env, "comparison": rows, "memory": mem, "fsdp_cost": cost}, out / f"{tag}.json")
+    lines = [f"# FSDP2 on one device: {args.preset} ({env.get('device')}, {env['date']})", "", env_block(env), "",
+             "MAE training step (mask 0.75, synthetic input, fused AdamW); FSDP2 with "
+             "MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) plus autocast; single device with bf16 "
+             "autocast over fp32 weights. Single device measured before and after FSDP (baseline rerun).", "",
+             md_table(rows, ["model", "batch", "fsdp", "act_ckpt", "status", "img_per_s", "step_ms", "peak_alloc_gib"]),
+             "", f"FSDP2 cost vs the better single-device run: {cost * 100:.1f}% (target <= 5%)" if cost is not None
+             else "FSDP2 cost: not measured", "", "## Peak memory vs batch (FSDP2 + bf16)", "",
+             md_table(mem, ["model", "batch", "act_ckpt", "status", "img_per_s", "peak_alloc_gib"]), "",
+             "## Multi-GPU communication estimate (computed, not measured: one GPU here)", ""]
+    lines += comm_estimate(args.preset, 8, step_s)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{tag}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / (tag + '.md')}")
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
