@@ -113,6 +113,8 @@ class DataConfig:
     """Per-channel normalisation mean."""
     std: tuple[float, float, float] = IMAGENET_STD
     """Per-channel normalisation std."""
+    dtype: str = "float32"
+    """Batch dtype handed to the model: float32, or bfloat16 to halve the copy (the loss target is then bf16)."""
     repeat: int = 0
     """Times the file list is repeated per epoch; 0 = 1 for a directory, enough for 256 samples when embedded."""
     quarantine: str = ""
@@ -125,6 +127,7 @@ class DataConfig:
         self.std = tuple(float(s) for s in self.std)
         _check(self.backend in ("auto", "dali", "torchvision", "synthetic"),
                f"data.backend must be auto, dali, torchvision or synthetic, got {self.backend!r}")
+        _check(self.dtype in ("float32", "bfloat16"), f"data.dtype must be float32 or bfloat16, got {self.dtype!r}")
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _check(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1,
                f"data.scale must be (lo, hi) with 0 < lo <= hi <= 1, got {self.scale}")

@@ -110,9 +110,23 @@ class Trainer:
                      "samples_seen": self.micro_batch * t.batch_size * self.world},
             "schedule": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps, "lr": self.lr},
             "rng": ckpt.capture_rng({"mask": self.mask_gen}),
+            "loader": self._loader_states(),
             "world": self.world,
             "config": self.cfg.to_dict(),
         }
+
+    def _loader_states(self) -> list | None:
+        """Every rank's loader state (DALI's pipeline checkpoint), gathered for rank 0's meta."""
+        if not hasattr(self.loader, "state_dict"):
+            return None
+        mine = self.loader.state_dict()
+        if self.ctx.distributed and self.world > 1:
+            import torch.distributed as dist
+
+            states = [None] * self.world
+            dist.all_gather_object(states, mine)
+            return states
+        return [mine]
 
     def state_dict(self) -> dict:
         return {**ckpt.training_state(self.model, self.optimizer), **self.meta()}
@@ -131,6 +145,9 @@ class Trainer:
             self.log(f"warning: {seen} samples seen is not a whole number of global micro-batches of {per_micro}; "
                      f"resuming at sample {self.micro_batch * per_micro}")
         ckpt.restore_rng(meta["rng"], {"mask": self.mask_gen})
+        states = meta.get("loader")
+        if states and len(states) == self.world and hasattr(self.loader, "load_state_dict"):
+            self.loader.load_state_dict(states[self.rank])
         if self.is_main:
             self.log(f"resumed from {path} at step {self.step} (epoch {meta['data']['epoch']}"
                      + (f", saved on {meta['world']} rank(s)" if meta.get("world", 1) != self.world else "") + ")")

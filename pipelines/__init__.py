@@ -31,7 +31,9 @@ def build_loader(data_cfg, img_size: int, batch_size: int, device, seed: int, ra
     if backend == "synthetic":
         from .synthetic import SyntheticLoader
 
-        return SyntheticLoader(img_size, batch_size, seed + rank, device, in_chans)
+        import torch
+
+        return SyntheticLoader(img_size, batch_size, seed + rank, device, in_chans, dtype=getattr(torch, data_cfg.dtype))
     files, repeat, skipped = resolve_files(data_cfg)
     if skipped and not quiet:
         shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
@@ -42,7 +44,8 @@ def build_loader(data_cfg, img_size: int, batch_size: int, device, seed: int, ra
     if backend == "dali" or (backend == "auto" and dali_available() and _dali_implemented()):
         from .dali import DaliLoader
 
-        return DaliLoader(files, repeat, img_size, batch_size, data_cfg, seed, device, rank, world)
+        return DaliLoader(files, repeat, img_size, batch_size, data_cfg, seed, device, rank, world,
+                          out_dtype=data_cfg.dtype)
     from .torchvision import TorchvisionLoader
 
     return TorchvisionLoader(files, repeat, img_size, batch_size, data_cfg, seed, device, rank, world)

@@ -81,6 +81,7 @@ class TorchvisionLoader:
         self.batches_per_epoch = self.plan.batches_per_epoch
         self.device = torch.device(device)
         self.num_workers = data_cfg.num_workers
+        self.dtype = getattr(torch, data_cfg.dtype)
 
     def stream(self, start: int = 0):
         """Batches [B, C, H, W] fp32 on the device, forever, from global micro-batch `start`."""
@@ -89,4 +90,4 @@ class TorchvisionLoader:
             pin_memory=self.device.type == "cuda", persistent_workers=False,
             prefetch_factor=4 if self.num_workers else None)
         for imgs in dl:
-            yield imgs.to(self.device, non_blocking=True)
+            yield imgs.to(self.dtype).to(self.device, non_blocking=True)  # cast first: a bf16 copy is half

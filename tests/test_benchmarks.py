@@ -151,3 +151,17 @@ def test_fsdp_benchmark_cpu_smoke(tmp_path):
     data = json.loads(next(tmp_path.glob("fsdp_cpu_*.json")).read_text())
     assert [r["fsdp"] for r in data["comparison"]] == [False, True, False]
     assert all(r["status"] == "ok" for r in data["comparison"] + data["memory"])
+
+
+def test_loader_benchmark_cpu_smoke(tmp_path):
+    from benchmarks import loader
+    from pipelines import dali_available
+
+    backends = "torchvision,dali-cpu" if dali_available() else "torchvision"
+    assert loader.main(["--files", "40", "--files-dir", str(tmp_path / "jpegs"), "--backends", backends,
+                        "--batch", "8", "--workers", "1", "--img-size", "64", "--batches", "2",
+                        "--device", "cpu", "--out", str(tmp_path)]) == 0
+    data = json.loads(next(tmp_path.glob("loader_cpu_*.json")).read_text())
+    assert data["files"] == 40 and 80 < data["mean_kb"] < 150  # ImageNet-like file sizes
+    assert all(r["status"] == "ok" and r["img_per_s"] > 0 for r in data["loader"])
+    assert "Targets" in next(tmp_path.glob("loader_cpu_*.md")).read_text()

@@ -1,0 +1,52 @@
+"""`mae data check DIR`: registered with the `mae` command."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+
+def cmd_data_check(args, extra) -> int:
+    from pipelines.check import MAX_PIXELS, default_quarantine_path, scan, write_quarantine
+
+    findings = scan(args.dir, workers=args.workers, max_pixels=args.max_pixels or MAX_PIXELS,
+                    decode=not args.fast)
+    counts = Counter(f.kind for f in findings)
+    bad = [f for f in findings if f.bad or (args.strict and f.kind in ("grayscale", "png"))]
+    print(f"checked {len(findings)} file(s) in {args.dir}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    for f in findings:
+        if f.kind != "ok" and (f.bad or args.verbose or args.strict):
+            print(f"  {'BAD ' if f in bad else 'note'} {f.kind:15s} {f.path}: {f.detail}")
+    notes = sum(1 for f in findings if f.kind in ("grayscale", "png")) if not args.strict else 0
+    if notes and not args.verbose:
+        print(f"  ({notes} grayscale/PNG file(s) decode fine in both backends; --verbose lists them, "
+              "--strict quarantines them)")
+    out = args.out or default_quarantine_path(args.dir)
+    n = write_quarantine(findings, out, strict=args.strict)
+    if n:
+        print(f"wrote quarantine list {out} ({n} file(s)); both backends skip them "
+              + ("automatically" if not args.out else f"with --data.quarantine {out}"))
+        return 1
+    print(f"no bad files; wrote an empty quarantine list {out}")
+    return 0
+
+
+def register(sub) -> None:
+    d = sub.add_parser("data", help="data tools: `mae data check DIR`")
+    dsub = d.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    c = dsub.add_parser("check", help="find undecodable, CMYK, mislabelled, huge or empty images; write a "
+                                      "quarantine list; exit 1 when any")
+    c.add_argument("dir")
+    c.add_argument("--out", default="", help="quarantine list path (default DIR/.mae_quarantine.txt)")
+    c.add_argument("--workers", type=int, default=0)
+    c.add_argument("--max-pixels", type=int, default=0, help="largest image accepted (default PIL's 89.5 MP)")
+    c.add_argument("--fast", action="store_true", help="headers only, no full decode (misses truncation)")
+    c.add_argument("--strict", action="store_true", help="also quarantine grayscale images and PNGs")
+    c.add_argument("--verbose", action="store_true")
+    c.set_defaults(func=cmd_data_check)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from .cli import main
+
+    sys.exit(main(["data", *sys.argv[1:]]))

@@ -1,0 +1,189 @@
+"""DALI backend: decode and MAE augmentation on the GPU (nvJPEG through `device="mixed"`, the hardware
+JPEG decoder where the GPU has one), handed to torch without a host round trip; the same pipeline runs
+CPU-only (`device_id=None`, CPU decoders) on machines without a GPU, which is how CI tests it.
+
+Augmentation (kept apart from the reader, as in DALI's examples): image_random_crop with the paper's area
+(0.2, 1.0) and aspect (3/4, 4/3), cubic resize to the model's size, random horizontal flip and the
+configured mean/std fused in crop_mirror_normalize, NCHW output in fp32 (or bf16).
+
+Reader: fn.readers.file over the file list (pre-shuffled once with the run's seed, so contiguous shards
+are random subsets), sharded by rank with random_shuffle and pad_last_batch; the iterator drops the last
+partial batch, so every rank runs the same number of batches. Augmentation seeds differ per rank.
+Resume: the pipeline is built with checkpointing on, the iterator's checkpoint (which accounts for
+prefetched batches) is saved with the training state, and a run restored with the same world size
+continues with the next unseen batch; without a usable checkpoint the loader replays the epoch's batches.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+
+import torch
+
+from .common import DataError
+
+
+def _dali():
+    try:
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+    except ImportError as e:  # pragma: no cover - checked by build_loader
+        raise DataError("DALI is not importable; install nvidia-dali-cuda130 or use --data.backend torchvision") from e
+    return fn, pipeline_def, types, LastBatchPolicy, DALIGenericIterator
+
+
+def random_crop_decode(fn, types, encoded, scale, ratio, decode_device):
+    """Decode only a random crop of area `scale` x image and aspect in `ratio` (RandomResizedCrop's draw)."""
+    return fn.decoders.image_random_crop(encoded, device=decode_device, output_type=types.RGB,
+                                         random_area=list(scale), random_aspect_ratio=list(ratio), num_attempts=10)
+
+
+def augment(fn, types, encoded, img_size, scale, ratio, hflip, mean, std, decode_device, out_dtype,
+            deterministic=False):
+    """Decode + RandomResizedCrop + flip + normalise; encoded bytes in, CHW normalised out."""
+    if deterministic:  # full image, plain resize, no flip (parity tests)
+        images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
+        mirror = 0
+    else:
+        images = random_crop_decode(fn, types, encoded, scale, ratio, decode_device)
+        mirror = fn.random.coin_flip(probability=hflip)
+    images = fn.resize(images, resize_x=img_size, resize_y=img_size, interp_type=types.INTERP_CUBIC,
+                       antialias=True)
+    return fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout="CHW",
+                                    mean=[255.0 * m for m in mean], std=[255.0 * s for s in std], mirror=mirror)
+
+
+class DaliLoader:
+    name = "dali"
+
+    def __init__(self, files, repeat, img_size, batch_size, data_cfg, seed, device, rank=0, world=1,
+                 num_threads: int | None = None, deterministic=False, out_dtype: str = "float32"):
+        fn, pipeline_def, types, LastBatchPolicy, DALIGenericIterator = _dali()
+        self.device = torch.device(device)
+        gpu = self.device.type == "cuda"
+        self.files = list(files) * max(1, repeat)
+        random.Random(seed).shuffle(self.files)  # contiguous shards become random subsets
+        self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
+        self.num_samples = len(self.files)
+        per_shard = -(-self.num_samples // world)  # pad_last_batch: every shard counts ceil(n / world)
+        self.batches_per_epoch = per_shard // batch_size
+        if self.batches_per_epoch < 1:
+            raise DataError(f"{self.num_samples} samples cannot fill one batch of {batch_size} on each of {world} "
+                            "rank(s); lower train.batch_size or raise data.repeat")
+        self._types = types
+        dali_dtype = {"float32": types.FLOAT, "float16": types.FLOAT16}.get(
+            "float16" if out_dtype == "bfloat16" else out_dtype)
+        self.out_dtype = getattr(torch, out_dtype)
+        device_id = (self.device.index or 0) if gpu else None
+        threads = num_threads or max(1, min(16, data_cfg.num_workers or 2))
+
+        @pipeline_def(enable_checkpointing=True)
+        def mae_pipeline():
+            encoded, _ = fn.readers.file(files=self.files, shard_id=rank, num_shards=world, random_shuffle=True,
+                                         pad_last_batch=True, seed=seed, name="Reader")
+            return augment(fn, types, encoded, img_size, data_cfg.scale, data_cfg.ratio, data_cfg.hflip,
+                           data_cfg.mean, data_cfg.std, "mixed" if gpu else "cpu", dali_dtype, deterministic)
+
+        def make_pipe(checkpoint=None):
+            return mae_pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id,
+                                seed=seed * 1000 + 7 * rank + 1, prefetch_queue_depth=2, checkpoint=checkpoint)
+
+        self._make_pipe = make_pipe
+        self._iter_cls, self._policy = DALIGenericIterator, LastBatchPolicy
+        self._checkpoint: str | None = None
+        self._it = None
+
+    # -- resume --------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The iterator's DALI checkpoint (consumed batches only), for the training checkpoint."""
+        if self._it is None:
+            return {"dali": self._checkpoint, "world": self.world}
+        return {"dali": self._it.checkpoints()[0], "world": self.world}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state and state.get("world") == self.world and state.get("dali"):
+            self._checkpoint = state["dali"]
+
+    # -- iteration -----------------------------------------------------------------------------------------
+
+    def _build(self):
+        pipe = self._make_pipe(self._checkpoint)
+        pipe.build()
+        return self._iter_cls([pipe], ["images"], reader_name="Reader", auto_reset=True,
+                              last_batch_policy=self._policy.DROP)
+
+    def stream(self, start: int = 0):
+        """Batches [B, C, H, W] on the device, forever; resumes from the DALI checkpoint when one was loaded,
+        else replays `start` batches (read and dropped) to reach the same position."""
+        restored = self._checkpoint is not None
+        try:
+            self._it = self._build()  # the iterator runs the pipeline ahead: decode errors can surface here
+        except RuntimeError as e:
+            raise _decode_error(e, self.files) from None
+        skip = 0 if restored else start
+        if skip:
+            print(f"note: DALI loader replays {skip} batch(es) to reach the resume position", file=sys.stderr)
+        while True:
+            for out in _named_errors(self._it, self.files):
+                if skip:
+                    skip -= 1
+                    continue
+                imgs = out[0]["images"]
+                if imgs.device != self.device:
+                    imgs = imgs.to(self.device, non_blocking=True)
+                if self.out_dtype != imgs.dtype:
+                    imgs = imgs.to(self.out_dtype)
+                yield imgs
+
+
+def _named_errors(it, files):
+    """Iterate a DALI iterator; a decode failure becomes a DataError naming the culprit files."""
+    while True:
+        try:
+            out = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            raise _decode_error(e, files) from None
+        yield out
+
+
+def _decode_error(e: RuntimeError, files, max_scan: int = 200_000) -> DataError:
+    """DALI's decoder errors seldom name the file: find the likely culprits with a quick header check."""
+    from .check import check_file
+
+    msg = str(e)
+    first = next((ln.strip() for ln in msg.splitlines() if "failure" in ln or "rror" in ln),
+                 msg.splitlines()[0] if msg else type(e).__name__)
+    suspects = []
+    for f in dict.fromkeys(files[:max_scan]):
+        finding = check_file(f, decode=False)
+        if finding.bad:
+            suspects.append(f"{f} ({finding.kind}: {finding.detail})")
+    named = ("; files that cannot be decoded: " + ", ".join(suspects[:5])
+             + (f" and {len(suspects) - 5} more" if len(suspects) > 5 else "")) if suspects else ""
+    return DataError(f"DALI could not decode an image ({first[:200]}){named}. Run `mae data check DIR`: it writes "
+                     "a quarantine list that both backends then skip. Checkpoints already written are intact; "
+                     "resume with --resume.")
+
+
+def crop_sizes(files, scale, ratio, n_batches: int, batch_size: int = 16, seed: int = 0) -> list[tuple[int, int]]:
+    """(h, w) of DALI's random crops of `files` (decoded, not resized): for comparing the crop distribution
+    of this backend with the torchvision one."""
+    fn, pipeline_def, types, _, _ = _dali()
+
+    @pipeline_def
+    def crops():
+        encoded, _ = fn.readers.file(files=list(files), random_shuffle=True, seed=seed, name="Reader")
+        return random_crop_decode(fn, types, encoded, scale, ratio, "cpu")
+
+    pipe = crops(batch_size=batch_size, num_threads=2, device_id=None, seed=seed + 1)
+    pipe.build()
+    out = []
+    for _ in range(n_batches):
+        (batch,) = pipe.run()
+        out += [tuple(batch.at(i).shape[:2]) for i in range(len(batch))]
+    return out

@@ -1,0 +1,194 @@
+"""DALI backend (CPU-only pipelines here, device_id=None), `mae data check`, and parity with torchvision."""
+
+import io
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.cli import main
+from engine.config import DataConfig
+from pipelines import DataError, build_loader, dali_available, embedded_images, list_images
+from pipelines.common import sample_crop
+
+needs_dali = pytest.mark.skipif(not dali_available(), reason="DALI not installed")
+
+
+def photo(seed, size=(96, 72)):
+    rng = np.random.default_rng(seed)
+    base = np.linspace(0, 255, size[0] * size[1] * 3).reshape(size[1], size[0], 3)
+    return Image.fromarray(((base + rng.integers(0, 60, base.shape)) % 256).astype(np.uint8))
+
+
+def make_bad_tree(root):
+    good = root / "good"
+    good.mkdir(parents=True)
+    for i in range(6):
+        photo(i).save(good / f"g{i}.jpg", quality=90)
+    bad = root / "bad"
+    bad.mkdir()
+    buf = io.BytesIO()
+    photo(9).save(buf, format="JPEG", quality=90)
+    (bad / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "text.jpg").write_text("this is not an image")
+    Image.new("CMYK", (40, 30), (10, 20, 30, 40)).save(bad / "cmyk.jpg")
+    photo(3).save(bad / "png_named.jpg", format="PNG")
+    photo(4, (400, 300)).save(bad / "huge.jpg")
+    notes = root / "notes"
+    notes.mkdir()
+    photo(5).convert("L").save(notes / "gray.jpg")
+    photo(6).save(notes / "real.png")
+    (root / "README.txt").write_text("labels ignored")
+    return root
+
+
+BAD = {"truncated.jpg": "corrupt", "empty.jpg": "zero_bytes", "text.jpg": "not_image", "cmyk.jpg": "cmyk",
+       "png_named.jpg": "format_mismatch", "huge.jpg": "huge"}
+
+
+def test_data_check_finds_each_kind_and_quarantines(tmp_path, capsys):
+    root = make_bad_tree(tmp_path / "d")
+    code = main(["data", "check", str(root), "--max-pixels", "100000"])
+    out = capsys.readouterr().out
+    assert code == 1
+    for name, kind in BAD.items():
+        assert any(name in line and kind in line and "BAD" in line for line in out.splitlines()), (name, out)
+    assert "grayscale" in out and "png" in out  # noted, not quarantined
+    q = (root / ".mae_quarantine.txt").read_text().splitlines()
+    listed = {line.split("\t")[0].rsplit("/", 1)[-1] for line in q if not line.startswith("#")}
+    assert listed == set(BAD)
+    # both backends now skip them
+    imgs, others = list_images(str(root))
+    assert {p.rsplit("/", 1)[-1] for p in imgs} == {f"g{i}.jpg" for i in range(6)} | {"gray.jpg", "real.png"}
+
+
+def test_data_check_clean_dir_and_errors(tmp_path, capsys):
+    (tmp_path / "ok").mkdir()
+    photo(0).save(tmp_path / "ok" / "a.jpg")
+    assert main(["data", "check", str(tmp_path / "ok")]) == 0
+    assert main(["data", "check", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_data_check_strict_quarantines_notes(tmp_path):
+    root = make_bad_tree(tmp_path / "d")
+    assert main(["data", "check", str(root), "--strict", "--out", str(tmp_path / "q.txt")]) == 1
+    text = (tmp_path / "q.txt").read_text()
+    assert "gray.jpg" in text and "real.png" in text
+
+
+@needs_dali
+def test_dali_cpu_pipeline_shape_dtype_normalisation():
+    cfg = DataConfig(backend="dali", num_workers=2)
+    ld = build_loader(cfg, 32, 4, "cpu", seed=0)
+    assert type(ld).__name__ == "DaliLoader"
+    x = next(ld.stream(0))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and x.device.type == "cpu"
+    assert -2.2 < x.min() < 0 < x.max() < 2.7
+
+
+@needs_dali
+def test_dali_resume_continues_with_next_unseen_batch():
+    cfg = DataConfig(backend="dali", num_workers=2)
+    a = build_loader(cfg, 32, 8, "cpu", seed=1)
+    s = a.stream(0)
+    for _ in range(3):
+        next(s)
+    state = a.state_dict()
+    want = [next(s) for _ in range(4)]
+    b = build_loader(cfg, 32, 8, "cpu", seed=1)
+    b.load_state_dict(state)
+    s2 = b.stream(3)
+    got = [next(s2) for _ in range(4)]
+    assert all(torch.equal(u, v) for u, v in zip(want, got))
+
+
+@needs_dali
+def test_dali_shards_disjoint_equal_counts(tmp_path):
+    files = []
+    for i in range(21):
+        p = tmp_path / f"{i:02d}.png"
+        Image.new("RGB", (16, 16), (i * 10, 0, 0)).save(p)
+        files.append(str(p))
+    from pipelines.dali import DaliLoader
+
+    cfg = DataConfig(backend="dali", num_workers=1, mean=(0, 0, 0), std=(1, 1, 1))
+    seen = []
+    for rank in range(2):
+        ld = DaliLoader(files, 1, 16, 4, cfg, 0, "cpu", rank=rank, world=2, deterministic=True)
+        assert ld.batches_per_epoch == 2  # ceil(21 / 2) = 11 per shard -> 2 full batches of 4
+        s = ld.stream(0)
+        vals = torch.cat([next(s)[:, 0, 0, 0] for _ in range(2)])
+        seen.append(set(torch.round(vals * 255 / 10).int().tolist()))
+    assert not (seen[0] & seen[1]) and len(seen[0]) == len(seen[1]) == 8
+
+
+@needs_dali
+def test_dali_names_an_undecodable_file(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    for i in range(4):
+        photo(i).save(d / f"g{i}.jpg")
+    (d / "zz_text.jpg").write_text("definitely not a jpeg")
+    cfg = DataConfig(path=str(d), backend="dali", num_workers=1)
+    ld = build_loader(cfg, 32, 5, "cpu", seed=0)
+    with pytest.raises(DataError, match=r"DALI could not decode.*zz_text.jpg \(not_image.*mae data check"):
+        next(ld.stream(0))
+
+
+@needs_dali
+def test_parity_deterministic_mode_on_real_photographs():
+    from pipelines.dali import DaliLoader
+    from pipelines.torchvision import ImageFiles
+
+    cfg = DataConfig(backend="dali", num_workers=1)
+    ds = ImageFiles([], 64, cfg.scale, cfg.ratio, 0.0, cfg.mean, cfg.std, 0, deterministic=True)
+    for f in embedded_images():
+        d = next(DaliLoader([f], 1, 64, 1, cfg, 0, "cpu", deterministic=True).stream(0))[0]
+        t = ds.transform(ds.load(f), None)
+        assert d.shape == t.shape == (3, 64, 64)
+        diff = (d - t).abs()
+        assert diff.mean() < 0.01, (f, diff.mean())  # normalised units: measured ~0.002
+        assert torch.corrcoef(torch.stack([d.flatten(), t.flatten()]))[0, 1] > 0.99
+
+
+@needs_dali
+def test_parity_crop_distribution():
+    from pipelines.dali import crop_sizes
+
+    f = [x for x in embedded_images() if x.endswith("coffee.png")]  # 600 x 400
+    W, H = 600, 400
+    dali = crop_sizes(f, (0.2, 1.0), (3 / 4, 4 / 3), n_batches=40, batch_size=25)
+    rng = random.Random(0)
+    tv = [sample_crop(W, H, (0.2, 1.0), (3 / 4, 4 / 3), rng)[2:] for _ in range(len(dali))]
+
+    def stats(sizes):
+        area = np.array([h * w / (W * H) for h, w in sizes])
+        asp = np.array([math.log(w / h) for h, w in sizes])
+        return area.mean(), np.quantile(area, [0.1, 0.5, 0.9]), asp.mean(), asp.std()
+
+    (am_d, aq_d, sm_d, ss_d), (am_t, aq_t, sm_t, ss_t) = stats(dali), stats(tv)
+    assert abs(am_d - am_t) < 0.04, (am_d, am_t)
+    assert np.all(np.abs(aq_d - aq_t) < 0.08), (aq_d, aq_t)
+    assert abs(sm_d - sm_t) < 0.04 and abs(ss_d - ss_t) < 0.04, (sm_d, sm_t, ss_d, ss_t)
+
+
+@needs_dali
+def test_training_with_dali_resumes_bit_identically(tmp_path):
+    from conftest import debug_cfg
+    from engine.trainer import Trainer
+
+    over = {"data.backend": "dali", "data.num_workers": "2", "train.ckpt_every": "100"}
+    straight = Trainer(debug_cfg(tmp_path / "a", **over, **{"train.max_steps": 6}))
+    straight.fit()
+    Trainer(debug_cfg(tmp_path / "b", **over, **{"train.max_steps": 3})).fit()
+    resumed = Trainer(debug_cfg(tmp_path / "b", **over, **{"train.max_steps": 6}), resume=True)
+    assert resumed.loader._checkpoint is not None  # the DALI pipeline state came back
+    resumed.fit()
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
