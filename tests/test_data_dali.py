@@ -192,3 +192,10 @@ def test_training_with_dali_resumes_bit_identically(tmp_path):
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_auto_backend_choice():
+    ld = build_loader(DataConfig(num_workers=1), 32, 4, "cpu", seed=0)
+    assert type(ld).__name__ == ("DaliLoader" if dali_available() else "TorchvisionLoader")
+    with pytest.raises(Exception, match="synthetic|torchvision|dali"):
+        DataConfig(backend="ffcv")

@@ -38,7 +38,7 @@ def test_listing_and_non_images(tmp_path):
 
 def test_unreadable_files_skipped_with_one_warning(tmp_path, capfd):
     make_tree(tmp_path)
-    cfg = DataConfig(path=str(tmp_path), num_workers=0)
+    cfg = DataConfig(path=str(tmp_path), num_workers=0, backend="torchvision")
     loader = build_loader(cfg, 32, 4, "cpu", seed=0)
     stream = loader.stream(0)
     batches = [next(stream) for _ in range(2 * loader.batches_per_epoch)]
@@ -64,7 +64,7 @@ def test_missing_and_empty_dirs(tmp_path):
 
 
 def test_augmentation_normalised_and_deterministic():
-    cfg = DataConfig(num_workers=0)
+    cfg = DataConfig(num_workers=0, backend="torchvision")
     a = build_loader(cfg, 32, 8, "cpu", seed=3)
     b = build_loader(cfg, 32, 8, "cpu", seed=3)
     xa, xb = next(a.stream(5)), next(b.stream(5))
