@@ -294,3 +294,70 @@ def restore_rng(state: dict, extra_generators: dict[str, torch.Generator] | None
     for name, g in (extra_generators or {}).items():
         if name in state:
             g.set_state(state[name])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weights from elsewhere: the paper's pretraining and fine-tuned checkpoints, timm ViT weights
+
+
+def _load_any(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+    return load_checkpoint(path)
+
+
+def detect_format(sd: dict) -> str:
+    """'mae' (encoder + decoder: ours or the paper's pretraining), 'finetuned' (the paper's fine-tuned ViT,
+    with head / fc_norm), 'timm' (a timm VisionTransformer) or 'unknown'."""
+    keys = set(sd)
+    if any(k.startswith("decoder_") for k in keys) and "mask_token" in keys:
+        return "mae"
+    if "cls_token" in keys and any(k.startswith("blocks.") for k in keys):
+        if any(k.startswith("fc_norm.") for k in keys) and "norm.weight" not in keys:
+            return "finetuned"
+        return "timm"
+    return "unknown"
+
+
+def import_weights(model, path: str | os.PathLike) -> dict:
+    """Load weights of any supported origin into an MAE model.
+
+    mae: every key (strict). finetuned / timm: the encoder only (head and fc_norm dropped; the decoder
+    keeps its fresh initialisation; a fine-tuned checkpoint has no final `norm`, which keeps its init).
+    Mismatched keys or shapes: one CheckpointError listing them. Returns {"format", "loaded", "kept_init"}.
+    """
+    path = Path(path)
+    sd = full_model_state(path) if path.is_dir() else model_state_from(_load_any(path), path)
+    fmt = detect_format(sd)
+    own = model.state_dict()
+    if fmt == "mae":
+        load_model_state(model, sd, path)
+        return {"format": fmt, "loaded": len(sd), "kept_init": []}
+    if fmt == "unknown":
+        raise CheckpointError(f"{path}: not an MAE, MAE fine-tuned or timm ViT state dict (keys such as "
+                              f"{', '.join(list(sd)[:5])})")
+    dropped = ("head.", "fc_norm.", "head_drop.")
+    enc = {k: v for k, v in sd.items() if not k.startswith(dropped)}
+    enc_keys = [k for k in own if not k.startswith(DECODER_PREFIXES)]
+    allowed_missing = {"norm.weight", "norm.bias"} if fmt == "finetuned" else set()
+    missing = [k for k in enc_keys if k not in enc and k not in allowed_missing]
+    unexpected = [k for k in enc if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(enc[k].shape)} vs model {tuple(own[k].shape)}" for k in enc
+              if k in own and tuple(enc[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        raise CheckpointError(_mismatch_message(path, missing, unexpected, shapes))
+    with torch.no_grad():
+        for k, v in enc.items():
+            own[k].copy_(v)
+    kept = [k for k in own if k not in enc]
+    return {"format": fmt, "loaded": len(enc), "kept_init": kept}
+
+
+def to_reference_format(sd: dict) -> dict:
+    """Our full model state dict in the paper's release format: {'model': state_dict} (same key names)."""
+    return {"model": {k: v.detach().clone() for k, v in sd.items()}}

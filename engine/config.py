@@ -49,6 +49,8 @@ class ModelConfig:
     """Regress per-patch normalised pixels (the paper's default)."""
     mask_ratio: float = 0.75
     """Fraction of patches removed per image; in [0, 1) with at least one patch kept."""
+    mask_strategy: str = "random"
+    """Mask sampling (the paper's Figure 6): random | block (BEiT-style) | grid (regular grid sampling)."""
     encoder_mask_tokens: bool = False
     """Dense baseline (the paper's Table 1 'w/ [M]'): the encoder sees all patches, mask tokens at removed ones."""
     kernels: str = "auto"
@@ -83,6 +85,8 @@ class ModelConfig:
                    f"model.{name}={getattr(self, name)} must be divisible by 4 (2-D sin-cos position embedding)")
         _check(self.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {self.mlp_ratio}")
         check_mask_ratio(self.mask_ratio, self.num_patches)
+        _check(self.mask_strategy in ("random", "block", "grid"),
+               f"model.mask_strategy must be random, block or grid, got {self.mask_strategy!r}")
         _check(self.kernels in ("auto", "triton", "torch"),
                f"model.kernels must be auto, triton or torch, got {self.kernels!r}")
 

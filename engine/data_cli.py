@@ -44,6 +44,9 @@ def register(sub) -> None:
     c.add_argument("--strict", action="store_true", help="also quarantine grayscale images and PNGs")
     c.add_argument("--verbose", action="store_true")
     c.set_defaults(func=cmd_data_check)
+    from .eval_cli import register_data
+
+    register_data(dsub)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from kernels.noise import make_noise
 from pipelines import build_loader
 
 from . import checkpoint as ckpt
@@ -188,7 +189,7 @@ class Trainer:
             imgs = next(stream)
             self.micro_batch += 1
             b = imgs.shape[0]
-            noise = torch.rand(b * self.world, m.num_patches, generator=self.mask_gen, device=self.device)
+            noise = make_noise(m.mask_strategy, b * self.world, m.grid_size, m.mask_ratio, self.mask_gen, self.device)
             noise = noise[self.rank * b:(self.rank + 1) * b]
             if fsdp:  # reduce-scatter gradients only on the last micro-batch
                 self.model.set_requires_gradient_sync(micro == t.accum_steps - 1)

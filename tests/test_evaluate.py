@@ -1,0 +1,190 @@
+import pytest
+import timm
+import torch
+
+from engine import checkpoint as ckpt
+from engine import evaluate as ev
+from engine.config import debug
+from engine.model import build_model, mae_vit_base_patch16
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from pipelines.labelled import export_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    export_digits(str(root), 32)
+    return root
+
+
+def small_mae():
+    return build_model(debug().model)
+
+
+def test_linear_probe_head_is_bn_without_affine_and_encoder_frozen():
+    m = ev.EncoderClassifier(small_mae(), 10, pool="cls", head="bn_linear")
+    m.freeze_all_but_last(0)
+    bn = m.head[0]
+    assert isinstance(bn, torch.nn.BatchNorm1d) and not bn.affine and bn.eps == 1e-6
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {"head.1.weight", "head.1.bias"}
+
+
+def test_partial_finetune_trains_last_k_blocks_only():
+    m = ev.EncoderClassifier(small_mae(), 10, pool="gap", head="linear")
+    m.freeze_all_but_last(1)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert any(n.startswith("blocks.1.") for n in trainable)
+    assert not any(n.startswith("blocks.0.") or n.startswith("patch_embed") for n in trainable)
+    assert {"fc_norm.weight", "head.weight"} <= trainable
+
+
+def test_pooling_choices():
+    mae = small_mae()
+    x = torch.randn(2, 3, 32, 32)
+    cls = ev.EncoderClassifier(mae, 10, pool="cls").eval()
+    gap = ev.EncoderClassifier(mae, 10, pool="gap").eval()
+    with torch.no_grad():
+        latent, _, _ = mae.forward_encoder(x, 0.0, torch.arange(64.0).expand(2, -1) / 64)
+        assert torch.allclose(cls.features(x), latent[:, 0], atol=1e-5)
+        assert gap.features(x).shape == (2, 64)
+
+
+def test_lars_exclusions_and_trust_ratio():
+    w = torch.nn.Parameter(torch.full((2, 2), 2.0))
+    b = torch.nn.Parameter(torch.ones(2))
+    w.grad = torch.full((2, 2), 0.5)
+    b.grad = torch.full((2,), 0.5)
+    opt = ev.LARS([w, b], lr=1.0, weight_decay=0.1, momentum=0.9, trust_coefficient=0.001)
+    opt.step()
+    dp = torch.full((2, 2), 0.5) + 0.1 * 2.0  # weight decay on the matrix
+    q = 0.001 * torch.norm(torch.full((2, 2), 2.0)) / torch.norm(dp)
+    assert torch.allclose(w, torch.full((2, 2), 2.0) - q * dp)
+    assert torch.allclose(b, torch.full((2,), 0.5))  # plain SGD: no decay, no trust ratio
+
+
+def test_layer_decay_groups():
+    m = ev.EncoderClassifier(small_mae(), 10, pool="gap", head="linear")
+    groups = ev.layer_decay_groups(m, 0.05, 0.75)
+    scale = {}
+    names = {id(p): n for n, p in m.named_parameters()}
+    for g in groups:
+        for p in g["params"]:
+            scale[names[id(p)]] = (g["lr_scale"], g["weight_decay"])
+    assert scale["patch_embed.proj.weight"] == (0.75**3, 0.05)
+    assert scale["blocks.0.attn.qkv.weight"] == (0.75**2, 0.05)
+    assert scale["blocks.1.mlp.fc1.weight"] == (0.75, 0.05)
+    assert scale["head.weight"] == (1.0, 0.05)
+    assert scale["blocks.0.norm1.weight"][1] == 0.0 and scale["cls_token"] == (0.75**3, 0.0)
+    assert scale["head.bias"][1] == 0.0 and "pos_embed" not in scale
+
+
+def test_knn_classify_votes_by_weighted_cosine():
+    train = torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9], [0.2, 0.8]])
+    y = torch.tensor([0, 0, 1, 1, 1])
+    test = torch.tensor([[1.0, 0.05], [0.05, 1.0]])
+    assert torch.equal(ev.knn_classify(train, y, test, 2, k=3), torch.tensor([0, 1]))
+    # with k = 5 the majority would say class 1 for the first, but the temperature weights keep class 0
+    assert ev.knn_classify(train, y, test[:1], 2, k=5, temperature=0.07).item() == 0
+
+
+def test_protocols_run_on_digits(digits):
+    from engine.config import DataConfig
+    from pipelines.labelled import LabelledLoader
+
+    d = DataConfig(num_workers=0)
+    tr = LabelledLoader(str(digits / "train"), 32, 128, d, 0, "cpu", train=True)
+    va = LabelledLoader(str(digits / "val"), 32, 256, d, 0, "cpu", train=False)
+    assert tr.num_classes == 10
+    mae = small_mae()
+    r = ev.knn_eval(mae, LabelledLoader(str(digits / "train"), 32, 256, d, 0, "cpu", train=False), va, "cpu")
+    assert 0.3 < r.top1 <= 1.0  # random features on digits are far above chance already
+    r = ev.linear_probe(mae, tr, va, torch.device("cpu"), epochs=1, base_lr=40, batch_size=128, log=lambda *_: None)
+    assert 0.0 <= r.top1 <= 1.0 and len(r.history) == 1
+    before = {k: v.clone() for k, v in mae.state_dict().items()}
+    r = ev.finetune(mae, tr, va, torch.device("cpu"), epochs=1, batch_size=128, last_blocks=1, log=lambda *_: None)
+    after = mae.state_dict()
+    assert torch.equal(before["blocks.0.attn.qkv.weight"], after["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(before["blocks.1.attn.qkv.weight"], after["blocks.1.attn.qkv.weight"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints in and out
+
+
+def test_round_trip_ours_paper_ours_is_lossless(tmp_path):
+    m = small_mae()
+    paper = ckpt.to_reference_format(m.state_dict())
+    torch.save(paper, tmp_path / "paper.pth")
+    m2 = build_model(debug().model)
+    m2.init_weights(seed=5)
+    info = ckpt.import_weights(m2, tmp_path / "paper.pth")
+    assert info["format"] == "mae" and not info["kept_init"]
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k]), k
+
+
+def test_round_trip_key_set_vit_b():
+    with torch.device("meta"):
+        m = mae_vit_base_patch16()
+    paper = ckpt.to_reference_format(m.state_dict())
+    assert set(paper["model"]) == set(m.state_dict()) and ckpt.detect_format(paper["model"]) == "mae"
+
+
+def test_import_timm_weights_encoder_only(tmp_path):
+    from safetensors.torch import save_file
+
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, pretrained=False, img_size=32, patch_size=4,
+                            embed_dim=64, depth=2, num_heads=4)
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    m = small_mae()
+    dec_before = m.decoder_pred.weight.clone()
+    info = ckpt.import_weights(m, tmp_path / "vit.safetensors")
+    assert info["format"] == "timm"
+    assert torch.equal(m.blocks[1].mlp.fc2.weight, vit.blocks[1].mlp.fc2.weight)
+    assert torch.equal(m.decoder_pred.weight, dec_before) and "decoder_pred.weight" in info["kept_init"]
+
+
+def test_import_paper_finetuned_checkpoint(tmp_path):
+    m = small_mae()
+    enc = ckpt.encoder_state_dict(m.state_dict())
+    ft = {k: v for k, v in enc.items() if not k.startswith("norm.")}
+    ft.update({"fc_norm.weight": torch.ones(64), "fc_norm.bias": torch.zeros(64), "head.weight": torch.zeros(10, 64),
+               "head.bias": torch.zeros(10)})
+    torch.save({"model": ft}, tmp_path / "ft.pth")
+    m2 = small_mae()
+    m2.init_weights(seed=3)
+    info = ckpt.import_weights(m2, tmp_path / "ft.pth")
+    assert info["format"] == "finetuned" and "norm.weight" in info["kept_init"]
+    assert torch.equal(m2.blocks[0].attn.qkv.weight, m.blocks[0].attn.qkv.weight)
+
+
+def test_import_mismatch_lists_keys_and_shapes(tmp_path):
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, pretrained=False, img_size=64, patch_size=8,
+                            embed_dim=64, depth=3, num_heads=4)
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.import_weights(small_mae(), tmp_path / "vit.pth")
+    msg = str(e.value)
+    assert "unexpected (12): blocks.2." in msg and "shape mismatch (1): patch_embed.proj.weight" in msg
+    torch.save({"foo": torch.zeros(1)}, tmp_path / "junk.pth")
+    with pytest.raises(ckpt.CheckpointError, match="not an MAE"):
+        ckpt.import_weights(small_mae(), tmp_path / "junk.pth")
+
+
+def test_mae_import_and_visualize_paper_checkpoint(tmp_path, capsys):
+    from PIL import Image
+
+    from engine.cli import main
+
+    m = small_mae()
+    torch.save(ckpt.to_reference_format(m.state_dict()), tmp_path / "mae_pretrain_debug.pth")
+    Image.new("RGB", (40, 40), (10, 200, 30)).save(tmp_path / "a.png")
+    # the paper's files carry no config: --preset names the architecture
+    assert main(["visualize", str(tmp_path / "mae_pretrain_debug.pth"), str(tmp_path / "a.png"), "--preset", "debug",
+                 "--out", str(tmp_path / "g.png")]) == 0
+    assert main(["import", str(tmp_path / "mae_pretrain_debug.pth"), "--preset", "debug", "--out",
+                 str(tmp_path / "ours.pt")]) == 0
+    assert main(["visualize", str(tmp_path / "ours.pt"), str(tmp_path / "a.png"), "--out", str(tmp_path / "h.png")]) == 0
+    assert main(["visualize", str(tmp_path / "mae_pretrain_debug.pth"), str(tmp_path / "a.png")]) == 2
+    assert "carries no config" in capsys.readouterr().err

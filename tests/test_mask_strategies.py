@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from kernels.masking import random_masking_torch
+from kernels.noise import block_mask, make_noise
+
+
+@pytest.mark.parametrize("strategy", ["random", "block", "grid"])
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+def test_each_strategy_gives_exact_keep_count(strategy, ratio):
+    g = torch.Generator().manual_seed(1)
+    noise = make_noise(strategy, 5, 14, ratio, g)
+    _, mask, _, _ = random_masking_torch(torch.zeros(5, 196, 1), ratio, noise)
+    assert torch.equal(mask.sum(1), torch.full((5,), 196.0 - int(196 * (1 - ratio))))
+
+
+def test_grid_keeps_one_of_every_four():
+    g = torch.Generator().manual_seed(0)
+    noise = make_noise("grid", 3, 14, 0.75, g)
+    _, mask, _, _ = random_masking_torch(torch.zeros(3, 196, 1), 0.75, noise)
+    for m in mask.view(3, 14, 14):
+        kept = (m == 0).nonzero()
+        assert len(kept) == 49
+        assert len({(int(h) % 2, int(w) % 2) for h, w in kept}) == 1  # one lattice
+        assert len({int(h) for h, _ in kept}) == 7 and len({int(w) for _, w in kept}) == 7
+
+
+def test_block_masks_are_contiguous_blocks():
+    g = torch.Generator().manual_seed(0)
+    m = block_mask(14, 98, g)
+    assert 98 <= int(m.sum()) <= 98 + 4
+    # blocks, not salt-and-pepper: most masked patches have a masked 4-neighbour
+    mm = m.float()
+    nb = torch.zeros_like(mm)
+    nb[1:] += mm[:-1]
+    nb[:-1] += mm[1:]
+    nb[:, 1:] += mm[:, :-1]
+    nb[:, :-1] += mm[:, 1:]
+    assert ((nb > 0) & m).sum() >= 0.95 * m.sum()
+
+
+def test_random_is_plain_uniform_noise():
+    a = make_noise("random", 2, 8, 0.75, torch.Generator().manual_seed(3))
+    b = torch.rand(2, 64, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_bad_strategy():
+    with pytest.raises(ValueError, match="mask strategy must be one of"):
+        make_noise("checker", 1, 4, 0.5)
+
+
+def test_training_with_each_strategy(tmp_path):
+    from conftest import debug_cfg
+    from engine.trainer import Trainer
+
+    for s in ("block", "grid"):
+        res = Trainer(debug_cfg(tmp_path / s, **{"model.mask_strategy": s, "train.max_steps": 3})).fit()
+        assert res.step == 3 and res.last_loss == res.last_loss
