@@ -38,7 +38,7 @@ if has fsdp && [ -f benchmarks/fsdp.py ]; then
   step fsdp 240 $PY -m benchmarks.fsdp --out "$OUT"
 fi
 if has loader && [ -f benchmarks/loader.py ] && $PY -c "import nvidia.dali" 2>/dev/null; then
-  step loader 240 $PY -m benchmarks.loader --device-suite --out "$OUT"
+  step loader 240 $PY -m benchmarks.loader --out "$OUT"
 fi
 echo "reports in $OUT"; ls -1 "$OUT"
 exit $status

@@ -184,7 +184,8 @@ def make_parser() -> argparse.ArgumentParser:
 def _extra_commands():
     """Subcommands that live in other modules (bench, profile, data), registered when importable."""
     regs = []
-    for mod, fn in (("engine.data_cli", "register"), ("engine.eval_cli", "register"), ("benchmarks.cli", "register")):
+    for mod, fn in (("engine.data_cli", "register"), ("engine.eval_cli", "register"), ("engine.ablate", "register"),
+                    ("benchmarks.cli", "register")):
         try:
             module = __import__(mod, fromlist=[fn])
         except ImportError:

@@ -188,3 +188,24 @@ def test_mae_import_and_visualize_paper_checkpoint(tmp_path, capsys):
     assert main(["visualize", str(tmp_path / "ours.pt"), str(tmp_path / "a.png"), "--out", str(tmp_path / "h.png")]) == 0
     assert main(["visualize", str(tmp_path / "mae_pretrain_debug.pth"), str(tmp_path / "a.png")]) == 2
     assert "carries no config" in capsys.readouterr().err
+
+
+def test_ablation_sweep_writes_table_and_plot(digits, tmp_path):
+    import json as _json
+
+    from engine.cli import main
+
+    out = tmp_path / "abl"
+    code = main(["ablate", "--preset", "debug", "--data", str(digits / "train"), "--probe-train",
+                 str(digits / "train"), "--probe-val", str(digits / "val"), "--mask-ratio", "0.5",
+                 "--mask-strategy", "grid", "--decoder-width", "64", "--train.max_steps", "4", "--workers", "0",
+                 "--data.num_workers", "0", "--train.tensorboard", "false", "--train.device", "cpu",
+                 "--data.backend", "torchvision", "--out", str(out)])
+    assert code == 0
+    import csv
+
+    rows = list(csv.DictReader(open(out / "ablation.csv")))
+    assert [r["setting"] for r in rows] == ["r0.75_dd1_dw32_random", "r0.5_dd1_dw32_random",
+                                           "r0.75_dd1_dw64_random", "r0.75_dd1_dw32_grid"]
+    assert all(0 < float(r["knn_top1"]) <= 1 and float(r["final_loss"]) > 0 for r in rows)
+    assert (out / "ablation.png").is_file() and "knn_top1" in (out / "ablation.md").read_text()
