@@ -121,6 +121,10 @@ class DataConfig:
     """Batch dtype handed to the model: float32, or bfloat16 to halve the copy (the loss target is then bf16)."""
     repeat: int = 0
     """Times the file list is repeated per epoch; 0 = 1 for a directory, enough for 256 samples when embedded."""
+    knn_train: str = ""
+    """Labelled folder (class subfolders) for the kNN monitor's memory bank (with train.knn_every)."""
+    knn_val: str = ""
+    """Labelled folder the kNN monitor classifies."""
     quarantine: str = ""
     """File listing paths to exclude (as written by `mae data check`); empty = DIR/.mae_quarantine.txt if present."""
 
@@ -206,6 +210,8 @@ class TrainConfig:
     """Show a progress bar."""
     tensorboard: bool = True
     """Write TensorBoard event files next to metrics.jsonl."""
+    knn_every: int = 0
+    """Epochs between kNN monitor evaluations (0 = off; needs data.knn_train and data.knn_val)."""
     activation_checkpointing: bool = False
     """Recompute each encoder/decoder block in backward (less memory, about a third more compute)."""
     compile: bool = False
@@ -217,6 +223,7 @@ class TrainConfig:
             _check(isinstance(v, int) and v >= 1, f"train.{name} must be a positive integer, got {v!r}")
         _check(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
         _check(self.vis_every >= 0, f"train.vis_every must be >= 0, got {self.vis_every}")
+        _check(self.knn_every >= 0, f"train.knn_every must be >= 0, got {self.knn_every}")
         _check(self.precision in ("auto", "bf16", "fp32"),
                f"train.precision must be auto, bf16 or fp32, got {self.precision!r}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),

@@ -38,6 +38,7 @@ class EncoderClassifier(nn.Module):
             raise ValueError(f"pool must be cls or gap, got {pool!r}")
         self.patch_embed, self.cls_token, self.pos_embed = mae.patch_embed, mae.cls_token, mae.pos_embed
         self.blocks, self.norm = mae.blocks, mae.norm
+        self._mae = (mae,)  # not a submodule: its decoder stays out of this model
         self.pool = pool
         dim = mae.cls_token.shape[-1]
         self.fc_norm = nn.LayerNorm(dim, eps=1e-6) if pool == "gap" else nn.Identity()
@@ -54,15 +55,11 @@ class EncoderClassifier(nn.Module):
                 blk.drop_path1, blk.drop_path2 = DropPath(rate), DropPath(rate)
 
     def features(self, imgs: torch.Tensor) -> torch.Tensor:
-        """[N, C, H, W] -> pooled features [N, D]."""
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls.to(x.dtype), x], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
+        """[N, C, H, W] -> pooled features [N, D] (through the MAE's forward_features, so FSDP gathers it)."""
+        x = self._mae[0].forward_features(imgs, norm=self.pool == "cls")
         if self.pool == "gap":
             return self.fc_norm(x[:, 1:, :].mean(dim=1))
-        return self.norm(x)[:, 0]
+        return x[:, 0]
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(imgs))
@@ -268,12 +265,12 @@ def extract(model: EncoderClassifier, loader, device) -> tuple[torch.Tensor, tor
 def knn_classify(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, num_classes: int,
                  k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
     """Predicted classes of test features by temperature-weighted cosine kNN over training features."""
-    train_f = F.normalize(train_f, dim=1)
-    test_f = F.normalize(test_f, dim=1)
+    train_f = F.normalize(train_f.float(), dim=1)
+    test_f = F.normalize(test_f.float(), dim=1)
     k = min(k, train_f.shape[0])
     preds = []
     for i in range(0, test_f.shape[0], chunk):
-        sim = test_f[i:i + chunk] @ train_f.T  # [b, n_train]
+        sim = (test_f[i:i + chunk] @ train_f.T).float()  # [b, n_train]
         top, idx = sim.topk(k, dim=1)
         w = (top / temperature).exp()
         votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)

@@ -185,6 +185,14 @@ class MaskedAutoencoderViT(nn.Module):
                 x = blk(x)
         return x
 
+    def forward_features(self, imgs: torch.Tensor, norm: bool = True) -> torch.Tensor:
+        """The encoder on every patch, no masking (evaluation): imgs [N, C, H, W] -> tokens [N, L+1, D],
+        cls first; `norm=False` returns them before the final LayerNorm (for global-pool heads)."""
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1).to(x.dtype)
+        x = self._run_blocks(self.blocks, torch.cat([cls, x], dim=1))
+        return self.norm(x) if norm else x
+
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """x [N, K+1, D] (or [N, L+1, D]) -> pred [N, L, p*p*C]."""
         x = self.decoder_embed(x)  # [N, K+1, Dd]

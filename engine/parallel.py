@@ -92,6 +92,9 @@ def apply_fsdp(model: MaskedAutoencoderViT, param_dtype: torch.dtype | None, res
     for blk in list(model.blocks) + list(model.decoder_blocks):
         fully_shard(blk, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mp_policy=root_mp, reshard_after_forward=reshard_after_forward)
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    register_fsdp_forward_method(model, "forward_features")  # evaluation (kNN monitor) outside forward()
     return model
 
 

@@ -87,6 +87,8 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise ConfigError(f"one epoch has {self.loader.batches_per_epoch} micro-batch(es) per rank, fewer than "
                               f"train.accum_steps={t.accum_steps}; lower accum_steps or batch_size")
+        if t.knn_every and not (cfg.data.knn_train and cfg.data.knn_val):
+            raise ConfigError("train.knn_every needs data.knn_train and data.knn_val (labelled image folders)")
         self.total_steps = t.epochs * self.steps_per_epoch
         self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.stop_at = min(self.total_steps, t.max_steps) if t.max_steps else self.total_steps
@@ -95,6 +97,7 @@ class Trainer:
         self.mask_gen = torch.Generator(device=self.device).manual_seed(t.seed * 7919 + 17)
         self.step = 0
         self.micro_batch = 0  # global micro-batch position of the data stream
+        self._knn_loaders = None
         self.flops_per_image = train_flops_per_image(cfg.model)
         self.peak = datasheet_peak(self.device) if self.device.type == "cuda" else None
         if resume_path is not None:
@@ -283,11 +286,36 @@ class Trainer:
                         (t.vis_every and self.step % t.vis_every == 0) or self.step == self.stop_at):
                     self.write_reconstruction(vis_imgs)
                     t_log = time.perf_counter()
+                if t.knn_every and self.step % (t.knn_every * self.steps_per_epoch) == 0:
+                    acc = self.knn_monitor()
+                    writer.log(self.step, knn_top1=acc)
+                    if self.is_main:
+                        say(f"kNN monitor at epoch {self.step // self.steps_per_epoch}: top-1 {acc * 100:.2f}%")
+                    t_log = time.perf_counter()
         finally:
             if bar is not None:
                 bar.close()
             writer.close()
         return TrainResult(self.step, last_loss, last_ckpt, self.run_dir)
+
+    def knn_monitor(self) -> float:
+        """kNN top-1 (k=20, cosine, T=0.07) of the current encoder on data.knn_val against data.knn_train.
+        Every rank extracts the features (FSDP gathers the encoder collectively); rank 0 logs."""
+        from pipelines.labelled import LabelledLoader
+
+        from .evaluate import knn_eval
+
+        d = self.cfg.data
+        if self._knn_loaders is None:
+            img = self.cfg.model.img_size
+            self._knn_loaders = (LabelledLoader(d.knn_train, img, 256, d, 0, self.device, train=False),
+                                 LabelledLoader(d.knn_val, img, 256, d, 0, self.device, train=False))
+        was = self.model.training
+        try:
+            with self.autocast():
+                return knn_eval(self.model, *self._knn_loaders, self.device).top1
+        finally:
+            self.model.train(was)
 
     def _peek_vis_batch(self, stream):
         first = next(stream)

@@ -32,7 +32,7 @@ def single(run_dir, *extra):
 
 def losses(run_dir):
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs}
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
 
 
 def assert_ok(r):
@@ -77,11 +77,20 @@ def test_resume_across_world_sizes(tmp_path):
     assert ckpt.latest_checkpoint(b).suffix == ".dcp" and ckpt.latest_checkpoint(a).suffix == ".pt"
 
 
-def test_bf16_mixed_precision_and_export_from_sharded(tmp_path):
-    r = torchrun(2, tmp_path, "--train.batch_size", "8", "--train.max_steps", "2", "--train.precision", "bf16",
-                 "--train.activation_checkpointing", "true")
+def test_bf16_mixed_precision_knn_monitor_and_export_from_sharded(tmp_path):
+    from pipelines.labelled import export_digits
+
+    export_digits(str(tmp_path / "digits"), 32)
+    # the embedded set has 256 samples per epoch: 16 steps of 2 x 8, then the kNN monitor runs under FSDP
+    r = torchrun(2, tmp_path, "--train.batch_size", "8", "--train.max_steps", "16", "--train.precision", "bf16",
+                 "--train.activation_checkpointing", "true", "--train.knn_every", "1",
+                 "--data.knn_train", str(tmp_path / "digits" / "train"), "--data.knn_val",
+                 str(tmp_path / "digits" / "val"), "--train.log_every", "8")
     assert_ok(r)
     assert all(l == l for l in losses(tmp_path).values())  # finite, not NaN
+    assert "kNN monitor at epoch 1: top-1" in r.stdout
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any(0 < rec.get("knn_top1", -1) <= 1 for rec in recs)
     from engine.cli import main
 
     out = tmp_path / "enc.pth"

@@ -209,3 +209,23 @@ def test_ablation_sweep_writes_table_and_plot(digits, tmp_path):
                                            "r0.75_dd1_dw64_random", "r0.75_dd1_dw32_grid"]
     assert all(0 < float(r["knn_top1"]) <= 1 and float(r["final_loss"]) > 0 for r in rows)
     assert (out / "ablation.png").is_file() and "knn_top1" in (out / "ablation.md").read_text()
+
+
+def test_knn_monitor_during_pretraining(digits, tmp_path):
+    import json as _json
+
+    from conftest import debug_cfg
+    from engine.config import ConfigError
+    from engine.trainer import Trainer
+
+    with pytest.raises(ConfigError, match="knn_every needs data.knn_train"):
+        Trainer(debug_cfg(tmp_path / "x", **{"train.knn_every": 1}))
+    cfg = debug_cfg(tmp_path / "r", **{"train.knn_every": 1, "data.knn_train": str(digits / "train"),
+                                       "data.knn_val": str(digits / "val"), "train.max_steps": 8,
+                                       "data.repeat": 1, "data.path": str(digits / "val"),
+                                       "train.batch_size": 64})
+    t = Trainer(cfg)
+    assert t.steps_per_epoch == 8  # 539 images / 64
+    t.fit()
+    recs = [_json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "knn_top1" in r] == [8]
