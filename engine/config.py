@@ -105,8 +105,9 @@ class DataConfig:
     """Image directory (class subfolders optional, labels ignored); empty = the embedded sample photographs."""
     backend: str = "auto"
     """auto | dali | torchvision | synthetic (auto = DALI when importable, else torchvision)."""
-    num_workers: int = 2
-    """DataLoader worker processes (torchvision backend); 0 loads in the main process."""
+    num_workers: int = -1
+    """Decode workers: DataLoader processes (torchvision) or DALI threads; -1 = one per core up to 16 (divided
+    among the ranks of a node); 0 loads in the main process."""
     scale: tuple[float, float] = (0.2, 1.0)
     """RandomResizedCrop area range (the paper: 0.2-1.0)."""
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -128,6 +129,14 @@ class DataConfig:
     quarantine: str = ""
     """File listing paths to exclude (as written by `mae data check`); empty = DIR/.mae_quarantine.txt if present."""
 
+    def workers(self, local_world: int = 1) -> int:
+        """The number of decode workers to use (resolving -1 = auto)."""
+        if self.num_workers >= 0:
+            return self.num_workers
+        import os
+
+        return max(1, min(16, (os.cpu_count() or 2) // max(1, local_world)))
+
     def __post_init__(self) -> None:
         self.scale = tuple(float(s) for s in self.scale)
         self.ratio = tuple(float(r) for r in self.ratio)
@@ -136,7 +145,7 @@ class DataConfig:
         _check(self.backend in ("auto", "dali", "torchvision", "synthetic"),
                f"data.backend must be auto, dali, torchvision or synthetic, got {self.backend!r}")
         _check(self.dtype in ("float32", "bfloat16"), f"data.dtype must be float32 or bfloat16, got {self.dtype!r}")
-        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(self.num_workers >= -1, f"data.num_workers must be >= 0 (or -1 = auto), got {self.num_workers}")
         _check(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1,
                f"data.scale must be (lo, hi) with 0 < lo <= hi <= 1, got {self.scale}")
         _check(len(self.ratio) == 2 and 0 < self.ratio[0] <= self.ratio[1],

@@ -70,7 +70,7 @@ class LabelledLoader:
         self.dataset = LabelledFiles(self.files, self.labels, img_size, data_cfg, seed, train)
         self.train, self.batch_size, self.seed = train, batch_size, seed
         self.device = torch.device(device)
-        self.num_workers = data_cfg.num_workers if num_workers is None else num_workers
+        self.num_workers = data_cfg.workers() if num_workers is None else num_workers
         if train:
             self.plan = EpochPlan(len(self.files), batch_size, seed)
 

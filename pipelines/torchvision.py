@@ -80,7 +80,9 @@ class TorchvisionLoader:
         self.plan = EpochPlan(self.num_samples, batch_size, seed, rank, world)
         self.batches_per_epoch = self.plan.batches_per_epoch
         self.device = torch.device(device)
-        self.num_workers = data_cfg.num_workers
+        import os
+
+        self.num_workers = data_cfg.workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         self.dtype = getattr(torch, data_cfg.dtype)
 
     def stream(self, start: int = 0):
