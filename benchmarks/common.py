@@ -155,3 +155,26 @@ def env_block(env: dict) -> str:
 
 def today() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+
+
+def pick_device(arg: str) -> torch.device:
+    """--device: auto (cuda when available, else cpu) or a torch device string."""
+    if arg == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(arg)
+
+
+def parse_choices(text: str, allowed, what: str) -> list[str]:
+    """A comma list checked against `allowed`; ValueError naming the unknown entries."""
+    items = [x for x in text.split(",") if x]
+    bad = [x for x in items if x not in allowed]
+    if bad:
+        raise ValueError(f"unknown {what} {bad}; choose from {', '.join(allowed)}")
+    return items
+
+
+def fresh_peak(device: torch.device) -> None:
+    """Free cached blocks and restart the peak-memory counter (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)

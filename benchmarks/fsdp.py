@@ -17,7 +17,7 @@ import torch
 
 from engine.config import get_preset
 
-from .common import RESULTS, device_tag, env_block, environment, md_table, today, write_json
+from .common import fresh_peak, pick_device, RESULTS, device_tag, env_block, environment, md_table, today, write_json
 from .step import StepRunner
 
 
@@ -53,9 +53,7 @@ def measure(preset, batch, device, fsdp, ac, warmup, reps) -> dict:
     row = {"model": preset, "batch": batch, "fsdp": fsdp, "act_ckpt": ac}
     runner = None
     try:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
+        fresh_peak(device)
         cfg, model = build(preset, device, fsdp, ac)
         runner = StepRunner(cfg.model, "mae", batch, device, 0.75, model=model)
         st = runner.run(warmup=warmup, reps=reps)
@@ -113,8 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     ensure_process_group(device)

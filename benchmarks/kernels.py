@@ -19,7 +19,7 @@ import torch
 from kernels.loss import norm_pix_mse_torch
 from kernels.masking import len_keep_for, random_masking_torch, unshuffle_torch
 
-from .common import RESULTS, device_tag, env_block, environment, md_table, time_fn, today, write_csv, write_json
+from .common import pick_device, parse_choices, RESULTS, device_tag, env_block, environment, md_table, time_fn, today, write_csv, write_json
 
 SHAPES = {
     "debug": dict(N=8, img=32, p=4, D=64, Dd=32, r=0.75),
@@ -209,14 +209,13 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    shapes = [s for s in args.shapes.split(",") if s]
-    bad = [s for s in shapes if s not in SHAPES]
-    if bad:
-        print(f"mae bench kernels: error: unknown shape(s) {bad}; choose from {', '.join(SHAPES)}", file=sys.stderr)
+    device = pick_device(args.device)
+    try:
+        shapes = parse_choices(args.shapes, SHAPES, "shape(s)")
+        impls = parse_choices(args.impls, ("triton", "eager", "compiled"), "impl(s)")
+    except ValueError as e:
+        print(f"mae bench kernels: error: {e}", file=sys.stderr)
         return 2
-    impls = [i for i in args.impls.split(",") if i]
     if device.type == "cpu" and "triton" in impls:
         print("note: Triton kernels need CUDA for timing; skipping impl 'triton' on CPU", file=sys.stderr)
         impls.remove("triton")

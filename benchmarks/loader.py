@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import RESULTS, device_tag, env_block, environment, md_table, today, write_csv, write_json
+from .common import pick_device, parse_choices, RESULTS, device_tag, env_block, environment, md_table, today, write_csv, write_json
 
 BACKENDS = ("dali-gpu", "dali-cpu", "torchvision")
 # targets on one H100 machine (16 cores), against references measured there (../DESIGN.md)
@@ -127,12 +127,11 @@ def main(argv=None) -> int:
     ap.add_argument("--device-suite", action="store_true", help="the GPU run of benchmarks/device_check.sh")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    backends = [b for b in args.backends.split(",") if b]
-    bad = [b for b in backends if b not in BACKENDS]
-    if bad:
-        print(f"mae bench loader: error: unknown backend(s) {bad}; choose from {', '.join(BACKENDS)}", file=sys.stderr)
+    device = pick_device(args.device)
+    try:
+        backends = parse_choices(args.backends, BACKENDS, "backend(s)")
+    except ValueError as e:
+        print(f"mae bench loader: error: {e}", file=sys.stderr)
         return 2
     if device.type != "cuda" and "dali-gpu" in backends:
         print("note: no GPU: skipping dali-gpu", file=sys.stderr)

@@ -16,7 +16,7 @@ from engine.cli import UserError, build_config, split_overrides  # noqa: F401
 from engine.config import ConfigError
 from engine.metrics import datasheet_peak, mfu, train_flops_per_image
 
-from .common import RESULTS, device_tag, env_block, environment, md_table, today, write_csv
+from .common import fresh_peak, pick_device, RESULTS, device_tag, env_block, environment, md_table, today, write_csv
 from .step import NvmlSampler, StepRunner
 
 
@@ -60,16 +60,13 @@ def main(argv=None) -> int:
     except (ConfigError, UserError, ValueError) as e:
         print(f"mae profile: error: {e}", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     batch = args.batch or cfg.train.batch_size
     peak = datasheet_peak(device) if device.type == "cuda" else None
     env = environment(device)
     rows, sections = [], []
     for r in ratios:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
+        fresh_peak(device)
         runner = StepRunner(cfg.model, "mae", batch, device, mask_ratio=r, compile=args.compile)
         with NvmlSampler(device.index or 0) as sampler:
             st = runner.run(warmup=args.warmup, reps=args.steps)

@@ -30,7 +30,7 @@ import torch
 from engine.config import ConfigError, get_preset
 from engine.metrics import datasheet_peak, device_memory_used, mfu
 
-from .common import RESULTS, device_tag, env_block, environment, md_table, today, write_csv, write_json
+from .common import fresh_peak, pick_device, parse_choices, RESULTS, device_tag, env_block, environment, md_table, today, write_csv, write_json
 from .step import MODE_LABELS, MODES, NvmlSampler, StepRunner, flops_for_mode, matmul_ceiling
 
 RATIOS = (0.5, 0.75, 0.9, 0.95)
@@ -51,9 +51,7 @@ def measure(m, model_name: str, mode: str, batch: int, ratio: float | None, devi
     row = {"model": model_name, "mode": mode, "mask_ratio": ratio, "batch": batch}
     runner = None
     try:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
+        fresh_peak(device)
         runner = StepRunner(m, mode, batch, device, mask_ratio=ratio if ratio is not None else 0.0,
                             compile=compile, stream=stream)
         with NvmlSampler(device.index or 0) as sampler:
@@ -281,8 +279,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device-suite", action="store_true", help="the GPU suite of benchmarks/device_check.sh")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     gpu = device.type == "cuda"
     try:
         from engine.config import ALIASES
@@ -290,10 +287,7 @@ def main(argv=None) -> int:
         models = [ALIASES.get(x, x) for x in (args.models or ("vit-b,vit-l,vit-h" if gpu else "debug,tiny")).split(",")]
         for mname in models:
             get_preset(mname)
-        modes = [x for x in args.modes.split(",") if x]
-        bad = [x for x in modes if x not in MODES]
-        if bad:
-            raise ConfigError(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+        modes = parse_choices(args.modes, MODES, "mode(s)")
         ratios = [float(x) for x in args.ratios.split(",") if x]
         for r in ratios:
             if not 0 <= r < 1:

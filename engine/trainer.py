@@ -175,7 +175,7 @@ class Trainer:
                 f"({self.loader.batches_per_epoch} micro-batches/epoch/rank)\n"
                 f"effective batch {self.effective_batch} = {t.batch_size} per device x {t.accum_steps} accumulation "
                 f"x {self.world} rank(s)" + (" (FSDP2)" if self.ctx.distributed else "") + f"; lr {self.lr:.3g} "
-                + (f"(absolute)" if self.cfg.optim.lr > 0 else
+                + ("(absolute)" if self.cfg.optim.lr > 0 else
                    f"= base {self.cfg.optim.base_lr:g} x {self.effective_batch}/256")
                 + f"\n{self.total_steps} steps ({t.epochs} epochs x {self.steps_per_epoch}), warm-up "
                 f"{self.warmup_steps}, stopping at step {self.stop_at}; run dir {self.run_dir}")

@@ -191,7 +191,6 @@ def test_mae_import_and_visualize_paper_checkpoint(tmp_path, capsys):
 
 
 def test_ablation_sweep_writes_table_and_plot(digits, tmp_path):
-    import json as _json
 
     from engine.cli import main
 
