@@ -148,7 +148,7 @@ def run(shapes: list[str], impls: list[str], device: torch.device, reps: int, wa
                     t = time_fn(call, device, warmup=warmup, reps=reps)
                     rows.append({"shape": shape, "N": s["N"], "op": op, "mode": mode, "impl": impl,
                                  "median_ms": round(t.median_ms, 4), "p20_ms": round(t.p20_ms, 4),
-                                 "p80_ms": round(t.p80_ms, 4), "GB_per_s": round(nbytes / t.median_ms / 1e6, 1),
+                                 "p80_ms": round(t.p80_ms, 4), "GB_per_s": float(f"{nbytes / t.median_ms / 1e6:.4g}"),
                                  "min_MB": round(nbytes / 1e6, 2)})
                     print(f"{shape:6s} {op:15s} {mode:8s} {impl:9s} {t.median_ms:8.4f} ms "
                           f"{nbytes / t.median_ms / 1e6:8.1f} GB/s", flush=True)
