@@ -59,7 +59,7 @@ def cmd_eval(args, extra) -> int:
     val = LabelledLoader(args.val, img, args.batch_size, d, args.seed, device, train=False)
     if args.protocol == "knn":
         train = LabelledLoader(args.train, img, args.batch_size, d, args.seed, device, train=False)
-        res = ev.knn_eval(mae, train, val, device, k=args.k, temperature=args.temperature, pool=args.pool or "cls")
+        res = ev.knn_eval(mae, train, val, device, k=args.k, temperature=args.temperature, pool=args.pool or "gap")
     elif args.protocol == "linprobe":
         res = ev.linear_probe(mae, train, val, device, epochs=args.epochs or 90, base_lr=args.lr or 0.1,
                               batch_size=args.batch_size, warmup=args.warmup if args.warmup >= 0 else 10,
@@ -118,7 +118,7 @@ def register(sub) -> None:
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--lr", type=float, default=0.0, help="base lr per 256 images (default 0.1 LARS / 5e-4 AdamW)")
     e.add_argument("--warmup", type=float, default=-1, help="warm-up epochs (default 10 linprobe / 5 finetune)")
-    e.add_argument("--pool", choices=("cls", "gap"), default=None, help="default cls (linprobe, knn), gap (finetune)")
+    e.add_argument("--pool", choices=("cls", "gap"), default=None, help="default cls (linprobe, as the paper), gap (knn, finetune)")
     e.add_argument("--last-blocks", type=int, default=None, help="finetune: train only the last k blocks (0 = probe)")
     e.add_argument("--layer-decay", type=float, default=0.75)
     e.add_argument("--drop-path", type=float, default=0.1)
