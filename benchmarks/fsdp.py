@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 from pathlib import Path
 
@@ -22,22 +21,13 @@ from .step import StepRunner
 
 
 def ensure_process_group(device: torch.device) -> None:
+    """A one-process group (FSDP2 needs one), as `--train.fsdp always` starts it."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        import socket
+    from engine.parallel import init_distributed
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    kw = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kw)
+    if not dist.is_initialized():
+        init_distributed(str(device), fsdp="always")
 
 
 def build(preset: str, device, fsdp: bool, ac: bool):

@@ -221,6 +221,9 @@ class TrainConfig:
     """Write TensorBoard event files next to metrics.jsonl."""
     knn_every: int = 0
     """Epochs between kNN monitor evaluations (0 = off; needs data.knn_train and data.knn_val)."""
+    fsdp: str = "auto"
+    """auto (FSDP2 under torchrun) | always (FSDP2 also in a single process: bf16 parameters, fp32 master
+    weights) | never (single process only)."""
     activation_checkpointing: bool = False
     """Recompute each encoder/decoder block in backward (less memory, about a third more compute)."""
     compile: bool = False
@@ -233,6 +236,7 @@ class TrainConfig:
         _check(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
         _check(self.vis_every >= 0, f"train.vis_every must be >= 0, got {self.vis_every}")
         _check(self.knn_every >= 0, f"train.knn_every must be >= 0, got {self.knn_every}")
+        _check(self.fsdp in ("auto", "always", "never"), f"train.fsdp must be auto, always or never, got {self.fsdp!r}")
         _check(self.precision in ("auto", "bf16", "fp32"),
                f"train.precision must be auto, bf16 or fp32, got {self.precision!r}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),

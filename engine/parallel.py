@@ -37,12 +37,24 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
-def init_distributed(device_pref: str = "auto", timeout_s: int = 600) -> tuple[DistContext, torch.device]:
-    """Initialise the default process group from torchrun's environment (nccl on CUDA, gloo on CPU)."""
+def init_distributed(device_pref: str = "auto", timeout_s: int = 600, fsdp: str = "auto") -> tuple[DistContext, torch.device]:
+    """Initialise the default process group from torchrun's environment (nccl on CUDA, gloo on CPU).
+
+    fsdp="always" without torchrun starts a one-process group, so a single device trains through FSDP2 too
+    (bf16 parameters with fp32 master weights and sharded checkpoints); "never" refuses torchrun.
+    """
+    from .config import ConfigError
     from .trainer import resolve_device
 
     if not launched_by_torchrun():
-        return DistContext(), resolve_device(device_pref)
+        if fsdp != "always":
+            return DistContext(), resolve_device(device_pref)
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    elif fsdp == "never":
+        raise ConfigError("train.fsdp=never, but this is a torchrun job: multi-process training here is FSDP2; "
+                          "use --train.fsdp auto")
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     device = resolve_device(device_pref)
     if device.type == "cuda":
@@ -53,6 +65,14 @@ def init_distributed(device_pref: str = "auto", timeout_s: int = 600) -> tuple[D
         kw = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kw)
     return DistContext(rank, world, local, True), device
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def destroy_distributed() -> None:

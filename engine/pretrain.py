@@ -15,7 +15,7 @@ def run_pretrain(cfg: Config, resume: bool = False) -> int:
     from . import parallel
     from .trainer import Trainer
 
-    ctx, device = parallel.init_distributed(cfg.train.device)
+    ctx, device = parallel.init_distributed(cfg.train.device, fsdp=cfg.train.fsdp)
     try:
         trainer = Trainer(cfg, resume=resume, ctx=ctx, device=device)
         result = trainer.fit()

@@ -108,3 +108,17 @@ def test_failing_rank_brings_job_down_with_its_error(tmp_path):
     assert "injected fault (MAE_FAULT_STEP=3) on rank 1 at step 3" in out
     assert "rank      : 1" in out or "rank: 1" in out or "[rank1]" in out
     assert time.time() - t0 < 150
+
+
+def test_fsdp_always_in_a_single_process_matches_plain(tmp_path):
+    """--train.fsdp always: one process through FSDP2 (sharded checkpoint), same training as plain."""
+    r = subprocess.run([sys.executable, "-m", "engine.pretrain", *COMMON, "--run-dir", str(tmp_path / "f"),
+                        "--train.batch_size", "16", "--train.max_steps", "3", "--train.fsdp", "always"],
+                       capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert_ok(r)
+    assert "(FSDP2)" in r.stdout
+    assert single(tmp_path / "p", "--train.batch_size", "16", "--train.max_steps", "3") == 0
+    a = ckpt.full_model_state(ckpt.latest_checkpoint(tmp_path / "f"))
+    b = ckpt.full_model_state(ckpt.latest_checkpoint(tmp_path / "p"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
