@@ -187,6 +187,7 @@ def load_training_checkpoint(path: str | os.PathLike, model, optimizer, model_cf
 
 
 def _check_keys(model, sd: dict, path) -> None:
+    """One CheckpointError listing missing, unexpected and mis-shaped keys (shapes as the model sees them)."""
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -253,13 +254,7 @@ def check_architecture(saved_cfg: dict | None, model_cfg, path: str | os.PathLik
 
 def load_model_state(model: torch.nn.Module, sd: dict, path: str | os.PathLike = "checkpoint") -> None:
     """Strict load with one readable error listing missing, unexpected and mis-shaped keys."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        raise CheckpointError(_mismatch_message(path, missing, unexpected, shapes))
+    _check_keys(model, sd, path)
     model.load_state_dict(sd, strict=True)
 
 

@@ -132,9 +132,6 @@ class Trainer:
             return states
         return [mine]
 
-    def state_dict(self) -> dict:
-        return {**ckpt.training_state(self.model, self.optimizer), **self.meta()}
-
     def _resume(self, path: Path) -> None:
         meta = ckpt.load_training_checkpoint(path, self.model, self.optimizer, self.cfg.model)
         for key in ("step", "data", "rng"):
