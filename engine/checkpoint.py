@@ -44,14 +44,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
-    """torch.save to a temp file beside `path`, fsync, rename over `path`."""
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call write(binary_file) on a temp file beside `path`, fsync, rename over `path`: a kill leaves
+    either the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -61,6 +62,11 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    """torch.save to a temp file beside `path`, fsync, rename over `path`."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int, sharded: bool = False) -> Path:

@@ -70,17 +70,6 @@ def reconstruction_grid(model, imgs: torch.Tensor, mean, std, mask_ratio: float 
 
 def save_grid(img: Image.Image, path: str | Path) -> Path:
     """Write a PNG atomically (temp file + rename)."""
-    import os
-    import tempfile
+    from .checkpoint import atomic_write
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: img.save(f, format="PNG"))
