@@ -39,7 +39,10 @@ def check_unshuffle(n, length, d, r, dtype):
     g = torch.randn_like(a)
     ga, gb = torch.autograd.grad(a, (x, mt), g), torch.autograd.grad(b, (x, mt), g)
     assert torch.equal(ga[0], gb[0]), "grad x differs"
-    torch.testing.assert_close(ga[1], gb[1], rtol=1e-4, atol=1e-3 * gb[1].abs().max().item())
+    # the mask-token gradient is a sum: the reference rounds it to x's dtype before casting back, the kernel
+    # keeps fp32, so low-precision inputs differ by that rounding
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ga[1], gb[1], rtol=tol, atol=tol * gb[1].abs().max().item())
 
 
 def check_loss(n, img, p, dtype, norm_pix, grad_in_forward):
