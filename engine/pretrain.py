@@ -19,6 +19,8 @@ def run_pretrain(cfg: Config, resume: bool = False) -> int:
     try:
         trainer = Trainer(cfg, resume=resume, ctx=ctx, device=device)
         result = trainer.fit()
+        if result.interrupted:
+            return 128 + {"SIGTERM": 15, "SIGUSR1": 10}.get(result.interrupted, 15)
         if ctx.is_main:
             loss = f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a"
             print(f"done: step {result.step}, loss {loss}, checkpoint {result.checkpoint}, "

@@ -40,6 +40,8 @@ class TrainResult:
     checkpoint: Path | None
     """The last checkpoint written."""
     run_dir: Path
+    interrupted: str | None = None
+    """The signal (SIGTERM, SIGUSR1) that stopped the run after a checkpoint, or None when it finished."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -98,6 +100,7 @@ class Trainer:
         self.step = 0
         self.micro_batch = 0  # global micro-batch position of the data stream
         self._knn_loaders = None
+        self._signal: str | None = None
         self.flops_per_image = train_flops_per_image(cfg.model)
         self.peak = datasheet_peak(self.device) if self.device.type == "cuda" else None
         if resume_path is not None:
@@ -230,6 +233,8 @@ class Trainer:
         bad_run, worst_run = zero.clone(), zero.clone()
         last_loss, last_ckpt = None, None
         t_log, steps_since, imgs_per_step = time.perf_counter(), 0, self.effective_batch // self.world
+        stop_signal = None
+        restore = self._catch_signals()
         try:
             while self.step < self.stop_at:
                 if vis_imgs is None:
@@ -250,9 +255,12 @@ class Trainer:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     dt = time.perf_counter() - t_log
-                    stats = torch.stack([loss_sum, n_good])
+                    flag = torch.full((), float(self._signal is not None), device=self.device)
+                    stats = torch.stack([loss_sum, n_good, flag])
                     parallel.all_reduce_(stats)  # mean over ranks; skips are global already
                     ng, sk, worst = int(stats[1].item()), int(skipped.item()), int(worst_run.item())
+                    if stats[2].item() > 0:  # some rank was asked to stop: all save together, then stop
+                        stop_signal = self._signal or "a signal on another rank"
                     last_loss = stats[0].item() / ng if ng else float("nan")
                     ips = steps_since * imgs_per_step * self.world / dt
                     lr = self.optimizer.param_groups[0]["lr"]
@@ -276,9 +284,15 @@ class Trainer:
                             f"{self.run_dir} is intact: lower the lr or check the data, then --resume")
                     loss_sum.zero_(), n_good.zero_(), skipped.zero_(), worst_run.copy_(bad_run)
                     t_log, steps_since = time.perf_counter(), 0
-                if self.step % t.ckpt_every == 0 or self.step == self.stop_at:
+                if not self.ctx.distributed and self._signal is not None:
+                    stop_signal = self._signal  # one process: act on the next step boundary
+                if self.step % t.ckpt_every == 0 or self.step == self.stop_at or stop_signal:
                     last_ckpt = self.save()
                     t_log = time.perf_counter()  # do not count the save in the throughput
+                if stop_signal:
+                    if self.is_main:
+                        say(f"received {stop_signal}: saved {last_ckpt} at step {self.step}; continue with --resume")
+                    break
                 if vis_imgs is not None and (
                         (t.vis_every and self.step % t.vis_every == 0) or self.step == self.stop_at):
                     self.write_reconstruction(vis_imgs)
@@ -290,10 +304,35 @@ class Trainer:
                         say(f"kNN monitor at epoch {self.step // self.steps_per_epoch}: top-1 {acc * 100:.2f}%")
                     t_log = time.perf_counter()
         finally:
+            restore()
             if bar is not None:
                 bar.close()
             writer.close()
-        return TrainResult(self.step, last_loss, last_ckpt, self.run_dir)
+        return TrainResult(self.step, last_loss, last_ckpt, self.run_dir, stop_signal)
+
+    def _catch_signals(self):
+        """SIGTERM / SIGUSR1 (a scheduler's pre-emption notice) ask the loop to checkpoint and stop at the next
+        step boundary (under torchrun: at the next log interval, when the ranks agree). Returns the undo."""
+        import signal
+        import threading
+
+        self._signal = None
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        names = [n for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n)]
+        old = {n: signal.getsignal(getattr(signal, n)) for n in names}
+
+        def handler(signum, frame):
+            self._signal = signal.Signals(signum).name
+
+        for n in names:
+            signal.signal(getattr(signal, n), handler)
+
+        def restore():
+            for n, h in old.items():
+                signal.signal(getattr(signal, n), h)
+
+        return restore
 
     def knn_monitor(self) -> float:
         """kNN top-1 (k=20, cosine, T=0.07) of the current encoder on data.knn_val against data.knn_train.
