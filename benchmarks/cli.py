@@ -21,21 +21,13 @@ def _run_module(module: str, argv: list[str]) -> int:
     return int(mod.main(argv) or 0)
 
 
-def cmd_bench(args, extra) -> int:
-    return _run_module(BENCHES[args.bench], list(args.rest) + list(extra))
-
-
-def cmd_profile(args, extra) -> int:
-    return _run_module("benchmarks.profile", list(args.rest) + list(extra))
-
-
 def register(sub) -> None:
     b = sub.add_parser("bench", help="benchmarks: speedup (visible-only vs dense), kernels, loader, fsdp",
                        add_help=False)
     b.add_argument("bench", choices=sorted(BENCHES), help="which benchmark (then its own --help)")
     b.add_argument("rest", nargs=argparse.REMAINDER)
-    b.set_defaults(func=cmd_bench, accepts_overrides=True)
+
     p = sub.add_parser("profile", help="throughput, memory and top kernels per mask ratio for one config",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_profile, accepts_overrides=True)
+

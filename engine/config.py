@@ -129,12 +129,13 @@ class DataConfig:
     quarantine: str = ""
     """File listing paths to exclude (as written by `mae data check`); empty = DIR/.mae_quarantine.txt if present."""
 
-    def workers(self, local_world: int = 1) -> int:
-        """The number of decode workers to use (resolving -1 = auto)."""
+    def workers(self) -> int:
+        """The number of decode workers to use (resolving -1 = auto: the cores, split over this node's ranks)."""
         if self.num_workers >= 0:
             return self.num_workers
         import os
 
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         return max(1, min(16, (os.cpu_count() or 2) // max(1, local_world)))
 
     def __post_init__(self) -> None:

@@ -171,11 +171,14 @@ class MaskedAutoencoderViT(nn.Module):
         else:
             x = x + self.pos_embed[:, 1:, :]
             x, mask, ids_restore, _ = self.random_masking(x, mask_ratio, noise)  # [N, K, D]
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1).to(x.dtype)
-        x = torch.cat([cls, x], dim=1)
-        x = self._run_blocks(self.blocks, x)
+        x = self._run_blocks(self.blocks, self._prepend_cls(x))
         x = self.norm(x)
         return x, mask, ids_restore
+
+    def _prepend_cls(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, T, D] -> [N, T+1, D] with the cls token (plus its position embedding) first."""
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1).to(x.dtype)
+        return torch.cat([cls, x], dim=1)
 
     def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         for blk in blocks:
@@ -189,8 +192,7 @@ class MaskedAutoencoderViT(nn.Module):
         """The encoder on every patch, no masking (evaluation): imgs [N, C, H, W] -> tokens [N, L+1, D],
         cls first; `norm=False` returns them before the final LayerNorm (for global-pool heads)."""
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1).to(x.dtype)
-        x = self._run_blocks(self.blocks, torch.cat([cls, x], dim=1))
+        x = self._run_blocks(self.blocks, self._prepend_cls(x))
         return self.norm(x) if norm else x
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:

@@ -101,6 +101,7 @@ class Trainer:
         self.micro_batch = 0  # global micro-batch position of the data stream
         self._knn_loaders = None
         self._signal: str | None = None
+        self._fault_step = _fault_step(self.rank)
         self.flops_per_image = train_flops_per_image(cfg.model)
         self.peak = datasheet_peak(self.device) if self.device.type == "cuda" else None
         if resume_path is not None:
@@ -203,7 +204,9 @@ class Trainer:
         step_loss /= t.accum_steps
         bad = (~torch.isfinite(step_loss)).to(torch.float32)
         parallel.all_reduce_(bad, "max")  # every rank skips together (async on NCCL: no host sync)
-        _inject_fault(self.rank, self.step + 1)
+        if self._fault_step == self.step + 1:
+            raise RuntimeError(f"injected fault (MAE_FAULT_STEP={self._fault_step}) on rank {self.rank} "
+                               f"at step {self._fault_step}")
         if supports_found_inf(self.optimizer):
             # the fused optimizer reads found_inf on the device and skips the whole update when it is 1
             self.optimizer.found_inf = bad
@@ -228,6 +231,10 @@ class Trainer:
 
         stream = self.loader.stream(self.micro_batch)
         vis_imgs = None
+        if self.step < self.stop_at:  # the first batch also serves the reconstruction grids; it still trains
+            first = next(stream)
+            vis_imgs = first[:4].detach().clone()
+            stream = _chain_first(first, stream)
         zero = torch.zeros((), device=self.device)
         loss_sum, n_good, skipped = zero.clone(), zero.clone(), zero.clone()
         bad_run, worst_run = zero.clone(), zero.clone()
@@ -237,10 +244,6 @@ class Trainer:
         restore = self._catch_signals()
         try:
             while self.step < self.stop_at:
-                if vis_imgs is None:
-                    vis_imgs = self._peek_vis_batch(stream)
-                    stream = _chain_first(vis_imgs[1], stream)
-                    vis_imgs = vis_imgs[0]
                 loss, finite = self.train_step(stream)
                 loss_sum += torch.where(finite, loss, zero)
                 n_good += finite
@@ -353,10 +356,6 @@ class Trainer:
         finally:
             self.model.train(was)
 
-    def _peek_vis_batch(self, stream):
-        first = next(stream)
-        return first[:4].detach().clone(), first
-
     def write_reconstruction(self, imgs: torch.Tensor) -> Path:
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 4242)
         noise = torch.rand(imgs.shape[0], self.cfg.model.num_patches, generator=gen, device=self.device)
@@ -367,13 +366,13 @@ class Trainer:
         return save_grid(grid, path) if self.is_main else path
 
 
-def _inject_fault(rank: int, step: int) -> None:
-    """Fault injection for crash-handling tests: MAE_FAULT_STEP=S (and MAE_FAULT_RANK=R) raise on that step."""
+def _fault_step(rank: int) -> int | None:
+    """Fault injection for crash-handling tests: MAE_FAULT_STEP=S (and MAE_FAULT_RANK=R) make that rank raise
+    at step S."""
     import os
 
     fs = os.environ.get("MAE_FAULT_STEP")
-    if fs and int(fs) == step and int(os.environ.get("MAE_FAULT_RANK", "0")) == rank:
-        raise RuntimeError(f"injected fault (MAE_FAULT_STEP={fs}) on rank {rank} at step {step}")
+    return int(fs) if fs and int(os.environ.get("MAE_FAULT_RANK", "0")) == rank else None
 
 
 def _chain_first(first, stream):

@@ -13,7 +13,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
-from .common import IMAGE_EXTS, QUARANTINE_NAME, DataError
+from .common import IMAGE_EXTS, QUARANTINE_NAME, DataError, walk_files
 
 MAX_PIXELS = 89_478_485  # PIL's decompression-bomb threshold
 
@@ -92,10 +92,7 @@ def scan(root: str, workers: int = 0, max_pixels: int = MAX_PIXELS, decode: bool
     if not os.path.isdir(root):
         raise DataError(f"data directory {root} does not exist" if not os.path.exists(root) else
                         f"data path {root} is not a directory")
-    paths = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        paths += [os.path.abspath(os.path.join(dirpath, f)) for f in sorted(filenames) if not f.startswith(".")]
+    paths = walk_files(root)
     if not paths:
         raise DataError(f"no files found in {root}")
     findings: list[Finding] = []

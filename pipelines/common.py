@@ -44,6 +44,15 @@ def read_quarantine(path: str | os.PathLike) -> set[str]:
     return out
 
 
+def walk_files(root: str | os.PathLike) -> list[str]:
+    """Every non-hidden file under `root` (recursive, links followed), absolute paths in sorted order."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out += [os.path.abspath(os.path.join(dirpath, f)) for f in sorted(filenames) if not f.startswith(".")]
+    return out
+
+
 def list_images(path: str, quarantine: str = "") -> tuple[list[str], list[str]]:
     """Image files under `path` (recursive, sorted), minus quarantined ones.
 
@@ -55,13 +64,8 @@ def list_images(path: str, quarantine: str = "") -> tuple[list[str], list[str]]:
     if not root.is_dir():
         raise DataError(f"data path {root} is not a directory")
     images, others = [], []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in sorted(filenames):
-            if f.startswith("."):
-                continue
-            full = os.path.abspath(os.path.join(dirpath, f))
-            (images if f.lower().endswith(IMAGE_EXTS) else others).append(full)
+    for full in walk_files(root):
+        (images if full.lower().endswith(IMAGE_EXTS) else others).append(full)
     qfile = quarantine or (str(root / QUARANTINE_NAME) if (root / QUARANTINE_NAME).is_file() else "")
     if qfile:
         bad = read_quarantine(qfile)

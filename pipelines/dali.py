@@ -34,12 +34,6 @@ def _dali():
     return fn, pipeline_def, types, LastBatchPolicy, DALIGenericIterator
 
 
-def _local_world() -> int:
-    import os
-
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
-
 def random_crop_decode(fn, types, encoded, scale, ratio, decode_device):
     """Decode only a random crop of area `scale` x image and aspect in `ratio` (RandomResizedCrop's draw)."""
     return fn.decoders.image_random_crop(encoded, device=decode_device, output_type=types.RGB,
@@ -83,7 +77,7 @@ class DaliLoader:
             "float16" if out_dtype == "bfloat16" else out_dtype)
         self.out_dtype = getattr(torch, out_dtype)
         device_id = (self.device.index or 0) if gpu else None
-        threads = num_threads or max(1, data_cfg.workers(_local_world()))
+        threads = num_threads or max(1, data_cfg.workers())
 
         @pipeline_def(enable_checkpointing=True)
         def mae_pipeline():

@@ -9,14 +9,13 @@ CPU can pretrain on and probe in minutes.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from .common import IMAGE_EXTS, DataError, EpochPlan, sample_rng
+from .common import IMAGE_EXTS, DataError, EpochPlan, sample_rng, walk_files
 from .torchvision import ImageFiles
 
 
@@ -31,12 +30,9 @@ def list_labelled(path: str) -> tuple[list[str], list[int], list[str]]:
         raise DataError(f"{root} needs one subfolder per class (at least two); found {len(classes)}")
     files, labels = [], []
     for k, c in enumerate(classes):
-        for dirpath, dirnames, names in os.walk(root / c, followlinks=True):
-            dirnames.sort()
-            for f in sorted(names):
-                if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."):
-                    files.append(os.path.join(dirpath, f))
-                    labels.append(k)
+        imgs = [f for f in walk_files(root / c) if f.lower().endswith(IMAGE_EXTS)]
+        files += imgs
+        labels += [k] * len(imgs)
     if not files:
         raise DataError(f"no images found under the class folders of {root}")
     return files, labels, classes

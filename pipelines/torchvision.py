@@ -80,9 +80,7 @@ class TorchvisionLoader:
         self.plan = EpochPlan(self.num_samples, batch_size, seed, rank, world)
         self.batches_per_epoch = self.plan.batches_per_epoch
         self.device = torch.device(device)
-        import os
-
-        self.num_workers = data_cfg.workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        self.num_workers = data_cfg.workers()
         self.dtype = getattr(torch, data_cfg.dtype)
 
     def stream(self, start: int = 0):
