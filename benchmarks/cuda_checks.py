@@ -84,6 +84,72 @@ def check_model(preset):
     assert cos > 0.999, f"gradient cosine {cos:.5f}"
 
 
+def check_graph_step(preset, compile):
+    """The captured step (engine.graphstep) against the same body run eagerly: same losses, same parameters
+    after a few steps with a changing lr and fresh inputs each step; a NaN step is skipped inside the graph."""
+    from engine.config import OptimConfig, get_preset
+    from engine.graphstep import GraphedStep
+    from engine.model import build_model
+    from engine.optim import build_optimizer, set_lr
+
+    cfg = get_preset(preset).model
+    torch.manual_seed(0)
+    models = [build_model(cfg).cuda() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    steps = []
+    for cap, m in zip((False, True), models):
+        if compile:
+            from benchmarks.step import compile_regional
+
+            compile_regional(m)
+        opt = build_optimizer(m, OptimConfig(), 1e-3, torch.device("cuda"))
+        steps.append((m, opt, GraphedStep(m, opt, 0.75, torch.bfloat16, capture=cap)))
+    g = torch.Generator(device="cuda").manual_seed(1)
+    n = 16
+    for i in range(5):
+        imgs = torch.randn(n, 3, cfg.img_size, cfg.img_size, device="cuda", generator=g)
+        if i == 3:
+            imgs[0, 0, 0, 0] = float("nan")
+        noise = torch.rand(n, cfg.num_patches, device="cuda", generator=g)
+        out = []
+        for m, opt, st in steps:
+            set_lr(opt, 1e-3 * (i + 1))
+            before = [p.detach().clone() for p in m.parameters()] if i == 3 else None
+            loss, finite = st([imgs], [noise])
+            out.append((loss.item(), bool(finite)))
+            if i == 3:
+                assert not bool(finite), "NaN step not flagged"
+                assert all(torch.equal(a, b) for a, b in zip(before, m.parameters())), "NaN step changed parameters"
+        (la, fa), (lb, fb) = out
+        assert fa == fb, f"step {i}: finite flags differ"
+        if fa:
+            assert abs(la - lb) <= 1e-2 * abs(lb) + 1e-6, f"step {i}: loss {la} (eager) vs {lb} (graph)"
+    pa = torch.cat([p.detach().float().flatten() for p in models[0].parameters()])
+    pb = torch.cat([p.detach().float().flatten() for p in models[1].parameters()])
+    rel = ((pa - pb).norm() / pa.norm()).item()
+    assert rel < 1e-3, f"parameters differ after 5 steps: relative {rel:.2e}"
+    assert steps[1][2].captures == 1, f"{steps[1][2].captures} captures for one shape"
+
+
+def check_trainer_graph():
+    """Trainer with train.cuda_graph=true on synthetic data: runs, logs finite losses, resumes."""
+    import tempfile
+
+    from engine.config import apply_overrides, debug
+    from engine.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as d:
+        over = {"train.run_dir": d, "data.backend": "synthetic", "train.max_steps": "6", "train.log_every": "2",
+                "train.tensorboard": "false", "train.progress": "false", "train.cuda_graph": "true",
+                "train.ckpt_every": "3"}
+        res = Trainer(apply_overrides(debug(), over)).fit()
+        assert res.step == 6 and res.last_loss == res.last_loss, f"step {res.step}, loss {res.last_loss}"
+        over["train.max_steps"] = "8"
+        t = Trainer(apply_overrides(debug(), over), resume=True)
+        assert t.step == 6
+        assert t.fit().step == 8
+
+
 CHECKS = []
 for n, length, d in ((128, 196, 768), (128, 196, 1024), (64, 256, 1280), (3, 196, 100), (5, 256, 72)):
     for r in (0.5, 0.75, 0.9, 0.95):
@@ -102,17 +168,33 @@ for n, img, p in ((128, 224, 16), (64, 224, 14), (3, 32, 4)):
                                check_loss, (n, img, p, dt, norm_pix, gif)))
 for preset in ("debug", "mae_vit_base_patch16"):
     CHECKS.append((f"model {preset} triton vs torch path (bf16 autocast)", check_model, (preset,)))
+for preset, comp in (("debug", False), ("mae_vit_base_patch16", False), ("mae_vit_base_patch16", True)):
+    CHECKS.append((f"CUDA graph step {preset} compile={comp} vs eager body", check_graph_step, (preset, comp)))
+CHECKS.append(("trainer with train.cuda_graph=true, resume", check_trainer_graph, ()))
+
+
+def _first(name: str) -> int:
+    """Run order: the ViT-H shapes and the model / graph checks first, so a time-limited run covers them."""
+    if name.startswith(("model", "CUDA graph", "trainer")) or "L=256 D=1280" in name or "img=224 p=14" in name:
+        return 0
+    return 1
+
+
+CHECKS.sort(key=lambda c: _first(c[0]))  # stable: the rest keep their order
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
+    ap.add_argument("--only", default="", help="run the checks whose name contains this")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("cuda_checks: no CUDA device", file=sys.stderr)
         return 2
     results = []
     for name, fn, fargs in CHECKS:
+        if args.only and args.only not in name:
+            continue
         try:
             fn(*fargs)
             ok, msg = True, ""
@@ -121,12 +203,12 @@ def main(argv=None) -> int:
             traceback.print_exc(limit=2)
         results.append({"check": name, "ok": ok, "error": msg})
         print(f"{'PASS' if ok else 'FAIL'} {name} {msg}", flush=True)
+        if args.out:  # after every check, so a run stopped by its time limit keeps what it checked
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "cuda_checks.json").write_text(json.dumps(
+                {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, indent=2))
     n_bad = sum(not r["ok"] for r in results)
     print(f"{len(results) - n_bad} passed, {n_bad} failed")
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "cuda_checks.json").write_text(json.dumps(
-            {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, indent=2))
     return 1 if n_bad else 0
 
 

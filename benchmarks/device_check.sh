@@ -2,11 +2,17 @@
 # One run on a GPU machine: CUDA correctness checks of every fast path, then the benchmarks, with all
 # reports written to the folder named on the command line (default benchmarks/results/).
 #   bash benchmarks/device_check.sh [OUT_DIR] [SECTIONS]
-# SECTIONS (comma list, default all): checks,kernels,speedup,fsdp,loader
+# SECTIONS (comma list, default checks,kernels,speedup,fsdp,loader):
+#   checks   CUDA correctness of every fast path (Triton kernels, captured step, trainer with a graph)
+#   speed    the speed targets in under 8 minutes: lever ladder per model (reference -> triton -> regional
+#            compile -> CUDA graph), same-batch speedups, time to first step with a cold compile cache, ViT-H
+#            batch-256 memory, ViT-B fast vs reference loss curves; rows go to OUT/speed.jsonl as measured
+#   kernels, speedup (mask-ratio sweep), fsdp, loader (needs DALI), pytest (the Triton kernel tests on CUDA)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results}
 SECTIONS=${2:-checks,kernels,speedup,fsdp,loader}
+export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
@@ -26,9 +32,19 @@ import torch, sys
 assert torch.cuda.is_available()
 print(torch.cuda.get_device_name(), "torch", torch.__version__)
 PY
-has checks && step cuda_checks 150 $PY -m benchmarks.cuda_checks --out "$OUT"
-if has checks && $PY -c "import pytest" 2>/dev/null; then
+has checks && step cuda_checks 90 $PY -m benchmarks.cuda_checks --out "$OUT"
+if has pytest && $PY -c "import pytest" 2>/dev/null; then
   step pytest_kernels 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py
+fi
+if has speed; then
+  # a fresh compile cache, so the first compiled ViT-H row's time to first step includes compilation
+  export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
+  sp=(-m benchmarks.speedup --speed-suite --jsonl "$OUT/speed.jsonl" --out "$OUT/parts" --warmup 3 --reps 10)
+  step speed_vit-h 200 $PY "${sp[@]}" --models vit-h
+  step speed_vit-l 100 $PY "${sp[@]}" --models vit-l
+  step speed_vit-b 50 $PY "${sp[@]}" --models vit-b
+  step agreement 80 $PY -m benchmarks.agreement --preset vit-b --steps 50 --batch 64 --out "$OUT"
+  [ -f "$OUT/speed.jsonl" ] && $PY -m benchmarks.speedup --merge "$OUT/speed.jsonl" --out "$OUT"
 fi
 has kernels && step kernels 150 $PY -m benchmarks.kernels --out "$OUT" --reps 100
 if has speedup && [ -f benchmarks/speedup.py ]; then

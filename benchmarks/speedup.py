@@ -21,7 +21,9 @@ Outputs: speedup_<gpu>_<date>.{csv,json,md} and .._imgs.png / .._memory.png in -
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
+import json
 import sys
 from pathlib import Path
 
@@ -35,7 +37,9 @@ from .step import MODE_LABELS, MODES, NvmlSampler, StepRunner, flops_for_mode, m
 
 RATIOS = (0.5, 0.75, 0.9, 0.95)
 # targets on one H100 (bf16, synthetic input); see ../DESIGN.md for the reference measurements
-TARGETS = {"vit_h_img_s": 1700.0, "speedup_vit-h": 3.3, "speedup_vit-l": 2.9, "first_step_s": 30.0}
+TARGETS = {"vit_h_img_s": 1700.0, "vit_l_img_s": 3000.0, "vit_b_img_s": 6000.0, "speedup_vit-h": 3.3,
+           "speedup_vit-l": 2.9, "first_step_s": 30.0, "vit_h_b256_peak_gib": 42.8 * 0.85,
+           "vit_h_vs_reference": 986.0 * 1.4}
 SHORT = {"mae_vit_base_patch16": "vit-b", "mae_vit_large_patch16": "vit-l", "mae_vit_huge_patch14": "vit-h"}
 # the device suite: (preset, same-batch for all modes, larger MAE-only batch as in DESIGN.md's table)
 DEVICE_SUITE = (("vit-b", 256, 1024), ("vit-l", 128, 512), ("vit-h", 128, 256))
@@ -46,20 +50,34 @@ def speedup_ceiling(m, mask_ratio: float) -> float:
     return flops_for_mode(m, "mae_dense", mask_ratio) / flops_for_mode(m, "mae", mask_ratio)
 
 
+# lever sets: the reference's way (eager, torch ops, autocast) and each lever added in turn
+CONFIGS = {
+    "reference": {"kernels": "torch", "compile": "none", "graph": False},
+    "triton": {"kernels": "auto", "compile": "none", "graph": False},
+    "triton+compile": {"kernels": "auto", "compile": "regional", "graph": False},
+    "fast": {"kernels": "auto", "compile": "regional", "graph": True},
+}
+
+
 def measure(m, model_name: str, mode: str, batch: int, ratio: float | None, device, warmup: int, reps: int,
-            peak: float | None, ceiling: float | None, compile: bool = False, stream=None) -> dict:
+            peak: float | None, ceiling: float | None, compile: bool | str = False, stream=None,
+            config: str | None = None) -> dict:
     row = {"model": model_name, "mode": mode, "mask_ratio": ratio, "batch": batch}
+    levers = {"compile": compile}
+    if config is not None:
+        row["config"] = config
+        levers = CONFIGS[config]
     runner = None
     try:
         fresh_peak(device)
         runner = StepRunner(m, mode, batch, device, mask_ratio=ratio if ratio is not None else 0.0,
-                            compile=compile, stream=stream)
+                            stream=stream, **levers)
         with NvmlSampler(device.index or 0) as sampler:
             st = runner.run(warmup=warmup, reps=reps)
         ips = batch / (st.step_ms / 1000)
         fl = flops_for_mode(m, mode, ratio if ratio is not None else 0.0)
-        row.update(status="ok", img_per_s=round(ips, 1), step_ms=round(st.step_ms, 3), fwd_ms=round(st.fwd_ms, 3),
-                   bwd_ms=round(st.bwd_ms, 3), opt_ms=round(st.opt_ms, 3), p20_ms=round(st.p20_ms, 3),
+        row.update(status="ok", img_per_s=round(ips, 1), step_ms=round(st.step_ms, 3), fwd_ms=_r(st.fwd_ms, 3),
+                   bwd_ms=_r(st.bwd_ms, 3), opt_ms=_r(st.opt_ms, 3), p20_ms=round(st.p20_ms, 3),
                    p80_ms=round(st.p80_ms, 3), reps=st.reps, first_step_s=round(st.first_step_s, 2),
                    gflops_per_img=float(f"{fl / 1e9:.4g}"), tflops_per_s=float(f"{fl * ips / 1e12:.4g}"),
                    mfu_datasheet=_r(mfu(fl, ips, peak)), mfu_measured=_r(mfu(fl, ips, ceiling)))
@@ -70,6 +88,14 @@ def measure(m, model_name: str, mode: str, batch: int, ratio: float | None, devi
             row.update(sampler.summary())
     except torch.cuda.OutOfMemoryError:
         row.update(status="OOM")
+    except Exception as e:  # a lever that fails on this machine is a row, the sweep goes on
+        if config is None:
+            raise
+        msg = str(e).strip().splitlines()
+        row.update(status=f"error: {type(e).__name__}: {msg[0][:200] if msg else ''}")
+        import traceback
+
+        traceback.print_exc(limit=3)
     finally:
         del runner
         gc.collect()
@@ -78,8 +104,8 @@ def measure(m, model_name: str, mode: str, batch: int, ratio: float | None, devi
     return row
 
 
-def _r(x):
-    return None if x is None else round(x, 4)
+def _r(x, nd: int = 4):
+    return None if x is None else round(x, nd)
 
 
 def largest_batch(m, name, mode, ratio, device, start: int, cap: int, **kw) -> dict | None:
@@ -97,17 +123,20 @@ def largest_batch(m, name, mode, ratio, device, start: int, cap: int, **kw) -> d
 
 def speedup_rows(rows: list[dict], models_cfg: dict) -> list[dict]:
     """Measured speedups next to their FLOP ceilings, per model, ratio and batch."""
-    ok = {(r["model"], r["mode"], r["mask_ratio"], r["batch"]): r for r in rows
+    ok = {(r["model"], r["mode"], r["mask_ratio"], r["batch"], r.get("config")): r for r in rows
           if r.get("status") == "ok" and r.get("batch_kind", "same") == "same"}
     out = []
-    for (model, mode, ratio, batch), r in ok.items():
+    for (model, mode, ratio, batch, config), r in ok.items():
         if mode != "mae":
             continue
         m = models_cfg[model]
-        dense = ok.get((model, "mae_dense", ratio, batch)) or next(
-            (v for k, v in ok.items() if k[0] == model and k[1] == "mae_dense" and k[3] == batch), None)
-        vit = ok.get((model, "vit", None, batch))
+        dense = ok.get((model, "mae_dense", ratio, batch, config)) or next(
+            (v for k, v in ok.items() if k[0] == model and k[1] == "mae_dense" and k[3] == batch and k[4] == config),
+            None)
+        vit = ok.get((model, "vit", None, batch, config))
         row = {"model": model, "mask_ratio": ratio, "batch": batch, "mae_img_s": r["img_per_s"]}
+        if config is not None:
+            row["config"] = config
         if dense:
             row.update(dense_img_s=dense["img_per_s"], speedup_vs_dense=round(r["img_per_s"] / dense["img_per_s"], 3),
                        dense_ratio_measured_at=dense["mask_ratio"])
@@ -124,20 +153,43 @@ def target_lines(rows: list[dict], sp: list[dict]) -> list[str]:
 
     def line(name, goal, val, higher=True):
         if val is None:
-            lines.append(f"| {name} | {goal} | not measured | - |")
+            lines.append(f"| {name} | {goal:g} | not measured | - |")
             return
         met = val >= goal if higher else val <= goal
-        lines.append(f"| {name} | {goal} | {val:.4g} | {'met' if met else f'gap {abs(goal - val):.3g}'} |")
+        lines.append(f"| {name} | {goal:g} | {val:.4g} | {'met' if met else f'gap {abs(goal - val):.3g}'} |")
 
-    h = [r for r in rows if r["model"] == "vit-h" and r["mode"] == "mae" and r.get("mask_ratio") == 0.75
-         and r.get("status") == "ok"]
-    line("ViT-H/14 r=0.75 img/s (best batch)", TARGETS["vit_h_img_s"], max((r["img_per_s"] for r in h), default=None))
+    def mae75(model):
+        return [r for r in rows if r["model"] == model and r["mode"] == "mae" and r.get("mask_ratio") == 0.75
+                and r.get("status") == "ok"]
+
+    def best(rs):
+        return max(rs, key=lambda r: r["img_per_s"], default=None)
+
+    def tag(r):
+        return f" ({r.get('config') or 'eager'}, batch {r['batch']})" if r else ""
+
+    h = mae75("vit-h")
+    for model, key, label in (("vit-h", "vit_h_img_s", "ViT-H/14"), ("vit-l", "vit_l_img_s", "ViT-L/16"),
+                              ("vit-b", "vit_b_img_s", "ViT-B/16")):
+        b = best(mae75(model))
+        line(f"{label} r=0.75 img/s, best{tag(b)}", TARGETS[key], b["img_per_s"] if b else None)
+    b = best(h)
+    line(f"ViT-H/14 r=0.75 img/s vs the reference's 986 eager + 40%{tag(b)}", TARGETS["vit_h_vs_reference"],
+         b["img_per_s"] if b else None)
     for model in ("vit-h", "vit-l"):
-        s = [x for x in sp if x["model"] == model and x["mask_ratio"] == 0.75 and "speedup_vs_dense" in x]
-        line(f"{model} speedup vs encoder-with-mask-tokens, same batch", TARGETS[f"speedup_{model}"],
-             max((x["speedup_vs_dense"] for x in s), default=None))
-    line("ViT-H/14 time to first step, s (build + first step)", TARGETS["first_step_s"],
-         min((r["first_step_s"] for r in h), default=None), higher=False)
+        sx = [x for x in sp if x["model"] == model and x["mask_ratio"] == 0.75 and "speedup_vs_dense" in x]
+        bx = max(sx, key=lambda x: x["speedup_vs_dense"], default=None)
+        label = f" ({bx.get('config') or 'eager'}, batch {bx['batch']})" if bx else ""
+        line(f"{model} speedup vs encoder-with-mask-tokens, same batch and levers{label}",
+             TARGETS[f"speedup_{model}"], bx["speedup_vs_dense"] if bx else None)
+    cold = [r for r in h if r.get("compile_cache") == "first in process"]
+    fs = min(cold or h, key=lambda r: r["first_step_s"], default=None)
+    line("ViT-H/14 time to first step, s (build + compile + first step)" + tag(fs), TARGETS["first_step_s"],
+         fs["first_step_s"] if fs else None, higher=False)
+    b256 = [r for r in h if r["batch"] == 256 and r.get("peak_alloc_gib") is not None]
+    bm = min(b256, key=lambda r: r["peak_alloc_gib"], default=None)
+    line("ViT-H/14 batch 256 peak GiB, 15% under the reference's 42.8" + tag(bm), round(TARGETS["vit_h_b256_peak_gib"], 2),
+         bm["peak_alloc_gib"] if bm else None, higher=False)
     return lines
 
 
@@ -151,13 +203,15 @@ def plots(rows: list[dict], out_prefix: Path) -> list[Path]:
     for key, ylabel, suffix in (("img_per_s", "images / s", "imgs"), ("peak_alloc_gib", "peak memory (GiB)", "memory")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         drawn = False
-        for (model, mode, batch) in sorted({(r["model"], r["mode"], r["batch"]) for r in rows}):
-            pts = sorted((r["mask_ratio"], r.get(key)) for r in rows if (r["model"], r["mode"], r["batch"]) ==
-                         (model, mode, batch) and r.get("status") == "ok" and r.get(key) is not None
+        for (model, mode, batch, config) in sorted({(r["model"], r["mode"], r["batch"], r.get("config") or "")
+                                                    for r in rows}):
+            pts = sorted((r["mask_ratio"], r.get(key)) for r in rows
+                         if (r["model"], r["mode"], r["batch"], r.get("config") or "") == (model, mode, batch, config)
+                         and r.get("status") == "ok" and r.get(key) is not None
                          and r.get("batch_kind", "same") == "same")
             if not pts:
                 continue
-            label = f"{model} {MODE_LABELS[mode]} (batch {batch})"
+            label = f"{model} {MODE_LABELS[mode]} (batch {batch}{', ' + config if config else ''})"
             if mode == "vit" or len(pts) == 1 and pts[0][0] is None:
                 ax.axhline(pts[0][1], linestyle="--", linewidth=1, label=label, color=f"C{hash((model, mode)) % 10}")
             else:
@@ -179,13 +233,17 @@ def plots(rows: list[dict], out_prefix: Path) -> list[Path]:
     return paths
 
 
-def run_sweep(plan: list[tuple[str, str, float | None, int, str]], device, warmup, reps, compile=False,
-              data=None, max_batch: int = 0) -> tuple[list[dict], dict, float | None, float | None]:
-    """plan: (model preset, mode, ratio, batch, batch_kind) tuples."""
+def run_sweep(plan: list[tuple], device, warmup, reps, compile=False, data=None, max_batch: int = 0,
+              jsonl: Path | None = None) -> tuple[list[dict], dict, float | None, float | None]:
+    """plan: (model preset, mode, ratio, batch, batch_kind[, config]) tuples. Each row is appended to `jsonl`
+    (when given) as soon as it is measured, so a run cut short keeps what it measured."""
     peak = datasheet_peak(device) if device.type == "cuda" else None
     ceiling = matmul_ceiling(device)
     models_cfg, rows = {}, []
-    for preset, mode, ratio, batch, kind in plan:
+    compiled_before = False
+    for item in plan:
+        preset, mode, ratio, batch, kind = item[:5]
+        config = item[5] if len(item) > 5 else None
         name = SHORT.get(preset, preset)
         m = get_preset(preset).model
         models_cfg[name] = m
@@ -197,9 +255,19 @@ def run_sweep(plan: list[tuple[str, str, float | None, int, str]], device, warmu
             d.path = data
             stream = build_loader(d, m.img_size, batch, device, 0).stream(0)
         kw = dict(warmup=warmup, reps=reps, peak=peak, ceiling=ceiling, compile=compile, stream=stream)
+        if config is not None:
+            kw["config"] = config
         row = measure(m, name, mode, batch, ratio, device, **kw)
         row["batch_kind"] = kind
+        compiles = (CONFIGS[config]["compile"] != "none") if config else bool(compile)
+        if compiles:  # the first compiled row of a process pays the compilation (cold unless a disk cache is warm)
+            row["compile_cache"] = "warm" if compiled_before else "first in process"
+            compiled_before = True
         rows.append(row)
+        if jsonl is not None:
+            with open(jsonl, "a") as f:
+                f.write(json.dumps({"row": row, "model_cfg": dataclasses.asdict(m), "peak": peak,
+                                    "ceiling": ceiling}) + "\n")
         print(_fmt(row), flush=True)
         if max_batch and device.type == "cuda" and row["status"] == "ok" and kind == "same":
             best = largest_batch(m, name, mode, ratio, device, batch * 2, max_batch, **kw)
@@ -210,10 +278,13 @@ def run_sweep(plan: list[tuple[str, str, float | None, int, str]], device, warmu
 
 
 def _fmt(r: dict) -> str:
+    head = f"{r['model']:8s} {r['mode']:9s} r={r['mask_ratio']} batch {r['batch']:5d}" + (
+        f" [{r['config']}]" if r.get("config") else "")
     if r.get("status") != "ok":
-        return f"{r['model']:8s} {r['mode']:9s} r={r['mask_ratio']} batch {r['batch']}: {r.get('status')}"
-    return (f"{r['model']:8s} {r['mode']:9s} r={r['mask_ratio']} batch {r['batch']:5d}: {r['img_per_s']:9.1f} img/s "
-            f"step {r['step_ms']:.2f} ms (fwd {r['fwd_ms']:.2f} bwd {r['bwd_ms']:.2f} opt {r['opt_ms']:.2f})"
+        return f"{head}: {r.get('status')}"
+    phases = (f" (fwd {r['fwd_ms']:.2f} bwd {r['bwd_ms']:.2f} opt {r['opt_ms']:.2f})" if r.get("fwd_ms") is not None
+              else " (one graph replay)")
+    return (f"{head}: {r['img_per_s']:9.1f} img/s step {r['step_ms']:.2f} ms{phases} first step {r['first_step_s']} s"
             + (f" peak {r['peak_alloc_gib']} GiB" if r.get("peak_alloc_gib") is not None else ""))
 
 
@@ -227,6 +298,9 @@ def write_report(rows, sp, env, out: Path, peak, ceiling, name="speedup") -> Pat
     cols = ["model", "mode", "mask_ratio", "batch", "status", "img_per_s", "step_ms", "fwd_ms", "bwd_ms", "opt_ms",
             "peak_alloc_gib", "device_used_gib", "gpu_util_pct", "power_w", "gflops_per_img", "mfu_datasheet",
             "mfu_measured", "first_step_s"]
+    if any(r.get("config") for r in rows):
+        cols.insert(4, "config")
+        cols.append("compile_cache")
     lines = [f"# Visible-only MAE vs dense baselines ({env.get('device')}, {env['date']})", "", env_block(env), "",
              f"- datasheet bf16 peak: {peak / 1e12:.0f} TFLOP/s" if peak else "- datasheet peak: n/a (not a known GPU)",
              f"- measured bf16 matmul ceiling (8192^3): {ceiling / 1e12:.0f} TFLOP/s" if ceiling else
@@ -236,7 +310,8 @@ def write_report(rows, sp, env, out: Path, peak, ceiling, name="speedup") -> Pat
              + "; synthetic on-device input unless stated. Training FLOPs = 6 x forward MACs; a block of width d "
              "on T tokens = T*d*d*(4 + 2*mlp_ratio) + 2*T*T*d MACs.", "",
              md_table(rows, cols), "", "## Speedup of visible-only encoding", "",
-             md_table(sp, ["model", "mask_ratio", "batch", "mae_img_s", "dense_img_s", "speedup_vs_dense",
+             md_table(sp, (["config"] if any(x.get("config") for x in sp) else []) + [
+                 "model", "mask_ratio", "batch", "mae_img_s", "dense_img_s", "speedup_vs_dense",
                            "flop_ceiling_vs_dense", "vit_img_s", "speedup_vs_vit", "flop_ceiling_vs_vit"]),
              "", "## Targets (one H100, bf16, synthetic input)", ""] + target_lines(rows, sp)
     lines += ["", "Plots: " + ", ".join(p.name for p in pngs)] if pngs else []
@@ -245,8 +320,29 @@ def write_report(rows, sp, env, out: Path, peak, ceiling, name="speedup") -> Pat
     return path
 
 
-def build_plan(models, modes, ratios, batch, device_suite: bool) -> list[tuple]:
+# the speed suite (issue targets): per model, the lever ladder at the reference's batch, then the same-batch
+# visible-only vs encoder-with-mask-tokens pair with the fastest levers. The first row compiles (time to first
+# step with compilation); graph rows come after the eager ones so a capture failure cannot hide them.
+SPEED_SUITE = {
+    "vit-h": [("mae", 0.75, 256, "triton+compile"), ("mae", 0.75, 256, "reference"), ("mae", 0.75, 256, "triton"),
+              ("mae", 0.75, 256, "fast"), ("mae", 0.75, 128, "fast"), ("mae_dense", 0.75, 128, "fast"),
+              ("mae_dense", 0.75, 128, "reference"), ("mae", 0.75, 128, "reference")],
+    "vit-l": [("mae", 0.75, 512, "fast"), ("mae", 0.75, 128, "fast"), ("mae_dense", 0.75, 128, "fast"),
+              ("mae", 0.75, 512, "reference")],
+    "vit-b": [("mae", 0.75, 1024, "fast"), ("mae", 0.75, 1024, "reference")],
+}
+
+
+def build_plan(models, modes, ratios, batch, device_suite: bool, speed_suite: bool = False,
+               config: str | None = None) -> list[tuple]:
     plan = []
+    if speed_suite:
+        full = {v: k for k, v in SHORT.items()}
+        for preset in models:
+            short = SHORT.get(preset, preset)
+            for mode, r, b, cfg in SPEED_SUITE.get(short, []):
+                plan.append((full.get(short, preset), mode, r, b, "same", cfg))
+        return plan
     if device_suite:
         for short, same, big in DEVICE_SUITE:
             preset = {v: k for k, v in SHORT.items()}[short]
@@ -259,8 +355,29 @@ def build_plan(models, modes, ratios, batch, device_suite: bool) -> list[tuple]:
     for preset in models:
         for mode in modes:
             for r in (ratios if mode != "vit" else [None]):
-                plan.append((preset, mode, r, batch, "same"))
+                plan.append((preset, mode, r, batch, "same") + ((config,) if config else ()))
     return plan
+
+
+def merge(paths: list[str], out: Path) -> Path:
+    """One report from the JSONL rows of several runs (e.g. one process per model on the GPU machine)."""
+    rows, models_cfg, peak, ceiling, env = [], {}, None, None, None
+    from engine.config import ModelConfig
+
+    for p in paths:
+        for line in Path(p).read_text().splitlines():
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if "environment" in rec:
+                env = env or rec["environment"]
+                continue
+            rows.append(rec["row"])
+            models_cfg[rec["row"]["model"]] = ModelConfig(**rec["model_cfg"])
+            peak, ceiling = rec.get("peak") or peak, rec.get("ceiling") or ceiling
+    if env is None:
+        raise ValueError(f"no environment record in {', '.join(paths)}")
+    return write_report(rows, speedup_rows(rows, models_cfg), env, out, peak, ceiling)
 
 
 def main(argv=None) -> int:
@@ -273,12 +390,28 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch", type=int, default=0, help="also find the largest batch that fits, up to this (GPU)")
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--reps", type=int, default=0)
-    ap.add_argument("--compile", action="store_true", help="torch.compile each model")
+    ap.add_argument("--compile", nargs="?", const="model", default="none", choices=("none", "regional", "model"),
+                    help="torch.compile: the whole model (bare --compile) or each block (regional)")
+    ap.add_argument("--config", default="", help=f"a lever set for every row: {', '.join(CONFIGS)} "
+                    "(overrides --compile)")
+    ap.add_argument("--speed-suite", action="store_true",
+                    help="the lever ladder and the issue's speed targets per model (GPU)")
+    ap.add_argument("--jsonl", default="", help="append each row here as it is measured")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSONL",
+                    help="write one report from the --jsonl files of earlier runs, measuring nothing")
     ap.add_argument("--data", default="", help="an image directory: include the data loader in the step")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--device-suite", action="store_true", help="the GPU suite of benchmarks/device_check.sh")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
+    if args.merge:
+        try:
+            path = merge(args.merge, Path(args.out))
+        except (OSError, ValueError, KeyError) as e:
+            print(f"mae bench speedup: error: cannot merge: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {path}")
+        return 0
     device = pick_device(args.device)
     gpu = device.type == "cuda"
     try:
@@ -288,6 +421,8 @@ def main(argv=None) -> int:
         for mname in models:
             get_preset(mname)
         modes = parse_choices(args.modes, MODES, "mode(s)")
+        if args.config and args.config not in CONFIGS:
+            raise ConfigError(f"--config must be one of {', '.join(CONFIGS)}, got {args.config!r}")
         ratios = [float(x) for x in args.ratios.split(",") if x]
         for r in ratios:
             if not 0 <= r < 1:
@@ -298,10 +433,17 @@ def main(argv=None) -> int:
     batch = args.batch or (128 if gpu else 32)
     warmup = args.warmup or (5 if gpu else 2)
     reps = args.reps or (20 if gpu else 5)
-    plan = build_plan(models, modes, ratios, batch, args.device_suite and gpu)
+    plan = build_plan(models, modes, ratios, batch, args.device_suite and gpu, args.speed_suite,
+                      args.config or None)
     env = environment(device)
-    rows, models_cfg, peak, ceiling = run_sweep(plan, device, warmup, reps, args.compile, args.data or None,
-                                                args.max_batch)
+    jsonl = Path(args.jsonl) if args.jsonl else None
+    if jsonl is not None:
+        jsonl.parent.mkdir(parents=True, exist_ok=True)
+        with open(jsonl, "a") as f:
+            f.write(json.dumps({"environment": env}) + "\n")
+    compile_mode = {"none": False}.get(args.compile, args.compile)
+    rows, models_cfg, peak, ceiling = run_sweep(plan, device, warmup, reps, compile_mode, args.data or None,
+                                                args.max_batch, jsonl)
     sp = speedup_rows(rows, models_cfg)
     path = write_report(rows, sp, env, Path(args.out), peak, ceiling)
     for x in sp:

@@ -29,8 +29,13 @@ def build_for_mode(m: ModelConfig, mode: str, device, num_classes: int = 1000):
                                  num_classes=num_classes, qkv_bias=True).to(device)
     import dataclasses
 
+    from engine.parallel import materialize
+
     cfg = dataclasses.replace(m, encoder_mask_tokens=(mode == "mae_dense"))
-    return build_model(cfg).to(device)
+    with torch.device("meta"):  # no default init pass on the host: each parameter gets its initial value once
+        model = build_model(cfg)
+    materialize(model, torch.device(device), seed=0)
+    return model
 
 
 def flops_for_mode(m: ModelConfig, mode: str, mask_ratio: float, num_classes: int = 1000) -> float:
@@ -88,9 +93,9 @@ class NvmlSampler:
 @dataclass
 class StepStats:
     step_ms: float
-    fwd_ms: float
-    bwd_ms: float
-    opt_ms: float
+    fwd_ms: float | None
+    bwd_ms: float | None
+    opt_ms: float | None
     p20_ms: float
     p80_ms: float
     reps: int
@@ -98,50 +103,101 @@ class StepStats:
     extra: dict = field(default_factory=dict)
 
 
+class ClassifierStep(torch.nn.Module):
+    """timm's supervised ViT behind the MAE's step signature: (imgs, mask_ratio, noise) -> (cross-entropy, None, None)."""
+
+    def __init__(self, vit: torch.nn.Module, labels: torch.Tensor):
+        super().__init__()
+        self.vit = vit
+        self.register_buffer("labels", labels, persistent=False)
+
+    def forward(self, imgs, mask_ratio=None, noise=None):
+        logits = self.vit(imgs)
+        return torch.nn.functional.cross_entropy(logits.float(), self.labels[: imgs.shape[0]]), None, None
+
+
+COMPILE_MODES = ("none", "regional", "model")
+
+
+def compile_regional(model: torch.nn.Module) -> None:
+    """torch.compile every transformer block in place (an MAE's encoder and decoder blocks, a timm ViT's blocks)."""
+    for name in ("blocks", "decoder_blocks"):
+        for blk in getattr(model, name, []):
+            blk.compile()
+
+
 class StepRunner:
-    """Times full training steps of one model on synthetic on-device input (or a loader's stream)."""
+    """Times full training steps of one model on synthetic on-device input (or a loader's stream).
+
+    Levers (all default off, i.e. the reference's way of training): kernels "torch" | "triton" | "auto" for the
+    MAE's masking / unshuffle / loss; compile "none" | "regional" (each block compiled once, reused by every
+    layer) | "model" (whole-model torch.compile); graph=True captures forward + backward + optimizer in one
+    CUDA graph (engine.graphstep) and replays it.
+    """
 
     def __init__(self, m: ModelConfig, mode: str, batch: int, device, mask_ratio: float = 0.75,
-                 amp: bool | None = None, compile: bool = False, stream=None, num_classes: int = 1000, seed: int = 0,
-                 model: torch.nn.Module | None = None):
+                 amp: bool | None = None, compile: bool | str = False, stream=None, num_classes: int = 1000,
+                 seed: int = 0, model: torch.nn.Module | None = None, kernels: str | None = None,
+                 graph: bool = False):
         self.t_build = time.perf_counter()
         self.device = torch.device(device)
         self.m, self.mode, self.batch, self.mask_ratio = m, mode, batch, mask_ratio
         self.amp = (self.device.type == "cuda") if amp is None else amp
+        compile = {True: "model", False: "none"}.get(compile, compile)
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
         torch.manual_seed(seed)
-        self.model = model if model is not None else build_for_mode(m, mode, self.device, num_classes)
-        if compile:
-            self.model = torch.compile(self.model)
-        from engine.config import OptimConfig
-
-        self.opt = build_optimizer(self.model, OptimConfig(), 1e-4, self.device)
         g = torch.Generator(device=self.device).manual_seed(seed)
         self.gen = g
         self.stream = stream
         self.imgs = torch.randn(batch, m.in_chans, m.img_size, m.img_size, device=self.device, generator=g)
         self.labels = torch.randint(0, num_classes, (batch,), device=self.device, generator=g)
         self.num_classes = num_classes
+        self.model = model if model is not None else build_for_mode(m, mode, self.device, num_classes)
+        if kernels is not None and hasattr(self.model, "kernels"):
+            self.model.kernels = kernels
+        if compile == "regional":
+            compile_regional(self.model)
+        self.step_model = ClassifierStep(self.model, self.labels) if mode == "vit" else self.model
+        if compile == "model":
+            self.step_model = torch.compile(self.step_model)
+        from engine.config import OptimConfig
+
+        self.opt = build_optimizer(self.model, OptimConfig(), 1e-4, self.device)
+        self.graphed = None
+        if graph:
+            from engine.graphstep import GraphedStep
+
+            self.graphed = GraphedStep(self.step_model, self.opt, mask_ratio,
+                                       torch.bfloat16 if self.amp else None, capture=self.device.type == "cuda",
+                                       max_graphs=1)
 
     def autocast(self):
         if not self.amp:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def forward(self):
+    def _inputs(self):
         imgs = next(self.stream) if self.stream is not None else self.imgs
+        noise = torch.rand(imgs.shape[0], self.m.num_patches, device=self.device, generator=self.gen)
+        return imgs, noise
+
+    def forward(self):
+        imgs, noise = self._inputs()
         with self.autocast():
-            if self.mode == "vit":
-                logits = self.model(imgs)
-                return torch.nn.functional.cross_entropy(logits.float(), self.labels[: imgs.shape[0]])
-            noise = torch.rand(imgs.shape[0], self.m.num_patches, device=self.device, generator=self.gen)
-            loss, _, _ = self.model(imgs, self.mask_ratio, noise)
+            loss, _, _ = self.step_model(imgs, self.mask_ratio, noise)
             return loss
 
-    def step(self) -> None:
+    def step(self):
+        """One training step; returns the loss (a device tensor)."""
+        if self.graphed is not None:
+            imgs, noise = self._inputs()
+            return self.graphed([imgs], [noise])[0]
         loss = self.forward()
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -155,7 +211,15 @@ class StepRunner:
             self.step()
         self._sync()
         fwd, bwd, opt, tot = [], [], [], []
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.graphed is not None:  # one replay: no phase split
+            ev = [[torch.cuda.Event(enable_timing=True) for _ in range(2)] for _ in range(reps)]
+            for e in ev:
+                e[0].record()
+                self.step()
+                e[1].record()
+            self._sync()
+            tot = [e[0].elapsed_time(e[1]) for e in ev]
+        elif self.device.type == "cuda":
             ev = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(reps)]
             for e in ev:
                 e[0].record()
@@ -174,6 +238,11 @@ class StepRunner:
                 tot.append(e[0].elapsed_time(e[3]))
         else:
             for _ in range(reps):
+                if self.graphed is not None:
+                    t0 = time.perf_counter()
+                    self.step()
+                    tot.append(1000 * (time.perf_counter() - t0))
+                    continue
                 t0 = time.perf_counter()
                 loss = self.forward()
                 t1 = time.perf_counter()
@@ -189,7 +258,11 @@ class StepRunner:
         from .common import quantiles
 
         med, p20, p80 = quantiles(tot)
-        return StepStats(med, quantiles(fwd)[0], quantiles(bwd)[0], quantiles(opt)[0], p20, p80, reps, first_step_s)
+
+        def q(xs):
+            return quantiles(xs)[0] if xs else None
+
+        return StepStats(med, q(fwd), q(bwd), q(opt), p20, p80, reps, first_step_s)
 
 
 def matmul_ceiling(device, n: int = 8192, reps: int = 20) -> float | None:

@@ -229,6 +229,9 @@ class TrainConfig:
     """Recompute each encoder/decoder block in backward (less memory, about a third more compute)."""
     compile: bool = False
     """Regional torch.compile: each block compiled once and reused by every layer."""
+    cuda_graph: bool = False
+    """Capture forward + backward + optimizer of a step in one CUDA graph and replay it (one GPU, no FSDP;
+    torch fused AdamW). One capture per batch shape and mask ratio."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "accum_steps", "epochs", "log_every", "ckpt_every", "keep_last", "max_bad_steps"):

@@ -71,5 +71,10 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: flo
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr (times its lr_scale); a tensor lr (a captured step reads it) is filled in place."""
     for g in opt.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
+        v = lr * g.get("lr_scale", 1.0)
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].fill_(v)
+        else:
+            g["lr"] = v

@@ -104,8 +104,27 @@ class Trainer:
         self._fault_step = _fault_step(self.rank)
         self.flops_per_image = train_flops_per_image(cfg.model)
         self.peak = datasheet_peak(self.device) if self.device.type == "cuda" else None
+        self.graphed = None  # train.cuda_graph: the captured step (engine.graphstep)
+        if t.cuda_graph:
+            self._check_graphable()
+            from .graphstep import GraphedStep
+
+            self.graphed = GraphedStep(self.model, self.optimizer, cfg.model.mask_ratio, self.amp_dtype)
         if resume_path is not None:
             self._resume(resume_path)
+
+    def _check_graphable(self) -> None:
+        why = None
+        if self.device.type != "cuda":
+            why = f"it needs CUDA (train.device resolved to {self.device})"
+        elif self.ctx.distributed:
+            why = "FSDP2 (torchrun or train.fsdp=always) is not captured; it overlaps its own collectives"
+        elif not supports_found_inf(self.optimizer):
+            why = f"the optimizer ({type(self.optimizer).__name__}) cannot skip a step on the device; use optim.fused=torch"
+        elif self._fault_step is not None:
+            why = "MAE_FAULT_STEP fault injection raises between forward and update"
+        if why:
+            raise ConfigError(f"train.cuda_graph=true: {why}; set --train.cuda_graph false")
 
     # ------------------------------------------------------------------------------------------------------
 
@@ -187,6 +206,8 @@ class Trainer:
         """One optimizer step over accum_steps micro-batches. Returns (mean loss, finite flag), on device."""
         t, m = self.cfg.train, self.cfg.model
         set_lr(self.optimizer, lr_at(self.step, self.total_steps, self.warmup_steps, self.lr, self.cfg.optim.min_lr))
+        if self.graphed is not None:
+            return self._graphed_step(stream)
         step_loss = torch.zeros((), device=self.device)
         fsdp = parallel.is_fsdp(self.model)
         for micro in range(t.accum_steps):
@@ -216,6 +237,20 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return step_loss, bad == 0
+
+    def _graphed_step(self, stream) -> tuple[torch.Tensor, torch.Tensor]:
+        """train_step through the captured graph: the same micro-batches, noise and update, replayed."""
+        t, m = self.cfg.train, self.cfg.model
+        imgs_list, noise_list = [], []
+        for _ in range(t.accum_steps):
+            imgs = next(stream)
+            self.micro_batch += 1
+            noise_list.append(make_noise(m.mask_strategy, imgs.shape[0], m.grid_size, m.mask_ratio, self.mask_gen,
+                                         self.device))
+            imgs_list.append(imgs)
+        loss, finite = self.graphed(imgs_list, noise_list)
+        self.step += 1
+        return loss.clone(), finite.clone()
 
     def fit(self) -> TrainResult:
         t = self.cfg.train
@@ -266,7 +301,7 @@ class Trainer:
                         stop_signal = self._signal or "a signal on another rank"
                     last_loss = stats[0].item() / ng if ng else float("nan")
                     ips = steps_since * imgs_per_step * self.world / dt
-                    lr = self.optimizer.param_groups[0]["lr"]
+                    lr = float(self.optimizer.param_groups[0]["lr"])
                     rec = dict(epoch=round(self.step / self.steps_per_epoch, 3), loss=last_loss, lr=lr,
                                img_per_s=round(ips, 2), step_ms=round(1000 * dt / steps_since, 2), skipped=sk,
                                tflops_per_s=round(self.flops_per_image * ips / 1e12, 4),

@@ -116,6 +116,62 @@ def test_oom_is_reported_and_sweep_continues(monkeypatch, tmp_path):
     assert [r["status"] for r in rows] == ["ok", "OOM", "ok"]
 
 
+def test_speed_suite_plan_orders_levers():
+    plan = speedup.build_plan(["mae_vit_huge_patch14", "mae_vit_large_patch16", "mae_vit_base_patch16"],
+                              [], [], 0, False, speed_suite=True)
+    assert all(len(p) == 6 and p[5] in speedup.CONFIGS for p in plan)
+    for model in ("mae_vit_huge_patch14", "mae_vit_large_patch16", "mae_vit_base_patch16"):
+        rows = [p for p in plan if p[0] == model]
+        assert speedup.CONFIGS[rows[0][5]]["compile"] != "none"  # the first row pays the compilation
+        # each same-batch dense row has its visible-only partner with the same levers
+        for p in rows:
+            if p[1] == "mae_dense":
+                assert any(q[1] == "mae" and q[3] == p[3] and q[5] == p[5] for q in rows), p
+    h = [p for p in plan if p[0] == "mae_vit_huge_patch14"]
+    assert ("mae", 0.75, 256, "reference") in [p[1:4] + (p[5],) for p in h]
+
+
+def test_lever_rows_jsonl_merge_and_targets(tmp_path):
+    common = ["--models", "debug", "--ratios", "0.75", "--reps", "1", "--warmup", "1", "--device", "cpu",
+              "--batch", "4", "--jsonl", str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "parts")]
+    assert speedup.main(common + ["--modes", "mae,mae_dense", "--config", "fast"]) == 0
+    assert speedup.main(common + ["--modes", "mae", "--config", "reference"]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    rows = [x["row"] for x in lines if "row" in x]
+    assert [(r["mode"], r["config"], r["status"]) for r in rows] == [
+        ("mae", "fast", "ok"), ("mae_dense", "fast", "ok"), ("mae", "reference", "ok")]
+    assert rows[0]["compile_cache"] == "first in process" and rows[1]["compile_cache"] == "warm"
+    assert rows[0]["fwd_ms"] is None and rows[2]["fwd_ms"] is not None  # a graph step has no phase split
+    assert speedup.main(["--merge", str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "merged")]) == 0
+    data = json.loads(next((tmp_path / "merged").glob("*.json")).read_text())
+    assert len(data["rows"]) == 3
+    sp = {x["config"]: x for x in data["speedups"]}
+    assert sp["fast"]["speedup_vs_dense"] == round(rows[0]["img_per_s"] / rows[1]["img_per_s"], 3)
+    assert "speedup_vs_dense" not in sp["reference"]  # no dense row with the reference levers
+    md = next((tmp_path / "merged").glob("*.md")).read_text()
+    assert "| config |" in md and "ViT-H/14 time to first step" in md and "not measured" in md
+
+
+def test_lever_failure_is_a_row(monkeypatch, tmp_path):
+    from benchmarks import step
+
+    def broken(self, *a, **k):
+        raise RuntimeError("capture failed (simulated)")
+
+    monkeypatch.setattr(step.StepRunner, "run", broken)
+    assert speedup.main(["--models", "debug", "--modes", "mae", "--ratios", "0.75", "--device", "cpu",
+                         "--config", "triton", "--batch", "2", "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    assert rows[0]["status"].startswith("error: RuntimeError: capture failed")
+
+
+def test_merge_without_rows_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "x.jsonl").write_text("")
+    assert speedup.main(["--merge", str(tmp_path / "x.jsonl"), "--out", str(tmp_path)]) == 2
+    assert "cannot merge" in capsys.readouterr().err
+    assert speedup.main(["--merge", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)]) == 2
+
+
 def test_kernels_benchmark_cpu_smoke(tmp_path):
     from benchmarks import kernels
 

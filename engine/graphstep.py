@@ -1,0 +1,154 @@
+"""The whole training step (forward, backward and optimizer over the micro-batches) captured once in a CUDA
+graph and replayed, for single-process training (`train.cuda_graph`).
+
+A step has static shapes for a given batch and mask ratio, so it can be recorded: the inputs are copied into
+static buffers, the graph replays every kernel of forward, backward and the fused AdamW update without the
+host launching them one by one, and the loss and finite flag come back in static outputs. One graph is kept
+per (batch shape, mask ratio, micro-batches), so sweeping the mask ratio re-captures once per ratio and
+switching back costs nothing.
+
+What stays outside the graph: drawing the mask noise (so the masks are the same numbers as in the eager
+path), copying the batch in, setting the learning rate (a device tensor the graph reads).
+
+The same body runs eagerly when `capture=False` (on any device): that is the reference the graph is held
+to, and what the CPU tests run. Warm-up iterations before capture run with the update forced off (the fused
+optimizer's `found_inf`), so capturing leaves parameters and optimizer state exactly as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from .optim import supports_found_inf
+
+
+def tensor_lr_(opt: torch.optim.Optimizer) -> None:
+    """Make every param group's lr a 0-d tensor on the parameters' device (read by the graph at replay).
+
+    fp32 on CUDA, where the fused kernel computes in fp32 anyway; fp64 on CPU, where a float lr is used as a
+    double, so the two forms give the same update."""
+    for g in opt.param_groups:
+        if not isinstance(g["lr"], torch.Tensor):
+            dev = g["params"][0].device if g["params"] else torch.device("cpu")
+            dt = torch.float64 if dev.type == "cpu" else torch.float32
+            g["lr"] = torch.tensor(float(g["lr"]), dtype=dt, device=dev)
+
+
+@dataclass
+class _Captured:
+    imgs: list[torch.Tensor]
+    noise: list[torch.Tensor]
+    skip: torch.Tensor
+    loss: torch.Tensor
+    finite: torch.Tensor
+    graph: object = None
+    replays: int = field(default=0)
+
+
+class GraphedStep:
+    """step(imgs_list, noise_list) -> (mean loss, finite flag), both 0-d device tensors, valid until the next call.
+
+    model: a plain (not FSDP) module returning (loss, pred, mask) from (imgs, mask_ratio, noise).
+    optimizer: must skip on the device through `found_inf` (torch's fused AdamW); its lr becomes a tensor.
+    amp_dtype: autocast dtype or None; the autocast weight cache is off (cached casts do not survive capture).
+    capture: record a CUDA graph (needs CUDA); False runs the same body eagerly.
+    max_graphs: graphs kept at once (each holds its own activation memory); the oldest is dropped.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, mask_ratio: float,
+                 amp_dtype: torch.dtype | None, capture: bool = True, warmup: int = 2, max_graphs: int = 2):
+        if not supports_found_inf(optimizer):
+            raise ValueError("a graphed step needs an optimizer that skips on the device (torch fused AdamW); "
+                             f"got {type(optimizer).__name__}")
+        self.model, self.optimizer = model, optimizer
+        self.mask_ratio = mask_ratio
+        self.amp_dtype = amp_dtype
+        self.capture = capture
+        self.warmup = warmup
+        self.max_graphs = max_graphs
+        self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+        self.captures = 0
+        tensor_lr_(optimizer)
+        if capture:  # torch refuses to capture step() otherwise; the fused kernel reads lr and step on device
+            for g in optimizer.param_groups:
+                g["capturable"] = True
+            optimizer._warned_capturable_if_run_uncaptured = True  # the warm-up runs uncaptured on purpose
+
+    def _autocast(self, device: torch.device):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.amp_dtype, cache_enabled=False)
+
+    def _body(self, c: _Captured) -> None:
+        dev = c.loss.device
+        acc = torch.zeros((), device=dev, dtype=torch.float32)
+        k = len(c.imgs)
+        for imgs, noise in zip(c.imgs, c.noise):
+            with self._autocast(dev):
+                loss, _, _ = self.model(imgs, self.mask_ratio, noise)
+            (loss / k).backward()
+            acc = acc + loss.detach().float()
+        acc = acc / k
+        bad = ((~torch.isfinite(acc)) | c.skip).to(torch.float32)
+        self.optimizer.found_inf = bad
+        self.optimizer.step()
+        c.loss.copy_(acc)
+        c.finite.copy_(bad == 0)
+
+    def _new(self, imgs_list, noise_list) -> _Captured:
+        dev = imgs_list[0].device
+        c = _Captured(imgs=[torch.empty_like(x) for x in imgs_list], noise=[torch.empty_like(n) for n in noise_list],
+                      skip=torch.zeros((), dtype=torch.bool, device=dev),
+                      loss=torch.zeros((), dtype=torch.float32, device=dev),
+                      finite=torch.ones((), dtype=torch.bool, device=dev))
+        for s, x in zip(c.imgs + c.noise, list(imgs_list) + list(noise_list)):
+            s.copy_(x)
+        if not self.capture:
+            return c
+        if dev.type != "cuda":
+            raise RuntimeError("a CUDA graph needs CUDA tensors; use capture=False elsewhere")
+        while len(self.graphs) >= self.max_graphs:
+            self.graphs.popitem(last=False)
+        # warm up on a side stream (lazy optimizer state, Triton/cuBLAS/compile first calls) with the update off
+        c.skip.fill_(True)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._body(c)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()  # the warm-up's activations are cached for the side stream: free them first
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):  # records only: nothing runs, so no update happens here
+            self._body(c)
+        c.graph = g
+        c.skip.fill_(False)
+        self.captures += 1
+        return c
+
+    def __call__(self, imgs_list: list[torch.Tensor], noise_list: list[torch.Tensor]):
+        key = (tuple((tuple(x.shape), x.dtype) for x in imgs_list), tuple(n.shape for n in noise_list),
+               self.mask_ratio)
+        c = self.graphs.get(key)
+        if c is None:
+            c = self._new(imgs_list, noise_list)
+            if self.capture:
+                self.graphs[key] = c
+        else:
+            self.graphs.move_to_end(key)
+            for s, x in zip(c.imgs + c.noise, list(imgs_list) + list(noise_list)):
+                s.copy_(x, non_blocking=True)
+        if c.graph is not None:
+            c.graph.replay()
+            c.replays += 1
+        else:  # the eager reference of the same body
+            self._body(c)
+            self.optimizer.zero_grad(set_to_none=True)
+        return c.loss, c.finite
