@@ -36,7 +36,6 @@ def run_curve(preset: str, steps: int, batch: int, device: torch.device, over: d
               run_dir: Path, data: str) -> list[float]:
     """Per-step training losses of one configuration (metrics logged every step)."""
     from engine.config import apply_overrides, get_preset
-    from engine.graphstep import GraphedStep
     from engine.trainer import Trainer
 
     base = {"train.run_dir": str(run_dir), "train.max_steps": str(steps), "train.log_every": "1",
@@ -51,7 +50,7 @@ def run_curve(preset: str, steps: int, batch: int, device: torch.device, over: d
     t = Trainer(cfg, log=lambda msg: None)
     t.write_reconstruction = lambda imgs: None  # not part of the comparison (and a new shape to compile)
     if graph and device.type != "cuda":  # the graph's body, run eagerly: what CPU can check of the capture
-        t.graphed = GraphedStep(t.model, t.optimizer, cfg.model.mask_ratio, t.amp_dtype, capture=False)
+        t.enable_graph(capture=False)
     t.fit()
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in recs if "loss" in r]
@@ -82,6 +81,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--batch", type=int, default=0)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="", help="the fast run's train.precision (e.g. bf16-pure)")
+    ap.add_argument("--attention", default="", help="the fast run's train.attention (e.g. flash)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     from engine.config import ALIASES, ConfigError, get_preset
@@ -100,7 +101,12 @@ def main(argv=None) -> int:
     data = "synthetic" if gpu else "torchvision"
     curves = {}
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [("reference", REFERENCE, False), ("fast", FAST, True)]
+        fast = dict(FAST)
+        if args.precision:
+            fast["train.precision"] = args.precision
+        if args.attention:
+            fast["train.attention"] = args.attention
+        runs = [("reference", REFERENCE, False), ("fast", fast, True)]
         if gpu:
             runs.append(("reference_fp32", {**REFERENCE, "train.precision": "fp32"}, False))
         for name, over, graph in runs:
@@ -115,6 +121,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json({"environment": env, "preset": preset, "steps": steps, "batch": args.batch or None,
+                "fast_overrides": fast,
                 "curves": curves, "verdict": verdict}, out / f"{tag}.json")
     rows = [{"step": i + 1, **{k: round(v[i], 6) for k, v in curves.items()}} for i in range(len(curves["reference"]))]
     every = max(1, len(rows) // 25)
@@ -122,6 +129,8 @@ def main(argv=None) -> int:
              env_block(env), "",
              f"{steps} steps, data {data}, batch {args.batch or 'preset'}; same initial weights, data and masks.",
              "fast = Triton kernels + regional torch.compile + step captured in a CUDA graph"
+             + (f" + precision {args.precision}" if args.precision else "")
+             + (f" + attention {args.attention}" if args.attention else "")
              + (" (graph body run eagerly on CPU; kernels under TRITON_INTERPRET=1)" if not gpu else ""), "",
              f"**{'agree' if verdict['agree'] else 'DISAGREE'}**: " + json.dumps(verdict), "",
              md_table(rows[::every] + ([rows[-1]] if (len(rows) - 1) % every else []), list(rows[0]))]

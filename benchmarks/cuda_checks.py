@@ -84,7 +84,7 @@ def check_model(preset):
     assert cos > 0.999, f"gradient cosine {cos:.5f}"
 
 
-def check_graph_step(preset, compile):
+def check_graph_step(preset, compile, pure=False, attention="auto"):
     """The captured step (engine.graphstep) against the same body run eagerly: same losses, same parameters
     after a few steps with a changing lr and fresh inputs each step; a NaN step is skipped inside the graph."""
     from engine.config import OptimConfig, get_preset
@@ -103,7 +103,13 @@ def check_graph_step(preset, compile):
 
             compile_regional(m)
         opt = build_optimizer(m, OptimConfig(), 1e-3, torch.device("cuda"))
-        steps.append((m, opt, GraphedStep(m, opt, 0.75, torch.bfloat16, capture=cap)))
+        compute = None
+        if pure:
+            from engine.mixed import Bf16Compute
+
+            compute = Bf16Compute(m)
+        steps.append((m, opt, GraphedStep(m, opt, 0.75, None if pure else torch.bfloat16, capture=cap,
+                                          compute=compute, attention=attention)))
     g = torch.Generator(device="cuda").manual_seed(1)
     n = 16
     for i in range(5):
@@ -131,7 +137,17 @@ def check_graph_step(preset, compile):
     assert steps[1][2].captures == 1, f"{steps[1][2].captures} captures for one shape"
 
 
-def check_trainer_graph():
+def check_patchify_under_autocast():
+    from kernels.loss import patchify, unpatchify
+
+    x = torch.randn(2, 3, 32, 32, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        p = patchify(x, 4)
+        assert p.dtype == torch.float32, f"patchify gave {p.dtype} under autocast"
+        assert torch.equal(unpatchify(p, 4, 3), x)
+
+
+def check_trainer_graph(precision="auto", attention="auto"):
     """Trainer with train.cuda_graph=true on synthetic data: runs, logs finite losses, resumes."""
     import tempfile
 
@@ -141,7 +157,7 @@ def check_trainer_graph():
     with tempfile.TemporaryDirectory() as d:
         over = {"train.run_dir": d, "data.backend": "synthetic", "train.max_steps": "6", "train.log_every": "2",
                 "train.tensorboard": "false", "train.progress": "false", "train.cuda_graph": "true",
-                "train.ckpt_every": "3"}
+                "train.ckpt_every": "3", "train.precision": precision, "train.attention": attention}
         res = Trainer(apply_overrides(debug(), over)).fit()
         assert res.step == 6 and res.last_loss == res.last_loss, f"step {res.step}, loss {res.last_loss}"
         over["train.max_steps"] = "8"
@@ -170,12 +186,17 @@ for preset in ("debug", "mae_vit_base_patch16"):
     CHECKS.append((f"model {preset} triton vs torch path (bf16 autocast)", check_model, (preset,)))
 for preset, comp in (("debug", False), ("mae_vit_base_patch16", False), ("mae_vit_base_patch16", True)):
     CHECKS.append((f"CUDA graph step {preset} compile={comp} vs eager body", check_graph_step, (preset, comp)))
+CHECKS.append(("CUDA graph step mae_vit_base_patch16 bf16-pure flash vs eager body", check_graph_step,
+               ("mae_vit_base_patch16", False, True, "flash")))
+CHECKS.append(("patchify keeps fp32 under CUDA autocast", check_patchify_under_autocast, ()))
 CHECKS.append(("trainer with train.cuda_graph=true, resume", check_trainer_graph, ()))
+CHECKS.append(("trainer with train.cuda_graph=true bf16-pure flash, resume", check_trainer_graph,
+               ("bf16-pure", "flash")))
 
 
 def _first(name: str) -> int:
     """Run order: the ViT-H shapes and the model / graph checks first, so a time-limited run covers them."""
-    if name.startswith(("model", "CUDA graph", "trainer")) or "L=256 D=1280" in name or "img=224 p=14" in name:
+    if name.startswith(("model", "CUDA graph", "trainer", "patchify")) or "L=256 D=1280" in name or "img=224 p=14" in name:
         return 0
     return 1
 
@@ -186,14 +207,14 @@ CHECKS.sort(key=lambda c: _first(c[0]))  # stable: the rest keep their order
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
-    ap.add_argument("--only", default="", help="run the checks whose name contains this")
+    ap.add_argument("--only", default="", help="run only the checks whose name contains one of these (comma list)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("cuda_checks: no CUDA device", file=sys.stderr)
         return 2
     results = []
     for name, fn, fargs in CHECKS:
-        if args.only and args.only not in name:
+        if args.only and not any(part and part in name for part in args.only.split(",")):
             continue
         try:
             fn(*fargs)

@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     device = pick_device(args.device)
     if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)  # set_device and NCCL need an index
         torch.cuda.set_device(device)
     ensure_process_group(device)
     env = environment(device)

@@ -56,6 +56,10 @@ CONFIGS = {
     "triton": {"kernels": "auto", "compile": "none", "graph": False},
     "triton+compile": {"kernels": "auto", "compile": "regional", "graph": False},
     "fast": {"kernels": "auto", "compile": "regional", "graph": True},
+    "fast+flash": {"kernels": "auto", "compile": "regional", "graph": True, "attention": "flash"},
+    "fast+pure": {"kernels": "auto", "compile": "regional", "graph": True, "precision": "bf16-pure"},
+    "fast+pure+flash": {"kernels": "auto", "compile": "regional", "graph": True, "precision": "bf16-pure",
+                        "attention": "flash"},
 }
 
 
@@ -245,6 +249,16 @@ def run_sweep(plan: list[tuple], device, warmup, reps, compile=False, data=None,
         preset, mode, ratio, batch, kind = item[:5]
         config = item[5] if len(item) > 5 else None
         name = SHORT.get(preset, preset)
+        if config is not None and config.startswith("else:"):  # only when this model's previous row failed
+            if not rows or rows[-1]["model"] != name or rows[-1]["status"] == "ok":
+                continue
+            config = config[5:]
+        if config == "best":  # the fastest lever set that worked for this model so far in this process
+            done = [r for r in rows if r["model"] == name and r["mode"] == "mae" and r["status"] == "ok"
+                    and r.get("config")]
+            if not done:
+                continue
+            config = max(done, key=lambda r: r["img_per_s"] * 1.0)["config"]
         m = get_preset(preset).model
         models_cfg[name] = m
         stream = None
@@ -323,24 +337,39 @@ def write_report(rows, sp, env, out: Path, peak, ceiling, name="speedup") -> Pat
 # the speed suite (issue targets): per model, the lever ladder at the reference's batch, then the same-batch
 # visible-only vs encoder-with-mask-tokens pair with the fastest levers. The first row compiles (time to first
 # step with compilation); graph rows come after the eager ones so a capture failure cannot hide them.
-SPEED_SUITE = {
-    "vit-h": [("mae", 0.75, 256, "triton+compile"), ("mae", 0.75, 256, "reference"), ("mae", 0.75, 256, "triton"),
-              ("mae", 0.75, 256, "fast"), ("mae", 0.75, 128, "fast"), ("mae_dense", 0.75, 128, "fast"),
-              ("mae_dense", 0.75, 128, "reference"), ("mae", 0.75, 128, "reference")],
-    "vit-l": [("mae", 0.75, 512, "fast"), ("mae", 0.75, 128, "fast"), ("mae_dense", 0.75, 128, "fast"),
-              ("mae", 0.75, 512, "reference")],
-    "vit-b": [("mae", 0.75, 1024, "fast"), ("mae", 0.75, 1024, "reference")],
+# "best": the fastest lever set measured so far for that model in the same process;
+# "else:X": X, only when the model's previous row failed.
+SPEED_SUITES = {
+    # the whole ladder (benchmarks/device_check.sh section speed)
+    "full": {
+        "vit-h": [("mae", 0.75, 256, "triton+compile"), ("mae", 0.75, 256, "reference"),
+                  ("mae", 0.75, 256, "triton"), ("mae", 0.75, 256, "fast"), ("mae", 0.75, 256, "fast+flash"),
+                  ("mae", 0.75, 256, "fast+pure+flash"), ("mae", 0.75, 128, "best"), ("mae_dense", 0.75, 128, "best"),
+                  ("mae_dense", 0.75, 128, "reference"), ("mae", 0.75, 128, "reference")],
+        "vit-l": [("mae", 0.75, 512, "fast+pure+flash"), ("mae", 0.75, 512, "else:fast"), ("mae", 0.75, 128, "best"),
+                  ("mae_dense", 0.75, 128, "best"), ("mae", 0.75, 512, "reference")],
+        "vit-b": [("mae", 0.75, 1024, "fast+pure+flash"), ("mae", 0.75, 1024, "else:fast"),
+                  ("mae", 0.75, 1024, "reference")],
+    },
+    # only the newest levers and the targets' rows, for a short device call
+    "new": {
+        "vit-h": [("mae", 0.75, 256, "fast+pure+flash"), ("mae", 0.75, 256, "fast+flash"), ("mae", 0.75, 128, "best"),
+                  ("mae_dense", 0.75, 128, "best")],
+        "vit-l": [("mae", 0.75, 512, "fast+pure+flash"), ("mae", 0.75, 512, "else:fast+flash")],
+        "vit-b": [("mae", 0.75, 1024, "fast+pure+flash"), ("mae", 0.75, 1024, "else:fast+flash")],
+    },
 }
 
 
-def build_plan(models, modes, ratios, batch, device_suite: bool, speed_suite: bool = False,
+def build_plan(models, modes, ratios, batch, device_suite: bool, speed_suite: str | bool = False,
                config: str | None = None) -> list[tuple]:
     plan = []
     if speed_suite:
+        suite = SPEED_SUITES["full" if speed_suite is True else speed_suite]
         full = {v: k for k, v in SHORT.items()}
         for preset in models:
             short = SHORT.get(preset, preset)
-            for mode, r, b, cfg in SPEED_SUITE.get(short, []):
+            for mode, r, b, cfg in suite.get(short, []):
                 plan.append((full.get(short, preset), mode, r, b, "same", cfg))
         return plan
     if device_suite:
@@ -394,8 +423,8 @@ def main(argv=None) -> int:
                     help="torch.compile: the whole model (bare --compile) or each block (regional)")
     ap.add_argument("--config", default="", help=f"a lever set for every row: {', '.join(CONFIGS)} "
                     "(overrides --compile)")
-    ap.add_argument("--speed-suite", action="store_true",
-                    help="the lever ladder and the issue's speed targets per model (GPU)")
+    ap.add_argument("--speed-suite", nargs="?", const="full", default=None, choices=sorted(SPEED_SUITES),
+                    help="the lever ladder and the speed targets' rows per model (GPU): full (default) or new")
     ap.add_argument("--jsonl", default="", help="append each row here as it is measured")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSONL",
                     help="write one report from the --jsonl files of earlier runs, measuring nothing")

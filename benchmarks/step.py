@@ -138,7 +138,7 @@ class StepRunner:
     def __init__(self, m: ModelConfig, mode: str, batch: int, device, mask_ratio: float = 0.75,
                  amp: bool | None = None, compile: bool | str = False, stream=None, num_classes: int = 1000,
                  seed: int = 0, model: torch.nn.Module | None = None, kernels: str | None = None,
-                 graph: bool = False):
+                 graph: bool = False, precision: str = "autocast", attention: str = "auto"):
         self.t_build = time.perf_counter()
         self.device = torch.device(device)
         self.m, self.mode, self.batch, self.mask_ratio = m, mode, batch, mask_ratio
@@ -156,6 +156,10 @@ class StepRunner:
         self.model = model if model is not None else build_for_mode(m, mode, self.device, num_classes)
         if kernels is not None and hasattr(self.model, "kernels"):
             self.model.kernels = kernels
+        if compile != "none":
+            # forget earlier rows' traces: dynamo does not guard on the attention-kernel choice, so a block traced
+            # under another backend would be reused (the on-disk compile cache still spares most of the work)
+            torch._dynamo.reset()
         if compile == "regional":
             compile_regional(self.model)
         self.step_model = ClassifierStep(self.model, self.labels) if mode == "vit" else self.model
@@ -164,13 +168,22 @@ class StepRunner:
         from engine.config import OptimConfig
 
         self.opt = build_optimizer(self.model, OptimConfig(), 1e-4, self.device)
+        if precision not in ("autocast", "bf16-pure"):
+            raise ValueError(f"precision must be autocast or bf16-pure, got {precision!r}")
+        self.compute = None
+        if precision == "bf16-pure":  # bf16 copies of the weights, fp32 masters; no autocast
+            from engine.mixed import Bf16Compute
+
+            self.compute = Bf16Compute(self.step_model)
+            self.amp = False
+        self.attention = attention
         self.graphed = None
         if graph:
             from engine.graphstep import GraphedStep
 
             self.graphed = GraphedStep(self.step_model, self.opt, mask_ratio,
                                        torch.bfloat16 if self.amp else None, capture=self.device.type == "cuda",
-                                       max_graphs=1)
+                                       max_graphs=1, compute=self.compute, attention=attention)
 
     def autocast(self):
         if not self.amp:
@@ -183,10 +196,24 @@ class StepRunner:
         return imgs, noise
 
     def forward(self):
+        from engine.attention import attention_context
+
         imgs, noise = self._inputs()
-        with self.autocast():
-            loss, _, _ = self.step_model(imgs, self.mask_ratio, noise)
+        fwd = self.step_model
+        if self.compute is not None:
+            self.compute.refresh()
+            fwd = self.compute
+        with attention_context(self.attention), self.autocast():
+            loss, _, _ = fwd(imgs, self.mask_ratio, noise)
             return loss
+
+    def backward(self, loss):
+        from engine.attention import attention_context
+
+        with attention_context(self.attention):
+            loss.backward()
+        if self.compute is not None:
+            self.compute.collect(first=True)
 
     def step(self):
         """One training step; returns the loss (a device tensor)."""
@@ -194,7 +221,7 @@ class StepRunner:
             imgs, noise = self._inputs()
             return self.graphed([imgs], [noise])[0]
         loss = self.forward()
-        loss.backward()
+        self.backward(loss)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return loss.detach()
@@ -225,7 +252,7 @@ class StepRunner:
                 e[0].record()
                 loss = self.forward()
                 e[1].record()
-                loss.backward()
+                self.backward(loss)
                 e[2].record()
                 self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
@@ -246,7 +273,7 @@ class StepRunner:
                 t0 = time.perf_counter()
                 loss = self.forward()
                 t1 = time.perf_counter()
-                loss.backward()
+                self.backward(loss)
                 t2 = time.perf_counter()
                 self.opt.step()
                 self.opt.zero_grad(set_to_none=True)

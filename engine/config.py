@@ -203,7 +203,10 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda when available) | cpu | cuda | cuda:N."""
     precision: str = "auto"
-    """auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32."""
+    """auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 (autocast) | bf16-pure (bf16 copies of the weights and
+    bf16 activations, fp32 master weights and optimizer; no autocast; one process) | fp32."""
+    attention: str = "auto"
+    """Fused attention kernel: auto (PyTorch chooses) | flash | efficient | cudnn | math."""
     run_dir: str = "runs/mae"
     """Where metrics, checkpoints and reconstructions go."""
     log_every: int = 10
@@ -241,8 +244,10 @@ class TrainConfig:
         _check(self.vis_every >= 0, f"train.vis_every must be >= 0, got {self.vis_every}")
         _check(self.knn_every >= 0, f"train.knn_every must be >= 0, got {self.knn_every}")
         _check(self.fsdp in ("auto", "always", "never"), f"train.fsdp must be auto, always or never, got {self.fsdp!r}")
-        _check(self.precision in ("auto", "bf16", "fp32"),
-               f"train.precision must be auto, bf16 or fp32, got {self.precision!r}")
+        _check(self.precision in ("auto", "bf16", "bf16-pure", "fp32"),
+               f"train.precision must be auto, bf16, bf16-pure or fp32, got {self.precision!r}")
+        _check(self.attention in ("auto", "flash", "efficient", "cudnn", "math"),
+               f"train.attention must be auto, flash, efficient, cudnn or math, got {self.attention!r}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

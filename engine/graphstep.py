@@ -60,11 +60,14 @@ class GraphedStep:
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, mask_ratio: float,
-                 amp_dtype: torch.dtype | None, capture: bool = True, warmup: int = 2, max_graphs: int = 2):
+                 amp_dtype: torch.dtype | None, capture: bool = True, warmup: int = 2, max_graphs: int = 2,
+                 compute=None, attention: str = "auto"):
         if not supports_found_inf(optimizer):
             raise ValueError("a graphed step needs an optimizer that skips on the device (torch fused AdamW); "
                              f"got {type(optimizer).__name__}")
         self.model, self.optimizer = model, optimizer
+        self.compute = compute  # engine.mixed.Bf16Compute: bf16 copies of the weights, refreshed in the body
+        self.attention = attention
         self.mask_ratio = mask_ratio
         self.amp_dtype = amp_dtype
         self.capture = capture
@@ -84,13 +87,22 @@ class GraphedStep:
         return torch.autocast(device.type, dtype=self.amp_dtype, cache_enabled=False)
 
     def _body(self, c: _Captured) -> None:
+        from .attention import attention_context
+
         dev = c.loss.device
         acc = torch.zeros((), device=dev, dtype=torch.float32)
         k = len(c.imgs)
-        for imgs, noise in zip(c.imgs, c.noise):
-            with self._autocast(dev):
-                loss, _, _ = self.model(imgs, self.mask_ratio, noise)
-            (loss / k).backward()
+        fwd = self.model
+        if self.compute is not None:
+            self.compute.refresh()
+            fwd = self.compute
+        for i, (imgs, noise) in enumerate(zip(c.imgs, c.noise)):
+            with attention_context(self.attention):
+                with self._autocast(dev):
+                    loss, _, _ = fwd(imgs, self.mask_ratio, noise)
+                (loss / k).backward()
+            if self.compute is not None:
+                self.compute.collect(first=i == 0)
             acc = acc + loss.detach().float()
         acc = acc / k
         bad = ((~torch.isfinite(acc)) | c.skip).to(torch.float32)

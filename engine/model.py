@@ -159,7 +159,8 @@ class MaskedAutoencoderViT(nn.Module):
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
         """imgs [N, C, H, W] -> latent [N, K+1, D] (or [N, L+1, D] in the dense baseline), mask, ids_restore."""
-        x = self.patch_embed(imgs)  # [N, L, D]
+        # images enter in the patch projection's dtype (a no-op under autocast; bf16 under bf16-pure compute)
+        x = self.patch_embed(imgs.to(self.patch_embed.proj.weight.dtype))  # [N, L, D]
         if noise is None:
             noise = torch.rand(x.shape[0], x.shape[1], device=x.device)
         if self.encoder_mask_tokens:

@@ -78,6 +78,9 @@ class Trainer:
             if resume_path is None and self.is_main:
                 self.log(f"--resume: no checkpoint in {self.run_dir}, starting from scratch")
 
+        if t.precision == "bf16-pure" and self.ctx.distributed:
+            raise ConfigError("train.precision=bf16-pure is for one process; under FSDP2 use bf16 (FSDP2 keeps "
+                              "bf16 parameters with fp32 master weights itself)")
         torch.manual_seed(t.seed)
         self.model = parallel.build_parallel_model(cfg, self.ctx, self.device)
         self.effective_batch = t.batch_size * t.accum_steps * self.world
@@ -104,14 +107,25 @@ class Trainer:
         self._fault_step = _fault_step(self.rank)
         self.flops_per_image = train_flops_per_image(cfg.model)
         self.peak = datasheet_peak(self.device) if self.device.type == "cuda" else None
+        self.compute = None  # train.precision=bf16-pure: bf16 copies of the weights (engine.mixed)
+        if t.precision == "bf16-pure":
+            from .mixed import Bf16Compute
+
+            self.compute = Bf16Compute(self.model)
         self.graphed = None  # train.cuda_graph: the captured step (engine.graphstep)
         if t.cuda_graph:
             self._check_graphable()
-            from .graphstep import GraphedStep
-
-            self.graphed = GraphedStep(self.model, self.optimizer, cfg.model.mask_ratio, self.amp_dtype)
+            self.enable_graph()
         if resume_path is not None:
             self._resume(resume_path)
+
+    def enable_graph(self, capture: bool = True) -> None:
+        """Train through engine.graphstep; capture=False runs the graph's body eagerly (any device), which is
+        what the CPU tests and `mae bench agreement` hold to the plain step."""
+        from .graphstep import GraphedStep
+
+        self.graphed = GraphedStep(self.model, self.optimizer, self.cfg.model.mask_ratio, self.amp_dtype,
+                                   capture=capture, compute=self.compute, attention=self.cfg.train.attention)
 
     def _check_graphable(self) -> None:
         why = None
@@ -181,10 +195,15 @@ class Trainer:
                                              self.cfg.train.keep_last, sharded=self.ctx.distributed,
                                              is_main=self.is_main)
 
-    def autocast(self):
-        if self.amp_dtype is None:
+    def autocast(self, evaluation: bool = False):
+        """The training step's autocast; `evaluation=True` also autocasts bf16-pure runs on CUDA (evaluation
+        runs the fp32 master model)."""
+        dtype = self.amp_dtype
+        if evaluation and dtype is None and self.compute is not None and self.device.type == "cuda":
+            dtype = torch.bfloat16
+        if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def banner(self) -> str:
         t, m = self.cfg.train, self.cfg.model
@@ -208,8 +227,14 @@ class Trainer:
         set_lr(self.optimizer, lr_at(self.step, self.total_steps, self.warmup_steps, self.lr, self.cfg.optim.min_lr))
         if self.graphed is not None:
             return self._graphed_step(stream)
+        from .attention import attention_context
+
         step_loss = torch.zeros((), device=self.device)
         fsdp = parallel.is_fsdp(self.model)
+        fwd = self.model
+        if self.compute is not None:
+            self.compute.refresh()
+            fwd = self.compute
         for micro in range(t.accum_steps):
             imgs = next(stream)
             self.micro_batch += 1
@@ -218,9 +243,12 @@ class Trainer:
             noise = noise[self.rank * b:(self.rank + 1) * b]
             if fsdp:  # reduce-scatter gradients only on the last micro-batch
                 self.model.set_requires_gradient_sync(micro == t.accum_steps - 1)
-            with self.autocast():
-                loss, _, _ = self.model(imgs, m.mask_ratio, noise)
-            (loss / t.accum_steps).backward()
+            with attention_context(t.attention):
+                with self.autocast():
+                    loss, _, _ = fwd(imgs, m.mask_ratio, noise)
+                (loss / t.accum_steps).backward()
+            if self.compute is not None:
+                self.compute.collect(first=micro == 0)
             step_loss += loss.detach()
         step_loss /= t.accum_steps
         bad = (~torch.isfinite(step_loss)).to(torch.float32)
@@ -386,7 +414,7 @@ class Trainer:
                                  LabelledLoader(d.knn_val, img, 256, d, 0, self.device, train=False))
         was = self.model.training
         try:
-            with self.autocast():
+            with self.autocast(evaluation=True):
                 return knn_eval(self.model, *self._knn_loaders, self.device).top1
         finally:
             self.model.train(was)
@@ -394,7 +422,7 @@ class Trainer:
     def write_reconstruction(self, imgs: torch.Tensor) -> Path:
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 4242)
         noise = torch.rand(imgs.shape[0], self.cfg.model.num_patches, generator=gen, device=self.device)
-        with self.autocast():  # every rank runs the forward (FSDP gathers weights collectively); rank 0 writes
+        with self.autocast(evaluation=True):  # every rank runs the forward (FSDP gathers weights collectively); rank 0 writes
             grid = reconstruction_grid(self.model, imgs, self.cfg.data.mean, self.cfg.data.std,
                                        self.cfg.model.mask_ratio, noise, scale=max(1, 128 // self.cfg.model.img_size))
         path = self.run_dir / "recon" / f"step_{self.step:08d}.png"

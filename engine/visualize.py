@@ -38,7 +38,8 @@ def reconstruct(model, imgs: torch.Tensor, mask_ratio: float | None = None, nois
 
 
 def _to_uint8(x: torch.Tensor, mean, std) -> np.ndarray:
-    """[C, H, W] normalised -> [H, W, 3] uint8."""
+    """[C, H, W] normalised (any float dtype: loaders may deliver bf16) -> [H, W, 3] uint8."""
+    x = x.float()
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     x = (x * s + m).clamp(0, 1)

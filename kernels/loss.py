@@ -33,7 +33,7 @@ def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
         raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
     gh, gw = h // p, w // p
     x = imgs.reshape(n, c, gh, p, gw, p)
-    x = torch.einsum("nchpwq->nhwpqc", x)
+    x = x.permute(0, 2, 4, 3, 5, 1)  # nchpwq -> nhwpqc (a permute, not einsum: autocast would cast einsum to bf16)
     return x.reshape(n, gh * gw, p * p * c)
 
 
@@ -44,7 +44,7 @@ def unpatchify(x: torch.Tensor, p: int, c: int = 3) -> torch.Tensor:
     if g * g != length:
         raise ValueError(f"unpatchify needs a square grid, got L={length}")
     x = x.reshape(n, g, g, p, p, c)
-    x = torch.einsum("nhwpqc->nchpwq", x)
+    x = x.permute(0, 5, 1, 3, 2, 4)  # nhwpqc -> nchpwq
     return x.reshape(n, c, g * p, g * p)
 
 

@@ -119,10 +119,12 @@ def test_oom_is_reported_and_sweep_continues(monkeypatch, tmp_path):
 def test_speed_suite_plan_orders_levers():
     plan = speedup.build_plan(["mae_vit_huge_patch14", "mae_vit_large_patch16", "mae_vit_base_patch16"],
                               [], [], 0, False, speed_suite=True)
-    assert all(len(p) == 6 and p[5] in speedup.CONFIGS for p in plan)
+    assert all(len(p) == 6 and (p[5] in speedup.CONFIGS or p[5] == "best" or p[5][5:] in speedup.CONFIGS)
+               for p in plan)
     for model in ("mae_vit_huge_patch14", "mae_vit_large_patch16", "mae_vit_base_patch16"):
         rows = [p for p in plan if p[0] == model]
         assert speedup.CONFIGS[rows[0][5]]["compile"] != "none"  # the first row pays the compilation
+        assert not rows[0][5].startswith("else:") and rows[0][5] != "best"
         # each same-batch dense row has its visible-only partner with the same levers
         for p in rows:
             if p[1] == "mae_dense":
@@ -150,6 +152,25 @@ def test_lever_rows_jsonl_merge_and_targets(tmp_path):
     assert "speedup_vs_dense" not in sp["reference"]  # no dense row with the reference levers
     md = next((tmp_path / "merged").glob("*.md")).read_text()
     assert "| config |" in md and "ViT-H/14 time to first step" in md and "not measured" in md
+
+
+def test_best_and_else_rows_resolve_from_earlier_rows(monkeypatch):
+    from benchmarks import step
+
+    def fake_run(self, *a, **k):
+        if self.graphed is not None:
+            raise RuntimeError("no capture here")
+        ms = {"torch": 10.0, "auto": 5.0}[self.model.kernels]
+        return step.StepStats(ms, 1.0, 1.0, 1.0, ms, ms, 1, 0.1)
+
+    monkeypatch.setattr(step.StepRunner, "run", fake_run)
+    plan = [("debug", "mae", 0.75, 2, "same", "reference"), ("debug", "mae", 0.75, 2, "same", "else:fast"),
+            ("debug", "mae", 0.75, 2, "same", "fast+flash"), ("debug", "mae", 0.75, 2, "same", "else:triton"),
+            ("debug", "mae_dense", 0.75, 2, "same", "best")]
+    rows, _, _, _ = speedup.run_sweep(plan, torch.device("cpu"), 1, 1)
+    assert [(r["mode"], r["config"], r["status"][:5]) for r in rows] == [
+        ("mae", "reference", "ok"), ("mae", "fast+flash", "error"), ("mae", "triton", "ok"),
+        ("mae_dense", "triton", "ok")]  # else:fast skipped after a success; best = the faster of the two
 
 
 def test_lever_failure_is_a_row(monkeypatch, tmp_path):

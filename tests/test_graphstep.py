@@ -17,7 +17,7 @@ from engine.trainer import Trainer
 
 def graphed_trainer(cfg, resume=False):
     t = Trainer(cfg, resume=resume)
-    t.graphed = GraphedStep(t.model, t.optimizer, cfg.model.mask_ratio, t.amp_dtype, capture=False)
+    t.enable_graph(capture=False)
     return t
 
 

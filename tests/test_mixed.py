@@ -1,0 +1,103 @@
+"""bf16-pure compute (engine.mixed) and the attention-kernel switch (engine.attention) against their references."""
+
+import pytest
+import torch
+
+from engine.attention import attention_context
+from engine.config import ConfigError, debug
+from engine.mixed import Bf16Compute
+from engine.model import build_model
+from engine.trainer import Trainer
+
+from conftest import debug_cfg
+from test_train import params_of
+
+
+def _model_and_batch():
+    torch.manual_seed(0)
+    m = build_model(debug().model)
+    imgs = torch.randn(8, 3, 32, 32)
+    noise = torch.rand(8, 64)
+    return m, imgs, noise
+
+
+def test_bf16_compute_gradients_match_fp32_and_land_on_the_masters():
+    m, imgs, noise = _model_and_batch()
+    loss_ref, _, _ = m(imgs, 0.75, noise)
+    loss_ref.backward()
+    ref = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+    masters = {n: p.detach().clone() for n, p in m.named_parameters()}
+    comp = Bf16Compute(m)
+    comp.refresh()
+    loss, pred, _ = comp(imgs, 0.75, noise)
+    assert pred.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    loss.backward()
+    comp.collect(first=True)
+    assert abs(loss.item() - loss_ref.item()) < 2e-2 * loss_ref.item()
+    for n, p in m.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p.detach(), masters[n]), n  # masters untouched
+        if n in ref:
+            assert p.grad.dtype == torch.float32
+            cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), ref[n].flatten(), dim=0)
+            assert cos > 0.98, (n, cos.item())
+    assert all(c.grad is None for c in comp.copies)
+    # a second micro-batch adds
+    g1 = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    comp(imgs, 0.75, noise)[0].backward()
+    comp.collect(first=False)
+    for n, p in m.named_parameters():
+        if n in g1:
+            torch.testing.assert_close(p.grad, 2 * g1[n], rtol=1e-2, atol=1e-6)
+
+
+def test_bf16_pure_trains_checkpoints_fp32_and_resumes_bit_identically(tmp_path):
+    over = {"train.precision": "bf16-pure", "train.ckpt_every": 100}
+    straight = Trainer(debug_cfg(tmp_path / "a", **over, **{"train.max_steps": 8}))
+    res = straight.fit()
+    assert res.last_loss < 1.9
+    Trainer(debug_cfg(tmp_path / "b", **over, **{"train.max_steps": 4})).fit()
+    resumed = Trainer(debug_cfg(tmp_path / "b", **over, **{"train.max_steps": 8}), resume=True)
+    resumed.fit()
+    a, b = params_of(straight), params_of(resumed)
+    for k in a:
+        assert a[k].dtype == torch.float32 and torch.equal(a[k], b[k]), k
+
+
+def test_bf16_pure_graph_body_equals_plain_step(tmp_path):
+    over = {"train.precision": "bf16-pure", "train.max_steps": 5, "train.accum_steps": 2, "train.batch_size": 16,
+            "train.ckpt_every": 100}
+    plain = Trainer(debug_cfg(tmp_path / "a", **over))
+    plain.fit()
+    fast = Trainer(debug_cfg(tmp_path / "b", **over))
+    fast.enable_graph(capture=False)
+    fast.fit()
+    for k, v in params_of(plain).items():
+        assert torch.equal(v, params_of(fast)[k]), k
+
+
+def test_bf16_pure_refused_under_fsdp(tmp_path):
+    from engine.parallel import DistContext
+
+    with pytest.raises(ConfigError, match="bf16-pure is for one process"):
+        Trainer(debug_cfg(tmp_path, **{"train.precision": "bf16-pure"}), ctx=DistContext(0, 1, 0, True))
+
+
+@pytest.mark.parametrize("name", ["flash", "efficient", "math", "cudnn"])
+def test_attention_switch_computes_the_same_loss(name):
+    m, imgs, noise = _model_and_batch()
+    ref = m(imgs, 0.75, noise)[0]
+    with attention_context(name):
+        out = m(imgs, 0.75, noise)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_and_precision_values_are_checked():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        attention_context("fastest")
+    from engine.config import apply_overrides
+
+    with pytest.raises(ConfigError, match="train.attention must be"):
+        apply_overrides(debug(), {"train.attention": "fastest"})
+    with pytest.raises(ConfigError, match="bf16-pure"):
+        apply_overrides(debug(), {"train.precision": "bf16-fast"})
