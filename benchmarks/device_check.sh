@@ -7,6 +7,7 @@
 #   speed    the speed targets in under 8 minutes: lever ladder per model (reference -> triton -> regional
 #            compile -> CUDA graph), same-batch speedups, time to first step with a cold compile cache, ViT-H
 #            batch-256 memory, ViT-B fast vs reference loss curves; rows go to OUT/speed.jsonl as measured
+#   speed-new  the newest levers' rows and the checks of their paths only, for a short call
 #   kernels, speedup (mask-ratio sweep), fsdp, loader (needs DALI), pytest (the Triton kernel tests on CUDA)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,15 +37,27 @@ has checks && step cuda_checks 90 $PY -m benchmarks.cuda_checks --out "$OUT"
 if has pytest && $PY -c "import pytest" 2>/dev/null; then
   step pytest_kernels 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py
 fi
+PARTS=${PARTS:-$OUT/parts}  # per-process reports (merged into one at the end of section speed)
 if has speed; then
   # a fresh compile cache, so the first compiled ViT-H row's time to first step includes compilation
   export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
-  sp=(-m benchmarks.speedup --speed-suite --jsonl "$OUT/speed.jsonl" --out "$OUT/parts" --warmup 3 --reps 10)
-  step speed_vit-h 200 $PY "${sp[@]}" --models vit-h
-  step speed_vit-l 100 $PY "${sp[@]}" --models vit-l
+  sp=(-m benchmarks.speedup --speed-suite full --jsonl "$OUT/speed.jsonl" --out "$PARTS" --warmup 3 --reps 10)
+  step speed_vit-h 220 $PY "${sp[@]}" --models vit-h
+  step speed_vit-l 110 $PY "${sp[@]}" --models vit-l
   step speed_vit-b 50 $PY "${sp[@]}" --models vit-b
-  step agreement 80 $PY -m benchmarks.agreement --preset vit-b --steps 50 --batch 64 --out "$OUT"
+  step agreement 70 $PY -m benchmarks.agreement --preset vit-b --steps 50 --batch 64 --precision bf16-pure \
+    --attention flash --out "$OUT"
   [ -f "$OUT/speed.jsonl" ] && $PY -m benchmarks.speedup --merge "$OUT/speed.jsonl" --out "$OUT"
+fi
+if has speed-new; then  # the newest levers and the targets' rows only (about 4.5 minutes); merge elsewhere
+  export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d)}
+  sp=(-m benchmarks.speedup --speed-suite new --jsonl "$OUT/speed.jsonl" --out "$PARTS" --warmup 3 --reps 8)
+  step checks_new 35 $PY -m benchmarks.cuda_checks --only pure,trainer,patchify --out "$OUT"
+  step speed_vit-h 125 $PY "${sp[@]}" --models vit-h
+  step agreement 55 $PY -m benchmarks.agreement --preset vit-b --steps 50 --batch 64 --precision bf16-pure \
+    --attention flash --out "$OUT"
+  step speed_vit-l 40 $PY "${sp[@]}" --models vit-l
+  step speed_vit-b 30 $PY "${sp[@]}" --models vit-b
 fi
 has kernels && step kernels 150 $PY -m benchmarks.kernels --out "$OUT" --reps 100
 if has speedup && [ -f benchmarks/speedup.py ]; then
