@@ -53,11 +53,11 @@ if has speed-new; then  # the newest levers and the targets' rows only (about 4.
   export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d)}
   sp=(-m benchmarks.speedup --speed-suite new --jsonl "$OUT/speed.jsonl" --out "$PARTS" --warmup 3 --reps 8)
   step checks_new 35 $PY -m benchmarks.cuda_checks --only pure,trainer,patchify --out "$OUT"
-  step speed_vit-h 125 $PY "${sp[@]}" --models vit-h
-  step agreement 55 $PY -m benchmarks.agreement --preset vit-b --steps 50 --batch 64 --precision bf16-pure \
+  step speed_vit-h 120 $PY "${sp[@]}" --models vit-h
+  step agreement 50 $PY -m benchmarks.agreement --preset vit-b --steps 50 --batch 64 --precision bf16-pure \
     --attention flash --out "$OUT"
-  step speed_vit-l 40 $PY "${sp[@]}" --models vit-l
-  step speed_vit-b 30 $PY "${sp[@]}" --models vit-b
+  step speed_vit-l 35 $PY "${sp[@]}" --models vit-l
+  step speed_vit-b 25 $PY "${sp[@]}" --models vit-b
 fi
 has kernels && step kernels 150 $PY -m benchmarks.kernels --out "$OUT" --reps 100
 if has speedup && [ -f benchmarks/speedup.py ]; then
