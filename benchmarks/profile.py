@@ -17,7 +17,19 @@ from engine.config import ConfigError
 from engine.metrics import datasheet_peak, mfu, train_flops_per_image
 
 from .common import fresh_peak, pick_device, RESULTS, device_tag, env_block, environment, md_table, today, write_csv
+from .speedup import CONFIGS
 from .step import NvmlSampler, StepRunner
+
+
+def _self_time_us(ev, device: torch.device) -> float:
+    """An op's self time on the device (CUDA) or the host (CPU), in us; torch >= 2.4 names it device time."""
+    if device.type != "cuda":
+        return getattr(ev, "self_cpu_time_total", 0) or 0
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        t = getattr(ev, name, None)
+        if t:
+            return t
+    return 0
 
 
 def top_kernels(prof, device: torch.device, top: int) -> tuple[str, list[dict]]:
@@ -28,12 +40,8 @@ def top_kernels(prof, device: torch.device, top: int) -> tuple[str, list[dict]]:
         key = "self_device_time_total"
         table = prof.key_averages().table(sort_by=key, row_limit=top)
     rows = []
-    for ev in sorted(prof.key_averages(), key=lambda e: getattr(e, key.replace("_total", "_total"), 0) or 0,
-                     reverse=True)[:top]:
-        t = getattr(ev, key, None)
-        if t is None:
-            t = getattr(ev, "self_device_time_total", 0)
-        rows.append({"name": ev.key[:80], "calls": ev.count, "self_ms_total": round(t / 1000, 3)})
+    for ev in sorted(prof.key_averages(), key=lambda e: _self_time_us(e, device), reverse=True)[:top]:
+        rows.append({"name": ev.key[:80], "calls": ev.count, "self_ms_total": round(_self_time_us(ev, device) / 1000, 3)})
     return table, rows
 
 
@@ -46,7 +54,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--trace", default="", help="directory for torch.profiler chrome traces (one per ratio)")
     ap.add_argument("--top", type=int, default=15, help="rows of the top-kernels table")
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="whole-model torch.compile (see --config for the levers)")
+    ap.add_argument("--config", default="", help="a lever set of mae bench speedup (reference, triton, "
+                    "triton+compile, fast, fast+flash, fast+pure, fast+pure+flash); overrides --compile")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(RESULTS))
     args, extra = ap.parse_known_args(argv)
@@ -57,6 +67,8 @@ def main(argv=None) -> int:
 
         for r in ratios:
             check_mask_ratio(r, cfg.model.num_patches)
+        if args.config and args.config not in CONFIGS:
+            raise ValueError(f"--config must be one of {', '.join(CONFIGS)}, got {args.config!r}")
     except (ConfigError, UserError, ValueError) as e:
         print(f"mae profile: error: {e}", file=sys.stderr)
         return 2
@@ -67,7 +79,8 @@ def main(argv=None) -> int:
     rows, sections = [], []
     for r in ratios:
         fresh_peak(device)
-        runner = StepRunner(cfg.model, "mae", batch, device, mask_ratio=r, compile=args.compile)
+        levers = CONFIGS[args.config] if args.config else {"compile": args.compile}
+        runner = StepRunner(cfg.model, "mae", batch, device, mask_ratio=r, **levers)
         with NvmlSampler(device.index or 0) as sampler:
             st = runner.run(warmup=args.warmup, reps=args.steps)
         ips = batch / (st.step_ms / 1000)

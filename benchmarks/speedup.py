@@ -127,20 +127,23 @@ def largest_batch(m, name, mode, ratio, device, start: int, cap: int, **kw) -> d
 
 def speedup_rows(rows: list[dict], models_cfg: dict) -> list[dict]:
     """Measured speedups next to their FLOP ceilings, per model, ratio and batch."""
-    ok = {(r["model"], r["mode"], r["mask_ratio"], r["batch"], r.get("config")): r for r in rows
+    ok = {(r["model"], r["mode"], r["mask_ratio"], r["batch"], r.get("config"), r.get("run")): r for r in rows
           if r.get("status") == "ok" and r.get("batch_kind", "same") == "same"}
     out = []
-    for (model, mode, ratio, batch, config), r in ok.items():
+    for (model, mode, ratio, batch, config, run), r in ok.items():
         if mode != "mae":
             continue
         m = models_cfg[model]
-        dense = ok.get((model, "mae_dense", ratio, batch, config)) or next(
-            (v for k, v in ok.items() if k[0] == model and k[1] == "mae_dense" and k[3] == batch and k[4] == config),
-            None)
-        vit = ok.get((model, "vit", None, batch, config))
+        # the baseline comes from the same run (process group on one machine) and lever set
+        dense = ok.get((model, "mae_dense", ratio, batch, config, run)) or next(
+            (v for k, v in ok.items() if k[0] == model and k[1] == "mae_dense" and k[3] == batch and k[4] == config
+             and k[5] == run), None)
+        vit = ok.get((model, "vit", None, batch, config, run))
         row = {"model": model, "mask_ratio": ratio, "batch": batch, "mae_img_s": r["img_per_s"]}
         if config is not None:
             row["config"] = config
+        if run is not None:
+            row["run"] = run
         if dense:
             row.update(dense_img_s=dense["img_per_s"], speedup_vs_dense=round(r["img_per_s"] / dense["img_per_s"], 3),
                        dense_ratio_measured_at=dense["mask_ratio"])
@@ -186,7 +189,7 @@ def target_lines(rows: list[dict], sp: list[dict]) -> list[str]:
         label = f" ({bx.get('config') or 'eager'}, batch {bx['batch']})" if bx else ""
         line(f"{model} speedup vs encoder-with-mask-tokens, same batch and levers{label}",
              TARGETS[f"speedup_{model}"], bx["speedup_vs_dense"] if bx else None)
-    cold = [r for r in h if r.get("compile_cache") == "first in process"]
+    cold = [r for r in h if r.get("compile_cache") in ("cold", "first in process")]  # the latter: older reports
     fs = min(cold or h, key=lambda r: r["first_step_s"], default=None)
     line("ViT-H/14 time to first step, s (build + compile + first step)" + tag(fs), TARGETS["first_step_s"],
          fs["first_step_s"] if fs else None, higher=False)
@@ -245,6 +248,7 @@ def run_sweep(plan: list[tuple], device, warmup, reps, compile=False, data=None,
     ceiling = matmul_ceiling(device)
     models_cfg, rows = {}, []
     compiled_before = False
+    disk_cache_warm = _inductor_cache_has_entries()
     for item in plan:
         preset, mode, ratio, batch, kind = item[:5]
         config = item[5] if len(item) > 5 else None
@@ -275,7 +279,8 @@ def run_sweep(plan: list[tuple], device, warmup, reps, compile=False, data=None,
         row["batch_kind"] = kind
         compiles = (CONFIGS[config]["compile"] != "none") if config else bool(compile)
         if compiles:  # the first compiled row of a process pays the compilation (cold unless a disk cache is warm)
-            row["compile_cache"] = "warm" if compiled_before else "first in process"
+            row["compile_cache"] = ("warm" if compiled_before else
+                                    "first in process, disk cache warm" if disk_cache_warm else "cold")
             compiled_before = True
         rows.append(row)
         if jsonl is not None:
@@ -291,6 +296,22 @@ def run_sweep(plan: list[tuple], device, warmup, reps, compile=False, data=None,
     return rows, models_cfg, peak, ceiling
 
 
+def _inductor_cache_has_entries() -> bool:
+    """Whether torch.compile's on-disk cache already holds compiled code (then no row's compile is cold)."""
+    import os
+
+    d = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not d:
+        try:
+            from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+            d = cache_dir()
+        except Exception:
+            return False
+    p = Path(d)
+    return p.is_dir() and any(f.is_file() for f in p.rglob("*"))
+
+
 def _fmt(r: dict) -> str:
     head = f"{r['model']:8s} {r['mode']:9s} r={r['mask_ratio']} batch {r['batch']:5d}" + (
         f" [{r['config']}]" if r.get("config") else "")
@@ -302,7 +323,7 @@ def _fmt(r: dict) -> str:
             + (f" peak {r['peak_alloc_gib']} GiB" if r.get("peak_alloc_gib") is not None else ""))
 
 
-def write_report(rows, sp, env, out: Path, peak, ceiling, name="speedup") -> Path:
+def write_report(rows, sp, env, out: Path, peak, ceiling, name="speedup", runs: list[dict] | None = None) -> Path:
     tag = f"{name}_{device_tag(env)}_{today()}"
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / f"{tag}.csv")
@@ -315,19 +336,27 @@ def write_report(rows, sp, env, out: Path, peak, ceiling, name="speedup") -> Pat
     if any(r.get("config") for r in rows):
         cols.insert(4, "config")
         cols.append("compile_cache")
+    if runs:
+        cols.insert(0, "run")
     lines = [f"# Visible-only MAE vs dense baselines ({env.get('device')}, {env['date']})", "", env_block(env), "",
              f"- datasheet bf16 peak: {peak / 1e12:.0f} TFLOP/s" if peak else "- datasheet peak: n/a (not a known GPU)",
              f"- measured bf16 matmul ceiling (8192^3): {ceiling / 1e12:.0f} TFLOP/s" if ceiling else
              "- matmul ceiling: n/a (CPU)", "",
              "Full training step (forward, backward, fused AdamW), median of timed steps after warm-up; "
-             + ("CUDA events, bf16 autocast" if env.get("device") != "CPU" else "CPU wall clock, fp32")
+             + ("CUDA events, bf16 (autocast, or bf16-pure where the config says pure)" if env.get("device") != "CPU"
+                else "CPU wall clock, fp32")
              + "; synthetic on-device input unless stated. Training FLOPs = 6 x forward MACs; a block of width d "
              "on T tokens = T*d*d*(4 + 2*mlp_ratio) + 2*T*T*d MACs.", "",
              md_table(rows, cols), "", "## Speedup of visible-only encoding", "",
-             md_table(sp, (["config"] if any(x.get("config") for x in sp) else []) + [
+             md_table(sp, (["run"] if runs else []) + (["config"] if any(x.get("config") for x in sp) else []) + [
                  "model", "mask_ratio", "batch", "mae_img_s", "dense_img_s", "speedup_vs_dense",
                            "flop_ceiling_vs_dense", "vit_img_s", "speedup_vs_vit", "flop_ceiling_vs_vit"]),
              "", "## Targets (one H100, bf16, synthetic input)", ""] + target_lines(rows, sp)
+    if runs:
+        at = lines.index("## Speedup of visible-only encoding") - 2
+        lines[at:at] = ["", "Rows come from separate runs (column `run`); each run may be a different machine of the "
+                        "same kind, so compare lever sets within one run. Speedups pair rows of the same run:", "",
+                        md_table(runs, ["run", "file", "date", "device", "torch", "triton"]), ""]
     lines += ["", "Plots: " + ", ".join(p.name for p in pngs)] if pngs else []
     path = out / f"{tag}.md"
     path.write_text("\n".join(lines) + "\n")
@@ -389,23 +418,29 @@ def build_plan(models, modes, ratios, batch, device_suite: bool, speed_suite: st
 
 def merge(paths: list[str], out: Path) -> Path:
     """One report from the JSONL rows of several runs (e.g. one process per model on the GPU machine)."""
-    rows, models_cfg, peak, ceiling, env = [], {}, None, None, None
+    rows, models_cfg, peak, ceiling, env, runs = [], {}, None, None, None, []
     from engine.config import ModelConfig
 
-    for p in paths:
+    for i, p in enumerate(paths):
         for line in Path(p).read_text().splitlines():
             if not line.strip():
                 continue
             rec = json.loads(line)
             if "environment" in rec:
                 env = env or rec["environment"]
+                if len(runs) <= i:
+                    runs.append({"run": i + 1, "file": Path(p).name, **rec["environment"]})
                 continue
-            rows.append(rec["row"])
+            row = dict(rec["row"])
+            if len(paths) > 1:
+                row["run"] = i + 1
+            rows.append(row)
             models_cfg[rec["row"]["model"]] = ModelConfig(**rec["model_cfg"])
             peak, ceiling = rec.get("peak") or peak, rec.get("ceiling") or ceiling
     if env is None:
         raise ValueError(f"no environment record in {', '.join(paths)}")
-    return write_report(rows, speedup_rows(rows, models_cfg), env, out, peak, ceiling)
+    return write_report(rows, speedup_rows(rows, models_cfg), env, out, peak, ceiling,
+                        runs=runs if len(paths) > 1 else None)
 
 
 def main(argv=None) -> int:

@@ -133,7 +133,8 @@ def test_speed_suite_plan_orders_levers():
     assert ("mae", 0.75, 256, "reference") in [p[1:4] + (p[5],) for p in h]
 
 
-def test_lever_rows_jsonl_merge_and_targets(tmp_path):
+def test_lever_rows_jsonl_merge_and_targets(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # empty: the first compile is cold
     common = ["--models", "debug", "--ratios", "0.75", "--reps", "1", "--warmup", "1", "--device", "cpu",
               "--batch", "4", "--jsonl", str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "parts")]
     assert speedup.main(common + ["--modes", "mae,mae_dense", "--config", "fast"]) == 0
@@ -142,7 +143,7 @@ def test_lever_rows_jsonl_merge_and_targets(tmp_path):
     rows = [x["row"] for x in lines if "row" in x]
     assert [(r["mode"], r["config"], r["status"]) for r in rows] == [
         ("mae", "fast", "ok"), ("mae_dense", "fast", "ok"), ("mae", "reference", "ok")]
-    assert rows[0]["compile_cache"] == "first in process" and rows[1]["compile_cache"] == "warm"
+    assert rows[0]["compile_cache"] == "cold" and rows[1]["compile_cache"] == "warm"
     assert rows[0]["fwd_ms"] is None and rows[2]["fwd_ms"] is not None  # a graph step has no phase split
     assert speedup.main(["--merge", str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "merged")]) == 0
     data = json.loads(next((tmp_path / "merged").glob("*.json")).read_text())
@@ -242,3 +243,21 @@ def test_loader_benchmark_cpu_smoke(tmp_path):
     assert data["files"] == 40 and 80 < data["mean_kb"] < 150  # ImageNet-like file sizes
     assert all(r["status"] == "ok" and r["img_per_s"] > 0 for r in data["loader"])
     assert "Targets" in next(tmp_path.glob("loader_cpu_*.md")).read_text()
+
+
+def test_top_kernels_sorted_by_device_self_time():
+    from types import SimpleNamespace
+
+    from benchmarks.profile import top_kernels
+
+    evs = [SimpleNamespace(key="small", count=1, self_device_time_total=10.0),
+           SimpleNamespace(key="big", count=2, self_device_time_total=5000.0),
+           SimpleNamespace(key="host-only", count=3, self_device_time_total=0.0)]
+
+    class FakeAvgs(list):
+        def table(self, sort_by, row_limit):
+            return "table"
+
+    prof = SimpleNamespace(key_averages=lambda: FakeAvgs(evs))
+    _, rows = top_kernels(prof, torch.device("cuda"), 2)
+    assert [r["name"] for r in rows] == ["big", "small"] and rows[0]["self_ms_total"] == 5.0
