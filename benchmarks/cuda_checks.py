@@ -84,7 +84,7 @@ def check_model(preset):
     assert cos > 0.999, f"gradient cosine {cos:.5f}"
 
 
-def check_graph_step(preset, compile, pure=False, attention="auto"):
+def check_graph_step(preset, compile, pure=False, attention="auto", ckpt=0):
     """The captured step (engine.graphstep) against the same body run eagerly: same losses, same parameters
     after a few steps with a changing lr and fresh inputs each step; a NaN step is skipped inside the graph."""
     from engine.config import OptimConfig, get_preset
@@ -98,6 +98,7 @@ def check_graph_step(preset, compile, pure=False, attention="auto"):
     models[1].load_state_dict(models[0].state_dict())
     steps = []
     for cap, m in zip((False, True), models):
+        m.checkpoint_first = ckpt
         if compile:
             from benchmarks.step import compile_regional
 
@@ -188,6 +189,8 @@ for preset, comp in (("debug", False), ("mae_vit_base_patch16", False), ("mae_vi
     CHECKS.append((f"CUDA graph step {preset} compile={comp} vs eager body", check_graph_step, (preset, comp)))
 CHECKS.append(("CUDA graph step mae_vit_base_patch16 bf16-pure flash vs eager body", check_graph_step,
                ("mae_vit_base_patch16", False, True, "flash")))
+CHECKS.append(("CUDA graph step mae_vit_base_patch16 checkpoint_blocks=4 vs eager body", check_graph_step,
+               ("mae_vit_base_patch16", False, False, "auto", 4)))
 CHECKS.append(("patchify keeps fp32 under CUDA autocast", check_patchify_under_autocast, ()))
 CHECKS.append(("trainer with train.cuda_graph=true, resume", check_trainer_graph, ()))
 CHECKS.append(("trainer with train.cuda_graph=true bf16-pure flash, resume", check_trainer_graph,

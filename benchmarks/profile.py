@@ -55,8 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--trace", default="", help="directory for torch.profiler chrome traces (one per ratio)")
     ap.add_argument("--top", type=int, default=15, help="rows of the top-kernels table")
     ap.add_argument("--compile", action="store_true", help="whole-model torch.compile (see --config for the levers)")
-    ap.add_argument("--config", default="", help="a lever set of mae bench speedup (reference, triton, "
-                    "triton+compile, fast, fast+flash, fast+pure, fast+pure+flash); overrides --compile")
+    ap.add_argument("--config", default="", help=f"a lever set of mae bench speedup ({', '.join(CONFIGS)}); "
+                    "overrides --compile")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(RESULTS))
     args, extra = ap.parse_known_args(argv)

@@ -132,13 +132,15 @@ class StepRunner:
     Levers (all default off, i.e. the reference's way of training): kernels "torch" | "triton" | "auto" for the
     MAE's masking / unshuffle / loss; compile "none" | "regional" (each block compiled once, reused by every
     layer) | "model" (whole-model torch.compile); graph=True captures forward + backward + optimizer in one
-    CUDA graph (engine.graphstep) and replays it.
+    CUDA graph (engine.graphstep) and replays it; precision "bf16-pure" (engine.mixed); attention picks the
+    SDPA kernel (engine.attention); checkpoint_blocks recomputes the first N encoder blocks in backward.
     """
 
     def __init__(self, m: ModelConfig, mode: str, batch: int, device, mask_ratio: float = 0.75,
                  amp: bool | None = None, compile: bool | str = False, stream=None, num_classes: int = 1000,
                  seed: int = 0, model: torch.nn.Module | None = None, kernels: str | None = None,
-                 graph: bool = False, precision: str = "autocast", attention: str = "auto"):
+                 graph: bool = False, precision: str = "autocast", attention: str = "auto",
+                 checkpoint_blocks: int = 0):
         self.t_build = time.perf_counter()
         self.device = torch.device(device)
         self.m, self.mode, self.batch, self.mask_ratio = m, mode, batch, mask_ratio
@@ -156,6 +158,10 @@ class StepRunner:
         self.model = model if model is not None else build_for_mode(m, mode, self.device, num_classes)
         if kernels is not None and hasattr(self.model, "kernels"):
             self.model.kernels = kernels
+        if checkpoint_blocks:
+            from engine.parallel import apply_activation_checkpointing
+
+            apply_activation_checkpointing(self.model, first=checkpoint_blocks)
         if compile != "none":
             # forget earlier rows' traces: dynamo does not guard on the attention-kernel choice, so a block traced
             # under another backend would be reused (the on-disk compile cache still spares most of the work)

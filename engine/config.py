@@ -230,6 +230,8 @@ class TrainConfig:
     weights) | never (single process only)."""
     activation_checkpointing: bool = False
     """Recompute each encoder/decoder block in backward (less memory, about a third more compute)."""
+    checkpoint_blocks: int = 0
+    """Recompute only the first N encoder blocks in backward: memory for compute in steps of one block."""
     compile: bool = False
     """Regional torch.compile: each block compiled once and reused by every layer."""
     cuda_graph: bool = False
@@ -243,6 +245,8 @@ class TrainConfig:
         _check(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
         _check(self.vis_every >= 0, f"train.vis_every must be >= 0, got {self.vis_every}")
         _check(self.knn_every >= 0, f"train.knn_every must be >= 0, got {self.knn_every}")
+        _check(isinstance(self.checkpoint_blocks, int) and self.checkpoint_blocks >= 0,
+               f"train.checkpoint_blocks must be an integer >= 0, got {self.checkpoint_blocks!r}")
         _check(self.fsdp in ("auto", "always", "never"), f"train.fsdp must be auto, always or never, got {self.fsdp!r}")
         _check(self.precision in ("auto", "bf16", "bf16-pure", "fp32"),
                f"train.precision must be auto, bf16, bf16-pure or fp32, got {self.precision!r}")

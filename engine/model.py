@@ -95,6 +95,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True, **dd)
 
         self.grad_checkpointing = False  # set by engine.parallel: recompute each block in backward
+        self.checkpoint_first = 0  # or only the first N encoder blocks (train.checkpoint_blocks)
         if self.pos_embed.device.type != "meta":
             self.init_weights()
 
@@ -182,9 +183,12 @@ class MaskedAutoencoderViT(nn.Module):
         return torch.cat([cls, x], dim=1)
 
     def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        for blk in blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+        first = self.checkpoint_first if blocks is self.blocks else 0
+        for i, blk in enumerate(blocks):
+            if (self.grad_checkpointing or i < first) and torch.is_grad_enabled():
+                # the blocks draw no random numbers (no dropout, no drop path), so the RNG state is not stashed:
+                # that would read the CUDA generator, which a graph capture forbids
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False, preserve_rng_state=False)
             else:
                 x = blk(x)
         return x

@@ -83,9 +83,13 @@ def destroy_distributed() -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def apply_activation_checkpointing(model: MaskedAutoencoderViT) -> None:
-    """Recompute every encoder and decoder block in backward (parameter names unchanged)."""
-    model.grad_checkpointing = True
+def apply_activation_checkpointing(model: MaskedAutoencoderViT, first: int | None = None) -> None:
+    """Recompute every encoder and decoder block in backward, or only the first `first` encoder blocks
+    (parameter names unchanged)."""
+    if first is None:
+        model.grad_checkpointing = True
+    else:
+        model.checkpoint_first = first
 
 
 def apply_regional_compile(model: MaskedAutoencoderViT) -> None:
@@ -150,6 +154,13 @@ def build_parallel_model(cfg: Config, ctx: DistContext, device: torch.device) ->
         model = build_model(cfg.model)
     if t.activation_checkpointing:
         apply_activation_checkpointing(model)
+    elif t.checkpoint_blocks:
+        if t.checkpoint_blocks > cfg.model.depth:
+            from .config import ConfigError
+
+            raise ConfigError(f"train.checkpoint_blocks={t.checkpoint_blocks} is more than the encoder's "
+                              f"{cfg.model.depth} blocks")
+        apply_activation_checkpointing(model, first=t.checkpoint_blocks)
     if t.compile:
         apply_regional_compile(model)
     if ctx.distributed:

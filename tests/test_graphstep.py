@@ -124,3 +124,14 @@ def test_graphed_step_refuses_an_optimizer_that_cannot_skip_on_device():
 def test_cuda_graph_config_without_cuda_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="train.cuda_graph=true: it needs CUDA"):
         Trainer(debug_cfg(tmp_path, **{"train.cuda_graph": "true", "train.max_steps": 1}))
+
+
+def test_graph_body_with_partial_checkpointing_equals_plain_step(tmp_path):
+    over = {"train.max_steps": 4, "train.checkpoint_blocks": 1, "train.ckpt_every": 100}
+    plain = Trainer(debug_cfg(tmp_path / "a", **{k: v for k, v in over.items() if k != "train.checkpoint_blocks"}))
+    plain.fit()
+    fast = graphed_trainer(debug_cfg(tmp_path / "b", **over))
+    assert fast.model.checkpoint_first == 1
+    fast.fit()
+    for k, v in params_of(plain).items():
+        assert torch.equal(v, params_of(fast)[k]), k
