@@ -33,7 +33,7 @@ import torch, sys
 assert torch.cuda.is_available()
 print(torch.cuda.get_device_name(), "torch", torch.__version__)
 PY
-has checks && step cuda_checks 90 $PY -m benchmarks.cuda_checks --out "$OUT"
+has checks && step cuda_checks 110 $PY -m benchmarks.cuda_checks --out "$OUT"
 if has pytest && $PY -c "import pytest" 2>/dev/null; then
   step pytest_kernels 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py
 fi
@@ -44,7 +44,7 @@ if has speed; then
   sp=(-m benchmarks.speedup --speed-suite full --jsonl "$OUT/speed.jsonl" --out "$PARTS" --warmup 3 --reps 10)
   step speed_vit-h 220 $PY "${sp[@]}" --models vit-h
   step speed_vit-l 110 $PY "${sp[@]}" --models vit-l
-  step speed_vit-b 50 $PY "${sp[@]}" --models vit-b
+  step speed_vit-b 60 $PY "${sp[@]}" --models vit-b
   step agreement 70 $PY -m benchmarks.agreement --preset vit-b --steps 50 --batch 64 --precision bf16-pure \
     --attention flash --out "$OUT"
   [ -f "$OUT/speed.jsonl" ] && $PY -m benchmarks.speedup --merge "$OUT/speed.jsonl" --out "$OUT"

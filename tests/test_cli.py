@@ -64,6 +64,10 @@ def test_export_and_visualize(trained, tmp_path, capsys):
     (["pretrain", "--model.mask_ratio", "1.0"], "mask ratio must be in [0, 1), got 1.0"),
     (["pretrain", "--train.batch_size"], "option --train.batch_size needs a value"),
     (["pretrain", "stray"], "unexpected argument 'stray'"),
+    (["pretrain", "--preset", "debug", "--train.device", "cpu", "--train.cuda_graph", "true"],
+     "train.cuda_graph=true: it needs CUDA"),
+    (["pretrain", "--preset", "debug", "--train.checkpoint_blocks", "5"], "more than the encoder's 2 blocks"),
+    (["pretrain", "--train.attention", "fastest"], "train.attention must be auto, flash"),
     (["visualize", "/no/ckpt.pt", "x.png"], "checkpoint /no/ckpt.pt does not exist"),
     (["export", "/no/ckpt.pt", "--out", "x.pth"], "checkpoint /no/ckpt.pt does not exist"),
 ])
