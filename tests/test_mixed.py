@@ -101,3 +101,34 @@ def test_attention_and_precision_values_are_checked():
         apply_overrides(debug(), {"train.attention": "fastest"})
     with pytest.raises(ConfigError, match="bf16-pure"):
         apply_overrides(debug(), {"train.precision": "bf16-fast"})
+
+
+def test_collect_accumulates_and_starts_fresh_per_parameter():
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(4, 4)
+            self.b = torch.nn.Linear(4, 4)
+
+        def forward(self, x, use_b):
+            out = self.a(x).sum()
+            return out + self.b(x).sum() if use_b else out
+
+    torch.manual_seed(0)
+    m = Two()
+    x1, x2 = torch.randn(3, 4).bfloat16(), torch.randn(3, 4).bfloat16()
+    comp = Bf16Compute(m)
+    comp.refresh()
+    comp(x1, False).float().backward()
+    comp.collect(first=True)
+    assert m.b.weight.grad is None
+    comp(x2, True).float().backward()
+    comp.collect(first=False)
+    ref = Two()
+    ref.load_state_dict(m.state_dict())
+    (ref(x1.float(), False) + ref(x2.float(), True)).backward()
+    for (n, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=2e-2, msg=n)
+    # the fp32 gradients are the optimizer's to free
+    torch.optim.AdamW(m.parameters()).zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in m.parameters())
