@@ -45,12 +45,15 @@ class _Captured:
     skip: torch.Tensor
     loss: torch.Tensor
     finite: torch.Tensor
+    mask_ratio: float
     graph: object = None
     replays: int = field(default=0)
 
 
 class GraphedStep:
-    """step(imgs_list, noise_list) -> (mean loss, finite flag), both 0-d device tensors, valid until the next call.
+    """step(imgs_list, noise_list[, mask_ratio]) -> (mean loss, finite flag), 0-d device tensors valid until the
+    next call. Each (shapes, mask ratio) gets its own static buffers (and graph): a sweep that comes back to a
+    ratio replays what it captured before.
 
     model: a plain (not FSDP) module returning (loss, pred, mask) from (imgs, mask_ratio, noise).
     optimizer: must skip on the device through `found_inf` (torch's fused AdamW); its lr becomes a tensor.
@@ -75,6 +78,7 @@ class GraphedStep:
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
         self.captures = 0
+        self.builds = 0  # static-buffer sets made (one per shapes and ratio); captures counts the CUDA graphs
         tensor_lr_(optimizer)
         if capture:  # torch refuses to capture step() otherwise; the fused kernel reads lr and step on device
             for g in optimizer.param_groups:
@@ -99,7 +103,7 @@ class GraphedStep:
         for i, (imgs, noise) in enumerate(zip(c.imgs, c.noise)):
             with attention_context(self.attention):
                 with self._autocast(dev):
-                    loss, _, _ = fwd(imgs, self.mask_ratio, noise)
+                    loss, _, _ = fwd(imgs, c.mask_ratio, noise)
                 (loss / k).backward()
             if self.compute is not None:
                 self.compute.collect(first=i == 0)
@@ -111,20 +115,20 @@ class GraphedStep:
         c.loss.copy_(acc)
         c.finite.copy_(bad == 0)
 
-    def _new(self, imgs_list, noise_list) -> _Captured:
+    def _new(self, imgs_list, noise_list, mask_ratio: float) -> _Captured:
         dev = imgs_list[0].device
         c = _Captured(imgs=[torch.empty_like(x) for x in imgs_list], noise=[torch.empty_like(n) for n in noise_list],
                       skip=torch.zeros((), dtype=torch.bool, device=dev),
                       loss=torch.zeros((), dtype=torch.float32, device=dev),
-                      finite=torch.ones((), dtype=torch.bool, device=dev))
+                      finite=torch.ones((), dtype=torch.bool, device=dev), mask_ratio=mask_ratio)
         for s, x in zip(c.imgs + c.noise, list(imgs_list) + list(noise_list)):
             s.copy_(x)
+        while len(self.graphs) >= self.max_graphs:
+            self.graphs.popitem(last=False)
         if not self.capture:
             return c
         if dev.type != "cuda":
             raise RuntimeError("a CUDA graph needs CUDA tensors; use capture=False elsewhere")
-        while len(self.graphs) >= self.max_graphs:
-            self.graphs.popitem(last=False)
         # warm up on a side stream (lazy optimizer state, Triton/cuBLAS/compile first calls) with the update off
         c.skip.fill_(True)
         side = torch.cuda.Stream(dev)
@@ -145,14 +149,14 @@ class GraphedStep:
         self.captures += 1
         return c
 
-    def __call__(self, imgs_list: list[torch.Tensor], noise_list: list[torch.Tensor]):
-        key = (tuple((tuple(x.shape), x.dtype) for x in imgs_list), tuple(n.shape for n in noise_list),
-               self.mask_ratio)
+    def __call__(self, imgs_list: list[torch.Tensor], noise_list: list[torch.Tensor], mask_ratio: float | None = None):
+        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        key = (tuple((tuple(x.shape), x.dtype) for x in imgs_list), tuple(n.shape for n in noise_list), ratio)
         c = self.graphs.get(key)
         if c is None:
-            c = self._new(imgs_list, noise_list)
-            if self.capture:
-                self.graphs[key] = c
+            c = self._new(imgs_list, noise_list, ratio)
+            self.graphs[key] = c
+            self.builds += 1
         else:
             self.graphs.move_to_end(key)
             for s, x in zip(c.imgs + c.noise, list(imgs_list) + list(noise_list)):

@@ -95,7 +95,7 @@ def test_warmup_before_capture_changes_nothing():
     m = M()
     opt = torch.optim.AdamW(m.parameters(), lr=0.1, fused=True)
     g = GraphedStep(m, opt, 0.75, None, capture=False)
-    c = g._new([torch.randn(3, 4)], [torch.rand(3, 5)])
+    c = g._new([torch.randn(3, 4)], [torch.rand(3, 5)], 0.75)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     c.skip.fill_(True)
     g._body(c)
@@ -135,3 +135,29 @@ def test_graph_body_with_partial_checkpointing_equals_plain_step(tmp_path):
     fast.fit()
     for k, v in params_of(plain).items():
         assert torch.equal(v, params_of(fast)[k]), k
+
+
+def test_mask_ratio_sweep_reuses_buffers_per_ratio_and_matches_plain_steps():
+    from engine.config import OptimConfig, debug
+    from engine.model import build_model
+    from engine.optim import build_optimizer
+
+    cfg = debug().model
+    torch.manual_seed(0)
+    a, b = build_model(cfg), build_model(cfg)
+    b.load_state_dict(a.state_dict())
+    oa = build_optimizer(a, OptimConfig(), 1e-3, torch.device("cpu"))
+    ob = build_optimizer(b, OptimConfig(), 1e-3, torch.device("cpu"))
+    g = GraphedStep(b, ob, 0.75, None, capture=False, max_graphs=4)
+    gen = torch.Generator().manual_seed(3)
+    for r in (0.5, 0.75, 0.5, 0.9, 0.75):
+        imgs, noise = torch.randn(4, 3, 32, 32, generator=gen), torch.rand(4, 64, generator=gen)
+        la, _, _ = a(imgs, r, noise)
+        la.backward()
+        oa.step()
+        oa.zero_grad(set_to_none=True)
+        lb, ok = g([imgs], [noise], mask_ratio=r)
+        assert bool(ok) and torch.equal(la.detach(), lb), r
+    assert g.builds == 3  # one per distinct ratio
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
