@@ -42,7 +42,7 @@ if has speed; then
   # a fresh compile cache, so the first compiled ViT-H row's time to first step includes compilation
   export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
   sp=(-m benchmarks.speedup --speed-suite full --jsonl "$OUT/speed.jsonl" --out "$PARTS" --warmup 3 --reps 10)
-  step speed_vit-h 220 $PY "${sp[@]}" --models vit-h
+  step speed_vit-h 240 $PY "${sp[@]}" --models vit-h
   step speed_vit-l 110 $PY "${sp[@]}" --models vit-l
   step speed_vit-b 60 $PY "${sp[@]}" --models vit-b
   step agreement 70 $PY -m benchmarks.agreement --preset vit-b --steps 50 --batch 64 --precision bf16-pure \
