@@ -46,7 +46,7 @@ if has speed; then
   step speed_vit-l 110 $PY "${sp[@]}" --models vit-l
   step speed_vit-b 60 $PY "${sp[@]}" --models vit-b
   step agreement 70 $PY -m benchmarks.agreement --preset vit-b --steps 50 --batch 64 --precision bf16-pure \
-    --attention flash --out "$OUT"
+    --out "$OUT"
   [ -f "$OUT/speed.jsonl" ] && $PY -m benchmarks.speedup --merge "$OUT/speed.jsonl" --out "$OUT"
 fi
 if has speed-new; then  # the newest levers and the targets' rows only (about 4.5 minutes); merge elsewhere
