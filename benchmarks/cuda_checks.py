@@ -100,9 +100,9 @@ def check_graph_step(preset, compile, pure=False, attention="auto", ckpt=0):
     for cap, m in zip((False, True), models):
         m.checkpoint_first = ckpt
         if compile:
-            from benchmarks.step import compile_regional
+            from engine.parallel import apply_regional_compile
 
-            compile_regional(m)
+            apply_regional_compile(m)
         opt = build_optimizer(m, OptimConfig(), 1e-3, torch.device("cuda"))
         compute = None
         if pure:

@@ -119,13 +119,6 @@ class ClassifierStep(torch.nn.Module):
 COMPILE_MODES = ("none", "regional", "model")
 
 
-def compile_regional(model: torch.nn.Module) -> None:
-    """torch.compile every transformer block in place (an MAE's encoder and decoder blocks, a timm ViT's blocks)."""
-    for name in ("blocks", "decoder_blocks"):
-        for blk in getattr(model, name, []):
-            blk.compile()
-
-
 class StepRunner:
     """Times full training steps of one model on synthetic on-device input (or a loader's stream).
 
@@ -167,7 +160,9 @@ class StepRunner:
             # under another backend would be reused (the on-disk compile cache still spares most of the work)
             torch._dynamo.reset()
         if compile == "regional":
-            compile_regional(self.model)
+            from engine.parallel import apply_regional_compile
+
+            apply_regional_compile(self.model)
         self.step_model = ClassifierStep(self.model, self.labels) if mode == "vit" else self.model
         if compile == "model":
             self.step_model = torch.compile(self.step_model)

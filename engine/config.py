@@ -250,8 +250,10 @@ class TrainConfig:
         _check(self.fsdp in ("auto", "always", "never"), f"train.fsdp must be auto, always or never, got {self.fsdp!r}")
         _check(self.precision in ("auto", "bf16", "bf16-pure", "fp32"),
                f"train.precision must be auto, bf16, bf16-pure or fp32, got {self.precision!r}")
-        _check(self.attention in ("auto", "flash", "efficient", "cudnn", "math"),
-               f"train.attention must be auto, flash, efficient, cudnn or math, got {self.attention!r}")
+        from .attention import ATTENTION
+
+        _check(self.attention in ATTENTION,
+               f"train.attention must be {', '.join(ATTENTION[:-1])} or {ATTENTION[-1]}, got {self.attention!r}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

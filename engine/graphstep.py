@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -47,7 +47,6 @@ class _Captured:
     finite: torch.Tensor
     mask_ratio: float
     graph: object = None
-    replays: int = field(default=0)
 
 
 class GraphedStep:
@@ -163,7 +162,6 @@ class GraphedStep:
                 s.copy_(x, non_blocking=True)
         if c.graph is not None:
             c.graph.replay()
-            c.replays += 1
         else:  # the eager reference of the same body
             self._body(c)
             self.optimizer.zero_grad(set_to_none=True)

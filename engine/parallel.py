@@ -92,11 +92,13 @@ def apply_activation_checkpointing(model: MaskedAutoencoderViT, first: int | Non
         model.checkpoint_first = first
 
 
-def apply_regional_compile(model: MaskedAutoencoderViT) -> None:
+def apply_regional_compile(model: nn.Module) -> None:
     """torch.compile each block in place: one compiled block reused by every layer of that shape, not a
-    whole-model graph (a 32-block encoder compiles one block)."""
-    for blk in list(model.blocks) + list(model.decoder_blocks):
-        blk.compile()
+    whole-model graph (a 32-block encoder compiles one block). An MAE's encoder and decoder blocks, or the
+    `blocks` of any ViT (timm's too)."""
+    for name in ("blocks", "decoder_blocks"):
+        for blk in getattr(model, name, []):
+            blk.compile()
 
 
 def apply_fsdp(model: MaskedAutoencoderViT, param_dtype: torch.dtype | None, reshard_after_forward: bool = True):

@@ -278,7 +278,7 @@ class Trainer:
             imgs_list.append(imgs)
         loss, finite = self.graphed(imgs_list, noise_list)
         self.step += 1
-        return loss.clone(), finite.clone()
+        return loss, finite  # the graph's static outputs: fit() reads them before the next step
 
     def fit(self) -> TrainResult:
         t = self.cfg.train
@@ -422,7 +422,8 @@ class Trainer:
     def write_reconstruction(self, imgs: torch.Tensor) -> Path:
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 4242)
         noise = torch.rand(imgs.shape[0], self.cfg.model.num_patches, generator=gen, device=self.device)
-        with self.autocast(evaluation=True):  # every rank runs the forward (FSDP gathers weights collectively); rank 0 writes
+        # every rank runs the forward (FSDP gathers weights collectively); rank 0 writes
+        with self.autocast(evaluation=True):
             grid = reconstruction_grid(self.model, imgs, self.cfg.data.mean, self.cfg.data.std,
                                        self.cfg.model.mask_ratio, noise, scale=max(1, 128 // self.cfg.model.img_size))
         path = self.run_dir / "recon" / f"step_{self.step:08d}.png"

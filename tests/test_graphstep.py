@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from conftest import debug_cfg
-from test_train import _poison, params_of
+from test_train import _expect_unchanged, _poison, params_of
 
 from engine import checkpoint as ckpt
 from engine.config import ConfigError
@@ -43,19 +43,7 @@ def test_graph_body_equals_plain_step(tmp_path, accum):
 def test_graph_body_skips_non_finite_steps(tmp_path):
     t = graphed_trainer(debug_cfg(tmp_path, **{"train.max_steps": 6, "train.log_every": 3, "train.max_bad_steps": 5}))
     _poison(t, 3, 5)
-    snap = {}
-    orig = t.train_step
-
-    def spy(stream):
-        if t.step == 2:
-            snap.update(params_of(t))
-        out = orig(stream)
-        if t.step == 4:
-            for k, v in params_of(t).items():
-                assert torch.equal(v, snap[k]), k
-        return out
-
-    t.train_step = spy
+    _expect_unchanged(t, 2, 4)
     t.fit()
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["skipped"] for r in recs) == 2

@@ -64,6 +64,23 @@ def test_run_dir_outputs_and_loss_falls(tmp_path):
 
 
 
+def _expect_unchanged(trainer, from_step: int, to_step: int) -> None:
+    """Wrap trainer.train_step: the parameters at step `to_step` must equal those at step `from_step`."""
+    before = {}
+    orig_step = trainer.train_step
+
+    def spy(stream):
+        if trainer.step == from_step:
+            before.update(params_of(trainer))
+        out = orig_step(stream)
+        if trainer.step == to_step:
+            for k, v in params_of(trainer).items():
+                assert torch.equal(v, before[k]), k
+        return out
+
+    trainer.train_step = spy
+
+
 def _poison(trainer, from_call: int, until_call: int = 10**9):
     """Make the model's loss NaN on forward calls [from_call, until_call)."""
     model = trainer.model
@@ -81,20 +98,7 @@ def _poison(trainer, from_call: int, until_call: int = 10**9):
 def test_non_finite_steps_are_skipped_not_applied(tmp_path):
     t = Trainer(debug_cfg(tmp_path, **{"train.max_steps": 6, "train.log_every": 3, "train.max_bad_steps": 5}))
     _poison(t, 3, 5)  # steps 3 and 4 get a NaN loss
-    before = {}
-
-    orig_step = t.train_step
-
-    def spy(stream):
-        if t.step == 2:
-            before.update(params_of(t))
-        out = orig_step(stream)
-        if t.step == 4:  # after the two bad steps: nothing moved
-            for k, v in params_of(t).items():
-                assert torch.equal(v, before[k]), k
-        return out
-
-    t.train_step = spy
+    _expect_unchanged(t, 2, 4)  # after the two bad steps: nothing moved
     t.fit()
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["skipped"] for r in recs) == 2
