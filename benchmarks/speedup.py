@@ -310,7 +310,7 @@ def _inductor_cache_has_entries() -> bool:
             from torch._inductor.runtime.cache_dir_utils import cache_dir
 
             d = cache_dir()
-        except Exception:
+        except (ImportError, OSError):  # a private torch module: absent or moved in another version
             return False
     p = Path(d)
     return p.is_dir() and any(f.is_file() for f in p.rglob("*"))
@@ -358,8 +358,9 @@ def write_report(rows, sp, env, out: Path, peak, ceiling, name="speedup", runs: 
              "", "## Targets (one H100, bf16, synthetic input)", ""] + target_lines(rows, sp)
     if runs:
         at = lines.index("## Speedup of visible-only encoding") - 2
-        lines[at:at] = ["", "Rows come from separate runs (column `run`); each run may be a different machine of the "
-                        "same kind, so compare lever sets within one run. Speedups pair rows of the same run:", "",
+        lines[at:at] = ["", ("Rows come from separate runs (column `run`); each run may be a different machine of "
+                             "the same kind, so compare lever sets within one run. Speedups pair rows of the same "
+                             "run:"), "",
                         md_table(runs, ["run", "file", "date", "device", "torch", "triton"]), ""]
     lines += ["", "Plots: " + ", ".join(p.name for p in pngs)] if pngs else []
     path = out / f"{tag}.md"

@@ -2,15 +2,14 @@
 
 import pytest
 import torch
+from conftest import debug_cfg
+from test_train import params_of
 
 from engine.attention import attention_context
 from engine.config import ConfigError, debug
 from engine.mixed import Bf16Compute
 from engine.model import build_model
 from engine.trainer import Trainer
-
-from conftest import debug_cfg
-from test_train import params_of
 
 
 def _model_and_batch():
