@@ -18,6 +18,9 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field, the value and the limit."""
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # train.compile_mode
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -206,7 +209,8 @@ class TrainConfig:
     """auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 (autocast) | bf16-pure (bf16 copies of the weights and
     bf16 activations, fp32 master weights and optimizer; no autocast; one process) | fp32."""
     attention: str = "auto"
-    """Fused attention kernel: auto (PyTorch chooses) | flash | efficient | cudnn | math."""
+    """Attention: auto (PyTorch chooses the fused kernel) | flash | efficient | cudnn | math | encoder-math (the
+    encoder's short sequences as batched matmuls + softmax, fused by train.compile; the decoder as auto)."""
     run_dir: str = "runs/mae"
     """Where metrics, checkpoints and reconstructions go."""
     log_every: int = 10
@@ -234,6 +238,9 @@ class TrainConfig:
     """Recompute only the first N encoder blocks in backward: memory for compute in steps of one block."""
     compile: bool = False
     """Regional torch.compile: each block compiled once and reused by every layer."""
+    compile_mode: str = "default"
+    """torch.compile mode of the blocks: default | max-autotune-no-cudagraphs (inductor benchmarks Triton GEMM
+    templates against cuBLAS and fuses bias / GELU into the chosen GEMM: faster steps, minutes of compile)."""
     cuda_graph: bool = False
     """Capture forward + backward + optimizer of a step in one CUDA graph and replay it (one GPU, no FSDP;
     torch fused AdamW). One capture per batch shape and mask ratio."""
@@ -254,6 +261,9 @@ class TrainConfig:
 
         _check(self.attention in ATTENTION,
                f"train.attention must be {', '.join(ATTENTION[:-1])} or {ATTENTION[-1]}, got {self.attention!r}")
+        _check(self.compile_mode in COMPILE_MODES,
+               f"train.compile_mode must be {' or '.join(COMPILE_MODES)}, got {self.compile_mode!r} (modes with "
+               f"their own CUDA graphs are not offered: train.cuda_graph captures the whole step)")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -266,6 +276,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str = "custom"
     """Name of the preset this config started from."""
+
+    def __post_init__(self) -> None:
+        _check(self.train.checkpoint_blocks <= self.model.depth,
+               f"train.checkpoint_blocks={self.train.checkpoint_blocks} is more than the encoder's "
+               f"{self.model.depth} blocks (model.depth)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

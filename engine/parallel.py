@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .attention import apply_attention
 from .config import Config
 from .model import MaskedAutoencoderViT, build_model
 
@@ -92,13 +93,14 @@ def apply_activation_checkpointing(model: MaskedAutoencoderViT, first: int | Non
         model.checkpoint_first = first
 
 
-def apply_regional_compile(model: nn.Module) -> None:
+def apply_regional_compile(model: nn.Module, mode: str = "default") -> None:
     """torch.compile each block in place: one compiled block reused by every layer of that shape, not a
     whole-model graph (a 32-block encoder compiles one block). An MAE's encoder and decoder blocks, or the
-    `blocks` of any ViT (timm's too)."""
+    `blocks` of any ViT (timm's too). `mode` is torch.compile's (train.compile_mode)."""
+    kw = {} if mode == "default" else {"mode": mode}
     for name in ("blocks", "decoder_blocks"):
         for blk in getattr(model, name, []):
-            blk.compile()
+            blk.compile(**kw)
 
 
 def apply_fsdp(model: MaskedAutoencoderViT, param_dtype: torch.dtype | None, reshard_after_forward: bool = True):
@@ -150,21 +152,17 @@ def _distribute_local(full: torch.Tensor, like):
 
 
 def build_parallel_model(cfg: Config, ctx: DistContext, device: torch.device) -> nn.Module:
-    """Meta build -> activation checkpointing -> regional compile -> FSDP2 (under torchrun) -> materialise."""
+    """Meta build -> activation checkpointing -> attention path -> regional compile -> FSDP2 (under torchrun) -> materialise."""
     t = cfg.train
     with torch.device("meta"):
         model = build_model(cfg.model)
     if t.activation_checkpointing:
         apply_activation_checkpointing(model)
-    elif t.checkpoint_blocks:
-        if t.checkpoint_blocks > cfg.model.depth:
-            from .config import ConfigError
-
-            raise ConfigError(f"train.checkpoint_blocks={t.checkpoint_blocks} is more than the encoder's "
-                              f"{cfg.model.depth} blocks")
+    elif t.checkpoint_blocks:  # <= model.depth: checked by Config
         apply_activation_checkpointing(model, first=t.checkpoint_blocks)
+    apply_attention(model, t.attention)
     if t.compile:
-        apply_regional_compile(model)
+        apply_regional_compile(model, t.compile_mode)
     if ctx.distributed:
         from .trainer import resolve_dtype
 

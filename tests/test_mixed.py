@@ -91,6 +91,51 @@ def test_attention_switch_computes_the_same_loss(name):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_encoder_math_switches_only_the_encoder_and_keeps_loss_and_gradients():
+    from engine.attention import apply_attention
+
+    m, imgs, noise = _model_and_batch()
+    loss_ref = m(imgs, 0.75, noise)[0]
+    loss_ref.backward()
+    ref = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    assert any(n.startswith("blocks.0.attn.qkv") for n in ref)
+    m.zero_grad(set_to_none=True)
+    assert apply_attention(m, "auto") == 0 and all(b.attn.fused_attn for b in m.blocks)
+    assert apply_attention(m, "encoder-math") == len(m.blocks)
+    assert not any(b.attn.fused_attn for b in m.blocks)
+    assert all(b.attn.fused_attn for b in m.decoder_blocks)  # the decoder stays on SDPA
+    # the switched path no longer calls SDPA in the encoder: count the calls
+    calls = []
+    orig = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    try:
+        loss = m(imgs, 0.75, noise)[0]
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = orig
+    assert len(calls) == len(m.decoder_blocks)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert {n for n, p in m.named_parameters() if p.grad is not None} == set(ref)
+    for n, g in ref.items():
+        torch.testing.assert_close(m.get_parameter(n).grad, g, rtol=1e-4, atol=1e-6, msg=n)
+    with pytest.raises(ValueError, match="needs timm attention modules"):
+        blk = torch.nn.Module()
+        blk.attn = torch.nn.Linear(2, 2)
+        holder = torch.nn.Module()
+        holder.blocks = torch.nn.ModuleList([blk])
+        apply_attention(holder, "encoder-math")
+
+
+def test_trainer_builds_encoder_math_and_trains_like_auto(tmp_path):
+    a = Trainer(debug_cfg(tmp_path / "a", **{"train.max_steps": 4}))
+    b = Trainer(debug_cfg(tmp_path / "b", **{"train.max_steps": 4, "train.attention": "encoder-math"}))
+    assert not any(blk.attn.fused_attn for blk in b.model.blocks)
+    ra, rb = a.fit(), b.fit()
+    assert abs(ra.last_loss - rb.last_loss) < 1e-4 * ra.last_loss
+    for k, v in params_of(a).items():
+        torch.testing.assert_close(params_of(b)[k], v, rtol=1e-3, atol=1e-5, msg=k)
+
+
 def test_attention_and_precision_values_are_checked():
     with pytest.raises(ValueError, match="attention must be one of"):
         attention_context("fastest")
@@ -100,6 +145,8 @@ def test_attention_and_precision_values_are_checked():
         apply_overrides(debug(), {"train.attention": "fastest"})
     with pytest.raises(ConfigError, match="bf16-pure"):
         apply_overrides(debug(), {"train.precision": "bf16-fast"})
+    with pytest.raises(ConfigError, match="train.compile_mode must be default or max-autotune-no-cudagraphs"):
+        apply_overrides(debug(), {"train.compile_mode": "reduce-overhead"})
 
 
 def test_collect_accumulates_and_starts_fresh_per_parameter():

@@ -166,15 +166,17 @@ def test_partial_activation_checkpointing_same_gradients_less_saved():
     assert abs((saved[0] - saved[1]) - 2 * per_block) <= 0.05 * per_block * 2
 
 
-def test_checkpoint_blocks_is_checked(tmp_path):
+def test_checkpoint_blocks_is_checked():
     import pytest
 
-    from engine.config import ConfigError, apply_overrides, debug
-    from engine.trainer import Trainer
+    from engine.config import Config, ConfigError, apply_overrides, debug
 
     with pytest.raises(ConfigError, match="train.checkpoint_blocks must be"):
         apply_overrides(debug(), {"train.checkpoint_blocks": "-1"})
-    cfg = apply_overrides(debug(), {"train.checkpoint_blocks": "3", "train.device": "cpu",
-                                    "train.run_dir": str(tmp_path), "data.backend": "synthetic"})
+    # against the model's depth, by the config itself (overrides, presets and saved configs alike)
     with pytest.raises(ConfigError, match="more than the encoder's 2 blocks"):
-        Trainer(cfg)
+        apply_overrides(debug(), {"train.checkpoint_blocks": "3"})
+    with pytest.raises(ConfigError, match="more than the encoder's 2 blocks"):
+        Config.from_dict(dict(debug().to_dict(), train=dict(debug().to_dict()["train"], checkpoint_blocks=3)))
+    ok = apply_overrides(debug(), {"train.checkpoint_blocks": "3", "model.depth": "3"})  # raised together: fine
+    assert ok.train.checkpoint_blocks == ok.model.depth == 3

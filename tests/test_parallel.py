@@ -47,3 +47,27 @@ def test_regional_compile_matches_eager_and_keeps_names():
     torch.testing.assert_close(la, lb, rtol=1e-5, atol=0)
     for k in gb:
         torch.testing.assert_close(ga[k], gb[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_autotuned_compile_of_the_encoder_math_path_matches_eager(monkeypatch):
+    """train.compile_mode reaches torch.compile for every block; with train.attention=encoder-math the compiled
+    blocks trace the matmul path; loss and gradients equal the plain eager model's."""
+    seen = []
+    real = torch.compile
+
+    def recording(fn, *a, **kw):
+        seen.append(kw.get("mode"))
+        return real(fn, *a, **kw)
+
+    monkeypatch.setattr(torch, "compile", recording)
+    x, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 64)
+    fast = build(compile=True, compile_mode="max-autotune-no-cudagraphs", attention="encoder-math")
+    cfg = debug()
+    assert seen == ["max-autotune-no-cudagraphs"] * (cfg.model.depth + cfg.model.decoder_depth)
+    assert not any(b.attn.fused_attn for b in fast.blocks)
+    la, ga = step(fast, x, noise)
+    lb, gb = step(build(), x, noise)
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=0)
+    assert set(ga) == set(gb)
+    for k in gb:
+        torch.testing.assert_close(ga[k], gb[k], rtol=1e-4, atol=1e-6, msg=k)
