@@ -45,6 +45,51 @@ def top_kernels(prof, device: torch.device, top: int) -> tuple[str, list[dict]]:
     return table, rows
 
 
+# what a device kernel's name says it is (first match wins); names as cuBLAS / cuDNN / inductor / this project give them
+CATEGORIES = (
+    ("attention", ("flash", "fmha", "sdpa", "cudnn", "attention", "attn")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "triton_tem_", "cublas", "sgemm", "aten::mm", "aten::addmm",
+                "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")),
+    ("optimizer", ("multi_tensor", "adam", "_foreach")),
+    ("masking / unshuffle / loss (Triton)", ("_masking_", "_unshuffle_", "_norm_pix_mse", "_sorted_ids")),
+    ("layer norm", ("layer_norm", "layernorm")),
+    ("fused by the compile (Triton)", ("triton_",)),
+    ("copy / cast / cat", ("copy", "cat", "memcpy", "memset", "fill", "to_copy", "clone")),
+    ("reduction", ("reduce", "sum")),
+    ("other elementwise", ("elementwise", "vectorized", "aten::")),
+)
+NOT_KERNELS = ("command buffer full",)  # profiler pseudo-events, not device work
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def category_times(prof, device: torch.device, steps: int) -> list[dict]:
+    """Device time per step by kernel category (CUDA: kernel events only, so nothing is counted twice; CPU: the
+    ops' self time), largest first, with each category's share of the summed time."""
+    from torch.autograd import DeviceType
+
+    evs = list(prof.key_averages())
+    if device.type == "cuda":
+        evs = [e for e in evs if getattr(e, "device_type", None) == DeviceType.CUDA]
+    totals: dict[str, float] = {}
+    for e in evs:
+        if e.key.lower() in NOT_KERNELS:
+            continue
+        t = _self_time_us(e, device)
+        if t:
+            cat = kernel_category(e.key)
+            totals[cat] = totals.get(cat, 0.0) + t
+    whole = sum(totals.values()) or 1.0
+    return [{"category": c, "ms_per_step": round(t / 1000 / steps, 3), "share_pct": round(100 * t / whole, 1)}
+            for c, t in sorted(totals.items(), key=lambda kv: -kv[1])]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="mae profile", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="debug")
@@ -85,9 +130,12 @@ def main(argv=None) -> int:
             st = runner.run(warmup=args.warmup, reps=args.steps)
         ips = batch / (st.step_ms / 1000)
         fl = train_flops_per_image(cfg.model, r)
-        row = {"mask_ratio": r, "batch": batch, "visible": int(cfg.model.num_patches * (1 - r)),
-               "img_per_s": round(ips, 1), "step_ms": round(st.step_ms, 3), "fwd_ms": round(st.fwd_ms, 3),
-               "bwd_ms": round(st.bwd_ms, 3), "opt_ms": round(st.opt_ms, 3),
+        def r3(x):  # a captured step (lever sets with graph) has no phase split
+            return None if x is None else round(x, 3)
+
+        row = {"config": args.config or ("compile" if args.compile else "eager"), "mask_ratio": r, "batch": batch, "visible": int(cfg.model.num_patches * (1 - r)),
+               "img_per_s": round(ips, 1), "step_ms": round(st.step_ms, 3), "fwd_ms": r3(st.fwd_ms),
+               "bwd_ms": r3(st.bwd_ms), "opt_ms": r3(st.opt_ms),
                "gflops_per_img": float(f"{fl / 1e9:.4g}"), "mfu_datasheet": mfu(fl, ips, peak)}
         if device.type == "cuda":
             row["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -98,8 +146,9 @@ def main(argv=None) -> int:
             from torch.profiler import ProfilerActivity, profile
 
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            n_prof = 3
             with profile(activities=acts, profile_memory=True, record_shapes=False) as prof:
-                for _ in range(3):
+                for _ in range(n_prof):
                     runner.step()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -108,8 +157,12 @@ def main(argv=None) -> int:
             trace = tdir / f"trace_{cfg.preset}_r{r}.json"
             prof.export_chrome_trace(str(trace))
             table, top = top_kernels(prof, device, args.top)
-            sections += [f"## Top {args.top} ops by self time, mask ratio {r} (3 steps; trace {trace})", "",
-                         md_table(top, ["name", "calls", "self_ms_total"]), ""]
+            cats = category_times(prof, device, n_prof)
+            sections += [f"## Top {args.top} ops by self time, mask ratio {r} ({n_prof} steps; trace {trace})", "",
+                         md_table(top, ["name", "calls", "self_ms_total"]), "",
+                         f"## Time per step by kernel category, mask ratio {r} ("
+                         + ("device kernels" if device.type == "cuda" else "CPU ops' self time") + ")", "",
+                         md_table(cats, ["category", "ms_per_step", "share_pct"]), ""]
             print(table)
         del runner
     tag = f"profile_{cfg.preset}_{device_tag(env)}_{today()}"
