@@ -117,7 +117,8 @@ def main(argv=None) -> int:
         spread = [abs(a - b) for a, b in zip(curves["reference"], curves["reference_fp32"])]
     verdict = compare(curves["reference"], curves["fast"], spread)
     env = environment(device)
-    tag = f"agreement_{preset}_{device_tag(env)}_{today()}"
+    variant = "-".join(["fast"] + [v for v in (args.precision, args.attention) if v])  # one report per variant
+    tag = f"agreement_{preset}_{variant}_{device_tag(env)}_{today()}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json({"environment": env, "preset": preset, "steps": steps, "batch": args.batch or None,

@@ -84,7 +84,7 @@ def check_model(preset):
     assert cos > 0.999, f"gradient cosine {cos:.5f}"
 
 
-def check_graph_step(preset, compile, pure=False, attention="auto", ckpt=0):
+def check_graph_step(preset, compile, pure=False, attention="auto", ckpt=0, compile_mode="default"):
     """The captured step (engine.graphstep) against the same body run eagerly: same losses, same parameters
     after a few steps with a changing lr and fresh inputs each step; a NaN step is skipped inside the graph."""
     from engine.config import OptimConfig, get_preset
@@ -99,10 +99,13 @@ def check_graph_step(preset, compile, pure=False, attention="auto", ckpt=0):
     steps = []
     for cap, m in zip((False, True), models):
         m.checkpoint_first = ckpt
+        from engine.attention import apply_attention
+
+        apply_attention(m, attention)
         if compile:
             from engine.parallel import apply_regional_compile
 
-            apply_regional_compile(m)
+            apply_regional_compile(m, compile_mode)
         opt = build_optimizer(m, OptimConfig(), 1e-3, torch.device("cuda"))
         compute = None
         if pure:
@@ -191,6 +194,12 @@ CHECKS.append(("CUDA graph step mae_vit_base_patch16 bf16-pure flash vs eager bo
                ("mae_vit_base_patch16", False, True, "flash")))
 CHECKS.append(("CUDA graph step mae_vit_base_patch16 checkpoint_blocks=4 vs eager body", check_graph_step,
                ("mae_vit_base_patch16", False, False, "auto", 4)))
+CHECKS.append(("CUDA graph step mae_vit_base_patch16 compile=True encoder-math vs eager body", check_graph_step,
+               ("mae_vit_base_patch16", True, False, "encoder-math")))
+CHECKS.append(("CUDA graph step mae_vit_base_patch16 compile=True bf16-pure encoder-math vs eager body",
+               check_graph_step, ("mae_vit_base_patch16", True, True, "encoder-math")))
+CHECKS.append(("CUDA graph step debug compile=True max-autotune-no-cudagraphs vs eager body", check_graph_step,
+               ("debug", True, False, "auto", 0, "max-autotune-no-cudagraphs")))
 CHECKS.append(("patchify keeps fp32 under CUDA autocast", check_patchify_under_autocast, ()))
 CHECKS.append(("trainer with train.cuda_graph=true, resume", check_trainer_graph, ()))
 CHECKS.append(("trainer with train.cuda_graph=true bf16-pure flash, resume", check_trainer_graph,

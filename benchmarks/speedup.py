@@ -62,8 +62,15 @@ CONFIGS = {
                         "attention": "flash"},
     # attention as plain batched matmuls + softmax (fused by the compile): short sequences (65 tokens)
     "fast+math": {"kernels": "auto", "compile": "regional", "graph": True, "attention": "math"},
+    # only the encoder's attention (65 tokens at ViT-H) as batched matmuls; the decoder's stays fused
+    "fast+encmath": {"kernels": "auto", "compile": "regional", "graph": True, "attention": "encoder-math"},
+    "fast+pure+encmath": {"kernels": "auto", "compile": "regional", "graph": True, "precision": "bf16-pure",
+                          "attention": "encoder-math"},
     # memory for compute: the first 6 encoder blocks recomputed in backward
     "fast+ckpt6": {"kernels": "auto", "compile": "regional", "graph": True, "checkpoint_blocks": 6},
+    # inductor's GEMM autotuning with bias / GELU epilogues fused (minutes of compile: a separate section)
+    "fast+autotune": {"kernels": "auto", "compile": "regional", "graph": True,
+                      "compile_mode": "max-autotune-no-cudagraphs"},
 }
 
 
@@ -142,6 +149,10 @@ def speedup_rows(rows: list[dict], models_cfg: dict) -> list[dict]:
         dense = ok.get((model, "mae_dense", ratio, batch, config, run)) or next(
             (v for k, v in ok.items() if k[0] == model and k[1] == "mae_dense" and k[3] == batch and k[4] == config
              and k[5] == run), None)
+        # the conservative pairing: the fastest encoder-with-mask-tokens row of this run and batch, any lever set
+        # (a lever that helps the visible-only encoder may slow the dense one down)
+        bd = max((v for k, v in ok.items() if k[0] == model and k[1] == "mae_dense" and k[3] == batch
+                  and k[5] == run), key=lambda v: v["img_per_s"], default=None)
         vit = ok.get((model, "vit", None, batch, config, run))
         row = {"model": model, "mask_ratio": ratio, "batch": batch, "mae_img_s": r["img_per_s"]}
         if config is not None:
@@ -151,6 +162,9 @@ def speedup_rows(rows: list[dict], models_cfg: dict) -> list[dict]:
         if dense:
             row.update(dense_img_s=dense["img_per_s"], speedup_vs_dense=round(r["img_per_s"] / dense["img_per_s"], 3),
                        dense_ratio_measured_at=dense["mask_ratio"])
+        if bd:
+            row.update(best_dense_img_s=bd["img_per_s"], best_dense_config=bd.get("config"),
+                       speedup_vs_best_dense=round(r["img_per_s"] / bd["img_per_s"], 3))
         row["flop_ceiling_vs_dense"] = round(speedup_ceiling(m, ratio), 3)
         if vit:
             row.update(vit_img_s=vit["img_per_s"], speedup_vs_vit=round(r["img_per_s"] / vit["img_per_s"], 3),
@@ -188,11 +202,12 @@ def target_lines(rows: list[dict], sp: list[dict]) -> list[str]:
     line(f"ViT-H/14 r=0.75 img/s vs the reference's 986 eager + 40%{tag(b)}", TARGETS["vit_h_vs_reference"],
          b["img_per_s"] if b else None)
     for model in ("vit-h", "vit-l"):
-        sx = [x for x in sp if x["model"] == model and x["mask_ratio"] == 0.75 and "speedup_vs_dense" in x]
-        bx = max(sx, key=lambda x: x["speedup_vs_dense"], default=None)
-        label = f" ({bx.get('config') or 'eager'}, batch {bx['batch']})" if bx else ""
-        line(f"{model} speedup vs encoder-with-mask-tokens, same batch and levers{label}",
-             TARGETS[f"speedup_{model}"], bx["speedup_vs_dense"] if bx else None)
+        sx = [x for x in sp if x["model"] == model and x["mask_ratio"] == 0.75 and "speedup_vs_best_dense" in x]
+        bx = max(sx, key=lambda x: x["speedup_vs_best_dense"], default=None)
+        label = (f" ({bx.get('config') or 'eager'} vs the dense baseline's fastest row, "
+                 f"{bx.get('best_dense_config') or 'eager'}, batch {bx['batch']})") if bx else ""
+        line(f"{model} speedup vs encoder-with-mask-tokens, same batch{label}",
+             TARGETS[f"speedup_{model}"], bx["speedup_vs_best_dense"] if bx else None)
     cold = [r for r in h if r.get("compile_cache") in ("cold", "first in process")]  # the latter: older reports
     fs = min(cold or h, key=lambda r: r["first_step_s"], default=None)
     line("ViT-H/14 time to first step, s (build + compile + first step)" + tag(fs), TARGETS["first_step_s"],
@@ -252,6 +267,7 @@ def run_sweep(plan: list[tuple], device, warmup, reps, compile=False, data=None,
     ceiling = matmul_ceiling(device)
     models_cfg, rows = {}, []
     compiled_before = False
+    measured: set[tuple] = set()
     disk_cache_warm = _inductor_cache_has_entries()
     for item in plan:
         preset, mode, ratio, batch, kind = item[:5]
@@ -267,6 +283,10 @@ def run_sweep(plan: list[tuple], device, warmup, reps, compile=False, data=None,
             if not done:
                 continue
             config = max(done, key=lambda r: r["img_per_s"] * 1.0)["config"]
+        key = (name, mode, ratio, batch, kind, config)
+        if config is not None and key in measured:  # a "best" that resolved to a row already measured
+            continue
+        measured.add(key)
         m = get_preset(preset).model
         models_cfg[name] = m
         stream = None
@@ -354,7 +374,8 @@ def write_report(rows, sp, env, out: Path, peak, ceiling, name="speedup", runs: 
              md_table(rows, cols), "", "## Speedup of visible-only encoding", "",
              md_table(sp, (["run"] if runs else []) + (["config"] if any(x.get("config") for x in sp) else []) + [
                  "model", "mask_ratio", "batch", "mae_img_s", "dense_img_s", "speedup_vs_dense",
-                           "flop_ceiling_vs_dense", "vit_img_s", "speedup_vs_vit", "flop_ceiling_vs_vit"]),
+                 "best_dense_config", "speedup_vs_best_dense", "flop_ceiling_vs_dense", "vit_img_s", "speedup_vs_vit",
+                 "flop_ceiling_vs_vit"]),
              "", "## Targets (one H100, bf16, synthetic input)", ""] + target_lines(rows, sp)
     if runs:
         at = lines.index("## Speedup of visible-only encoding") - 2
@@ -374,24 +395,36 @@ def write_report(rows, sp, env, out: Path, peak, ceiling, name="speedup", runs: 
 # "best": the fastest lever set measured so far for that model in the same process;
 # "else:X": X, only when the model's previous row failed.
 SPEED_SUITES = {
-    # the whole ladder (benchmarks/device_check.sh section speed)
+    # the whole ladder (benchmarks/device_check.sh section speed), most telling rows first in each model so a
+    # time limit cuts the least: the compiled row (cold cache), the reference, the lever sets not yet measured
+    # on a GPU, the same-batch pairs (the dense baseline also with plain `fast`: a lever that helps the
+    # visible-only encoder may slow the dense one, and the target takes the dense baseline's fastest row)
     "full": {
-        "vit-h": [("mae", 0.75, 256, "triton+compile"), ("mae", 0.75, 256, "reference"),
-                  ("mae", 0.75, 256, "triton"), ("mae", 0.75, 256, "fast"), ("mae", 0.75, 256, "fast+flash"),
-                  ("mae", 0.75, 256, "fast+pure+flash"), ("mae", 0.75, 256, "fast+math"), ("mae", 0.75, 256, "fast+ckpt6"),
-                  ("mae", 0.75, 128, "best"),
-                  ("mae_dense", 0.75, 128, "best")],
-        "vit-l": [("mae", 0.75, 512, "fast+pure+flash"), ("mae", 0.75, 512, "else:fast"), ("mae", 0.75, 128, "best"),
-                  ("mae_dense", 0.75, 128, "best"), ("mae", 0.75, 512, "reference")],
-        "vit-b": [("mae", 0.75, 1024, "fast+pure+flash"), ("mae", 0.75, 1024, "else:fast"),
-                  ("mae", 0.75, 1024, "reference")],
+        "vit-h": [("mae", 0.75, 256, "triton+compile"), ("mae", 0.75, 256, "reference"), ("mae", 0.75, 256, "fast"),
+                  ("mae", 0.75, 256, "fast+pure"), ("mae", 0.75, 256, "fast+ckpt6"),
+                  ("mae", 0.75, 256, "fast+encmath"), ("mae", 0.75, 256, "fast+pure+encmath"),
+                  ("mae", 0.75, 128, "best"), ("mae_dense", 0.75, 128, "best"), ("mae_dense", 0.75, 128, "fast"),
+                  ("mae", 0.75, 128, "fast"), ("mae", 0.75, 256, "triton"), ("mae", 0.75, 256, "fast+math"),
+                  ("mae", 0.75, 256, "fast+flash")],
+        "vit-l": [("mae", 0.75, 512, "fast"), ("mae", 0.75, 512, "fast+encmath"),
+                  ("mae", 0.75, 512, "fast+pure+encmath"), ("mae", 0.75, 128, "best"),
+                  ("mae_dense", 0.75, 128, "best"), ("mae_dense", 0.75, 128, "fast"), ("mae", 0.75, 128, "fast"),
+                  ("mae", 0.75, 512, "reference")],
+        "vit-b": [("mae", 0.75, 1024, "fast"), ("mae", 0.75, 1024, "fast+encmath"),
+                  ("mae", 0.75, 1024, "fast+pure+encmath"), ("mae", 0.75, 1024, "reference")],
     },
     # only the newest levers and the targets' rows, for a short device call
     "new": {
-        "vit-h": [("mae", 0.75, 256, "fast+pure+flash"), ("mae", 0.75, 256, "fast+flash"), ("mae", 0.75, 128, "best"),
-                  ("mae_dense", 0.75, 128, "best")],
-        "vit-l": [("mae", 0.75, 512, "fast+pure+flash"), ("mae", 0.75, 512, "else:fast+flash")],
-        "vit-b": [("mae", 0.75, 1024, "fast+pure+flash"), ("mae", 0.75, 1024, "else:fast+flash")],
+        "vit-h": [("mae", 0.75, 256, "fast+encmath"), ("mae", 0.75, 256, "fast+pure+encmath"),
+                  ("mae", 0.75, 256, "fast+ckpt6"), ("mae", 0.75, 256, "fast+pure"), ("mae", 0.75, 128, "best"),
+                  ("mae_dense", 0.75, 128, "best"), ("mae_dense", 0.75, 128, "fast")],
+        "vit-l": [("mae", 0.75, 512, "fast+encmath"), ("mae", 0.75, 512, "else:fast")],
+        "vit-b": [("mae", 0.75, 1024, "fast+encmath"), ("mae", 0.75, 1024, "else:fast")],
+    },
+    # inductor's GEMM autotuning: minutes of compile per block shape, so a call of its own
+    "autotune": {
+        "vit-h": [("mae", 0.75, 256, "fast+autotune")],
+        "vit-l": [("mae", 0.75, 512, "fast+autotune")],
     },
 }
 

@@ -126,14 +126,16 @@ class StepRunner:
     MAE's masking / unshuffle / loss; compile "none" | "regional" (each block compiled once, reused by every
     layer) | "model" (whole-model torch.compile); graph=True captures forward + backward + optimizer in one
     CUDA graph (engine.graphstep) and replays it; precision "bf16-pure" (engine.mixed); attention picks the
-    SDPA kernel (engine.attention); checkpoint_blocks recomputes the first N encoder blocks in backward.
+    SDPA kernel or, with encoder-math, the encoder's attention as batched matmuls (engine.attention);
+    checkpoint_blocks recomputes the first N encoder blocks in backward; compile_mode is the regional compile's
+    torch.compile mode (engine.config.COMPILE_MODES).
     """
 
     def __init__(self, m: ModelConfig, mode: str, batch: int, device, mask_ratio: float = 0.75,
                  amp: bool | None = None, compile: bool | str = False, stream=None, num_classes: int = 1000,
                  seed: int = 0, model: torch.nn.Module | None = None, kernels: str | None = None,
                  graph: bool = False, precision: str = "autocast", attention: str = "auto",
-                 checkpoint_blocks: int = 0):
+                 checkpoint_blocks: int = 0, compile_mode: str = "default"):
         self.t_build = time.perf_counter()
         self.device = torch.device(device)
         self.m, self.mode, self.batch, self.mask_ratio = m, mode, batch, mask_ratio
@@ -155,6 +157,9 @@ class StepRunner:
             from engine.parallel import apply_activation_checkpointing
 
             apply_activation_checkpointing(self.model, first=checkpoint_blocks)
+        from engine.attention import apply_attention
+
+        apply_attention(self.model, attention)  # encoder-math: the blocks' own path, set before any trace
         if compile != "none":
             # forget earlier rows' traces: dynamo does not guard on the attention-kernel choice, so a block traced
             # under another backend would be reused (the on-disk compile cache still spares most of the work)
@@ -162,7 +167,7 @@ class StepRunner:
         if compile == "regional":
             from engine.parallel import apply_regional_compile
 
-            apply_regional_compile(self.model)
+            apply_regional_compile(self.model, compile_mode)
         self.step_model = ClassifierStep(self.model, self.labels) if mode == "vit" else self.model
         if compile == "model":
             self.step_model = torch.compile(self.step_model)

@@ -151,8 +151,12 @@ def test_lever_rows_jsonl_merge_and_targets(tmp_path, monkeypatch):
     sp = {x["config"]: x for x in data["speedups"]}
     assert sp["fast"]["speedup_vs_dense"] == round(rows[0]["img_per_s"] / rows[1]["img_per_s"], 3)
     assert "speedup_vs_dense" not in sp["reference"]  # no dense row with the reference levers
+    # the targets' pairing: the dense baseline's fastest row of the run and batch, whatever its lever set
+    assert sp["reference"]["best_dense_config"] == "fast"
+    assert sp["reference"]["speedup_vs_best_dense"] == round(rows[2]["img_per_s"] / rows[1]["img_per_s"], 3)
     md = next((tmp_path / "merged").glob("*.md")).read_text()
     assert "| config |" in md and "ViT-H/14 time to first step" in md and "not measured" in md
+    assert "vs the dense baseline's fastest row" not in md  # a debug run has no ViT-H / ViT-L pair
 
 
 def test_best_and_else_rows_resolve_from_earlier_rows(monkeypatch):
@@ -214,6 +218,48 @@ def test_profile_writes_table_and_trace(tmp_path):
     md = next(tmp_path.glob("profile_debug_cpu_*.md")).read_text()
     assert "Top 5 ops by self time" in md and "aten::" in md
     assert any((tmp_path / "tr").glob("trace_*.json"))
+    assert "Time per step by kernel category" in md and "| matmul |" in md
+
+
+def test_profile_of_a_captured_lever_set(tmp_path):
+    """A lever set with the CUDA graph has no forward / backward split: the profile still reports the step."""
+    from engine.cli import main
+
+    code = main(["profile", "--preset", "debug", "--ratios", "0.75", "--steps", "2", "--warmup", "1", "--device",
+                 "cpu", "--config", "fast", "--out", str(tmp_path)])
+    assert code == 0
+    md = next(tmp_path.glob("profile_debug_cpu_*.md")).read_text()
+    assert "| fast |" in md
+
+
+def test_kernel_categories_of_h100_names():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from benchmarks.profile import category_times, kernel_category
+
+    names = {"nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_NNT": "matmul",
+             "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "matmul",
+             "triton_tem_fused_addmm_gelu_0": "matmul",
+             "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_3": "attention",
+             "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<>": "attention",
+             "triton_per_fused_add_native_layer_norm_backward_3": "layer norm",
+             "triton_poi_fused_gelu_gelu_backward_5": "fused by the compile (Triton)",
+             "void at::native::(anonymous namespace)::CatArrayBatchedCopy<>": "copy / cast / cat",
+             "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
+             "_masking_fwd_kernel": "masking / unshuffle / loss (Triton)",
+             "void at::native::reduce_kernel<512, 1>": "reduction"}
+    for n, cat in names.items():
+        assert kernel_category(n) == cat, n
+    cuda, cpu = DeviceType.CUDA, DeviceType.CPU
+    evs = [SimpleNamespace(key="nvjet_a", device_type=cuda, self_device_time_total=3000.0),
+           SimpleNamespace(key="aten::mm", device_type=cpu, self_device_time_total=3000.0),  # the same work, host op
+           SimpleNamespace(key="Command Buffer Full", device_type=cuda, self_device_time_total=9000.0),
+           SimpleNamespace(key="triton_poi_fused_add_1", device_type=cuda, self_device_time_total=1000.0)]
+    rows = category_times(SimpleNamespace(key_averages=lambda: evs), torch.device("cuda"), steps=2)
+    assert rows == [{"category": "matmul", "ms_per_step": 1.5, "share_pct": 75.0},
+                    {"category": "fused by the compile (Triton)", "ms_per_step": 0.5, "share_pct": 25.0}]
 
 
 def test_fsdp_benchmark_cpu_smoke(tmp_path):
@@ -261,3 +307,41 @@ def test_top_kernels_sorted_by_device_self_time():
     prof = SimpleNamespace(key_averages=lambda: FakeAvgs(evs))
     _, rows = top_kernels(prof, torch.device("cuda"), 2)
     assert [r["name"] for r in rows] == ["big", "small"] and rows[0]["self_ms_total"] == 5.0
+
+
+def test_every_lever_set_runs_a_step_with_the_reference_loss():
+    """Each lever set of `mae bench speedup` builds and steps (compile left out here: tests/test_parallel.py
+    holds the compiled blocks to eager); the first step's loss is the reference way's."""
+    from benchmarks.step import StepRunner
+    from engine.config import debug
+
+    m = debug().model
+    losses = {}
+    for name, levers in speedup.CONFIGS.items():
+        r = StepRunner(m, "mae", 4, "cpu", **dict(levers, compile="none"))
+        losses[name] = r.step().item()
+        if levers.get("attention") == "encoder-math":
+            assert not any(b.attn.fused_attn for b in r.model.blocks), name
+        if levers.get("checkpoint_blocks"):
+            assert r.model.checkpoint_first == levers["checkpoint_blocks"], name
+    for name, loss in losses.items():
+        tol = 2e-2 if speedup.CONFIGS[name].get("precision") == "bf16-pure" else 1e-5
+        assert abs(loss - losses["reference"]) <= tol * losses["reference"], (name, loss, losses["reference"])
+
+
+def test_speedup_target_pairs_with_the_fastest_dense_row():
+    """A lever that slows the dense baseline does not inflate the same-batch speedup target."""
+    from engine.config import get_preset
+
+    def row(mode, config, ips):
+        return {"model": "vit-h", "mode": mode, "mask_ratio": 0.75, "batch": 128, "config": config, "status": "ok",
+                "img_per_s": ips, "batch_kind": "same", "first_step_s": 10.0}
+
+    rows = [row("mae", "fast", 1200.0), row("mae_dense", "fast", 400.0), row("mae", "fast+encmath", 1300.0),
+            row("mae_dense", "fast+encmath", 350.0)]
+    sp = speedup.speedup_rows(rows, {"vit-h": get_preset("vit-h").model})
+    by = {x["config"]: x for x in sp}
+    assert by["fast+encmath"]["speedup_vs_dense"] == round(1300 / 350, 3)  # same levers: 3.714
+    assert by["fast+encmath"]["speedup_vs_best_dense"] == 3.25 and by["fast+encmath"]["best_dense_config"] == "fast"
+    line = next(x for x in speedup.target_lines(rows, sp) if x.startswith("| vit-h speedup"))
+    assert "| 3.25 | gap 0.05 |" in line and "fast+encmath vs the dense baseline's fastest row, fast" in line
