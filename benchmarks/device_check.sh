@@ -4,10 +4,14 @@
 #   bash benchmarks/device_check.sh [OUT_DIR] [SECTIONS]
 # SECTIONS (comma list, default checks,kernels,speedup,fsdp,loader):
 #   checks   CUDA correctness of every fast path (Triton kernels, captured step, trainer with a graph)
-#   speed    the speed targets in under 8 minutes: lever ladder per model (reference -> triton -> regional
-#            compile -> CUDA graph), same-batch speedups, time to first step with a cold compile cache, ViT-H
-#            batch-256 memory, ViT-B fast vs reference loss curves; rows go to OUT/speed.jsonl as measured
+#   checks-new  only the paths new since the last GPU run (encoder-math, partial checkpointing), 1 minute
+#   speed    the speed targets in under 8 minutes (limits add to 465 s): the lever ladder per model
+#            (reference -> triton -> regional compile -> CUDA graph -> the other levers), same-batch speedups,
+#            time to first step with a cold compile cache, ViT-H batch-256 memory, ViT-B fast (encoder-math)
+#            vs reference loss curves; rows go to OUT/speed.jsonl as measured
 #   speed-new  the newest levers' rows and the checks of their paths only, for a short call
+#   speed-extra  a profile of the compiled ViT-H step by kernel category, and inductor's GEMM autotuning
+#            (train.compile_mode=max-autotune-no-cudagraphs), in about 4 minutes
 #   kernels, speedup (mask-ratio sweep), fsdp, loader (needs DALI), pytest (the Triton kernel tests on CUDA)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +42,9 @@ if has pytest && $PY -c "import pytest" 2>/dev/null; then
   step pytest_kernels 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py
 fi
 PARTS=${PARTS:-$OUT/parts}  # per-process reports (merged into one at the end of section speed)
+# the paths not yet run on a GPU, with a compile cache of their own (section speed measures a cold compile)
+has checks-new && TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step checks_new 60 $PY -m benchmarks.cuda_checks \
+  --only encoder-math,checkpoint_blocks,patchify --out "$OUT"
 if has speed; then
   # a fresh compile cache, so the first compiled ViT-H row's time to first step includes compilation
   export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
@@ -45,19 +52,27 @@ if has speed; then
   step speed_vit-h 240 $PY "${sp[@]}" --models vit-h
   step speed_vit-l 110 $PY "${sp[@]}" --models vit-l
   step speed_vit-b 60 $PY "${sp[@]}" --models vit-b
-  step agreement 70 $PY -m benchmarks.agreement --preset vit-b --steps 50 --batch 64 --precision bf16-pure \
+  step agreement 55 $PY -m benchmarks.agreement --preset vit-b --steps 50 --batch 64 --attention encoder-math \
     --out "$OUT"
   [ -f "$OUT/speed.jsonl" ] && $PY -m benchmarks.speedup --merge "$OUT/speed.jsonl" --out "$OUT"
 fi
-if has speed-new; then  # the newest levers and the targets' rows only (about 4.5 minutes); merge elsewhere
+if has speed-new; then  # the newest levers and the targets' rows only (about 4 minutes); merge elsewhere
   export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d)}
   sp=(-m benchmarks.speedup --speed-suite new --jsonl "$OUT/speed.jsonl" --out "$PARTS" --warmup 3 --reps 8)
-  step checks_new 35 $PY -m benchmarks.cuda_checks --only pure,trainer,patchify --out "$OUT"
+  step checks_new 60 $PY -m benchmarks.cuda_checks --only encoder-math,checkpoint_blocks --out "$OUT"
   step speed_vit-h 120 $PY "${sp[@]}" --models vit-h
-  step agreement 50 $PY -m benchmarks.agreement --preset vit-b --steps 50 --batch 64 --precision bf16-pure \
-    --attention flash --out "$OUT"
+  step agreement 50 $PY -m benchmarks.agreement --preset vit-b --steps 50 --batch 64 --attention encoder-math \
+    --out "$OUT"
   step speed_vit-l 35 $PY "${sp[@]}" --models vit-l
-  step speed_vit-b 25 $PY "${sp[@]}" --models vit-b
+  step speed_vit-b 30 $PY "${sp[@]}" --models vit-b
+fi
+if has speed-extra; then  # where the compiled step's time goes, then inductor's GEMM autotuning (about 4 minutes)
+  export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d)}
+  step profile_compiled 80 $PY -m benchmarks.profile --preset vit-h --ratios 0.75 --batch 256 --steps 5 --warmup 3 \
+    --config triton+compile --trace /tmp/mae_trace --top 25 --out "$OUT"
+  step speed_autotune 150 $PY -m benchmarks.speedup --speed-suite autotune --models vit-h \
+    --jsonl "$OUT/speed_autotune.jsonl" --out "$PARTS" --warmup 3 --reps 10
+  step checks_autotune 40 $PY -m benchmarks.cuda_checks --only max-autotune --out "$PARTS"
 fi
 has kernels && step kernels 150 $PY -m benchmarks.kernels --out "$OUT" --reps 100
 if has speedup && [ -f benchmarks/speedup.py ]; then
