@@ -84,9 +84,10 @@ def check_model(preset):
     assert cos > 0.999, f"gradient cosine {cos:.5f}"
 
 
-def check_graph_step(preset, compile, pure=False, attention="auto", ckpt=0, compile_mode="default"):
+def check_graph_step(preset, compile, pure=False, attention="auto", ckpt=0, compile_mode="default", device="cuda"):
     """The captured step (engine.graphstep) against the same body run eagerly: same losses, same parameters
-    after a few steps with a changing lr and fresh inputs each step; a NaN step is skipped inside the graph."""
+    after a few steps with a changing lr and fresh inputs each step; a NaN step is skipped inside the graph.
+    device="cpu" runs both bodies eagerly (what the CPU tests can hold of this check's set-up)."""
     from engine.config import OptimConfig, get_preset
     from engine.graphstep import GraphedStep
     from engine.model import build_model
@@ -94,7 +95,7 @@ def check_graph_step(preset, compile, pure=False, attention="auto", ckpt=0, comp
 
     cfg = get_preset(preset).model
     torch.manual_seed(0)
-    models = [build_model(cfg).cuda() for _ in range(2)]
+    models = [build_model(cfg).to(device) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     steps = []
     for cap, m in zip((False, True), models):
@@ -106,21 +107,22 @@ def check_graph_step(preset, compile, pure=False, attention="auto", ckpt=0, comp
             from engine.parallel import apply_regional_compile
 
             apply_regional_compile(m, compile_mode)
-        opt = build_optimizer(m, OptimConfig(), 1e-3, torch.device("cuda"))
+        opt = build_optimizer(m, OptimConfig(), 1e-3, torch.device(device))
         compute = None
         if pure:
             from engine.mixed import Bf16Compute
 
             compute = Bf16Compute(m)
-        steps.append((m, opt, GraphedStep(m, opt, 0.75, None if pure else torch.bfloat16, capture=cap,
+        amp = None if pure or device != "cuda" else torch.bfloat16
+        steps.append((m, opt, GraphedStep(m, opt, 0.75, amp, capture=cap and device == "cuda",
                                           compute=compute, attention=attention)))
-    g = torch.Generator(device="cuda").manual_seed(1)
+    g = torch.Generator(device=device).manual_seed(1)
     n = 16
     for i in range(5):
-        imgs = torch.randn(n, 3, cfg.img_size, cfg.img_size, device="cuda", generator=g)
+        imgs = torch.randn(n, 3, cfg.img_size, cfg.img_size, device=device, generator=g)
         if i == 3:
             imgs[0, 0, 0, 0] = float("nan")
-        noise = torch.rand(n, cfg.num_patches, device="cuda", generator=g)
+        noise = torch.rand(n, cfg.num_patches, device=device, generator=g)
         out = []
         for m, opt, st in steps:
             set_lr(opt, 1e-3 * (i + 1))
@@ -138,7 +140,9 @@ def check_graph_step(preset, compile, pure=False, attention="auto", ckpt=0, comp
     pb = torch.cat([p.detach().float().flatten() for p in models[1].parameters()])
     rel = ((pa - pb).norm() / pa.norm()).item()
     assert rel < 1e-3, f"parameters differ after 5 steps: relative {rel:.2e}"
-    assert steps[1][2].captures == 1, f"{steps[1][2].captures} captures for one shape"
+    if device == "cuda":
+        assert steps[1][2].captures == 1, f"{steps[1][2].captures} captures for one shape"
+    return rel
 
 
 def check_patchify_under_autocast():

@@ -5,13 +5,13 @@
 # SECTIONS (comma list, default checks,kernels,speedup,fsdp,loader):
 #   checks   CUDA correctness of every fast path (Triton kernels, captured step, trainer with a graph)
 #   checks-new  only the paths new since the last GPU run (encoder-math, partial checkpointing), 1 minute
-#   speed    the speed targets in under 8 minutes (limits add to 465 s): the lever ladder per model
+#   speed    the speed targets in under 8 minutes (limits add to 475 s): the lever ladder per model
 #            (reference -> triton -> regional compile -> CUDA graph -> the other levers), same-batch speedups,
 #            time to first step with a cold compile cache, ViT-H batch-256 memory, ViT-B fast (encoder-math)
 #            vs reference loss curves; rows go to OUT/speed.jsonl as measured
 #   speed-new  the newest levers' rows and the checks of their paths only, for a short call
 #   speed-extra  a profile of the compiled ViT-H step by kernel category, and inductor's GEMM autotuning
-#            (train.compile_mode=max-autotune-no-cudagraphs), in about 4 minutes
+#            (train.compile_mode=max-autotune-no-cudagraphs) and its CUDA check, limits 250 s
 #   kernels, speedup (mask-ratio sweep), fsdp, loader (needs DALI), pytest (the Triton kernel tests on CUDA)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,8 +49,8 @@ if has speed; then
   # a fresh compile cache, so the first compiled ViT-H row's time to first step includes compilation
   export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
   sp=(-m benchmarks.speedup --speed-suite full --jsonl "$OUT/speed.jsonl" --out "$PARTS" --warmup 3 --reps 10)
-  step speed_vit-h 240 $PY "${sp[@]}" --models vit-h
-  step speed_vit-l 110 $PY "${sp[@]}" --models vit-l
+  step speed_vit-h 225 $PY "${sp[@]}" --models vit-h
+  step speed_vit-l 135 $PY "${sp[@]}" --models vit-l
   step speed_vit-b 60 $PY "${sp[@]}" --models vit-b
   step agreement 55 $PY -m benchmarks.agreement --preset vit-b --steps 50 --batch 64 --attention encoder-math \
     --out "$OUT"
@@ -66,11 +66,11 @@ if has speed-new; then  # the newest levers and the targets' rows only (about 4 
   step speed_vit-l 35 $PY "${sp[@]}" --models vit-l
   step speed_vit-b 30 $PY "${sp[@]}" --models vit-b
 fi
-if has speed-extra; then  # where the compiled step's time goes, then inductor's GEMM autotuning (about 4 minutes)
+if has speed-extra; then  # where the compiled step's time goes, then inductor's GEMM autotuning (limits: 250 s)
   export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d)}
-  step profile_compiled 80 $PY -m benchmarks.profile --preset vit-h --ratios 0.75 --batch 256 --steps 5 --warmup 3 \
+  step profile_compiled 70 $PY -m benchmarks.profile --preset vit-h --ratios 0.75 --batch 256 --steps 5 --warmup 3 \
     --config triton+compile --trace /tmp/mae_trace --top 25 --out "$OUT"
-  step speed_autotune 150 $PY -m benchmarks.speedup --speed-suite autotune --models vit-h \
+  step speed_autotune 140 $PY -m benchmarks.speedup --speed-suite autotune --models vit-h \
     --jsonl "$OUT/speed_autotune.jsonl" --out "$PARTS" --warmup 3 --reps 10
   step checks_autotune 40 $PY -m benchmarks.cuda_checks --only max-autotune --out "$PARTS"
 fi

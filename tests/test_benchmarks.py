@@ -345,3 +345,13 @@ def test_speedup_target_pairs_with_the_fastest_dense_row():
     assert by["fast+encmath"]["speedup_vs_best_dense"] == 3.25 and by["fast+encmath"]["best_dense_config"] == "fast"
     line = next(x for x in speedup.target_lines(rows, sp) if x.startswith("| vit-h speedup"))
     assert "| 3.25 | gap 0.05 |" in line and "fast+encmath vs the dense baseline's fastest row, fast" in line
+
+
+@pytest.mark.parametrize("args", [("debug", True, False, "encoder-math", 1), ("debug", False, True, "encoder-math", 0)])
+def test_graph_step_check_set_up_runs_on_cpu(args):
+    """The CUDA check of the captured step, with both bodies eager on CPU: the set-up of each new lever path
+    (encoder-math, compile, bf16-pure, partial checkpointing, a NaN step) runs, and two identical eager bodies
+    agree exactly."""
+    from benchmarks.cuda_checks import check_graph_step
+
+    assert check_graph_step(*args, device="cpu") == 0.0
