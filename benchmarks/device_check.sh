@@ -44,7 +44,7 @@ fi
 PARTS=${PARTS:-$OUT/parts}  # per-process reports (merged into one at the end of section speed)
 # the paths not yet run on a GPU, with a compile cache of their own (section speed measures a cold compile)
 has checks-new && TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step checks_new 60 $PY -m benchmarks.cuda_checks \
-  --only encoder-math,checkpoint_blocks,patchify --out "$OUT"
+  --only encoder-math,checkpoint_blocks,patchify,apex --out "$OUT"
 if has speed; then
   # a fresh compile cache, so the first compiled ViT-H row's time to first step includes compilation
   export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)

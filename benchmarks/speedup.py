@@ -68,6 +68,10 @@ CONFIGS = {
                           "attention": "encoder-math"},
     # memory for compute: the first 6 encoder blocks recomputed in backward
     "fast+ckpt6": {"kernels": "auto", "compile": "regional", "graph": True, "checkpoint_blocks": 6},
+    # NVIDIA apex's fused LayerNorm in the eager blocks (against "triton"; an error row where apex is absent)
+    "triton+apexln": {"kernels": "auto", "compile": "none", "graph": False, "layer_norm": "apex"},
+    # apex FusedAdam instead of torch's fused AdamW (against "triton+compile"; it cannot be captured)
+    "triton+compile+apexadam": {"kernels": "auto", "compile": "regional", "graph": False, "optimizer": "apex"},
     # inductor's GEMM autotuning with bias / GELU epilogues fused (minutes of compile: a separate section)
     "fast+autotune": {"kernels": "auto", "compile": "regional", "graph": True,
                       "compile_mode": "max-autotune-no-cudagraphs"},
@@ -404,8 +408,9 @@ SPEED_SUITES = {
                   ("mae", 0.75, 256, "fast+pure"), ("mae", 0.75, 256, "fast+ckpt6"),
                   ("mae", 0.75, 256, "fast+encmath"), ("mae", 0.75, 256, "fast+pure+encmath"),
                   ("mae", 0.75, 128, "best"), ("mae_dense", 0.75, 128, "best"), ("mae_dense", 0.75, 128, "fast"),
-                  ("mae", 0.75, 128, "fast"), ("mae", 0.75, 256, "triton"), ("mae", 0.75, 256, "fast+math"),
-                  ("mae", 0.75, 256, "fast+flash")],
+                  ("mae", 0.75, 128, "fast"), ("mae", 0.75, 256, "triton"), ("mae", 0.75, 256, "triton+apexln"),
+                  ("mae", 0.75, 256, "triton+compile+apexadam"),
+                  ("mae", 0.75, 256, "fast+math"), ("mae", 0.75, 256, "fast+flash")],
         # ViT-L's dense baseline also fits at batch 256 (ViT-H's does not on 80 GB): a second same-batch pair
         "vit-l": [("mae", 0.75, 512, "fast"), ("mae", 0.75, 512, "fast+encmath"),
                   ("mae", 0.75, 256, "best"), ("mae_dense", 0.75, 256, "best"), ("mae_dense", 0.75, 256, "fast"),
@@ -423,6 +428,10 @@ SPEED_SUITES = {
         "vit-l": [("mae", 0.75, 512, "fast+encmath"), ("mae", 0.75, 512, "else:fast")],
         "vit-b": [("mae", 0.75, 1024, "fast+encmath"), ("mae", 0.75, 1024, "else:fast")],
     },
+    # NVIDIA apex's fused LayerNorm in the eager blocks (against "triton"; an error row where apex is absent)
+    "triton+apexln": {"kernels": "auto", "compile": "none", "graph": False, "layer_norm": "apex"},
+    # apex FusedAdam instead of torch's fused AdamW (against "triton+compile"; it cannot be captured)
+    "triton+compile+apexadam": {"kernels": "auto", "compile": "regional", "graph": False, "optimizer": "apex"},
     # inductor's GEMM autotuning: minutes of compile per block shape, so a call of its own
     "autotune": {
         "vit-h": [("mae", 0.75, 256, "fast+autotune")],

@@ -128,14 +128,16 @@ class StepRunner:
     CUDA graph (engine.graphstep) and replays it; precision "bf16-pure" (engine.mixed); attention picks the
     SDPA kernel or, with encoder-math, the encoder's attention as batched matmuls (engine.attention);
     checkpoint_blocks recomputes the first N encoder blocks in backward; compile_mode is the regional compile's
-    torch.compile mode (engine.config.COMPILE_MODES).
+    torch.compile mode (engine.config.COMPILE_MODES); layer_norm="apex" swaps in apex's FusedLayerNorm (eager);
+    optimizer "torch" (fused AdamW, the default) | "apex" (FusedAdam).
     """
 
     def __init__(self, m: ModelConfig, mode: str, batch: int, device, mask_ratio: float = 0.75,
                  amp: bool | None = None, compile: bool | str = False, stream=None, num_classes: int = 1000,
                  seed: int = 0, model: torch.nn.Module | None = None, kernels: str | None = None,
                  graph: bool = False, precision: str = "autocast", attention: str = "auto",
-                 checkpoint_blocks: int = 0, compile_mode: str = "default"):
+                 checkpoint_blocks: int = 0, compile_mode: str = "default", layer_norm: str = "torch",
+                 optimizer: str = "torch"):
         self.t_build = time.perf_counter()
         self.device = torch.device(device)
         self.m, self.mode, self.batch, self.mask_ratio = m, mode, batch, mask_ratio
@@ -143,6 +145,13 @@ class StepRunner:
         compile = {True: "model", False: "none"}.get(compile, compile)
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+        if layer_norm != "torch":  # refused before anything is built
+            from engine.layernorm import apex_fused_layer_norm
+
+            if compile != "none":
+                raise ValueError("layer_norm=apex is for eager blocks (torch.compile fuses LayerNorm itself)")
+            if apex_fused_layer_norm() is None:
+                raise RuntimeError("layer_norm=apex: apex is not importable on this machine")
         torch.manual_seed(seed)
         g = torch.Generator(device=self.device).manual_seed(seed)
         self.gen = g
@@ -158,7 +167,9 @@ class StepRunner:
 
             apply_activation_checkpointing(self.model, first=checkpoint_blocks)
         from engine.attention import apply_attention
+        from engine.layernorm import apply_layer_norm
 
+        apply_layer_norm(self.model, layer_norm)  # after the values are set (the Parameters are kept)
         apply_attention(self.model, attention)  # encoder-math: the blocks' own path, set before any trace
         if compile != "none":
             # forget earlier rows' traces: dynamo does not guard on the attention-kernel choice, so a block traced
@@ -173,7 +184,8 @@ class StepRunner:
             self.step_model = torch.compile(self.step_model)
         from engine.config import OptimConfig
 
-        self.opt = build_optimizer(self.model, OptimConfig(), 1e-4, self.device)
+        # torch's fused AdamW unless a lever set asks for apex (optim.fused=auto would pick apex where installed)
+        self.opt = build_optimizer(self.model, OptimConfig(fused=optimizer), 1e-4, self.device)
         if precision not in ("autocast", "bf16-pure"):
             raise ValueError(f"precision must be autocast or bf16-pure, got {precision!r}")
         self.compute = None

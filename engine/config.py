@@ -211,6 +211,9 @@ class TrainConfig:
     attention: str = "auto"
     """Attention: auto (PyTorch chooses the fused kernel) | flash | efficient | cudnn | math | encoder-math (the
     encoder's short sequences as batched matmuls + softmax, fused by train.compile; the decoder as auto)."""
+    layer_norm: str = "torch"
+    """LayerNorm kernels: torch | apex (NVIDIA apex's FusedLayerNorm, when installed; eager blocks, one CUDA
+    process: train.compile fuses LayerNorm itself)."""
     run_dir: str = "runs/mae"
     """Where metrics, checkpoints and reconstructions go."""
     log_every: int = 10
@@ -261,6 +264,10 @@ class TrainConfig:
 
         _check(self.attention in ATTENTION,
                f"train.attention must be {', '.join(ATTENTION[:-1])} or {ATTENTION[-1]}, got {self.attention!r}")
+        _check(self.layer_norm in ("torch", "apex"), f"train.layer_norm must be torch or apex, got {self.layer_norm!r}")
+        _check(not (self.layer_norm == "apex" and self.compile),
+               "train.layer_norm=apex is for eager blocks: torch.compile cannot trace apex's extension and fuses "
+               "LayerNorm itself; set --train.compile false or --train.layer_norm torch")
         _check(self.compile_mode in COMPILE_MODES,
                f"train.compile_mode must be {' or '.join(COMPILE_MODES)}, got {self.compile_mode!r} (modes with "
                f"their own CUDA graphs are not offered: train.cuda_graph captures the whole step)")

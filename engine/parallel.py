@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from .attention import apply_attention
 from .config import Config
+from .layernorm import apply_layer_norm
 from .model import MaskedAutoencoderViT, build_model
 
 
@@ -152,7 +153,8 @@ def _distribute_local(full: torch.Tensor, like):
 
 
 def build_parallel_model(cfg: Config, ctx: DistContext, device: torch.device) -> nn.Module:
-    """Meta build -> activation checkpointing -> attention path -> regional compile -> FSDP2 (under torchrun) -> materialise."""
+    """Meta build -> activation checkpointing -> attention path -> regional compile -> FSDP2 (under torchrun) ->
+    materialise -> apex LayerNorm (train.layer_norm=apex)."""
     t = cfg.train
     with torch.device("meta"):
         model = build_model(cfg.model)
@@ -168,6 +170,19 @@ def build_parallel_model(cfg: Config, ctx: DistContext, device: torch.device) ->
 
         apply_fsdp(model, resolve_dtype(t.precision, device))
     materialize(model, device, t.seed)
+    if t.layer_norm != "torch":  # after the values are set: the swap keeps the Parameters, not the module types
+        if ctx.distributed or device.type != "cuda":
+            from .config import ConfigError
+
+            raise ConfigError(f"train.layer_norm={t.layer_norm} runs in one CUDA process "
+                              f"({'FSDP2 is on' if ctx.distributed else f'the device is {device}'}); "
+                              "use --train.layer_norm torch")
+        try:
+            apply_layer_norm(model, t.layer_norm)
+        except RuntimeError as e:
+            from .config import ConfigError
+
+            raise ConfigError(str(e)) from None
     return model
 
 

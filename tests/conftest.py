@@ -1,5 +1,7 @@
 import os
 import random
+import sys
+import types
 
 import torch
 
@@ -10,6 +12,7 @@ if not torch.cuda.is_available():
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from torch import nn  # noqa: E402
 
 from engine.config import apply_overrides, debug
 
@@ -30,3 +33,36 @@ def debug_cfg(run_dir, **overrides):
             "train.device": "cpu", "train.progress": "false", "data.backend": "torchvision"}
     base.update({k: str(v) for k, v in overrides.items()})
     return apply_overrides(debug(), base)
+
+
+class StandInFusedLayerNorm(nn.Module):
+    """apex.normalization.FusedLayerNorm's constructor and parameters, computed with torch ops."""
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True):
+        super().__init__()
+        self.normalized_shape = tuple(normalized_shape) if not isinstance(normalized_shape, int) else (normalized_shape,)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape))
+            self.bias = nn.Parameter(torch.empty(self.normalized_shape))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        mean = x.mean(dims, keepdim=True)
+        var = x.var(dims, keepdim=True, unbiased=False)
+        y = (x - mean) / torch.sqrt(var + self.eps)
+        return y * self.weight + self.bias if self.elementwise_affine else y
+
+
+@pytest.fixture
+def stand_in_apex(monkeypatch):
+    apex = types.ModuleType("apex")
+    norm = types.ModuleType("apex.normalization")
+    norm.FusedLayerNorm = StandInFusedLayerNorm
+    apex.normalization = norm
+    monkeypatch.setitem(sys.modules, "apex", apex)
+    monkeypatch.setitem(sys.modules, "apex.normalization", norm)
+    return StandInFusedLayerNorm
