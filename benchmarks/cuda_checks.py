@@ -59,6 +59,28 @@ def check_loss(n, img, p, dtype, norm_pix, grad_in_forward):
     torch.testing.assert_close(ga, gb, rtol=tol, atol=tol * gb.abs().max().item())
 
 
+def check_attention(n, t, h, d, dtype, device="cuda"):
+    """The short-sequence attention kernel against the fp32 reference, within twice the reference's own
+    low-precision error (relative Frobenius norm), forward and gradient."""
+    from kernels.attention import qkv_attention_torch, qkv_attention_triton
+
+    qkv = torch.randn(n, t, 3 * h * d, device=device).to(dtype).requires_grad_()
+    g = torch.randn(n, t, h * d, device=device)
+    scale = d ** -0.5
+    got = qkv_attention_triton(qkv, h, scale)
+    (dgot,) = torch.autograd.grad(got, qkv, g.to(dtype))
+    q32 = qkv.detach().float().requires_grad_()
+    want = qkv_attention_torch(q32, h, scale)
+    (dwant,) = torch.autograd.grad(want, q32, g)
+    ql = qkv.detach().requires_grad_()
+    low = qkv_attention_torch(ql, h, scale)
+    (dlow,) = torch.autograd.grad(low, ql, g.to(dtype))
+    for what, a, ref, base in (("forward", got, want, low), ("gradient", dgot, dwant, dlow)):
+        err = ((a.float() - ref).norm() / ref.norm()).item()
+        budget = max(((base.float() - ref).norm() / ref.norm()).item(), 5e-6)  # fp32: approximate exp on the GPU
+        assert err <= 2 * budget, f"{what}: relative error {err:.2e} vs the reference's own {budget:.2e}"
+
+
 def check_model(preset):
     from engine.config import get_preset
     from engine.model import build_model
@@ -228,6 +250,13 @@ CHECKS.append(("CUDA graph step mae_vit_base_patch16 compile=True encoder-math v
                ("mae_vit_base_patch16", True, False, "encoder-math")))
 CHECKS.append(("CUDA graph step mae_vit_base_patch16 compile=True bf16-pure encoder-math vs eager body",
                check_graph_step, ("mae_vit_base_patch16", True, True, "encoder-math")))
+for n, t, h, d in ((256, 65, 16, 80), (256, 50, 16, 64), (256, 50, 12, 64), (3, 17, 2, 20)):
+    for dt in (torch.bfloat16, torch.float32):
+        CHECKS.append((f"attention kernel N={n} T={t} H={h} D={d} {str(dt)[6:]}", check_attention, (n, t, h, d, dt)))
+CHECKS.append(("CUDA graph step mae_vit_base_patch16 compile=True encoder-triton vs eager body", check_graph_step,
+               ("mae_vit_base_patch16", True, False, "encoder-triton")))
+CHECKS.append(("CUDA graph step mae_vit_base_patch16 compile=True bf16-pure encoder-triton vs eager body",
+               check_graph_step, ("mae_vit_base_patch16", True, True, "encoder-triton")))
 CHECKS.append(("CUDA graph step debug compile=True max-autotune-no-cudagraphs vs eager body", check_graph_step,
                ("debug", True, False, "auto", 0, "max-autotune-no-cudagraphs")))
 from engine.layernorm import apex_fused_layer_norm  # noqa: E402 - the apex check only where apex is installed
@@ -239,11 +268,14 @@ CHECKS.append(("patchify keeps fp32 under CUDA autocast", check_patchify_under_a
 CHECKS.append(("trainer with train.cuda_graph=true, resume", check_trainer_graph, ()))
 CHECKS.append(("trainer with train.cuda_graph=true bf16-pure flash, resume", check_trainer_graph,
                ("bf16-pure", "flash")))
+CHECKS.append(("trainer with train.cuda_graph=true encoder-triton, resume", check_trainer_graph,
+               ("auto", "encoder-triton")))
 
 
 def _first(name: str) -> int:
     """Run order: the ViT-H shapes and the model / graph checks first, so a time-limited run covers them."""
-    if name.startswith(("model", "CUDA graph", "trainer", "patchify")) or "L=256 D=1280" in name or "img=224 p=14" in name:
+    if name.startswith(("model", "CUDA graph", "trainer", "patchify")) or "L=256 D=1280" in name or "img=224 p=14" in name \
+            or name.startswith("attention kernel N=256 T=65"):
         return 0
     return 1
 

@@ -4,10 +4,11 @@
 #   bash benchmarks/device_check.sh [OUT_DIR] [SECTIONS]
 # SECTIONS (comma list, default checks,kernels,speedup,fsdp,loader):
 #   checks   CUDA correctness of every fast path (Triton kernels, captured step, trainer with a graph)
-#   checks-new  only the paths new since the last GPU run (encoder-math, partial checkpointing), 1 minute
+#   checks-new  only the paths new since the last GPU run (the attention kernel, encoder-triton, encoder-math,
+#            partial checkpointing, apex where installed), 1.5 minutes
 #   speed    the speed targets in under 8 minutes (limits add to 475 s): the lever ladder per model
 #            (reference -> triton -> regional compile -> CUDA graph -> the other levers), same-batch speedups,
-#            time to first step with a cold compile cache, ViT-H batch-256 memory, ViT-B fast (encoder-math)
+#            time to first step with a cold compile cache, ViT-H batch-256 memory, ViT-B fast (encoder-triton)
 #            vs reference loss curves; rows go to OUT/speed.jsonl as measured
 #   speed-new  the newest levers' rows and the checks of their paths only, for a short call
 #   speed-extra  a profile of the compiled ViT-H step by kernel category, and inductor's GEMM autotuning
@@ -43,8 +44,8 @@ if has pytest && $PY -c "import pytest" 2>/dev/null; then
 fi
 PARTS=${PARTS:-$OUT/parts}  # per-process reports (merged into one at the end of section speed)
 # the paths not yet run on a GPU, with a compile cache of their own (section speed measures a cold compile)
-has checks-new && TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step checks_new 60 $PY -m benchmarks.cuda_checks \
-  --only encoder-math,checkpoint_blocks,patchify,apex --out "$OUT"
+has checks-new && TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step checks_new 90 $PY -m benchmarks.cuda_checks \
+  --only "attention kernel,encoder-triton,encoder-math,checkpoint_blocks,patchify,apex" --out "$OUT"
 if has speed; then
   # a fresh compile cache, so the first compiled ViT-H row's time to first step includes compilation
   export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
@@ -52,16 +53,16 @@ if has speed; then
   step speed_vit-h 225 $PY "${sp[@]}" --models vit-h
   step speed_vit-l 135 $PY "${sp[@]}" --models vit-l
   step speed_vit-b 60 $PY "${sp[@]}" --models vit-b
-  step agreement 55 $PY -m benchmarks.agreement --preset vit-b --steps 50 --batch 64 --attention encoder-math \
+  step agreement 55 $PY -m benchmarks.agreement --preset vit-b --steps 50 --batch 64 --attention encoder-triton \
     --out "$OUT"
   [ -f "$OUT/speed.jsonl" ] && $PY -m benchmarks.speedup --merge "$OUT/speed.jsonl" --out "$OUT"
 fi
 if has speed-new; then  # the newest levers and the targets' rows only (about 4 minutes); merge elsewhere
   export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d)}
   sp=(-m benchmarks.speedup --speed-suite new --jsonl "$OUT/speed.jsonl" --out "$PARTS" --warmup 3 --reps 8)
-  step checks_new 60 $PY -m benchmarks.cuda_checks --only encoder-math,checkpoint_blocks --out "$OUT"
+  step checks_new 60 $PY -m benchmarks.cuda_checks --only "attention kernel,encoder-triton,encoder-math" --out "$OUT"
   step speed_vit-h 120 $PY "${sp[@]}" --models vit-h
-  step agreement 50 $PY -m benchmarks.agreement --preset vit-b --steps 50 --batch 64 --attention encoder-math \
+  step agreement 50 $PY -m benchmarks.agreement --preset vit-b --steps 50 --batch 64 --attention encoder-triton \
     --out "$OUT"
   step speed_vit-l 35 $PY "${sp[@]}" --models vit-l
   step speed_vit-b 30 $PY "${sp[@]}" --models vit-b

@@ -1,5 +1,6 @@
-"""Kernel benchmark: Triton vs eager torch vs torch.compile for random masking, unshuffle and the
-norm-pix loss at ViT-B/L/H shapes, forward and forward+backward; median ms, 20/80 quantiles, effective
+"""Kernel benchmark: Triton vs eager torch vs torch.compile for random masking, unshuffle, the
+norm-pix loss and the encoder's attention (from the qkv projection; eager = SDPA with PyTorch's kernel choice,
+compiled = the batched-matmul path of train.attention=encoder-math) at ViT-B/L/H shapes, forward and forward+backward; median ms, 20/80 quantiles, effective
 GB/s (minimum bytes an op must move / time), and peak memory per op at ViT-H batch 256.
 
     python -m benchmarks.kernels --out benchmarks/results            # GPU
@@ -22,10 +23,10 @@ from kernels.masking import len_keep_for, random_masking_torch, unshuffle_torch
 from .common import pick_device, parse_choices, RESULTS, device_tag, env_block, environment, md_table, time_fn, today, write_csv, write_json
 
 SHAPES = {
-    "debug": dict(N=8, img=32, p=4, D=64, Dd=32, r=0.75),
-    "vit-b": dict(N=128, img=224, p=16, D=768, Dd=512, r=0.75),
-    "vit-l": dict(N=128, img=224, p=16, D=1024, Dd=512, r=0.75),
-    "vit-h": dict(N=128, img=224, p=14, D=1280, Dd=512, r=0.75),
+    "debug": dict(N=8, img=32, p=4, D=64, Dd=32, r=0.75, H=4),
+    "vit-b": dict(N=128, img=224, p=16, D=768, Dd=512, r=0.75, H=12),
+    "vit-l": dict(N=128, img=224, p=16, D=1024, Dd=512, r=0.75, H=16),
+    "vit-h": dict(N=128, img=224, p=14, D=1280, Dd=512, r=0.75, H=16),
 }
 # targets on one H100 at ViT-L shapes (ms), against the reference measured there (DESIGN.md)
 TARGETS_MS = {("masking", "fwd"): 0.03, ("unshuffle", "fwd"): 0.03, ("loss", "fwd+bwd"): 0.15}
@@ -33,17 +34,31 @@ REFERENCE_MS = {("masking", "fwd"): (0.19, 0.10), ("unshuffle", "fwd"): (0.17, 0
                 ("loss", "fwd+bwd"): (0.76, 0.73)}
 
 
+def sdpa_from_qkv(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """timm's fused path from the qkv projection: split heads, scaled_dot_product_attention, merge heads."""
+    b, n, c3 = qkv.shape
+    q, k, v = qkv.reshape(b, n, 3, num_heads, c3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+    return out.transpose(1, 2).reshape(b, n, c3 // 3)
+
+
 def _impl_fns(impl: str):
+    from kernels.attention import qkv_attention_torch
+
     if impl == "triton":
+        from kernels.attention import qkv_attention_triton
         from kernels.loss import norm_pix_mse_triton
         from kernels.masking import random_masking_triton, unshuffle_triton
 
         return {"masking": random_masking_triton, "unshuffle": unshuffle_triton,
                 "loss": norm_pix_mse_triton,
-                "loss_recompute": lambda *a: norm_pix_mse_triton(*a, grad_in_forward=False)}
-    fns = {"masking": random_masking_torch, "unshuffle": unshuffle_torch, "loss": norm_pix_mse_torch}
+                "loss_recompute": lambda *a: norm_pix_mse_triton(*a, grad_in_forward=False),
+                "attention": qkv_attention_triton}
+    fns = {"masking": random_masking_torch, "unshuffle": unshuffle_torch, "loss": norm_pix_mse_torch,
+           "attention": sdpa_from_qkv}
     if impl == "compiled":
         fns = {k: torch.compile(v, dynamic=False) for k, v in fns.items()}
+        fns["attention"] = torch.compile(qkv_attention_torch, dynamic=False)  # encoder-math: matmuls + softmax
     return fns
 
 
@@ -63,6 +78,8 @@ def make_inputs(s: dict, device, dtype=torch.bfloat16) -> dict:
         imgs=torch.randn(n, 3, img, img, device=device, generator=g),
         pred=torch.randn(n, length, p * p * 3, device=device, dtype=dtype, generator=g).requires_grad_(),
         p=p,
+        heads=s["H"],
+        qkv=torch.randn(n, k + 1, 3 * d, device=device, dtype=dtype, generator=g).requires_grad_(),
     )
 
 
@@ -98,6 +115,21 @@ def op_calls(op: str, fns: dict, a: dict):
 
         b_fwd = n * (k + 1) * d * es + n * length * 8 + n * (length + 1) * d * es
         return fwd, fwdbwd, b_fwd, 2 * b_fwd
+    if op == "attention":  # the encoder's: K + 1 visible tokens
+        f, h = fns["attention"], a["heads"]
+        t, c = a["qkv"].shape[1], a["qkv"].shape[2] // 3
+        scale = (c // h) ** -0.5
+        gout = torch.ones(n, t, c, device=a["qkv"].device, dtype=a["qkv"].dtype)
+
+        def fwd():
+            with torch.no_grad():
+                return f(a["qkv"], h, scale)
+
+        def fwdbwd():
+            f(a["qkv"], h, scale).backward(gout)
+
+        b_fwd = n * t * 4 * c * es  # read q, k, v; write the output
+        return fwd, fwdbwd, b_fwd, b_fwd + n * t * 8 * c * es  # + read q, k, v, out, dout; write dq, dk, dv
     f = fns[op]
     pdim = a["pred"].shape[-1]
 
@@ -123,7 +155,7 @@ def peak_extra_mib(fn, device) -> float:
 
 
 def zero_grads(a: dict) -> None:
-    for key in ("x", "xd", "mask_token", "pred"):
+    for key in ("x", "xd", "mask_token", "pred", "qkv"):
         a[key].grad = None
 
 
@@ -138,7 +170,8 @@ def run(shapes: list[str], impls: list[str], device: torch.device, reps: int, wa
             except Exception as e:  # noqa: BLE001 - report and go on
                 print(f"skip {impl}: {e}", file=sys.stderr)
                 continue
-            ops = ["masking", "unshuffle", "loss"] + (["loss_recompute"] if "loss_recompute" in fns else [])
+            ops = ["masking", "unshuffle", "loss"] + (["loss_recompute"] if "loss_recompute" in fns else []) + [
+                "attention"]
             for op in ops:
                 fwd, fwdbwd, b_fwd, b_fb = op_calls(op, fns, a)
                 for mode, fn, nbytes in (("fwd", fwd, b_fwd), ("fwd+bwd", fwdbwd, b_fb)):

@@ -210,7 +210,9 @@ class TrainConfig:
     bf16 activations, fp32 master weights and optimizer; no autocast; one process) | fp32."""
     attention: str = "auto"
     """Attention: auto (PyTorch chooses the fused kernel) | flash | efficient | cudnn | math | encoder-math (the
-    encoder's short sequences as batched matmuls + softmax, fused by train.compile; the decoder as auto)."""
+    encoder's short sequences as batched matmuls + softmax, fused by train.compile; the decoder as auto) |
+    encoder-triton (the encoder's attention in this project's Triton kernel, straight from the qkv projection,
+    per model.kernels; the decoder as auto)."""
     layer_norm: str = "torch"
     """LayerNorm kernels: torch | apex (NVIDIA apex's FusedLayerNorm, when installed; eager blocks, one CUDA
     process: train.compile fuses LayerNorm itself)."""

@@ -1,4 +1,5 @@
-"""MAE kernels: pure functions on tensors (random masking, unshuffle, norm-pixel MSE loss).
+"""MAE kernels: pure functions on tensors (random masking, unshuffle, norm-pixel MSE loss, short-sequence
+attention from the fused qkv projection).
 
 Each op has a plain torch reference and, where Triton is available, a Triton kernel with the same
 signature. `impl` picks: "auto" (Triton on CUDA tensors, torch elsewhere), "triton" (forced; on CPU
@@ -16,7 +17,7 @@ import torch
 from .loss import norm_pix_mse_torch, patchify, unpatchify
 from .masking import len_keep_for, random_masking_torch, unshuffle_torch
 
-__all__ = ["random_masking", "unshuffle", "norm_pix_mse", "patchify", "unpatchify", "len_keep_for",
+__all__ = ["random_masking", "unshuffle", "norm_pix_mse", "qkv_attention", "patchify", "unpatchify", "len_keep_for",
            "triton_available", "resolve_impl", "IMPLS"]
 
 IMPLS = ("auto", "triton", "torch")
@@ -73,3 +74,21 @@ def norm_pix_mse(imgs, pred, mask, patch_size, norm_pix=True, eps=1e-6, impl="au
 
         return norm_pix_mse_triton(imgs, pred, mask, patch_size, norm_pix, eps)
     return norm_pix_mse_torch(imgs, pred, mask, patch_size, norm_pix, eps)
+
+
+def qkv_attention(qkv, num_heads, scale, impl="auto"):
+    """qkv [B, N, 3*C] from the fused projection -> attention output [B, N, C] (heads merged); see
+    kernels/attention.py. The Triton kernel takes N <= 128 and head_dim <= 128; longer sequences use torch."""
+    from .attention import qkv_attention_torch, supported
+
+    if resolve_impl(impl, qkv) == "triton":
+        if supported(qkv, num_heads):
+            from .attention import qkv_attention_triton
+
+            return qkv_attention_triton(qkv, num_heads, scale)
+        if impl == "triton":
+            from .attention import MAX_HEAD_DIM, MAX_N
+
+            raise ValueError(f"the Triton attention kernel takes up to {MAX_N} tokens and head_dim {MAX_HEAD_DIM}; "
+                             f"got qkv {list(qkv.shape)} with {num_heads} heads")
+    return qkv_attention_torch(qkv, num_heads, scale)

@@ -116,6 +116,16 @@ def test_oom_is_reported_and_sweep_continues(monkeypatch, tmp_path):
     assert [r["status"] for r in rows] == ["ok", "OOM", "ok"]
 
 
+@pytest.mark.parametrize("suite", sorted(speedup.SPEED_SUITES))
+def test_every_speed_suite_names_models_and_lever_sets(suite):
+    assert set(speedup.SPEED_SUITES[suite]) <= set(speedup.SHORT.values()), suite
+    plan = speedup.build_plan(list(speedup.SHORT), [], [], 0, False, speed_suite=suite)
+    assert plan and all(len(p) == 6 and p[2] == 0.75 and p[3] > 0 and p[1] in ("mae", "mae_dense") and (
+        p[5] in speedup.CONFIGS or p[5] == "best" or (p[5].startswith("else:") and p[5][5:] in speedup.CONFIGS))
+        for p in plan), plan
+    assert len(set(plan)) == len(plan)  # no row twice
+
+
 def test_speed_suite_plan_orders_levers():
     plan = speedup.build_plan(["mae_vit_huge_patch14", "mae_vit_large_patch16", "mae_vit_base_patch16"],
                               [], [], 0, False, speed_suite=True)
@@ -204,7 +214,7 @@ def test_kernels_benchmark_cpu_smoke(tmp_path):
     assert kernels.main(["--shapes", "debug", "--impls", "eager", "--reps", "2", "--warmup", "1",
                          "--device", "cpu", "--out", str(tmp_path)]) == 0
     rows = json.loads(next(tmp_path.glob("kernels_cpu_*.json")).read_text())["rows"]
-    assert {(r["op"], r["mode"]) for r in rows} == {(o, m) for o in ("masking", "unshuffle", "loss")
+    assert {(r["op"], r["mode"]) for r in rows} == {(o, m) for o in ("masking", "unshuffle", "loss", "attention")
                                                    for m in ("fwd", "fwd+bwd")}
     assert all(r["GB_per_s"] > 0 for r in rows)
 
@@ -353,7 +363,8 @@ def test_speedup_target_pairs_with_the_fastest_dense_row():
     assert "| 3.25 | gap 0.05 |" in line and "fast+encmath vs the dense baseline's fastest row, fast" in line
 
 
-@pytest.mark.parametrize("args", [("debug", True, False, "encoder-math", 1), ("debug", False, True, "encoder-math", 0)])
+@pytest.mark.parametrize("args", [("debug", True, False, "encoder-math", 1), ("debug", False, True, "encoder-math", 0),
+                                  ("debug", False, True, "encoder-triton", 0)])
 def test_graph_step_check_set_up_runs_on_cpu(args):
     """The CUDA check of the captured step, with both bodies eager on CPU: the set-up of each new lever path
     (encoder-math, compile, bf16-pure, partial checkpointing, a NaN step) runs, and two identical eager bodies
