@@ -16,6 +16,7 @@ def run_pretrain(cfg: Config, resume: bool = False) -> int:
     from .trainer import Trainer
 
     ctx, device = parallel.init_distributed(cfg.train.device, fsdp=cfg.train.fsdp)
+    trainer = None
     try:
         trainer = Trainer(cfg, resume=resume, ctx=ctx, device=device)
         result = trainer.fit()
@@ -27,6 +28,13 @@ def run_pretrain(cfg: Config, resume: bool = False) -> int:
                   f"metrics {result.run_dir / 'metrics.jsonl'}, reconstructions {result.run_dir / 'recon'}",
                   flush=True)
     finally:
+        # free the model, optimizer and loader (FSDP2 state sits in reference cycles) while the interpreter and
+        # the process group are alive: collective work objects left for interpreter shutdown can take the
+        # process down in the communication library's threads after a successful run
+        trainer = None
+        import gc
+
+        gc.collect()
         parallel.destroy_distributed()
     return 0
 
