@@ -241,7 +241,7 @@ CHECKS.append(("CUDA graph step mae_vit_base_patch16 compile=True bf16-pure enco
                check_graph_step, ("mae_vit_base_patch16", True, True, "encoder-triton")))
 CHECKS.append(("CUDA graph step debug compile=True max-autotune-no-cudagraphs vs eager body", check_graph_step,
                ("debug", True, False, "auto", 0, "max-autotune-no-cudagraphs")))
-from engine.layernorm import apex_fused_layer_norm  # noqa: E402 - the apex check only where apex is installed
+from engine.layernorm import apex_fused_layer_norm  # the apex check only where apex is installed
 
 if apex_fused_layer_norm() is not None:
     CHECKS.append(("model mae_vit_base_patch16 apex LayerNorm vs torch (bf16 autocast)", check_model,
@@ -256,8 +256,8 @@ CHECKS.append(("trainer with train.cuda_graph=true encoder-triton, resume", chec
 
 def _first(name: str) -> int:
     """Run order: the ViT-H shapes and the model / graph checks first, so a time-limited run covers them."""
-    if name.startswith(("model", "CUDA graph", "trainer", "patchify")) or "L=256 D=1280" in name or "img=224 p=14" in name \
-            or name.startswith("attention kernel N=256 T=65"):
+    first = ("model", "CUDA graph", "trainer", "patchify", "attention kernel N=256 T=65")
+    if name.startswith(first) or "L=256 D=1280" in name or "img=224 p=14" in name:
         return 0
     return 1
 

@@ -1,6 +1,7 @@
 """Kernel benchmark: Triton vs eager torch vs torch.compile for random masking, unshuffle, the
 norm-pix loss and the encoder's attention (from the qkv projection; eager = SDPA with PyTorch's kernel choice,
-compiled = the batched-matmul path of train.attention=encoder-math) at ViT-B/L/H shapes, forward and forward+backward; median ms, 20/80 quantiles, effective
+compiled = the batched-matmul path of train.attention=encoder-math) at ViT-B/L/H shapes, forward and
+forward+backward; median ms, 20/80 quantiles, effective
 GB/s (minimum bytes an op must move / time), and peak memory per op at ViT-H batch 256.
 
     python -m benchmarks.kernels --out benchmarks/results            # GPU

@@ -8,9 +8,9 @@ so the whole step, backward included, runs inside the context.
 encoder-triton routes the encoder's attention through this project's Triton kernel (kernels/attention.py): one
 program per (batch, head) with the whole short sequence in registers, reading q / k / v straight from the qkv
 projection's output and writing its gradient the same way (no head split, stack or copy); the decoder keeps
-PyTorch's choice. encoder-math changes the encoder's modules too (`apply_attention`): its blocks compute attention as two
-batched matmuls and a softmax (timm's non-fused path), which the regional compile fuses with the scaling; the
-decoder keeps PyTorch's choice. At 75% masking the encoder sees 50 to 65 tokens, where a fused kernel launches
+PyTorch's choice. encoder-math changes the encoder's modules too (`apply_attention`): its blocks compute
+attention as two batched matmuls and a softmax (timm's non-fused path), which the regional compile fuses with
+the scaling; the decoder keeps PyTorch's choice. At 75% masking the encoder sees 50 to 65 tokens, where a fused kernel launches
 thousands of programs for little work; the decoder's 197 to 257 tokens would hold their score matrices for
 backward (about 0.5 GB per ViT-H decoder block at batch 256), so it stays fused.
 """

@@ -144,9 +144,9 @@ def _launch_meta(qkv: torch.Tensor, num_heads: int):
     block_n, block_d = max(16, _pow2(n)), max(16, _pow2(d))
     import os
 
-    return b, n, c, d, dict(BLOCK_N=block_n, BLOCK_D=block_d, IEEE=qkv.dtype == torch.float32,
-                            UPCAST=os.environ.get("TRITON_INTERPRET", "0") == "1",
-                            num_warps=8 if block_n * block_d >= 128 * 128 else 4)
+    return b, n, c, d, {"BLOCK_N": block_n, "BLOCK_D": block_d, "IEEE": qkv.dtype == torch.float32,
+                        "UPCAST": os.environ.get("TRITON_INTERPRET", "0") == "1",
+                        "num_warps": 8 if block_n * block_d >= 128 * 128 else 4}
 
 
 @torch.library.custom_op("mae_engine::qkv_attention_fwd", mutates_args=())

@@ -1,8 +1,8 @@
 """train.layer_norm=apex: the swap to apex's FusedLayerNorm keeps Parameters, names and values; refusals.
 
 apex is not installable from the package index, so the swap is held here against a stand-in class registered as
-`apex.normalization.FusedLayerNorm` (conftest's `stand_in_apex`: a LayerNorm written out with torch ops); on a GPU machine with apex the speed
-suite's `triton+apexln` row runs the real one.
+`apex.normalization.FusedLayerNorm` (conftest's `stand_in_apex`: a LayerNorm written out with torch ops); on a
+GPU machine with apex the speed suite's `triton+apexln` row and a CUDA check run the real one.
 """
 
 import sys
