@@ -72,16 +72,20 @@ def _short_seq_class(base: type) -> type:
     and names (the instance's class is swapped, as FSDP2 does), so checkpoints and optimizers are unaffected."""
     if base not in _CLASSES:
         def forward(self, x, *args, **kwargs):
+            from kernels import resolve_impl
+            from kernels.attention import MAX_HEAD_DIM, MAX_N, qkv_attention_triton
+
             extra = [a for a in (*args, *kwargs.values()) if a is not None and a is not False]
+            head_dim = self.qkv.out_features // (3 * self.num_heads)
             plain = (extra or getattr(self, "gate", None) is not None
                      or not isinstance(getattr(self, "q_norm", nn.Identity()), nn.Identity)
                      or not isinstance(getattr(self, "k_norm", nn.Identity()), nn.Identity)
-                     or (self.training and self.attn_drop.p > 0))
-            if plain:  # masks, gates, qk-norm, attention dropout: timm's own path
+                     or (self.training and self.attn_drop.p > 0)
+                     or x.shape[1] > MAX_N or head_dim > MAX_HEAD_DIM  # e.g. the dense baseline's 197-257 tokens
+                     or resolve_impl(self.kernels, x) != "triton")  # model.kernels=torch, or auto on a CPU
+            if plain:  # timm's own path (SDPA)
                 return base.forward(self, x, *args, **kwargs)
-            from kernels import qkv_attention
-
-            out = qkv_attention(self.qkv(x), self.num_heads, self.scale, impl=self.kernels)
+            out = qkv_attention_triton(self.qkv(x), self.num_heads, self.scale)
             norm = getattr(self, "norm", None)
             if norm is not None:
                 out = norm(out)

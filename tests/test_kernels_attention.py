@@ -126,3 +126,33 @@ def test_the_cuda_check_of_the_kernel_runs_here(dtype):
     from benchmarks.cuda_checks import check_attention
 
     check_attention(2, 17, 2, 20, dtype, device=DEV)
+
+
+def test_encoder_triton_falls_back_to_timms_path_beyond_the_kernel(monkeypatch):
+    """Sequences the kernel does not take (the dense baseline's 197-257 tokens) and kernels=torch run timm's own
+    SDPA path, not the slower matmul reference."""
+    from timm.models.vision_transformer import Attention
+
+    from engine.attention import _short_seq_class
+
+    torch.manual_seed(0)
+    plain = Attention(32, num_heads=2, qkv_bias=True).to(DEV)
+    fast = Attention(32, num_heads=2, qkv_bias=True).to(DEV)
+    fast.load_state_dict(plain.state_dict())
+    fast.__class__ = _short_seq_class(Attention)
+    fast.kernels = "triton"
+    calls, sdpa = [], []
+    real = kernels.attention.qkv_attention_triton
+    monkeypatch.setattr(kernels.attention, "qkv_attention_triton", lambda *a: calls.append(1) or real(*a))
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: sdpa.append(1) or real_sdpa(*a, **k))
+    long = torch.randn(2, MAX_N + 1, 32, device=DEV)
+    torch.testing.assert_close(fast(long), plain(long))
+    assert calls == [] and len(sdpa) == 2
+    short = torch.randn(2, 20, 32, device=DEV)
+    torch.testing.assert_close(fast(short), plain(short), rtol=1e-5, atol=1e-6)
+    assert calls == [1] and len(sdpa) == 3
+    fast.kernels = "torch"
+    fast(short)
+    assert calls == [1] and len(sdpa) == 4
