@@ -511,7 +511,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="", help=f"a lever set for every row: {', '.join(CONFIGS)} "
                     "(overrides --compile)")
     ap.add_argument("--speed-suite", nargs="?", const="full", default=None, choices=sorted(SPEED_SUITES),
-                    help="the lever ladder and the speed targets' rows per model (GPU): full (default) or new")
+                    help="the lever ladder and the speed targets' rows per model (GPU): full (default), new "
+                    "(the newest levers) or autotune (GEMM autotuning, minutes of compile)")
     ap.add_argument("--jsonl", default="", help="append each row here as it is measured")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSONL",
                     help="write one report from the --jsonl files of earlier runs, measuring nothing")

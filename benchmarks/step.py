@@ -145,13 +145,8 @@ class StepRunner:
         compile = {True: "model", False: "none"}.get(compile, compile)
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
-        if layer_norm != "torch":  # refused before anything is built
-            from engine.layernorm import apex_fused_layer_norm
-
-            if compile != "none":
-                raise ValueError("layer_norm=apex is for eager blocks (torch.compile fuses LayerNorm itself)")
-            if apex_fused_layer_norm() is None:
-                raise RuntimeError("layer_norm=apex: apex is not importable on this machine")
+        if layer_norm != "torch" and compile != "none":  # refused before anything is built
+            raise ValueError("layer_norm=apex is for eager blocks (torch.compile fuses LayerNorm itself)")
         torch.manual_seed(seed)
         g = torch.Generator(device=self.device).manual_seed(seed)
         self.gen = g

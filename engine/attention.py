@@ -10,9 +10,9 @@ program per (batch, head) with the whole short sequence in registers, reading q 
 projection's output and writing its gradient the same way (no head split, stack or copy); the decoder keeps
 PyTorch's choice. encoder-math changes the encoder's modules too (`apply_attention`): its blocks compute
 attention as two batched matmuls and a softmax (timm's non-fused path), which the regional compile fuses with
-the scaling; the decoder keeps PyTorch's choice. At 75% masking the encoder sees 50 to 65 tokens, where a fused kernel launches
-thousands of programs for little work; the decoder's 197 to 257 tokens would hold their score matrices for
-backward (about 0.5 GB per ViT-H decoder block at batch 256), so it stays fused.
+the scaling; the decoder keeps PyTorch's choice. At 75% masking the encoder sees 50 to 65 tokens, where a fused
+kernel launches thousands of programs for little work; the decoder's 197 to 257 tokens would hold their score
+matrices for backward (about 0.5 GB per ViT-H decoder block at batch 256), so it stays fused.
 """
 
 from __future__ import annotations
@@ -71,21 +71,21 @@ def _short_seq_class(base: type) -> type:
     """`base` (timm's Attention) with its forward routed through kernels.qkv_attention; the same parameters
     and names (the instance's class is swapped, as FSDP2 does), so checkpoints and optimizers are unaffected."""
     if base not in _CLASSES:
-        def forward(self, x, *args, **kwargs):
-            from kernels import resolve_impl
-            from kernels.attention import MAX_HEAD_DIM, MAX_N, qkv_attention_triton
+        from kernels import attention as kattn
+        from kernels import resolve_impl
 
+        def forward(self, x, *args, **kwargs):
             extra = [a for a in (*args, *kwargs.values()) if a is not None and a is not False]
             head_dim = self.qkv.out_features // (3 * self.num_heads)
             plain = (extra or getattr(self, "gate", None) is not None
                      or not isinstance(getattr(self, "q_norm", nn.Identity()), nn.Identity)
                      or not isinstance(getattr(self, "k_norm", nn.Identity()), nn.Identity)
                      or (self.training and self.attn_drop.p > 0)
-                     or x.shape[1] > MAX_N or head_dim > MAX_HEAD_DIM  # e.g. the dense baseline's 197-257 tokens
+                     or not kattn.supported(x.shape[1], head_dim)  # e.g. the dense baseline's 197-257 tokens
                      or resolve_impl(self.kernels, x) != "triton")  # model.kernels=torch, or auto on a CPU
             if plain:  # timm's own path (SDPA)
                 return base.forward(self, x, *args, **kwargs)
-            out = qkv_attention_triton(self.qkv(x), self.num_heads, self.scale)
+            out = kattn.qkv_attention_triton(self.qkv(x), self.num_heads, self.scale)
             norm = getattr(self, "norm", None)
             if norm is not None:
                 out = norm(out)

@@ -270,7 +270,7 @@ def knn_classify(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Ten
     k = min(k, train_f.shape[0])
     preds = []
     for i in range(0, test_f.shape[0], chunk):
-        sim = (test_f[i:i + chunk] @ train_f.T).float()  # [b, n_train]
+        sim = (test_f[i:i + chunk] @ train_f.T).float()  # [b, n_train]; fp32 also under an autocast (kNN monitor)
         top, idx = sim.topk(k, dim=1)
         w = (top / temperature).exp()
         votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)

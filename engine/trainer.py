@@ -236,11 +236,7 @@ class Trainer:
             self.compute.refresh()
             fwd = self.compute
         for micro in range(t.accum_steps):
-            imgs = next(stream)
-            self.micro_batch += 1
-            b = imgs.shape[0]
-            noise = make_noise(m.mask_strategy, b * self.world, m.grid_size, m.mask_ratio, self.mask_gen, self.device)
-            noise = noise[self.rank * b:(self.rank + 1) * b]
+            imgs, noise = self._next_micro_batch(stream)
             if fsdp:  # reduce-scatter gradients only on the last micro-batch
                 self.model.set_requires_gradient_sync(micro == t.accum_steps - 1)
             with attention_context(t.attention):
@@ -266,17 +262,20 @@ class Trainer:
         self.step += 1
         return step_loss, bad == 0
 
+    def _next_micro_batch(self, stream) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next micro-batch and its mask noise: the noise is drawn for the global micro-batch from
+        the shared mask stream and sliced, so masks do not depend on the world size (or on the graph)."""
+        m = self.cfg.model
+        imgs = next(stream)
+        self.micro_batch += 1
+        b = imgs.shape[0]
+        noise = make_noise(m.mask_strategy, b * self.world, m.grid_size, m.mask_ratio, self.mask_gen, self.device)
+        return imgs, noise[self.rank * b:(self.rank + 1) * b]
+
     def _graphed_step(self, stream) -> tuple[torch.Tensor, torch.Tensor]:
         """train_step through the captured graph: the same micro-batches, noise and update, replayed."""
-        t, m = self.cfg.train, self.cfg.model
-        imgs_list, noise_list = [], []
-        for _ in range(t.accum_steps):
-            imgs = next(stream)
-            self.micro_batch += 1
-            noise_list.append(make_noise(m.mask_strategy, imgs.shape[0], m.grid_size, m.mask_ratio, self.mask_gen,
-                                         self.device))
-            imgs_list.append(imgs)
-        loss, finite = self.graphed(imgs_list, noise_list)
+        imgs_list, noise_list = zip(*(self._next_micro_batch(stream) for _ in range(self.cfg.train.accum_steps)))
+        loss, finite = self.graphed(list(imgs_list), list(noise_list))
         self.step += 1
         return loss, finite  # the graph's static outputs: fit() reads them before the next step
 

@@ -79,16 +79,10 @@ def norm_pix_mse(imgs, pred, mask, patch_size, norm_pix=True, eps=1e-6, impl="au
 def qkv_attention(qkv, num_heads, scale, impl="auto"):
     """qkv [B, N, 3*C] from the fused projection -> attention output [B, N, C] (heads merged); see
     kernels/attention.py. The Triton kernel takes N <= 128 and head_dim <= 128; longer sequences use torch."""
-    from .attention import qkv_attention_torch, supported
+    from .attention import qkv_attention_torch, qkv_attention_triton, supported
 
-    if resolve_impl(impl, qkv) == "triton":
-        if supported(qkv, num_heads):
-            from .attention import qkv_attention_triton
-
-            return qkv_attention_triton(qkv, num_heads, scale)
-        if impl == "triton":
-            from .attention import MAX_HEAD_DIM, MAX_N
-
-            raise ValueError(f"the Triton attention kernel takes up to {MAX_N} tokens and head_dim {MAX_HEAD_DIM}; "
-                             f"got qkv {list(qkv.shape)} with {num_heads} heads")
+    fits = supported(qkv.shape[1], qkv.shape[2] // (3 * num_heads))
+    # impl="triton" on a shape the kernel does not take: its own error names the limits
+    if resolve_impl(impl, qkv) == "triton" and (impl == "triton" or fits):
+        return qkv_attention_triton(qkv, num_heads, scale)
     return qkv_attention_torch(qkv, num_heads, scale)

@@ -19,6 +19,8 @@ block and CUDA graphs capture it.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -49,10 +51,9 @@ def qkv_attention_torch(qkv: torch.Tensor, num_heads: int, scale: float) -> torc
     return (attn @ v).transpose(1, 2).reshape(b, n, c)
 
 
-def supported(qkv: torch.Tensor, num_heads: int) -> bool:
+def supported(n_tokens: int, head_dim: int) -> bool:
     """Shapes the Triton kernel takes: N <= 128 tokens, head_dim <= 128."""
-    _, n, _, d = _split(qkv, num_heads)
-    return n <= MAX_N and d <= MAX_HEAD_DIM
+    return n_tokens <= MAX_N and head_dim <= MAX_HEAD_DIM
 
 
 def _pow2(n: int) -> int:
@@ -138,12 +139,10 @@ if HAS_TRITON:
 
 def _launch_meta(qkv: torch.Tensor, num_heads: int):
     b, n, c, d = _split(qkv, num_heads)
-    if n > MAX_N or d > MAX_HEAD_DIM:
+    if not supported(n, d):
         raise ValueError(f"qkv_attention_triton takes up to {MAX_N} tokens and head_dim {MAX_HEAD_DIM}; "
                          f"got N={n}, head_dim={d}")
     block_n, block_d = max(16, _pow2(n)), max(16, _pow2(d))
-    import os
-
     return b, n, c, d, {"BLOCK_N": block_n, "BLOCK_D": block_d, "IEEE": qkv.dtype == torch.float32,
                         "UPCAST": os.environ.get("TRITON_INTERPRET", "0") == "1",
                         "num_warps": 8 if block_n * block_d >= 128 * 128 else 4}
