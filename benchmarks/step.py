@@ -127,7 +127,7 @@ class StepRunner:
     layer) | "model" (whole-model torch.compile); graph=True captures forward + backward + optimizer in one
     CUDA graph (engine.graphstep) and replays it; precision "bf16-pure" (engine.mixed); attention picks the
     SDPA kernel or, with encoder-math, the encoder's attention as batched matmuls (engine.attention);
-    checkpoint_blocks recomputes the first N encoder blocks in backward; compile_mode is the regional compile's
+    checkpoint_blocks / checkpoint_decoder_blocks recompute the first N encoder / decoder blocks in backward; compile_mode is the regional compile's
     torch.compile mode (engine.config.COMPILE_MODES); layer_norm="apex" swaps in apex's FusedLayerNorm (eager);
     optimizer "torch" (fused AdamW, the default) | "apex" (FusedAdam).
     """
@@ -137,7 +137,7 @@ class StepRunner:
                  seed: int = 0, model: torch.nn.Module | None = None, kernels: str | None = None,
                  graph: bool = False, precision: str = "autocast", attention: str = "auto",
                  checkpoint_blocks: int = 0, compile_mode: str = "default", layer_norm: str = "torch",
-                 optimizer: str = "torch"):
+                 optimizer: str = "torch", checkpoint_decoder_blocks: int = 0):
         self.t_build = time.perf_counter()
         self.device = torch.device(device)
         self.m, self.mode, self.batch, self.mask_ratio = m, mode, batch, mask_ratio
@@ -157,10 +157,10 @@ class StepRunner:
         self.model = model if model is not None else build_for_mode(m, mode, self.device, num_classes)
         if kernels is not None and hasattr(self.model, "kernels"):
             self.model.kernels = kernels
-        if checkpoint_blocks:
+        if checkpoint_blocks or checkpoint_decoder_blocks:
             from engine.parallel import apply_activation_checkpointing
 
-            apply_activation_checkpointing(self.model, first=checkpoint_blocks)
+            apply_activation_checkpointing(self.model, first=checkpoint_blocks, decoder_first=checkpoint_decoder_blocks)
         from engine.attention import apply_attention
         from engine.layernorm import apply_layer_norm
 

@@ -241,6 +241,9 @@ class TrainConfig:
     """Recompute each encoder/decoder block in backward (less memory, about a third more compute)."""
     checkpoint_blocks: int = 0
     """Recompute only the first N encoder blocks in backward: memory for compute in steps of one block."""
+    checkpoint_decoder_blocks: int = 0
+    """Recompute only the first N decoder blocks in backward. At mask 0.75 a decoder block saves ~1.6x the
+    activations of an encoder block for ~0.6x its compute (ViT-H): the cheaper memory lever, tried first."""
     compile: bool = False
     """Regional torch.compile: each block compiled once and reused by every layer."""
     compile_mode: str = "default"
@@ -257,8 +260,9 @@ class TrainConfig:
         _check(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
         _check(self.vis_every >= 0, f"train.vis_every must be >= 0, got {self.vis_every}")
         _check(self.knn_every >= 0, f"train.knn_every must be >= 0, got {self.knn_every}")
-        _check(isinstance(self.checkpoint_blocks, int) and self.checkpoint_blocks >= 0,
-               f"train.checkpoint_blocks must be an integer >= 0, got {self.checkpoint_blocks!r}")
+        for name in ("checkpoint_blocks", "checkpoint_decoder_blocks"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 0, f"train.{name} must be an integer >= 0, got {v!r}")
         _check(self.fsdp in ("auto", "always", "never"), f"train.fsdp must be auto, always or never, got {self.fsdp!r}")
         _check(self.precision in ("auto", "bf16", "bf16-pure", "fp32"),
                f"train.precision must be auto, bf16, bf16-pure or fp32, got {self.precision!r}")
@@ -290,6 +294,9 @@ class Config:
         _check(self.train.checkpoint_blocks <= self.model.depth,
                f"train.checkpoint_blocks={self.train.checkpoint_blocks} is more than the encoder's "
                f"{self.model.depth} blocks (model.depth)")
+        _check(self.train.checkpoint_decoder_blocks <= self.model.decoder_depth,
+               f"train.checkpoint_decoder_blocks={self.train.checkpoint_decoder_blocks} is more than the decoder's "
+               f"{self.model.decoder_depth} blocks (model.decoder_depth)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -96,6 +96,7 @@ class MaskedAutoencoderViT(nn.Module):
 
         self.grad_checkpointing = False  # set by engine.parallel: recompute each block in backward
         self.checkpoint_first = 0  # or only the first N encoder blocks (train.checkpoint_blocks)
+        self.checkpoint_first_decoder = 0  # and the first N decoder blocks (train.checkpoint_decoder_blocks)
         if self.pos_embed.device.type != "meta":
             self.init_weights()
 
@@ -183,12 +184,13 @@ class MaskedAutoencoderViT(nn.Module):
         return torch.cat([cls, x], dim=1)
 
     def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        first = self.checkpoint_first if blocks is self.blocks else 0
+        first = {id(self.blocks): self.checkpoint_first,
+                 id(self.decoder_blocks): self.checkpoint_first_decoder}.get(id(blocks), 0)
         for i, blk in enumerate(blocks):
             if (self.grad_checkpointing or i < first) and torch.is_grad_enabled():
                 # the blocks draw no random numbers (no dropout, no drop path), so the RNG state is not stashed:
                 # that would read the CUDA generator, which a graph capture forbids
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False, preserve_rng_state=False)
+                x = torch.utils.checkpoint.checkpoint(_RunWith(blk), x, use_reentrant=False, preserve_rng_state=False)
             else:
                 x = blk(x)
         return x
@@ -224,6 +226,24 @@ class MaskedAutoencoderViT(nn.Module):
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask
 
+
+
+class _RunWith:
+    """A block to recompute with the parameter tensors its forward used. Under bf16-pure (engine.mixed) the
+    forward runs inside functional_call on bf16 copies (plain tensors in place of the Parameters), but
+    backward's recompute happens after that call has put the fp32 masters back: it would recompute in fp32
+    (wrong dtypes, and not the forward's weights). Blocks holding their own Parameters (plain, or FSDP2's,
+    which it swaps itself around forward and recompute) are recomputed as they are."""
+
+    def __init__(self, blk: nn.Module):
+        self.blk = blk
+        params = dict(blk.named_parameters())
+        self.params = params if any(not isinstance(p, nn.Parameter) for p in params.values()) else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.params is None:
+            return self.blk(x)
+        return torch.func.functional_call(self.blk, self.params, (x,), tie_weights=False, strict=True)
 
 def build_model(cfg: ModelConfig, device=None, dtype=None) -> MaskedAutoencoderViT:
     return MaskedAutoencoderViT.from_config(cfg, device=device, dtype=dtype)

@@ -166,6 +166,60 @@ def test_partial_activation_checkpointing_same_gradients_less_saved():
     assert abs((saved[0] - saved[1]) - 2 * per_block) <= 0.05 * per_block * 2
 
 
+def test_decoder_checkpointing_same_gradients_less_saved_per_block():
+    from engine.config import ModelConfig
+    from engine.parallel import apply_activation_checkpointing
+
+    cfg = ModelConfig(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
+                      decoder_depth=4, decoder_num_heads=4, kernels="torch")
+    imgs, noise = torch.randn(4, 3, 32, 32), torch.rand(4, 64)
+    grads, saved = [], []
+    for enc, dec in ((0, 0), (0, 2), (0, 4), (2, 4)):
+        torch.manual_seed(0)
+        m = build_model(cfg)
+        if enc or dec:
+            apply_activation_checkpointing(m, first=enc, decoder_first=dec)
+        assert (m.checkpoint_first, m.checkpoint_first_decoder, m.grad_checkpointing) == (enc, dec, False)
+        loss, nbytes = _saved_bytes(m, imgs, noise)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        saved.append(nbytes)
+    for g in grads[1:]:
+        assert g.keys() == grads[0].keys()
+        for n in g:
+            assert torch.equal(g[n], grads[0][n]), n
+    assert saved[0] > saved[1] > saved[2] > saved[3]
+    per_block = (saved[0] - saved[2]) / 4  # decoder blocks are alike: the saving is linear in their number
+    assert abs((saved[0] - saved[1]) - 2 * per_block) <= 0.05 * per_block * 2
+
+
+def test_bf16_pure_recomputes_checkpointed_blocks_in_bf16():
+    """The recompute in backward uses the bf16 copies the forward used, not the fp32 masters put back after
+    functional_call (which crashed with a dtype mismatch): same gradients as bf16-pure without checkpointing."""
+    from engine.config import debug
+    from engine.mixed import Bf16Compute
+    from engine.parallel import apply_activation_checkpointing
+
+    imgs, noise = torch.randn(8, 3, 32, 32), torch.rand(8, 64)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        m = build_model(debug().model)
+        if ckpt:
+            apply_activation_checkpointing(m, first=2, decoder_first=1)
+        comp = Bf16Compute(m)
+        comp.refresh()
+        loss, _, _ = comp(imgs, 0.75, noise)
+        loss.backward()
+        comp.collect(first=True)
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        assert all(p.dtype == torch.float32 for p in m.parameters())
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        assert grads[1][n].dtype == torch.float32
+        assert torch.equal(grads[0][n], grads[1][n]), n
+
+
 def test_checkpoint_blocks_is_checked():
     import pytest
 
@@ -180,3 +234,9 @@ def test_checkpoint_blocks_is_checked():
         Config.from_dict(dict(debug().to_dict(), train=dict(debug().to_dict()["train"], checkpoint_blocks=3)))
     ok = apply_overrides(debug(), {"train.checkpoint_blocks": "3", "model.depth": "3"})  # raised together: fine
     assert ok.train.checkpoint_blocks == ok.model.depth == 3
+    with pytest.raises(ConfigError, match="train.checkpoint_decoder_blocks must be"):
+        apply_overrides(debug(), {"train.checkpoint_decoder_blocks": "-2"})
+    with pytest.raises(ConfigError, match="more than the decoder's 1 blocks"):
+        apply_overrides(debug(), {"train.checkpoint_decoder_blocks": "2"})
+    ok = apply_overrides(debug(), {"train.checkpoint_decoder_blocks": "1"})
+    assert ok.train.checkpoint_decoder_blocks == 1
