@@ -114,7 +114,8 @@ def check_model(preset, lever="triton"):
     assert cos > 0.999, f"gradient cosine {cos:.5f}"
 
 
-def check_graph_step(preset, compile, pure=False, attention="auto", ckpt=0, compile_mode="default", device="cuda"):
+def check_graph_step(preset, compile, pure=False, attention="auto", ckpt=0, compile_mode="default", device="cuda",
+                     dckpt=0):
     """The captured step (engine.graphstep) against the same body run eagerly: same losses, same parameters
     after a few steps with a changing lr and fresh inputs each step; a NaN step is skipped inside the graph.
     device="cpu" runs both bodies eagerly (what the CPU tests can hold of this check's set-up)."""
@@ -129,7 +130,7 @@ def check_graph_step(preset, compile, pure=False, attention="auto", ckpt=0, comp
     models[1].load_state_dict(models[0].state_dict())
     steps = []
     for cap, m in zip((False, True), models):
-        m.checkpoint_first = ckpt
+        m.checkpoint_first, m.checkpoint_first_decoder = ckpt, dckpt
         from engine.attention import apply_attention
 
         apply_attention(m, attention)
@@ -228,6 +229,9 @@ CHECKS.append(("CUDA graph step mae_vit_base_patch16 bf16-pure flash vs eager bo
                ("mae_vit_base_patch16", False, True, "flash")))
 CHECKS.append(("CUDA graph step mae_vit_base_patch16 checkpoint_blocks=4 vs eager body", check_graph_step,
                ("mae_vit_base_patch16", False, False, "auto", 4)))
+# recomputed decoder blocks, and bf16-pure's recompute on its bf16 copies, compiled and captured
+CHECKS.append(("CUDA graph step mae_vit_base_patch16 compile=True bf16-pure checkpoint_blocks=2 decoder=4 vs eager body",
+               check_graph_step, ("mae_vit_base_patch16", True, True, "auto", 2, "default", "cuda", 4)))
 CHECKS.append(("CUDA graph step mae_vit_base_patch16 compile=True encoder-math vs eager body", check_graph_step,
                ("mae_vit_base_patch16", True, False, "encoder-math")))
 CHECKS.append(("CUDA graph step mae_vit_base_patch16 compile=True bf16-pure encoder-math vs eager body",

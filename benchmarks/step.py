@@ -127,9 +127,9 @@ class StepRunner:
     layer) | "model" (whole-model torch.compile); graph=True captures forward + backward + optimizer in one
     CUDA graph (engine.graphstep) and replays it; precision "bf16-pure" (engine.mixed); attention picks the
     SDPA kernel or, with encoder-math, the encoder's attention as batched matmuls (engine.attention);
-    checkpoint_blocks / checkpoint_decoder_blocks recompute the first N encoder / decoder blocks in backward; compile_mode is the regional compile's
-    torch.compile mode (engine.config.COMPILE_MODES); layer_norm="apex" swaps in apex's FusedLayerNorm (eager);
-    optimizer "torch" (fused AdamW, the default) | "apex" (FusedAdam).
+    checkpoint_blocks / checkpoint_decoder_blocks recompute the first N encoder / decoder blocks in backward;
+    compile_mode is the regional compile's torch.compile mode (engine.config.COMPILE_MODES); layer_norm="apex"
+    swaps in apex's FusedLayerNorm (eager); optimizer "torch" (fused AdamW, the default) | "apex" (FusedAdam).
     """
 
     def __init__(self, m: ModelConfig, mode: str, batch: int, device, mask_ratio: float = 0.75,

@@ -340,6 +340,8 @@ def test_every_lever_set_runs_a_step_with_the_reference_loss(stand_in_apex):
             assert isinstance(r.model.blocks[0].norm1, stand_in_apex), name
         if levers.get("checkpoint_blocks"):
             assert r.model.checkpoint_first == levers["checkpoint_blocks"], name
+        if levers.get("checkpoint_decoder_blocks"):
+            assert r.model.checkpoint_first_decoder == levers["checkpoint_decoder_blocks"], name
     for name, loss in losses.items():
         tol = 2e-2 if speedup.CONFIGS[name].get("precision") == "bf16-pure" else 1e-5
         assert abs(loss - losses["reference"]) <= tol * losses["reference"], (name, loss, losses["reference"])
@@ -364,11 +366,13 @@ def test_speedup_target_pairs_with_the_fastest_dense_row():
 
 
 @pytest.mark.parametrize("args", [("debug", True, False, "encoder-math", 1), ("debug", False, True, "encoder-math", 0),
-                                  ("debug", False, True, "encoder-triton", 0)])
+                                  ("debug", False, True, "encoder-triton", 0),
+                                  ("debug", True, True, "auto", 2, "default", "cpu", 1)])
 def test_graph_step_check_set_up_runs_on_cpu(args):
     """The CUDA check of the captured step, with both bodies eager on CPU: the set-up of each new lever path
-    (encoder-math, compile, bf16-pure, partial checkpointing, a NaN step) runs, and two identical eager bodies
-    agree exactly."""
+    (encoder-math, compile, bf16-pure, partial checkpointing of encoder and decoder, a NaN step) runs, and two
+    identical eager bodies agree exactly."""
     from benchmarks.cuda_checks import check_graph_step
 
-    assert check_graph_step(*args, device="cpu") == 0.0
+    kw = {} if len(args) > 5 else {"device": "cpu"}
+    assert check_graph_step(*args, **kw) == 0.0

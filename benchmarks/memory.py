@@ -1,0 +1,387 @@
+"""`mae bench memory`: the peak GPU memory of a training step, estimated on any machine (no GPU needed).
+
+Two full training steps (forward, backward, torch's fused AdamW; the second has the optimizer's state) run on
+fake tensors (torch's FakeTensorMode: shapes, dtypes and autograd, no data and no arithmetic) under bf16
+autocast with CUDA's casting policy, while a dispatch mode counts every storage the step allocates and frees,
+rounded up to the CUDA caching allocator's 512-byte blocks. The peak is the most bytes alive at once: what
+`torch.cuda.max_memory_allocated` reports for the eager step, less what no tensor op allocates (cuBLAS / cuDNN
+workspaces, the allocator's block splitting). A ViT-H step at batch 256 is estimated in seconds on a CPU.
+
+What it answers: which batch fits a given GPU, and what each memory lever (activation checkpointing of the
+first N encoder or decoder blocks, bf16-pure, the attention path) buys, per model, mode and mask ratio.
+What it does not model: torch.compile (it changes which tensors a block keeps for backward; a lever set with
+compile is estimated as its eager equivalent and marked so), CUDA graphs (their pool holds the same tensors),
+the Triton masking / loss kernels (estimated by their torch reference; at ViT-H batch 256 they were measured
+0.8 GiB lighter). Fused attention ("auto" is cuDNN on an H100) keeps q, k, v, the output and its log-sum-exp.
+
+Outputs: memory_estimate_<date>.{md,json} in --out; with --measured, the rows of `mae bench speedup` runs
+(raw .jsonl) with the same model, mode, ratio, batch and lever set are set beside the estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import itertools
+import json
+import math
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from engine.config import ConfigError, get_preset
+
+from .common import RESULTS, environment, md_table, parse_choices, today, write_json
+
+BLOCK = 512  # the CUDA caching allocator rounds every request up to a multiple of 512 bytes
+GIB = 2**30
+MODES = ("mae", "mae_dense")
+
+
+class AllocTracker(TorchDispatchMode):
+    """Counts the bytes of live tensor storages: each storage an op returns is added once (views share it) and
+    taken off when it is freed; `peak` is the most bytes alive at once, `peak_phase` the phase then running."""
+
+    def __init__(self):
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self.phase = "setup"
+        self.peak_phase = "setup"
+        self.phase_peak: dict[str, int] = {}
+        self._seen: dict[int, int] = {}  # id(storage) -> bytes, while the storage lives
+
+    def track(self, *tensors) -> None:
+        """Count tensors made before the tracker was entered (parameters, inputs)."""
+        for t in tensors:
+            self._add(t)
+
+    def set_phase(self, name: str) -> None:
+        self.phase = name
+        self.phase_peak[name] = max(self.phase_peak.get(name, 0), self.current)
+
+    def _add(self, t) -> None:
+        if not isinstance(t, torch.Tensor):
+            return
+        st = t.untyped_storage()
+        key = id(st)
+        if key in self._seen:
+            return
+        nbytes = math.ceil(st.nbytes() / BLOCK) * BLOCK
+        self._seen[key] = nbytes
+        weakref.finalize(st, self._free, key)
+        self.current += nbytes
+        self.phase_peak[self.phase] = max(self.phase_peak.get(self.phase, 0), self.current)
+        if self.current > self.peak:
+            self.peak, self.peak_phase = self.current, self.phase
+
+    def _free(self, key: int) -> None:
+        self.current -= self._seen.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            self._add(t)
+        return out
+
+
+# ops that CUDA autocast runs in fp32 and CPU autocast leaves in bf16 (the only ones of these models' steps)
+FP32_UNDER_CUDA_AUTOCAST = ("softmax.int", "layer_norm")
+
+
+@contextlib.contextmanager
+def cuda_autocast_policy():
+    """Inside: CPU autocast follows CUDA's fp32 policy for softmax and layer_norm, so that the tensors a step
+    keeps have the dtypes they have on the GPU (fake CUDA tensors cannot run backward without a CUDA context;
+    fake CPU tensors under this policy keep the same bytes). Registered for the context only; it must cover
+    backward too, where activation checkpointing recomputes blocks under the forward's autocast state."""
+    lib = torch.library.Library("aten", "IMPL")
+    exclude = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+
+    def fp32_kernel(op):
+        def kernel(*args, **kwargs):
+            def up(a):
+                return a.float() if isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16) else a
+
+            with torch._C._ExcludeDispatchKeyGuard(exclude):
+                return op(*[up(a) for a in args], **{k: up(v) for k, v in kwargs.items()})
+        return kernel
+
+    for name in FP32_UNDER_CUDA_AUTOCAST:
+        base, _, overload = name.partition(".")
+        packet = getattr(torch.ops.aten, base)
+        lib.impl(name, fp32_kernel(getattr(packet, overload or "default")), "AutocastCPU")
+    try:
+        yield
+    finally:
+        lib._destroy()
+
+
+@contextlib.contextmanager
+def fused_sdpa(attention: str):
+    """On the CPU scaled_dot_product_attention may take the math path and keep the score matrices for
+    backward; route it to a fused kernel, which keeps q, k, v, the output and its log-sum-exp, as the GPU's
+    fused kernels do (cuDNN, flash and memory-efficient alike)."""
+    if attention == "math":
+        yield
+        return
+    orig = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        if attn_mask is not None or dropout_p or is_causal or kw:
+            return orig(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)[0]
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = orig
+
+
+@dataclasses.dataclass
+class Estimate:
+    peak_gib: float
+    peak_phase: str
+    resident_gib: float  # before a step: parameters (and their bf16 copies), optimizer state, the input batch
+    activations_gib: float  # alive at the end of forward, beyond the resident bytes
+    forward_peak_gib: float
+    backward_peak_gib: float
+    optimizer_peak_gib: float
+    seconds: float
+
+
+def estimate_step(m, mode: str = "mae", batch: int = 256, mask_ratio: float = 0.75, *, precision: str = "autocast",
+                  attention: str = "auto", checkpoint_blocks: int = 0, checkpoint_decoder_blocks: int = 0,
+                  activation_checkpointing: bool = False, fake: bool = True) -> Estimate:
+    """Peak bytes of an eager training step of `m` (a ModelConfig) on a CUDA device, without one.
+    fake=False runs the same step for real on the CPU (small models: how the tests hold the fake count to it)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from engine.attention import apply_attention
+    from engine.config import OptimConfig
+    from engine.model import build_model
+    from engine.optim import build_optimizer
+    from engine.parallel import apply_activation_checkpointing
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if precision not in ("autocast", "bf16-pure"):
+        raise ValueError(f"precision must be autocast or bf16-pure, got {precision!r}")
+    t0 = time.perf_counter()
+    dev = torch.device("cpu")  # fake: no bytes are allocated on it
+    tracker = AllocTracker()
+    mode_ctx = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    with mode_ctx, fused_sdpa(attention), cuda_autocast_policy():
+        cfg = dataclasses.replace(m, encoder_mask_tokens=(mode == "mae_dense"), kernels="auto")
+        model = build_model(cfg, device=dev)
+        apply_attention(model, attention)  # encoder-triton on the CPU: the fused SDPA path (it keeps the same)
+        model.kernels = "torch"  # the masking / loss Triton kernels: their torch reference (same outputs kept)
+        if activation_checkpointing:
+            apply_activation_checkpointing(model)
+        elif checkpoint_blocks or checkpoint_decoder_blocks:
+            apply_activation_checkpointing(model, first=checkpoint_blocks, decoder_first=checkpoint_decoder_blocks)
+        opt = build_optimizer(model, OptimConfig(fused="torch"), 1e-4, dev)
+        imgs = torch.randn(batch, m.in_chans, m.img_size, m.img_size, device=dev)
+        fwd, compute = model, None
+        if precision == "bf16-pure":
+            from engine.mixed import Bf16Compute
+
+            compute = Bf16Compute(model)
+            fwd = compute
+        tracker.track(imgs, *model.parameters(), *model.buffers(), *(compute.copies if compute else ()))
+        with tracker:
+            resident = 0
+            for step in range(2):  # the first step creates the optimizer's state; the second is the steady one
+                if step == 1:
+                    resident = tracker.current
+                    tracker.phase_peak.clear()
+                    tracker.peak = 0
+                tracker.set_phase("forward")
+                noise = torch.rand(batch, m.num_patches, device=dev)
+                if compute is not None:
+                    compute.refresh()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
+                    loss = fwd(imgs, mask_ratio, noise)[0]
+                activations = tracker.current - resident
+                tracker.set_phase("backward")
+                loss.backward()
+                del loss
+                if compute is not None:
+                    compute.collect(first=True)
+                tracker.set_phase("optimizer")
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                del noise
+                tracker.set_phase("setup")
+    pp = tracker.phase_peak
+    return Estimate(peak_gib=tracker.peak / GIB, peak_phase=tracker.peak_phase, resident_gib=resident / GIB,
+                    activations_gib=activations / GIB, forward_peak_gib=pp.get("forward", 0) / GIB,
+                    backward_peak_gib=pp.get("backward", 0) / GIB, optimizer_peak_gib=pp.get("optimizer", 0) / GIB,
+                    seconds=time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def lever_kwargs(levers: dict) -> tuple[dict, str]:
+    """estimate_step's keywords for a lever set of `mae bench speedup`, and what the estimate leaves out."""
+    kw = {"precision": levers.get("precision", "autocast"), "attention": levers.get("attention", "auto"),
+          "checkpoint_blocks": levers.get("checkpoint_blocks", 0),
+          "checkpoint_decoder_blocks": levers.get("checkpoint_decoder_blocks", 0)}
+    left = []
+    if levers.get("compile", "none") != "none":
+        left.append("compile (estimated eager)")
+    if levers.get("kernels", "torch") != "torch":
+        left.append("Triton masking/loss (torch reference)")
+    return kw, "; ".join(left)
+
+
+def load_measured(paths: list[str]) -> dict:
+    """(model, mode, mask_ratio, batch, config) -> measured peak_alloc_gib from `mae bench speedup` .jsonl files."""
+    out = {}
+    for p in paths:
+        try:
+            lines = Path(p).read_text().splitlines()
+        except OSError as e:
+            raise ValueError(f"--measured {p}: {e.strerror or e}") from None
+        for i, line in enumerate(lines, 1):
+            try:
+                rec = json.loads(line) if line.strip() else {}
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--measured {p} line {i}: not JSON ({e.msg})") from None
+            r = rec.get("row") if isinstance(rec, dict) else None
+            if r and r.get("status") == "ok" and r.get("peak_alloc_gib") is not None:
+                out[(r["model"], r["mode"], float(r["mask_ratio"]), int(r["batch"]), r["config"])] = r["peak_alloc_gib"]
+    return out
+
+
+def _g(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def _human(gib: float) -> str:
+    return f"{gib:.2f} GiB" if gib >= 0.1 else f"{gib * 1024:.2f} MiB"
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise ValueError(f"{what} must be a comma list of integers, got {text!r}") from None
+    if not vals or min(vals) < 0:
+        raise ValueError(f"{what} must be a comma list of integers >= 0, got {text!r}")
+    return vals
+
+
+def main(argv=None) -> int:
+    from .speedup import CONFIGS, SHORT
+
+    ap = argparse.ArgumentParser(prog="mae bench memory", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="vit-h", help="comma list of presets (vit-b, vit-l, vit-h or a preset name)")
+    ap.add_argument("--modes", default="mae", help=f"comma list of {', '.join(MODES)}")
+    ap.add_argument("--ratios", default="0.75")
+    ap.add_argument("--batch", default="256", help="comma list of batch sizes")
+    ap.add_argument("--config", default="reference",
+                    help=f"comma list of lever sets of mae bench speedup ({', '.join(CONFIGS)})")
+    ap.add_argument("--encoder-ckpt", default="",
+                    help="comma list: recompute the first N encoder blocks (overrides the lever set's)")
+    ap.add_argument("--decoder-ckpt", default="",
+                    help="comma list: recompute the first N decoder blocks (overrides the lever set's)")
+    ap.add_argument("--budget-gib", type=float, default=0.0, help="mark each row as fitting under this many GiB or not")
+    ap.add_argument("--measured", nargs="*", default=[], metavar="JSONL",
+                    help="mae bench speedup raw rows to compare with")
+    ap.add_argument("--append", action="store_true",
+                    help="add the rows to today's report in --out instead of replacing it")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    try:
+        presets = [get_preset(x) for x in args.models.split(",") if x]
+        modes = parse_choices(args.modes, MODES, "mode")
+        configs = parse_choices(args.config, list(CONFIGS), "lever set")
+        ratios = [float(x) for x in args.ratios.split(",") if x]
+        batches = _ints(args.batch, "--batch")
+        if min(batches) < 1:
+            raise ValueError(f"--batch must be >= 1, got {args.batch!r}")
+        enc = _ints(args.encoder_ckpt, "--encoder-ckpt") if args.encoder_ckpt else [None]
+        dec = _ints(args.decoder_ckpt, "--decoder-ckpt") if args.decoder_ckpt else [None]
+        measured = load_measured(args.measured)
+        from engine.config import check_mask_ratio
+
+        for cfg in presets:
+            for r in ratios:
+                check_mask_ratio(r, cfg.model.num_patches)
+            for name, e, d in itertools.product(configs, enc, dec):  # before anything runs or is written
+                lv = CONFIGS[name]
+                for n, limit, what, flag in ((e, cfg.model.depth, "encoder", "--encoder-ckpt"),
+                                             (d, cfg.model.decoder_depth, "decoder", "--decoder-ckpt")):
+                    src = flag if n is not None else f"lever set {name}"
+                    n = n if n is not None else lv.get(f"checkpoint{'' if what == 'encoder' else '_decoder'}_blocks", 0)
+                    if n > limit:
+                        raise ValueError(f"{src}: {n} recomputed {what} blocks is more than {cfg.preset}'s {limit}")
+    except (ConfigError, ValueError) as e:
+        print(f"mae bench memory: error: {e}", file=sys.stderr)
+        return 2
+    env = environment(None)
+    rows = []
+    for cfg, mode, r, b, name, e, d in itertools.product(presets, modes, ratios, batches, configs, enc, dec):
+        kw, left = lever_kwargs(CONFIGS[name])
+        if e is not None:
+            kw["checkpoint_blocks"] = e
+        if d is not None:
+            kw["checkpoint_decoder_blocks"] = d
+        model = SHORT.get(cfg.preset, cfg.preset)
+        est = estimate_step(cfg.model, mode, b, r, **kw)
+        row = {"model": model, "mode": mode, "mask_ratio": r, "batch": b, "config": name,
+               "encoder_ckpt": kw["checkpoint_blocks"], "decoder_ckpt": kw["checkpoint_decoder_blocks"],
+               "est_peak_gib": _g(est.peak_gib), "peak_phase": est.peak_phase,
+               "resident_gib": _g(est.resident_gib), "activations_gib": _g(est.activations_gib),
+               "not_modelled": left or "-"}
+        got = measured.get((model, mode, r, b, name))
+        own = (CONFIGS[name].get("checkpoint_blocks", 0), CONFIGS[name].get("checkpoint_decoder_blocks", 0))
+        if got is not None and (kw["checkpoint_blocks"], kw["checkpoint_decoder_blocks"]) == own:
+            row["measured_peak_gib"] = got
+            row["est_minus_measured_gib"] = _g(est.peak_gib - got)
+        if args.budget_gib:
+            row["fits"] = "yes" if est.peak_gib <= args.budget_gib else "no"
+        rows.append(row)
+        print(f"{model} {mode} r={r} b={b} {name} enc_ckpt={row['encoder_ckpt']} dec_ckpt={row['decoder_ckpt']}: "
+              f"{_human(est.peak_gib)} (peak in {est.peak_phase}; {est.seconds:.1f} s)", flush=True)
+    out = Path(args.out)
+    stem = f"memory_estimate_{today()}"
+    import shlex
+
+    commands = ["mae bench memory " + shlex.join(sys.argv[1:] if argv is None else argv)]
+    if args.append and (out / f"{stem}.json").exists():
+        try:
+            old = json.loads((out / f"{stem}.json").read_text())
+            rows, commands = old["rows"] + rows, old.get("commands", []) + commands
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            print(f"mae bench memory: error: --append: {out / stem}.json is not a report of this command ({e}); "
+                  "nothing written", file=sys.stderr)
+            return 2
+    write_json({"environment": env, "commands": commands, "rows": rows}, out / f"{stem}.json")
+    cols = [c for c in ("model", "mode", "mask_ratio", "batch", "config", "encoder_ckpt", "decoder_ckpt",
+                        "est_peak_gib", "measured_peak_gib", "est_minus_measured_gib", "fits", "peak_phase",
+                        "resident_gib", "activations_gib", "not_modelled") if any(c in r for r in rows)]
+    text = (f"# Estimated peak GPU memory of a training step ({env['date']})\n\n"
+            "Estimated on the CPU with fake tensors (shapes, no data, no arithmetic) under CUDA's bf16 autocast\n"
+            "policy: the bytes of live tensors at the step's peak, as torch.cuda.max_memory_allocated counts them\n"
+            "for the eager step on a GPU; library workspaces and allocator fragmentation are not in it. No GPU\n"
+            f"figure. torch {torch.__version__}. See benchmarks/memory.py for what is and is not modelled.\n"
+            "Commands (from the repository root):\n\n"
+            + "".join(f"    {c}\n" for c in commands) + "\n" + md_table(rows, cols) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    print(f"wrote {out / stem}.md and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
