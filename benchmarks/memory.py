@@ -228,6 +228,49 @@ def estimate_step(m, mode: str = "mae", batch: int = 256, mask_ratio: float = 0.
                     seconds=time.perf_counter() - t0)
 
 
+def largest_batch(m, mode: str, mask_ratio: float, budget_gib: float, multiple: int = 8, cap: int = 65536,
+                  **levers) -> tuple[int, Estimate | None]:
+    """The largest batch (a multiple of `multiple`, at most `cap`) whose estimated peak fits `budget_gib`, and its
+    estimate; (0, None) when even `multiple` does not fit. The peak is close to linear in the batch (resident
+    bytes plus activations per image): secant steps through two estimates place the answer, a bisection
+    between the last batch that fits and the first that does not settles it."""
+    cache: dict[int, Estimate] = {}
+
+    def peak(b):
+        if b not in cache:
+            cache[b] = estimate_step(m, mode, b, mask_ratio, **levers)
+        return cache[b].peak_gib
+
+    def snap(x):
+        return max(multiple, min(cap // multiple * multiple, int(x) // multiple * multiple))
+
+    if peak(multiple) > budget_gib:
+        return 0, None
+    a, b = multiple, snap(2 * multiple)
+    for _ in range(4):  # secant steps on (batch, peak)
+        if a == b:
+            break
+        slope = (peak(b) - peak(a)) / (b - a)
+        nxt = snap(b + (budget_gib - peak(b)) / slope) if slope > 0 else snap(cap)
+        a, b = b, nxt
+    fits = [x for x in cache if peak(x) <= budget_gib]
+    over = [x for x in cache if peak(x) > budget_gib]
+    lo, hi = max(fits), min([x for x in over if x > max(fits)], default=None)
+    if hi is None:  # nothing estimated over the budget above lo: probe upwards
+        hi = lo
+        while hi < snap(cap) and peak(hi) <= budget_gib:
+            lo, hi = hi, snap(min(cap, 2 * hi))
+        if peak(hi) <= budget_gib:
+            return hi, cache[hi]
+    while hi - lo > multiple:  # bisection on multiples
+        mid = snap((lo + hi) // 2)
+        if peak(mid) <= budget_gib:
+            lo = mid
+        else:
+            hi = mid
+    return lo, cache[lo]
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -296,6 +339,8 @@ def main(argv=None) -> int:
     ap.add_argument("--decoder-ckpt", default="",
                     help="comma list: recompute the first N decoder blocks (overrides the lever set's)")
     ap.add_argument("--budget-gib", type=float, default=0.0, help="mark each row as fitting under this many GiB or not")
+    ap.add_argument("--largest-batch", type=int, default=0, metavar="CAP",
+                    help="instead of --batch: the largest batch (multiple of 8, up to CAP) that fits --budget-gib")
     ap.add_argument("--measured", nargs="*", default=[], metavar="JSONL",
                     help="mae bench speedup raw rows to compare with")
     ap.add_argument("--append", action="store_true",
@@ -310,6 +355,12 @@ def main(argv=None) -> int:
         batches = _ints(args.batch, "--batch")
         if min(batches) < 1:
             raise ValueError(f"--batch must be >= 1, got {args.batch!r}")
+        if args.largest_batch:
+            if args.budget_gib <= 0:
+                raise ValueError("--largest-batch needs --budget-gib (the GPU memory to fit, in GiB)")
+            if args.largest_batch < 8:
+                raise ValueError(f"--largest-batch must be >= 8, got {args.largest_batch}")
+            batches = [None]
         enc = _ints(args.encoder_ckpt, "--encoder-ckpt") if args.encoder_ckpt else [None]
         dec = _ints(args.decoder_ckpt, "--decoder-ckpt") if args.decoder_ckpt else [None]
         measured = load_measured(args.measured)
@@ -338,7 +389,16 @@ def main(argv=None) -> int:
         if d is not None:
             kw["checkpoint_decoder_blocks"] = d
         model = SHORT.get(cfg.preset, cfg.preset)
-        est = estimate_step(cfg.model, mode, b, r, **kw)
+        if b is None:
+            b, est = largest_batch(cfg.model, mode, r, args.budget_gib, cap=args.largest_batch, **kw)
+            if est is None:
+                print(f"{model} {mode} r={r} {name}: batch 8 does not fit {args.budget_gib} GiB", flush=True)
+                rows.append({"model": model, "mode": mode, "mask_ratio": r, "batch": 0, "config": name,
+                             "encoder_ckpt": kw["checkpoint_blocks"], "decoder_ckpt": kw["checkpoint_decoder_blocks"],
+                             "fits": "no (batch 8 does not fit)", "not_modelled": left or "-"})
+                continue
+        else:
+            est = estimate_step(cfg.model, mode, b, r, **kw)
         row = {"model": model, "mode": mode, "mask_ratio": r, "batch": b, "config": name,
                "encoder_ckpt": kw["checkpoint_blocks"], "decoder_ckpt": kw["checkpoint_decoder_blocks"],
                "est_peak_gib": _g(est.peak_gib), "peak_phase": est.peak_phase,

@@ -96,12 +96,35 @@ def test_command_writes_rows_and_sets_measured_ones_beside(tmp_path):
     assert js.read_text() == "[1, 2]"
 
 
+def test_largest_batch_is_the_last_that_fits():
+    from benchmarks.memory import largest_batch
+
+    m = debug().model
+    budget = estimate_step(m, "mae", 40, 0.75).peak_gib + 1e-9  # 40 fits exactly, 48 cannot
+    b, est = largest_batch(m, "mae", 0.75, budget)
+    assert b == 40 and est.peak_gib <= budget
+    assert estimate_step(m, "mae", 48, 0.75).peak_gib > budget
+    assert largest_batch(m, "mae", 0.75, budget, cap=24)[0] == 24
+    assert largest_batch(m, "mae", 0.75, 1e-4) == (0, None)
+    # recomputing blocks fits a larger batch in the same memory
+    assert largest_batch(m, "mae", 0.75, budget, activation_checkpointing=True)[0] > 40
+
+
+def test_command_largest_batch(tmp_path):
+    assert main(["--models", "debug", "--config", "reference,fast+pure", "--largest-batch", "64", "--budget-gib",
+                 "0.01", "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("memory_estimate_*.json")).read_text())["rows"]
+    assert [r["config"] for r in rows] == ["reference", "fast+pure"]
+    assert all(8 <= r["batch"] <= 64 and r["batch"] % 8 == 0 and r["est_peak_gib"] <= 0.01 for r in rows)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--models", "vit-h", "--decoder-ckpt", "9"], "--decoder-ckpt: 9 recomputed decoder blocks is more than"),
     (["--models", "debug", "--config", "fast+ckpt6"], "lever set fast+ckpt6: 6 recomputed encoder blocks"),
     (["--models", "vit-h", "--encoder-ckpt", "x"], "--encoder-ckpt must be a comma list of integers"),
     (["--models", "vit-h", "--config", "turbo"], "unknown lever set ['turbo']"),
     (["--models", "vit-h", "--batch", "0"], "--batch must be >= 1"),
+    (["--models", "vit-h", "--largest-batch", "512"], "--largest-batch needs --budget-gib"),
     (["--models", "vit-h", "--ratios", "1.5"], "mask"),
     (["--models", "vit-h", "--measured", "/nonexistent/speed.jsonl"], "--measured /nonexistent/speed.jsonl"),
 ])
