@@ -125,6 +125,23 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def read_jsonl(path) -> list[dict]:
+    """The records of a .jsonl file (blank lines skipped); ValueError naming the file and line of a bad one."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror or e}") from None
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {i}: not JSON ({e.msg})") from None
+    return out
+
+
 def write_json(obj, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=str))

@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_flatten
 
 from engine.config import ConfigError, get_preset
 
-from .common import RESULTS, environment, md_table, parse_choices, today, write_json
+from .common import RESULTS, environment, md_table, parse_choices, read_jsonl, today, write_json
 
 BLOCK = 512  # the CUDA caching allocator rounds every request up to a multiple of 512 bytes
 GIB = 2**30
@@ -292,14 +292,10 @@ def load_measured(paths: list[str]) -> dict:
     out = {}
     for p in paths:
         try:
-            lines = Path(p).read_text().splitlines()
-        except OSError as e:
-            raise ValueError(f"--measured {p}: {e.strerror or e}") from None
-        for i, line in enumerate(lines, 1):
-            try:
-                rec = json.loads(line) if line.strip() else {}
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--measured {p} line {i}: not JSON ({e.msg})") from None
+            records = read_jsonl(p)
+        except ValueError as e:
+            raise ValueError(f"--measured {e}") from None
+        for rec in records:
             r = rec.get("row") if isinstance(rec, dict) else None
             if r and r.get("status") == "ok" and r.get("peak_alloc_gib") is not None:
                 out[(r["model"], r["mode"], float(r["mask_ratio"]), int(r["batch"]), r["config"])] = r["peak_alloc_gib"]

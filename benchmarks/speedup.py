@@ -32,7 +32,7 @@ import torch
 from engine.config import ConfigError, get_preset
 from engine.metrics import datasheet_peak, device_memory_used, mfu
 
-from .common import fresh_peak, pick_device, parse_choices, RESULTS, device_tag, env_block, environment, md_table, today, write_csv, write_json
+from .common import fresh_peak, pick_device, parse_choices, read_jsonl, RESULTS, device_tag, env_block, environment, md_table, today, write_csv, write_json
 from .step import MODE_LABELS, MODES, NvmlSampler, StepRunner, flops_for_mode, matmul_ceiling
 
 RATIOS = (0.5, 0.75, 0.9, 0.95)
@@ -482,10 +482,7 @@ def merge(paths: list[str], out: Path) -> Path:
     from engine.config import ModelConfig
 
     for i, p in enumerate(paths):
-        for line in Path(p).read_text().splitlines():
-            if not line.strip():
-                continue
-            rec = json.loads(line)
+        for rec in read_jsonl(p):
             if "environment" in rec:
                 env = env or rec["environment"]
                 if len(runs) <= i:

@@ -243,7 +243,7 @@ class TrainConfig:
     """Recompute only the first N encoder blocks in backward: memory for compute in steps of one block."""
     checkpoint_decoder_blocks: int = 0
     """Recompute only the first N decoder blocks in backward. At mask 0.75 a decoder block saves ~1.6x the
-    activations of an encoder block for ~0.6x its compute (ViT-H): the cheaper memory lever, tried first."""
+    activations of an encoder block for about two thirds of its compute (ViT-H): the cheaper memory lever."""
     compile: bool = False
     """Regional torch.compile: each block compiled once and reused by every layer."""
     compile_mode: str = "default"

@@ -184,8 +184,7 @@ class MaskedAutoencoderViT(nn.Module):
         return torch.cat([cls, x], dim=1)
 
     def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        first = {id(self.blocks): self.checkpoint_first,
-                 id(self.decoder_blocks): self.checkpoint_first_decoder}.get(id(blocks), 0)
+        first = self.checkpoint_first if blocks is self.blocks else self.checkpoint_first_decoder
         for i, blk in enumerate(blocks):
             if (self.grad_checkpointing or i < first) and torch.is_grad_enabled():
                 # the blocks draw no random numbers (no dropout, no drop path), so the RNG state is not stashed:
@@ -227,7 +226,6 @@ class MaskedAutoencoderViT(nn.Module):
         return loss, pred, mask
 
 
-
 class _RunWith:
     """A block to recompute with the parameter tensors its forward used. Under bf16-pure (engine.mixed) the
     forward runs inside functional_call on bf16 copies (plain tensors in place of the Parameters), but
@@ -244,6 +242,7 @@ class _RunWith:
         if self.params is None:
             return self.blk(x)
         return torch.func.functional_call(self.blk, self.params, (x,), tie_weights=False, strict=True)
+
 
 def build_model(cfg: ModelConfig, device=None, dtype=None) -> MaskedAutoencoderViT:
     return MaskedAutoencoderViT.from_config(cfg, device=device, dtype=dtype)

@@ -92,7 +92,7 @@ def apply_activation_checkpointing(model: MaskedAutoencoderViT, first: int | Non
 
     Per recomputed FLOP a decoder block frees more memory than an encoder block: at mask 0.75 it runs on every
     patch (4x the encoder's tokens) at a narrower width (ViT-H: 257 tokens x 512 against 65 x 1280), so its
-    saved activations are ~1.6x an encoder block's for ~0.6x its forward FLOPs."""
+    saved activations are ~1.6x an encoder block's for about two thirds of its forward FLOPs."""
     if first is None and decoder_first is None:
         model.grad_checkpointing = True
         return
