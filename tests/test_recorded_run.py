@@ -1,0 +1,74 @@
+"""The trainer's losses and final weights against a run of the debug preset recorded on this project's CPU machine
+before the training step was unified (engine/step.py): the trainer, the captured-graph body and bf16-pure must
+reproduce it bit for bit. Re-record (only when a change is meant to alter the numbers) with
+`python tests/test_recorded_run.py`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import debug_cfg  # noqa: E402
+
+RECORD = Path(__file__).resolve().parent / "data" / "debug_run_record.json"
+VARIANTS = {
+    "plain": {"train.max_steps": 12},
+    "accum2_ckpt1": {"train.max_steps": 6, "train.accum_steps": 2, "train.batch_size": 16,
+                     "train.checkpoint_blocks": 1},
+    "graph_body": {"train.max_steps": 6},
+    "bf16_pure": {"train.max_steps": 6, "train.precision": "bf16-pure"},
+    "block_masks": {"train.max_steps": 6, "model.mask_strategy": "block"},
+}
+
+
+def run_variant(name: str, run_dir) -> dict:
+    from engine.trainer import Trainer
+
+    over = {"train.log_every": 1, "train.ckpt_every": 1000, "train.vis_every": 0, **VARIANTS[name]}
+    t = Trainer(debug_cfg(run_dir, **over), log=lambda msg: None)
+    if name == "graph_body":
+        t.enable_graph(capture=False)
+    t.fit()
+    losses = [json.loads(x)["loss"] for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    h = hashlib.sha256()
+    for k, v in sorted(t.model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return {"losses": [float(x).hex() for x in losses], "weights_sha256": h.hexdigest()}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_trainer_reproduces_the_recorded_run(tmp_path, name):
+    rec = json.loads(RECORD.read_text())
+    want = rec["variants"][name]
+    got = run_variant(name, tmp_path)
+    if rec["cpu_capability"] != torch.backends.cpu.get_cpu_capability():
+        # another vector ISA picks other CPU kernels (other rounding): hold the losses to fp32 noise instead
+        for a, b in zip(got["losses"], want["losses"]):
+            assert float.fromhex(a) == pytest.approx(float.fromhex(b), rel=1e-5), name
+        return
+    assert got["losses"] == want["losses"], name
+    assert got["weights_sha256"] == want["weights_sha256"], name
+
+
+if __name__ == "__main__":
+    import os
+    import tempfile
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    torch.set_num_threads(2)
+    out = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__, "variants": {}}
+    for name in VARIANTS:
+        torch.manual_seed(0)
+        with tempfile.TemporaryDirectory() as d:
+            out["variants"][name] = run_variant(name, d)
+        print(name, out["variants"][name]["losses"][:3])
+    RECORD.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {RECORD}")
