@@ -1,9 +1,10 @@
 """Registers `mae bench {speedup,kernels,loader,fsdp,agreement,memory}` and `mae profile` with the `mae` command (for its
-help); `engine.cli.main` hands their arguments to the module untouched."""
+help; engine.cli.COMMANDS names this module); `dispatch` hands their arguments to the module untouched."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 BENCHES = {"speedup": "benchmarks.speedup", "kernels": "benchmarks.kernels", "loader": "benchmarks.loader",
            "fsdp": "benchmarks.fsdp", "agreement": "benchmarks.agreement", "memory": "benchmarks.memory"}
@@ -32,3 +33,16 @@ def register(sub) -> None:
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
 
+
+
+def dispatch(argv: list[str]) -> int | None:
+    """`mae bench X ...` / `mae profile ...`: run the module with the rest of argv; None for other commands."""
+    if not argv or argv[0] not in ("bench", "profile"):
+        return None
+    if argv[0] == "profile":
+        return _run_module("benchmarks.profile", argv[1:])
+    if len(argv) < 2 or argv[1] not in BENCHES:
+        print(f"usage: mae bench {{{','.join(sorted(BENCHES))}}} [options]   (each with its own --help)",
+              file=sys.stderr)
+        return 0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2
+    return _run_module(BENCHES[argv[1]], argv[2:])

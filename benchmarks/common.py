@@ -1,13 +1,9 @@
-"""What every benchmark shares: timing with CUDA events after warm-up (median and 20/80 quantiles),
-the environment a figure was taken in, and CSV / JSON / markdown writers for benchmarks/results/."""
+"""What every benchmark shares: timing with CUDA events after warm-up (median and 20/80 quantiles), where reports
+go, and (re-exported from engine.report, which the engine uses too) the environment a figure was taken in and the
+CSV / JSON / markdown writers."""
 
 from __future__ import annotations
 
-import csv
-import datetime as _dt
-import json
-import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -15,7 +11,12 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from engine.report import (device_tag, env_block, environment, md_table, read_jsonl, today,  # noqa: F401
+                           write_csv, write_json)
+
+# reports go to the working directory (or --out), never into the installed package; the repository's committed
+# reports live in benchmarks/results/ and are written there with --out benchmarks/results
+RESULTS = Path("bench-results")
 
 
 @dataclass
@@ -62,116 +63,6 @@ def time_fn(fn, device: torch.device | str, warmup: int = 10, reps: int = 50, mi
             times.append(1000 * (time.perf_counter() - t0))
     med, p20, p80 = quantiles(times)
     return Timing(med, p20, p80, len(times))
-
-
-def environment(device: torch.device | str | None = None) -> dict:
-    """GPU (or 'CPU'), versions and date: what a reported figure must carry."""
-    env = {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "host_cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    try:
-        import timm
-
-        env["timm"] = timm.__version__
-    except ImportError:
-        pass
-    dev = torch.device(device) if device is not None else None
-    if dev is not None and dev.type == "cuda":
-        props = torch.cuda.get_device_properties(dev)
-        env["device"] = torch.cuda.get_device_name(dev)
-        env["device_memory_gib"] = round(props.total_memory / 2**30, 1)
-        env["cuda"] = torch.version.cuda
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            env["driver"] = pynvml.nvmlSystemGetDriverVersion()
-        except Exception:
-            pass
-    else:
-        env["device"] = "CPU"
-    return env
-
-
-def device_tag(env: dict) -> str:
-    name = env.get("device", "CPU")
-    for key in ("H200", "H100", "A100", "L40S", "B200"):
-        if key in name:
-            return key.lower()
-    return "cpu" if name == "CPU" else name.lower().replace(" ", "-")[:20]
-
-
-def write_csv(rows: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    keys: list[str] = []
-    for r in rows:
-        for k in r:
-            if k not in keys:
-                keys.append(k)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    return path
-
-
-def read_jsonl(path) -> list[dict]:
-    """The records of a .jsonl file (blank lines skipped); ValueError naming the file and line of a bad one."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise ValueError(f"{path}: {e.strerror or e}") from None
-    out = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {i}: not JSON ({e.msg})") from None
-    return out
-
-
-def write_json(obj, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, default=str))
-    return path
-
-
-def md_table(rows: list[dict], cols: list[str], fmt: dict | None = None) -> str:
-    fmt = fmt or {}
-
-    def cell(r, c):
-        v = r.get(c)
-        if v is None or v == "":
-            return "-"
-        if c in fmt and isinstance(v, (int, float)):
-            return fmt[c].format(v)
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    out += ["| " + " | ".join(cell(r, c) for c in cols) + " |" for r in rows]
-    return "\n".join(out)
-
-
-def env_block(env: dict) -> str:
-    return "\n".join(f"- {k}: {v}" for k, v in env.items() if v is not None)
-
-
-def today() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
 
 
 def pick_device(arg: str) -> torch.device:

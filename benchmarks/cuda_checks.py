@@ -119,34 +119,21 @@ def check_graph_step(preset, compile, pure=False, attention="auto", ckpt=0, comp
     """The captured step (engine.graphstep) against the same body run eagerly: same losses, same parameters
     after a few steps with a changing lr and fresh inputs each step; a NaN step is skipped inside the graph.
     device="cpu" runs both bodies eagerly (what the CPU tests can hold of this check's set-up)."""
-    from engine.config import OptimConfig, get_preset
-    from engine.graphstep import GraphedStep
-    from engine.model import build_model
-    from engine.optim import build_optimizer, set_lr
+    from engine.config import get_preset
+    from engine.optim import set_lr
+    from engine.step import build_training, config_with_levers
 
-    cfg = get_preset(preset).model
-    torch.manual_seed(0)
-    models = [build_model(cfg).to(device) for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-    steps = []
-    for cap, m in zip((False, True), models):
-        m.checkpoint_first, m.checkpoint_first_decoder = ckpt, dckpt
-        from engine.attention import apply_attention
-
-        apply_attention(m, attention)
-        if compile:
-            from engine.parallel import apply_regional_compile
-
-            apply_regional_compile(m, compile_mode)
-        opt = build_optimizer(m, OptimConfig(), 1e-3, torch.device(device))
-        compute = None
-        if pure:
-            from engine.mixed import Bf16Compute
-
-            compute = Bf16Compute(m)
-        amp = None if pure or device != "cuda" else torch.bfloat16
-        steps.append((m, opt, GraphedStep(m, opt, 0.75, amp, capture=cap and device == "cuda",
-                                          compute=compute, attention=attention)))
+    levers = dict(compile="regional" if compile else "none", compile_mode=compile_mode, attention=attention,
+                  precision="bf16-pure" if pure else "autocast", checkpoint_blocks=ckpt, checkpoint_decoder_blocks=dckpt)
+    run_cfg = config_with_levers(get_preset(preset), levers, **{"train.device": device, "optim.fused": "torch",
+                                                                 "optim.lr": 1e-3})
+    cfg = run_cfg.model
+    steps, models = [], []
+    for cap in (False, True):  # the trainer's own step, built twice from the same config (the same weights)
+        tr = build_training(run_cfg, device=torch.device(device), strict=False)
+        st = tr.enable_graph(capture=cap and device == "cuda")
+        steps.append((tr.model, tr.optimizer, st))
+        models.append(tr.model)
     g = torch.Generator(device=device).manual_seed(1)
     n = 16
     for i in range(5):
@@ -158,7 +145,7 @@ def check_graph_step(preset, compile, pure=False, attention="auto", ckpt=0, comp
         for m, opt, st in steps:
             set_lr(opt, 1e-3 * (i + 1))
             before = [p.detach().clone() for p in m.parameters()] if i == 3 else None
-            loss, finite = st([imgs], [noise])
+            loss, finite = st([(imgs, noise)])
             out.append((loss.item(), bool(finite)))
             if i == 3:
                 assert not bool(finite), "NaN step not flagged"

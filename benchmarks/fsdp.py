@@ -30,22 +30,19 @@ def ensure_process_group(device: torch.device) -> None:
         init_distributed(str(device), fsdp="always")
 
 
-def build(preset: str, device, fsdp: bool, ac: bool):
-    from engine.parallel import DistContext, build_parallel_model
-
-    cfg = get_preset(preset)
-    cfg.train.activation_checkpointing = ac
-    cfg.train.precision = "bf16" if device.type == "cuda" else "fp32"
-    return cfg, build_parallel_model(cfg, DistContext(distributed=fsdp), device)
-
-
 def measure(preset, batch, device, fsdp, ac, warmup, reps) -> dict:
+    """One row: the trainer's step (engine.step) on one process, with FSDP2 (world size 1) or without."""
+    from engine.parallel import DistContext
+
+    import torch.distributed as dist
+
     row = {"model": preset, "batch": batch, "fsdp": fsdp, "act_ckpt": ac}
     runner = None
     try:
         fresh_peak(device)
-        cfg, model = build(preset, device, fsdp, ac)
-        runner = StepRunner(cfg.model, "mae", batch, device, 0.75, model=model)
+        ctx = DistContext(rank=0, world=dist.get_world_size() if dist.is_initialized() else 1, distributed=fsdp)
+        runner = StepRunner(get_preset(preset).model, "mae", batch, device, 0.75, ctx=ctx,
+                            activation_checkpointing=ac)
         st = runner.run(warmup=warmup, reps=reps)
         row.update(status="ok", img_per_s=round(batch / (st.step_ms / 1000), 1), step_ms=round(st.step_ms, 2))
         if device.type == "cuda":

@@ -165,11 +165,8 @@ def estimate_step(m, mode: str = "mae", batch: int = 256, mask_ratio: float = 0.
     fake=False runs the same step for real on the CPU (small models: how the tests hold the fake count to it)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from engine.attention import apply_attention
-    from engine.config import OptimConfig
-    from engine.model import build_model
-    from engine.optim import build_optimizer
-    from engine.parallel import apply_activation_checkpointing
+    from engine.config import Config, OptimConfig, TrainConfig
+    from engine.step import build_training, config_with_levers
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -177,50 +174,41 @@ def estimate_step(m, mode: str = "mae", batch: int = 256, mask_ratio: float = 0.
         raise ValueError(f"precision must be autocast or bf16-pure, got {precision!r}")
     t0 = time.perf_counter()
     dev = torch.device("cpu")  # fake: no bytes are allocated on it
+    # the trainer's own model, optimizer and step (engine.step), built from the same config fields; bf16 autocast
+    # on the CPU stands in for CUDA's (its casting policy is registered below); the Triton masking / loss kernels
+    # and torch.compile are estimated by their eager torch path
+    base = Config(model=dataclasses.replace(m, encoder_mask_tokens=(mode == "mae_dense"), kernels="auto",
+                                            mask_ratio=mask_ratio),
+                  optim=OptimConfig(fused="torch", lr=1e-4), train=TrainConfig(batch_size=batch, device="cpu"))
+    cfg = config_with_levers(base, {"precision": "bf16" if precision == "autocast" else "bf16-pure",
+                                    "attention": attention, "checkpoint_blocks": min(checkpoint_blocks, m.depth),
+                                    "checkpoint_decoder_blocks": min(checkpoint_decoder_blocks, m.decoder_depth),
+                                    "activation_checkpointing": activation_checkpointing})
     tracker = AllocTracker()
+    activations = [0]
+    resident = 0
+
+    def phases(phase: str) -> None:  # a step hook (engine.step.PHASES)
+        if phase == "backward":  # the forward's outputs and saved tensors are all alive here
+            activations[0] = tracker.current - resident
+        tracker.set_phase({"end": "setup"}.get(phase, phase))
+
     mode_ctx = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     with mode_ctx, fused_sdpa(attention), cuda_autocast_policy():
-        cfg = dataclasses.replace(m, encoder_mask_tokens=(mode == "mae_dense"), kernels="auto")
-        model = build_model(cfg, device=dev)
-        apply_attention(model, attention)  # encoder-triton on the CPU: the fused SDPA path (it keeps the same)
-        model.kernels = "torch"  # the masking / loss Triton kernels: their torch reference (same outputs kept)
-        if activation_checkpointing:
-            apply_activation_checkpointing(model)
-        elif checkpoint_blocks or checkpoint_decoder_blocks:
-            apply_activation_checkpointing(model, first=checkpoint_blocks, decoder_first=checkpoint_decoder_blocks)
-        opt = build_optimizer(model, OptimConfig(fused="torch"), 1e-4, dev)
+        training = build_training(cfg, device=dev, strict=False)
+        model, compute = training.model, training.compute
         imgs = torch.randn(batch, m.in_chans, m.img_size, m.img_size, device=dev)
-        fwd, compute = model, None
-        if precision == "bf16-pure":
-            from engine.mixed import Bf16Compute
-
-            compute = Bf16Compute(model)
-            fwd = compute
         tracker.track(imgs, *model.parameters(), *model.buffers(), *(compute.copies if compute else ()))
         with tracker:
-            resident = 0
             for step in range(2):  # the first step creates the optimizer's state; the second is the steady one
                 if step == 1:
                     resident = tracker.current
                     tracker.phase_peak.clear()
                     tracker.peak = 0
-                tracker.set_phase("forward")
                 noise = torch.rand(batch, m.num_patches, device=dev)
-                if compute is not None:
-                    compute.refresh()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
-                    loss = fwd(imgs, mask_ratio, noise)[0]
-                activations = tracker.current - resident
-                tracker.set_phase("backward")
-                loss.backward()
-                del loss
-                if compute is not None:
-                    compute.collect(first=True)
-                tracker.set_phase("optimizer")
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                training.step([(imgs, noise)], mask_ratio, hooks=[phases])
                 del noise
-                tracker.set_phase("setup")
+    activations = activations[0]
     pp = tracker.phase_peak
     return Estimate(peak_gib=tracker.peak / GIB, peak_phase=tracker.peak_phase, resident_gib=resident / GIB,
                     activations_gib=activations / GIB, forward_peak_gib=pp.get("forward", 0) / GIB,
@@ -321,7 +309,7 @@ def _ints(text: str, what: str) -> list[int]:
 
 
 def main(argv=None) -> int:
-    from .speedup import CONFIGS, SHORT
+    from .levers import CONFIGS, SHORT
 
     ap = argparse.ArgumentParser(prog="mae bench memory", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="vit-h", help="comma list of presets (vit-b, vit-l, vit-h or a preset name)")

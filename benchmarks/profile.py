@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from engine.cli import UserError, build_config, split_overrides  # noqa: F401
+from engine.options import UserError, build_config, split_overrides  # noqa: F401
 from engine.config import ConfigError
 from engine.metrics import datasheet_peak, mfu, train_flops_per_image
 
 from .common import fresh_peak, pick_device, RESULTS, device_tag, env_block, environment, md_table, today, write_csv
-from .speedup import CONFIGS
+from .levers import CONFIGS
 from .step import NvmlSampler, StepRunner
 
 
@@ -126,8 +126,8 @@ def main(argv=None) -> int:
         fresh_peak(device)
         levers = CONFIGS[args.config] if args.config else {"compile": args.compile}
         runner = StepRunner(cfg.model, "mae", batch, device, mask_ratio=r, **levers)
-        with NvmlSampler(device.index or 0) as sampler:
-            st = runner.run(warmup=args.warmup, reps=args.steps)
+        sampler = NvmlSampler(device.index or 0)
+        st = runner.run(warmup=args.warmup, reps=args.steps, sampler=sampler)
         ips = batch / (st.step_ms / 1000)
         fl = train_flops_per_image(cfg.model, r)
         def r3(x):  # a captured step (lever sets with graph) has no phase split

@@ -1,5 +1,6 @@
-"""One timed training step (forward, backward, optimizer) of an MAE or of timm's dense supervised ViT,
-split into phases with CUDA events, plus pynvml sampling of utilisation and power while it runs."""
+"""Timed training steps (forward, backward, optimizer) of an MAE or of timm's dense supervised ViT through the
+trainer's own step (engine.step), split into phases by the step's hooks with CUDA events, plus pynvml sampling
+of utilisation and power over the timed steps."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import torch
 from engine.config import ModelConfig
 from engine.metrics import train_flops_per_image, vit_train_flops_per_image
 from engine.model import build_model
-from engine.optim import build_optimizer
 
 MODES = ("mae", "mae_dense", "vit")
 MODE_LABELS = {"mae": "MAE (visible only)", "mae_dense": "MAE, encoder with mask tokens", "vit": "dense ViT (timm)"}
@@ -84,10 +84,13 @@ class NvmlSampler:
             self._thread.join()
 
     def summary(self) -> dict:
+        """Mean utilisation and power over the samples taken (the timed steps only, when passed to
+        StepRunner.run), and how many samples that is."""
         if not self.samples:
             return {"gpu_util_pct": None, "power_w": None}
         us, ps = zip(*self.samples)
-        return {"gpu_util_pct": round(sum(us) / len(us), 1), "power_w": round(sum(ps) / len(ps), 1)}
+        return {"gpu_util_pct": round(sum(us) / len(us), 1), "power_w": round(sum(ps) / len(ps), 1),
+                "nvml_samples": len(self.samples)}
 
 
 @dataclass
@@ -111,6 +114,11 @@ class ClassifierStep(torch.nn.Module):
         self.vit = vit
         self.register_buffer("labels", labels, persistent=False)
 
+    @property
+    def blocks(self):
+        """The ViT's blocks: the levers applied per block (regional compile, attention path) find them here."""
+        return self.vit.blocks
+
     def forward(self, imgs, mask_ratio=None, noise=None):
         logits = self.vit(imgs)
         return torch.nn.functional.cross_entropy(logits.float(), self.labels[: imgs.shape[0]]), None, None
@@ -119,17 +127,61 @@ class ClassifierStep(torch.nn.Module):
 COMPILE_MODES = ("none", "regional", "model")
 
 
+class PhaseTimer:
+    """A step hook (engine.step.PHASES) that stamps each phase boundary: CUDA events on the GPU (read after one
+    synchronize at the end), perf_counter on the CPU. One record per step: start, forward, backward, optimizer,
+    end; phases() turns them into (forward, backward, optimizer, total) ms."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.steps: list[list[tuple[str, object]]] = []
+
+    def _stamp(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self.steps.append([("start", self._stamp())])
+
+    def __call__(self, phase: str) -> None:
+        if self.steps:
+            self.steps[-1].append((phase, self._stamp()))
+
+    def _ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else 1000 * (b - a)
+
+    def phases(self) -> tuple[list[float], list[float], list[float], list[float]]:
+        """Per step: forward (start to the first backward: inputs, weight copies, forward), backward (to the
+        update), optimizer (update and gradient release), total. Steps without phase marks (a graph replay)
+        contribute their total only."""
+        fwd, bwd, opt, tot = [], [], [], []
+        for marks in self.steps:
+            d = dict(marks)  # accum 1: one mark per phase
+            tot.append(self._ms(d["start"], d["end"]))
+            if "backward" in d and "optimizer" in d:
+                fwd.append(self._ms(d["start"], d["backward"]))
+                bwd.append(self._ms(d["backward"], d["optimizer"]))
+                opt.append(self._ms(d["optimizer"], d["end"]))
+        return fwd, bwd, opt, tot
+
+
 class StepRunner:
-    """Times full training steps of one model on synthetic on-device input (or a loader's stream).
+    """Times full training steps of one model on synthetic on-device input (or a loader's stream), through the
+    same step `mae pretrain` runs (engine.step.build_training): the lever keywords below are mapped onto the
+    config fields the trainer reads (engine.step.LEVERS), so a row measures what a run with those overrides does.
 
     Levers (all default off, i.e. the reference's way of training): kernels "torch" | "triton" | "auto" for the
     MAE's masking / unshuffle / loss; compile "none" | "regional" (each block compiled once, reused by every
-    layer) | "model" (whole-model torch.compile); graph=True captures forward + backward + optimizer in one
-    CUDA graph (engine.graphstep) and replays it; precision "bf16-pure" (engine.mixed); attention picks the
-    SDPA kernel or, with encoder-math, the encoder's attention as batched matmuls (engine.attention);
-    checkpoint_blocks / checkpoint_decoder_blocks recompute the first N encoder / decoder blocks in backward;
-    compile_mode is the regional compile's torch.compile mode (engine.config.COMPILE_MODES); layer_norm="apex"
-    swaps in apex's FusedLayerNorm (eager); optimizer "torch" (fused AdamW, the default) | "apex" (FusedAdam).
+    layer) | "model" (whole-model torch.compile: the paper's code compiled); graph=True captures forward +
+    backward + optimizer in one CUDA graph (engine.graphstep) and replays it (on the CPU its body runs eagerly);
+    precision "autocast" | "bf16-pure" (engine.mixed); attention picks the SDPA kernel or an encoder path
+    (engine.attention); checkpoint_blocks / checkpoint_decoder_blocks recompute the first N encoder / decoder
+    blocks in backward; compile_mode is the regional compile's torch.compile mode (engine.config.COMPILE_MODES);
+    layer_norm="apex" swaps in apex's FusedLayerNorm (eager); optimizer "torch" (fused AdamW, the default) | "apex"
+    (FusedAdam); ctx: an engine.parallel.DistContext (distributed=True: FSDP2 on the process group).
     """
 
     def __init__(self, m: ModelConfig, mode: str, batch: int, device, mask_ratio: float = 0.75,
@@ -137,16 +189,36 @@ class StepRunner:
                  seed: int = 0, model: torch.nn.Module | None = None, kernels: str | None = None,
                  graph: bool = False, precision: str = "autocast", attention: str = "auto",
                  checkpoint_blocks: int = 0, compile_mode: str = "default", layer_norm: str = "torch",
-                 optimizer: str = "torch", checkpoint_decoder_blocks: int = 0):
+                 optimizer: str = "torch", checkpoint_decoder_blocks: int = 0, ctx=None, **levers):
+        import dataclasses
+
+        from engine.config import Config, OptimConfig, TrainConfig
+        from engine.parallel import DistContext
+        from engine.step import build_training, config_with_levers
+
         self.t_build = time.perf_counter()
         self.device = torch.device(device)
         self.m, self.mode, self.batch, self.mask_ratio = m, mode, batch, mask_ratio
-        self.amp = (self.device.type == "cuda") if amp is None else amp
         compile = {True: "model", False: "none"}.get(compile, compile)
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
-        if layer_norm != "torch" and compile != "none":  # refused before anything is built
-            raise ValueError("layer_norm=apex is for eager blocks (torch.compile fuses LayerNorm itself)")
+        if precision not in ("autocast", "bf16-pure"):
+            raise ValueError(f"precision must be autocast or bf16-pure, got {precision!r}")
+        if amp is not None and precision == "autocast":
+            precision = "bf16" if amp else "fp32"
+        levers = dict(levers, compile=compile, graph=graph, precision=precision, attention=attention,
+                      checkpoint_blocks=checkpoint_blocks, checkpoint_decoder_blocks=checkpoint_decoder_blocks,
+                      compile_mode=compile_mode, layer_norm=layer_norm, optimizer=optimizer)
+        if kernels is not None:
+            levers["kernels"] = kernels
+        # a lever set sized for ViT-H (recompute 6 encoder blocks) on a shallower model recomputes all of them
+        levers["checkpoint_blocks"] = min(checkpoint_blocks, m.depth)
+        levers["checkpoint_decoder_blocks"] = min(checkpoint_decoder_blocks, m.decoder_depth)
+        mc = dataclasses.replace(m, encoder_mask_tokens=(mode == "mae_dense"), mask_ratio=mask_ratio)
+        # the lr does not change the speed; 1e-4 absolute keeps the numbers of every row comparable
+        base = Config(model=mc, optim=OptimConfig(lr=1e-4), train=TrainConfig(batch_size=batch, seed=seed,
+                                                                             device=str(self.device)))
+        self.cfg = config_with_levers(base, levers)  # invalid combinations are refused here, before building
         torch.manual_seed(seed)
         g = torch.Generator(device=self.device).manual_seed(seed)
         self.gen = g
@@ -154,147 +226,59 @@ class StepRunner:
         self.imgs = torch.randn(batch, m.in_chans, m.img_size, m.img_size, device=self.device, generator=g)
         self.labels = torch.randint(0, num_classes, (batch,), device=self.device, generator=g)
         self.num_classes = num_classes
-        self.model = model if model is not None else build_for_mode(m, mode, self.device, num_classes)
-        if kernels is not None and hasattr(self.model, "kernels"):
-            self.model.kernels = kernels
-        if checkpoint_blocks or checkpoint_decoder_blocks:
-            from engine.parallel import apply_activation_checkpointing
-
-            apply_activation_checkpointing(self.model, first=checkpoint_blocks, decoder_first=checkpoint_decoder_blocks)
-        from engine.attention import apply_attention
-        from engine.layernorm import apply_layer_norm
-
-        apply_layer_norm(self.model, layer_norm)  # after the values are set (the Parameters are kept)
-        apply_attention(self.model, attention)  # encoder-math: the blocks' own path, set before any trace
+        if model is None and mode == "vit":
+            model = ClassifierStep(build_for_mode(m, mode, self.device, num_classes), self.labels)
         if compile != "none":
             # forget earlier rows' traces: dynamo does not guard on the attention-kernel choice, so a block traced
             # under another backend would be reused (the on-disk compile cache still spares most of the work)
             torch._dynamo.reset()
-        if compile == "regional":
-            from engine.parallel import apply_regional_compile
-
-            apply_regional_compile(self.model, compile_mode)
-        self.step_model = ClassifierStep(self.model, self.labels) if mode == "vit" else self.model
-        if compile == "model":
-            self.step_model = torch.compile(self.step_model)
-        from engine.config import OptimConfig
-
-        # torch's fused AdamW unless a lever set asks for apex (optim.fused=auto would pick apex where installed)
-        self.opt = build_optimizer(self.model, OptimConfig(fused=optimizer), 1e-4, self.device)
-        if precision not in ("autocast", "bf16-pure"):
-            raise ValueError(f"precision must be autocast or bf16-pure, got {precision!r}")
-        self.compute = None
-        if precision == "bf16-pure":  # bf16 copies of the weights, fp32 masters; no autocast
-            from engine.mixed import Bf16Compute
-
-            self.compute = Bf16Compute(self.step_model)
-            self.amp = False
+        self.training = build_training(self.cfg, ctx or DistContext(), self.device, model=model, strict=False,
+                                       max_graphs=1)
+        self.model = self.training.model
+        self.opt = self.training.optimizer
+        self.compute = self.training.compute
+        self.amp = self.training.amp_dtype is not None
         self.attention = attention
-        self.graphed = None
-        if graph:
-            from engine.graphstep import GraphedStep
 
-            self.graphed = GraphedStep(self.step_model, self.opt, mask_ratio,
-                                       torch.bfloat16 if self.amp else None, capture=self.device.type == "cuda",
-                                       max_graphs=1, compute=self.compute, attention=attention)
-
-    def autocast(self):
-        if not self.amp:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+    @property
+    def graphed(self):
+        return self.training.graphed
 
     def _inputs(self):
         imgs = next(self.stream) if self.stream is not None else self.imgs
         noise = torch.rand(imgs.shape[0], self.m.num_patches, device=self.device, generator=self.gen)
         return imgs, noise
 
-    def forward(self):
-        from engine.attention import attention_context
-
-        imgs, noise = self._inputs()
-        fwd = self.step_model
-        if self.compute is not None:
-            self.compute.refresh()
-            fwd = self.compute
-        with attention_context(self.attention), self.autocast():
-            loss, _, _ = fwd(imgs, self.mask_ratio, noise)
-            return loss
-
-    def backward(self, loss):
-        from engine.attention import attention_context
-
-        with attention_context(self.attention):
-            loss.backward()
-        if self.compute is not None:
-            self.compute.collect(first=True)
-
-    def step(self):
-        """One training step; returns the loss (a device tensor)."""
+    def step(self, hooks=None):
+        """One training step (the trainer's, engine.step); returns the loss (a device tensor)."""
+        batch = [self._inputs()]
         if self.graphed is not None:
-            imgs, noise = self._inputs()
-            return self.graphed([imgs], [noise])[0]
-        loss = self.forward()
-        self.backward(loss)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss.detach()
+            return self.training.step(batch, self.mask_ratio)[0]
+        return self.training.step(batch, self.mask_ratio, hooks=hooks)[0]
 
     def _sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def run(self, warmup: int = 5, reps: int = 20) -> StepStats:
+    def run(self, warmup: int = 5, reps: int = 20, sampler=None) -> StepStats:
+        """Build-to-first-step time, `warmup` untimed steps, then `reps` timed steps (phase split through the
+        step's hooks; a captured step is one replay, timed whole). `sampler` (an NvmlSampler) runs over the timed
+        steps only, so utilisation and power are not averaged over compilation and warm-up."""
         self.step()
         self._sync()
         first_step_s = time.perf_counter() - self.t_build
         for _ in range(max(0, warmup - 1)):
             self.step()
         self._sync()
-        fwd, bwd, opt, tot = [], [], [], []
-        if self.device.type == "cuda" and self.graphed is not None:  # one replay: no phase split
-            ev = [[torch.cuda.Event(enable_timing=True) for _ in range(2)] for _ in range(reps)]
-            for e in ev:
-                e[0].record()
-                self.step()
-                e[1].record()
-            self._sync()
-            tot = [e[0].elapsed_time(e[1]) for e in ev]
-        elif self.device.type == "cuda":
-            ev = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(reps)]
-            for e in ev:
-                e[0].record()
-                loss = self.forward()
-                e[1].record()
-                self.backward(loss)
-                e[2].record()
-                self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
-                e[3].record()
-            self._sync()
-            for e in ev:
-                fwd.append(e[0].elapsed_time(e[1]))
-                bwd.append(e[1].elapsed_time(e[2]))
-                opt.append(e[2].elapsed_time(e[3]))
-                tot.append(e[0].elapsed_time(e[3]))
-        else:
+        timer = PhaseTimer(self.device)
+        with (sampler if sampler is not None else contextlib.nullcontext()):
             for _ in range(reps):
+                timer.start()
+                self.step(hooks=[timer])
                 if self.graphed is not None:
-                    t0 = time.perf_counter()
-                    self.step()
-                    tot.append(1000 * (time.perf_counter() - t0))
-                    continue
-                t0 = time.perf_counter()
-                loss = self.forward()
-                t1 = time.perf_counter()
-                self.backward(loss)
-                t2 = time.perf_counter()
-                self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
-                t3 = time.perf_counter()
-                fwd.append(1000 * (t1 - t0))
-                bwd.append(1000 * (t2 - t1))
-                opt.append(1000 * (t3 - t2))
-                tot.append(1000 * (t3 - t0))
+                    timer("end")
+            self._sync()
+        fwd, bwd, opt, tot = timer.phases()
         from .common import quantiles
 
         med, p20, p80 = quantiles(tot)

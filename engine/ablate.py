@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import sys
 from pathlib import Path
 
 FACTORS = {"mask_ratio": ("model", "mask_ratio", float), "decoder_depth": ("model", "decoder_depth", int),
@@ -57,7 +56,7 @@ def run(args, extra) -> int:
     from pipelines.labelled import LabelledLoader
 
     from . import evaluate as ev
-    from .cli import build_config
+    from .options import build_config
     from .metrics import read_metrics
     from .trainer import Trainer
 
@@ -106,7 +105,7 @@ def run(args, extra) -> int:
 
 
 def write(rows: list[dict], out: Path, preset: str) -> None:
-    from benchmarks.common import md_table, write_csv
+    from .report import md_table, write_csv
 
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "ablation.csv")
@@ -152,9 +151,3 @@ def register(sub) -> None:
     a.add_argument("--workers", type=int, default=2)
     a.add_argument("--out", default="runs/ablate")
     a.set_defaults(func=run, accepts_overrides=True)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from .cli import main
-
-    sys.exit(main(["ablate", *sys.argv[1:]]))

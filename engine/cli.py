@@ -11,48 +11,14 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, Config, PRESETS, apply_overrides, describe_fields, get_preset
+from .options import UserError, build_config, split_overrides  # noqa: F401 - the commands' shared parsing
 
 EXIT_USAGE = 2
 
-
-class UserError(Exception):
-    """An error in what the user asked for; printed as one paragraph, exit status 2."""
-
-
-def split_overrides(extra: list[str]) -> dict[str, str]:
-    """['--optim.lr', '1e-3', '--model.mask_ratio=0.9'] -> {'optim.lr': '1e-3', 'model.mask_ratio': '0.9'}."""
-    out, i = {}, 0
-    while i < len(extra):
-        tok = extra[i]
-        if not tok.startswith("--") or len(tok) <= 2:
-            raise UserError(f"unexpected argument {tok!r}; overrides look like --SECTION.FIELD VALUE "
-                            "(see --help for the list)")
-        key = tok[2:]
-        if "=" in key:
-            key, val = key.split("=", 1)
-        else:
-            if i + 1 >= len(extra) or (extra[i + 1].startswith("--") and not _is_number(extra[i + 1])):
-                raise UserError(f"option --{key} needs a value")
-            val = extra[i + 1]
-            i += 1
-        if "." not in key:
-            raise UserError(f"unknown option --{key}; see --help")
-        out[key] = val
-        i += 1
-    return out
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return True
-
-
-def build_config(preset: str, extra: list[str]) -> Config:
-    cfg = get_preset(preset)
-    return apply_overrides(cfg, split_overrides(extra))
+# Subcommands that live in other modules, registered by name (imported when `mae` runs, never at import time):
+# each module has register(subparsers) and may have dispatch(argv) -> exit code | None, for commands that parse
+# their own options. Other distributions add commands through the entry-point group "mae.commands".
+COMMANDS = ("engine.data_cli", "engine.eval_cli", "engine.ablate", "benchmarks.cli")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -64,7 +30,7 @@ def cmd_pretrain(args, extra) -> int:
         cfg.train.run_dir = args.run_dir
     if args.data:
         cfg.data.path = args.data
-    from .pretrain import run_pretrain
+    from .launch import run_pretrain
 
     return run_pretrain(cfg, resume=args.resume)
 
@@ -181,33 +147,38 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _extra_commands():
-    """Subcommands that live in other modules (bench, profile, data), registered when importable."""
-    regs = []
-    for mod, fn in (("engine.data_cli", "register"), ("engine.eval_cli", "register"), ("engine.ablate", "register"),
-                    ("benchmarks.cli", "register")):
+def _command_modules() -> list:
+    """The modules of COMMANDS that import here, then those of the "mae.commands" entry points."""
+    import importlib
+
+    mods = []
+    names = list(COMMANDS)
+    try:
+        from importlib.metadata import entry_points
+
+        names += [ep.value.split(":")[0] for ep in entry_points(group="mae.commands") if ep.value not in names]
+    except Exception:  # noqa: BLE001 - broken distribution metadata: the built-in table still works
+        pass
+    for name in dict.fromkeys(names):
         try:
-            module = __import__(mod, fromlist=[fn])
-        except ImportError:
+            mods.append(importlib.import_module(name))
+        except ImportError:  # e.g. benchmarks/ left out of an installation
             continue
-        regs.append(getattr(module, fn))
-    return regs
+    return mods
+
+
+def _extra_commands():
+    """register(subparsers) of every command module."""
+    return [m.register for m in _command_modules() if hasattr(m, "register")]
 
 
 def _passthrough(argv: list[str]) -> int | None:
-    if not argv or argv[0] not in ("bench", "profile"):
-        return None
-    try:
-        from benchmarks.cli import BENCHES, _run_module
-    except ImportError:
-        return None
-    if argv[0] == "profile":
-        return _run_module("benchmarks.profile", argv[1:])
-    if len(argv) < 2 or argv[1] not in BENCHES:
-        print(f"usage: mae bench {{{','.join(sorted(BENCHES))}}} [options]   (each with its own --help)",
-              file=sys.stderr)
-        return 0 if len(argv) > 1 and argv[1] in ("-h", "--help") else EXIT_USAGE
-    return _run_module(BENCHES[argv[1]], argv[2:])
+    """Commands that parse their own options (`mae bench X ...`, `mae profile ...`): the module's dispatch."""
+    for m in _command_modules():
+        rc = m.dispatch(argv) if hasattr(m, "dispatch") else None
+        if rc is not None:
+            return rc
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,11 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field, the value and the limit."""
 
 
+class UnavailableError(ConfigError, RuntimeError):
+    """A lever asks for something this machine does not have (apex not installed, ...): a configuration error for
+    the command line, a RuntimeError for code that calls the lever directly."""
+
+
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # train.compile_mode
 
 
@@ -245,7 +250,11 @@ class TrainConfig:
     """Recompute only the first N decoder blocks in backward. At mask 0.75 a decoder block saves ~1.6x the
     activations of an encoder block for about two thirds of its compute (ViT-H): the cheaper memory lever."""
     compile: bool = False
-    """Regional torch.compile: each block compiled once and reused by every layer."""
+    """torch.compile: each block compiled once and reused by every layer (train.compile_scope blocks), or the
+    whole model as a user of the paper's code would compile it (model)."""
+    compile_scope: str = "blocks"
+    """What train.compile compiles: blocks (regional: one compile per block shape) | model (the whole forward,
+    the paper's code compiled; the benchmarks' reference+compile baseline)."""
     compile_mode: str = "default"
     """torch.compile mode of the blocks: default | max-autotune-no-cudagraphs (inductor benchmarks Triton GEMM
     templates against cuBLAS and fuses bias / GELU into the chosen GEMM: faster steps, minutes of compile)."""
@@ -274,6 +283,11 @@ class TrainConfig:
         _check(not (self.layer_norm == "apex" and self.compile),
                "train.layer_norm=apex is for eager blocks: torch.compile cannot trace apex's extension and fuses "
                "LayerNorm itself; set --train.compile false or --train.layer_norm torch")
+        _check(self.compile_scope in ("blocks", "model"),
+               f"train.compile_scope must be blocks or model, got {self.compile_scope!r}")
+        _check(not (self.compile and self.compile_scope == "model" and self.precision == "bf16-pure"),
+               "train.compile_scope=model compiles the fp32 module; bf16-pure computes on bf16 copies outside it: "
+               "use --train.compile_scope blocks")
         _check(self.compile_mode in COMPILE_MODES,
                f"train.compile_mode must be {' or '.join(COMPILE_MODES)}, got {self.compile_mode!r} (modes with "
                f"their own CUDA graphs are not offered: train.cuda_graph captures the whole step)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 
 
@@ -47,9 +46,3 @@ def register(sub) -> None:
     from .eval_cli import register_data
 
     register_data(dsub)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from .cli import main
-
-    sys.exit(main(["data", *sys.argv[1:]]))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 
@@ -12,7 +11,7 @@ def _encoder(args, extra):
     import torch
 
     from . import checkpoint as ckpt
-    from .cli import UserError, build_config, split_overrides
+    from .options import UserError, build_config, split_overrides
     from .config import Config, apply_overrides
     from .model import build_model
 
@@ -47,7 +46,7 @@ def cmd_eval(args, extra) -> int:
     from pipelines.labelled import LabelledLoader
 
     from . import evaluate as ev
-    from .trainer import resolve_device
+    from .device import resolve_device
 
     cfg, mae, info = _encoder(args, extra)
     device = resolve_device(args.device)
@@ -83,7 +82,7 @@ def cmd_eval(args, extra) -> int:
 
 def cmd_import(args, extra) -> int:
     from . import checkpoint as ckpt
-    from .cli import build_config
+    from .options import build_config
     from .model import build_model
 
     cfg = build_config(args.preset, extra)
@@ -147,9 +146,3 @@ def register_data(dsub) -> None:
     g.add_argument("--img-size", type=int, default=32)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_digits)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from .cli import main
-
-    sys.exit(main(["eval", *sys.argv[1:]]))

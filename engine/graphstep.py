@@ -7,8 +7,9 @@ host launching them one by one, and the loss and finite flag come back in static
 per (batch shape, mask ratio, micro-batches), so sweeping the mask ratio re-captures once per ratio and
 switching back costs nothing.
 
-What stays outside the graph: drawing the mask noise (so the masks are the same numbers as in the eager
-path), copying the batch in, setting the learning rate (a device tensor the graph reads).
+What is recorded is `TrainStep.body` (engine/step.py), the body every other path runs: no second copy of the
+step lives here. What stays outside the graph: drawing the mask noise (so the masks are the same numbers as in
+the eager path), copying the batch in, setting the learning rate (a device tensor the graph reads).
 
 The same body runs eagerly when `capture=False` (on any device): that is the reference the graph is held
 to, and what the CPU tests run. Warm-up iterations before capture run with the update forced off (the fused
@@ -17,7 +18,6 @@ optimizer's `found_inf`), so capturing leaves parameters and optimizer state exa
 
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -50,28 +50,24 @@ class _Captured:
 
 
 class GraphedStep:
-    """step(imgs_list, noise_list[, mask_ratio]) -> (mean loss, finite flag), 0-d device tensors valid until the
-    next call. Each (shapes, mask ratio) gets its own static buffers (and graph): a sweep that comes back to a
-    ratio replays what it captured before.
+    """step(micro_batches[, mask_ratio]) -> (mean loss, finite flag), 0-d device tensors valid until the next
+    call; micro_batches: a list of (imgs, noise) pairs. Each (shapes, mask ratio) gets its own static buffers (and
+    graph): a sweep that comes back to a ratio replays what it captured before.
 
-    model: a plain (not FSDP) module returning (loss, pred, mask) from (imgs, mask_ratio, noise).
-    optimizer: must skip on the device through `found_inf` (torch's fused AdamW); its lr becomes a tensor.
-    amp_dtype: autocast dtype or None; the autocast weight cache is off (cached casts do not survive capture).
+    step: the engine.step.TrainStep to record (its optimizer must skip on the device through `found_inf`:
+    torch's fused AdamW; its lr becomes a tensor); its autocast weight cache is off here (cached casts do not
+    survive capture) and its hooks are not called (nothing is timed or counted inside a replay).
     capture: record a CUDA graph (needs CUDA); False runs the same body eagerly.
     max_graphs: graphs kept at once (each holds its own activation memory); the oldest is dropped.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, mask_ratio: float,
-                 amp_dtype: torch.dtype | None, capture: bool = True, warmup: int = 2, max_graphs: int = 2,
-                 compute=None, attention: str = "auto"):
+    def __init__(self, step, mask_ratio: float, capture: bool = True, warmup: int = 2, max_graphs: int = 2):
+        optimizer = step.optimizer
         if not supports_found_inf(optimizer):
             raise ValueError("a graphed step needs an optimizer that skips on the device (torch fused AdamW); "
                              f"got {type(optimizer).__name__}")
-        self.model, self.optimizer = model, optimizer
-        self.compute = compute  # engine.mixed.Bf16Compute: bf16 copies of the weights, refreshed in the body
-        self.attention = attention
+        self.step, self.optimizer = step, optimizer
         self.mask_ratio = mask_ratio
-        self.amp_dtype = amp_dtype
         self.capture = capture
         self.warmup = warmup
         self.max_graphs = max_graphs
@@ -84,43 +80,23 @@ class GraphedStep:
                 g["capturable"] = True
             optimizer._warned_capturable_if_run_uncaptured = True  # the warm-up runs uncaptured on purpose
 
-    def _autocast(self, device: torch.device):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.amp_dtype, cache_enabled=False)
+    @property
+    def model(self):
+        return self.step.model
 
     def _body(self, c: _Captured) -> None:
-        from .attention import attention_context
-
-        dev = c.loss.device
-        acc = torch.zeros((), device=dev, dtype=torch.float32)
-        k = len(c.imgs)
-        fwd = self.model
-        if self.compute is not None:
-            self.compute.refresh()
-            fwd = self.compute
-        for i, (imgs, noise) in enumerate(zip(c.imgs, c.noise)):
-            with attention_context(self.attention):
-                with self._autocast(dev):
-                    loss, _, _ = fwd(imgs, c.mask_ratio, noise)
-                (loss / k).backward()
-            if self.compute is not None:
-                self.compute.collect(first=i == 0)
-            acc = acc + loss.detach().float()
-        acc = acc / k
-        bad = ((~torch.isfinite(acc)) | c.skip).to(torch.float32)
-        self.optimizer.found_inf = bad
-        self.optimizer.step()
-        c.loss.copy_(acc)
+        loss, bad = self.step.body(list(zip(c.imgs, c.noise)), c.mask_ratio, skip=c.skip, autocast_cache=False)
+        c.loss.copy_(loss)
         c.finite.copy_(bad == 0)
 
-    def _new(self, imgs_list, noise_list, mask_ratio: float) -> _Captured:
+    def _new(self, micro_batches, mask_ratio: float) -> _Captured:
+        imgs_list, noise_list = [x for x, _ in micro_batches], [n for _, n in micro_batches]
         dev = imgs_list[0].device
         c = _Captured(imgs=[torch.empty_like(x) for x in imgs_list], noise=[torch.empty_like(n) for n in noise_list],
                       skip=torch.zeros((), dtype=torch.bool, device=dev),
                       loss=torch.zeros((), dtype=torch.float32, device=dev),
                       finite=torch.ones((), dtype=torch.bool, device=dev), mask_ratio=mask_ratio)
-        for s, x in zip(c.imgs + c.noise, list(imgs_list) + list(noise_list)):
+        for s, x in zip(c.imgs + c.noise, imgs_list + noise_list):
             s.copy_(x)
         while len(self.graphs) >= self.max_graphs:
             self.graphs.popitem(last=False)
@@ -148,17 +124,19 @@ class GraphedStep:
         self.captures += 1
         return c
 
-    def __call__(self, imgs_list: list[torch.Tensor], noise_list: list[torch.Tensor], mask_ratio: float | None = None):
+    def __call__(self, micro_batches, mask_ratio: float | None = None):
+        micro_batches = list(micro_batches)
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-        key = (tuple((tuple(x.shape), x.dtype) for x in imgs_list), tuple(n.shape for n in noise_list), ratio)
+        key = (tuple((tuple(x.shape), x.dtype) for x, _ in micro_batches), tuple(n.shape for _, n in micro_batches),
+               ratio)
         c = self.graphs.get(key)
         if c is None:
-            c = self._new(imgs_list, noise_list, ratio)
+            c = self._new(micro_batches, ratio)
             self.graphs[key] = c
             self.builds += 1
         else:
             self.graphs.move_to_end(key)
-            for s, x in zip(c.imgs + c.noise, list(imgs_list) + list(noise_list)):
+            for s, x in zip(c.imgs + c.noise, [x for x, _ in micro_batches] + [n for _, n in micro_batches]):
                 s.copy_(x, non_blocking=True)
         if c.graph is not None:
             c.graph.replay()

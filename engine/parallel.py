@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from .attention import apply_attention
 from .config import Config
+from .device import resolve_device, resolve_dtype
 from .layernorm import apply_layer_norm
 from .model import MaskedAutoencoderViT, build_model
 
@@ -46,7 +47,6 @@ def init_distributed(device_pref: str = "auto", timeout_s: int = 600, fsdp: str 
     (bf16 parameters with fp32 master weights and sharded checkpoints); "never" refuses torchrun.
     """
     from .config import ConfigError
-    from .trainer import resolve_device
 
     if not launched_by_torchrun():
         if fsdp != "always":
@@ -160,36 +160,42 @@ def _distribute_local(full: torch.Tensor, like):
 
 def build_parallel_model(cfg: Config, ctx: DistContext, device: torch.device) -> nn.Module:
     """Meta build -> activation checkpointing -> attention path -> regional compile -> FSDP2 (under torchrun) ->
-    materialise -> apex LayerNorm (train.layer_norm=apex)."""
+    materialise -> apex LayerNorm (train.layer_norm=apex). engine.step.build_training adds the optimizer and
+    the step; call that unless only the module is wanted."""
     t = cfg.train
-    with torch.device("meta"):
+    with _outside_dispatch_modes(), torch.device("meta"):  # shapes only: no mode needs to see the skeleton
         model = build_model(cfg.model)
     if t.activation_checkpointing:
         apply_activation_checkpointing(model)
     elif t.checkpoint_blocks or t.checkpoint_decoder_blocks:  # <= model.depth / decoder_depth: checked by Config
         apply_activation_checkpointing(model, first=t.checkpoint_blocks, decoder_first=t.checkpoint_decoder_blocks)
     apply_attention(model, t.attention)
-    if t.compile:
+    if t.compile and t.compile_scope == "blocks":
         apply_regional_compile(model, t.compile_mode)
     if ctx.distributed:
-        from .trainer import resolve_dtype
-
         apply_fsdp(model, resolve_dtype(t.precision, device))
     materialize(model, device, t.seed)
     if t.layer_norm != "torch":  # after the values are set: the swap keeps the Parameters, not the module types
-        if ctx.distributed or device.type != "cuda":
-            from .config import ConfigError
-
-            raise ConfigError(f"train.layer_norm={t.layer_norm} runs in one CUDA process "
-                              f"({'FSDP2 is on' if ctx.distributed else f'the device is {device}'}); "
-                              "use --train.layer_norm torch")
+        # where it may run (one CUDA process) is checked by engine.step.check_levers
         try:
             apply_layer_norm(model, t.layer_norm)
         except RuntimeError as e:
-            from .config import ConfigError
+            from .config import UnavailableError
 
-            raise ConfigError(str(e)) from None
+            raise UnavailableError(str(e)) from None
     return model
+
+
+def _outside_dispatch_modes():
+    """Leave active dispatch modes for the meta build (the memory estimator runs the build under a fake-tensor
+    mode, whose meta tensors could not be swapped for real-device ones by `to_empty`)."""
+    import contextlib
+
+    try:
+        from torch.utils._python_dispatch import _disable_current_modes
+    except ImportError:  # pragma: no cover - a torch without it: nothing to leave
+        return contextlib.nullcontext()
+    return _disable_current_modes()
 
 
 def is_fsdp(model: nn.Module) -> bool:

@@ -1,4 +1,4 @@
-"""Entry point of pretraining: parse, build, train, close.
+"""Entry point of pretraining under torchrun: the `mae pretrain` command (engine.cli), run as a module.
 
     mae pretrain ...                                          # one process (CPU or one GPU)
     torchrun --nproc_per_node=8 -m engine.pretrain ...        # FSDP2 on 8 GPUs (or `mae pretrain` under torchrun)
@@ -7,36 +7,6 @@
 from __future__ import annotations
 
 import sys
-
-from .config import Config
-
-
-def run_pretrain(cfg: Config, resume: bool = False) -> int:
-    from . import parallel
-    from .trainer import Trainer
-
-    ctx, device = parallel.init_distributed(cfg.train.device, fsdp=cfg.train.fsdp)
-    trainer = None
-    try:
-        trainer = Trainer(cfg, resume=resume, ctx=ctx, device=device)
-        result = trainer.fit()
-        if result.interrupted:
-            return 128 + {"SIGTERM": 15, "SIGUSR1": 10}.get(result.interrupted, 15)
-        if ctx.is_main:
-            loss = f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a"
-            print(f"done: step {result.step}, loss {loss}, checkpoint {result.checkpoint}, "
-                  f"metrics {result.run_dir / 'metrics.jsonl'}, reconstructions {result.run_dir / 'recon'}",
-                  flush=True)
-    finally:
-        # free the model, optimizer and loader (FSDP2 state sits in reference cycles) while the interpreter and
-        # the process group are alive: collective work objects left for interpreter shutdown can take the
-        # process down in the communication library's threads after a successful run
-        trainer = None
-        import gc
-
-        gc.collect()
-        parallel.destroy_distributed()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

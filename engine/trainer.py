@@ -21,9 +21,11 @@ from pipelines import build_loader
 from . import checkpoint as ckpt
 from . import parallel
 from .config import Config, ConfigError
+from .device import resolve_device, resolve_dtype  # noqa: F401 - re-exported for callers of the old home
 from .metrics import MetricsWriter, datasheet_peak, mfu, peak_allocated_gib, train_flops_per_image
-from .optim import build_optimizer, lr_at, set_lr, supports_found_inf
+from .optim import lr_at, set_lr
 from .parallel import DistContext
+from .step import build_training
 from .visualize import reconstruction_grid, save_grid
 
 
@@ -44,22 +46,6 @@ class TrainResult:
     """The signal (SIGTERM, SIGUSR1) that stopped the run after a checkpoint, or None when it finished."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but CUDA is not available here; use --train.device cpu")
-    return dev
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype, or None for plain fp32."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return torch.bfloat16 if precision == "bf16" else None
-
-
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False, ctx: DistContext | None = None, log=None,
                  device: torch.device | None = None):
@@ -78,14 +64,19 @@ class Trainer:
             if resume_path is None and self.is_main:
                 self.log(f"--resume: no checkpoint in {self.run_dir}, starting from scratch")
 
-        if t.precision == "bf16-pure" and self.ctx.distributed:
-            raise ConfigError("train.precision=bf16-pure is for one process; under FSDP2 use bf16 (FSDP2 keeps "
-                              "bf16 parameters with fp32 master weights itself)")
+        self._fault_step = _fault_step(self.rank)
+        if t.cuda_graph and self._fault_step is not None:
+            raise ConfigError("train.cuda_graph=true: MAE_FAULT_STEP fault injection raises between forward and "
+                              "update; set --train.cuda_graph false")
         torch.manual_seed(t.seed)
-        self.model = parallel.build_parallel_model(cfg, self.ctx, self.device)
+        # model, optimizer and the step, every lever applied in one place (engine/step.py)
+        self.training = build_training(cfg, self.ctx, self.device)
+        self.model, self.optimizer = self.training.model, self.training.optimizer
+        self.compute = self.training.compute  # train.precision=bf16-pure: bf16 copies of the weights
         self.effective_batch = t.batch_size * t.accum_steps * self.world
-        self.lr = cfg.optim.scaled_lr(self.effective_batch)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.lr, self.device)
+        self.lr = self.training.lr
+        if self._fault_step is not None:
+            self.training.plain.hooks.append(self._fault_hook)
         self.loader = build_loader(cfg.data, cfg.model.img_size, t.batch_size, self.device, t.seed, self.rank,
                                    self.world, cfg.model.in_chans, quiet=not self.is_main)
         self.steps_per_epoch = self.loader.batches_per_epoch // t.accum_steps
@@ -104,41 +95,25 @@ class Trainer:
         self.micro_batch = 0  # global micro-batch position of the data stream
         self._knn_loaders = None
         self._signal: str | None = None
-        self._fault_step = _fault_step(self.rank)
         self.flops_per_image = train_flops_per_image(cfg.model)
         self.peak = datasheet_peak(self.device) if self.device.type == "cuda" else None
-        self.compute = None  # train.precision=bf16-pure: bf16 copies of the weights (engine.mixed)
-        if t.precision == "bf16-pure":
-            from .mixed import Bf16Compute
-
-            self.compute = Bf16Compute(self.model)
-        self.graphed = None  # train.cuda_graph: the captured step (engine.graphstep)
-        if t.cuda_graph:
-            self._check_graphable()
-            self.enable_graph()
         if resume_path is not None:
             self._resume(resume_path)
+
+    @property
+    def graphed(self):
+        """The captured step (engine.graphstep) under train.cuda_graph, else None."""
+        return self.training.graphed
 
     def enable_graph(self, capture: bool = True) -> None:
         """Train through engine.graphstep; capture=False runs the graph's body eagerly (any device), which is
         what the CPU tests and `mae bench agreement` hold to the plain step."""
-        from .graphstep import GraphedStep
+        self.training.enable_graph(capture=capture)
 
-        self.graphed = GraphedStep(self.model, self.optimizer, self.cfg.model.mask_ratio, self.amp_dtype,
-                                   capture=capture, compute=self.compute, attention=self.cfg.train.attention)
-
-    def _check_graphable(self) -> None:
-        why = None
-        if self.device.type != "cuda":
-            why = f"it needs CUDA (train.device resolved to {self.device})"
-        elif self.ctx.distributed:
-            why = "FSDP2 (torchrun or train.fsdp=always) is not captured; it overlaps its own collectives"
-        elif not supports_found_inf(self.optimizer):
-            why = f"the optimizer ({type(self.optimizer).__name__}) cannot skip a step on the device; use optim.fused=torch"
-        elif self._fault_step is not None:
-            why = "MAE_FAULT_STEP fault injection raises between forward and update"
-        if why:
-            raise ConfigError(f"train.cuda_graph=true: {why}; set --train.cuda_graph false")
+    def _fault_hook(self, phase: str) -> None:
+        if phase == "optimizer" and self._fault_step == self.step + 1:
+            raise RuntimeError(f"injected fault (MAE_FAULT_STEP={self._fault_step}) on rank {self.rank} "
+                               f"at step {self._fault_step}")
 
     # ------------------------------------------------------------------------------------------------------
 
@@ -223,44 +198,11 @@ class Trainer:
 
     def train_step(self, stream) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over accum_steps micro-batches. Returns (mean loss, finite flag), on device."""
-        t, m = self.cfg.train, self.cfg.model
         set_lr(self.optimizer, lr_at(self.step, self.total_steps, self.warmup_steps, self.lr, self.cfg.optim.min_lr))
-        if self.graphed is not None:
-            return self._graphed_step(stream)
-        from .attention import attention_context
-
-        step_loss = torch.zeros((), device=self.device)
-        fsdp = parallel.is_fsdp(self.model)
-        fwd = self.model
-        if self.compute is not None:
-            self.compute.refresh()
-            fwd = self.compute
-        for micro in range(t.accum_steps):
-            imgs, noise = self._next_micro_batch(stream)
-            if fsdp:  # reduce-scatter gradients only on the last micro-batch
-                self.model.set_requires_gradient_sync(micro == t.accum_steps - 1)
-            with attention_context(t.attention):
-                with self.autocast():
-                    loss, _, _ = fwd(imgs, m.mask_ratio, noise)
-                (loss / t.accum_steps).backward()
-            if self.compute is not None:
-                self.compute.collect(first=micro == 0)
-            step_loss += loss.detach()
-        step_loss /= t.accum_steps
-        bad = (~torch.isfinite(step_loss)).to(torch.float32)
-        parallel.all_reduce_(bad, "max")  # every rank skips together (async on NCCL: no host sync)
-        if self._fault_step == self.step + 1:
-            raise RuntimeError(f"injected fault (MAE_FAULT_STEP={self._fault_step}) on rank {self.rank} "
-                               f"at step {self._fault_step}")
-        if supports_found_inf(self.optimizer):
-            # the fused optimizer reads found_inf on the device and skips the whole update when it is 1
-            self.optimizer.found_inf = bad
-            self.optimizer.step()
-        elif bad.item() == 0:  # note: a host sync, only for optimizers that cannot skip on the device
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        micro_batches = (self._next_micro_batch(stream) for _ in range(self.cfg.train.accum_steps))
+        loss, finite = self.training.step(micro_batches)  # plain or captured: the same body (engine/step.py)
         self.step += 1
-        return step_loss, bad == 0
+        return loss, finite  # a captured step's static outputs: fit() reads them before the next step
 
     def _next_micro_batch(self, stream) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next micro-batch and its mask noise: the noise is drawn for the global micro-batch from
@@ -271,13 +213,6 @@ class Trainer:
         b = imgs.shape[0]
         noise = make_noise(m.mask_strategy, b * self.world, m.grid_size, m.mask_ratio, self.mask_gen, self.device)
         return imgs, noise[self.rank * b:(self.rank + 1) * b]
-
-    def _graphed_step(self, stream) -> tuple[torch.Tensor, torch.Tensor]:
-        """train_step through the captured graph: the same micro-batches, noise and update, replayed."""
-        imgs_list, noise_list = zip(*(self._next_micro_batch(stream) for _ in range(self.cfg.train.accum_steps)))
-        loss, finite = self.graphed(list(imgs_list), list(noise_list))
-        self.step += 1
-        return loss, finite  # the graph's static outputs: fit() reads them before the next step
 
     def fit(self) -> TrainResult:
         t = self.cfg.train

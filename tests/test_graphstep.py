@@ -11,6 +11,7 @@ from test_train import _expect_unchanged, _poison, params_of
 from engine import checkpoint as ckpt
 from engine.config import ConfigError
 from engine.graphstep import GraphedStep, tensor_lr_
+from engine.step import TrainStep
 from engine.optim import set_lr
 from engine.trainer import Trainer
 
@@ -82,8 +83,8 @@ def test_warmup_before_capture_changes_nothing():
 
     m = M()
     opt = torch.optim.AdamW(m.parameters(), lr=0.1, fused=True)
-    g = GraphedStep(m, opt, 0.75, None, capture=False)
-    c = g._new([torch.randn(3, 4)], [torch.rand(3, 5)], 0.75)
+    g = GraphedStep(TrainStep(m, opt, device="cpu"), 0.75, capture=False)
+    c = g._new([(torch.randn(3, 4), torch.rand(3, 5))], 0.75)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     c.skip.fill_(True)
     g._body(c)
@@ -106,7 +107,7 @@ def test_tensor_lr_is_filled_in_place():
 def test_graphed_step_refuses_an_optimizer_that_cannot_skip_on_device():
     p = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(ValueError, match="skips on the device"):
-        GraphedStep(torch.nn.Linear(2, 2), torch.optim.SGD([p], lr=0.1), 0.75, None, capture=False)
+        GraphedStep(TrainStep(torch.nn.Linear(2, 2), torch.optim.SGD([p], lr=0.1), device="cpu"), 0.75, capture=False)
 
 
 def test_cuda_graph_config_without_cuda_is_a_clear_error(tmp_path):
@@ -136,7 +137,7 @@ def test_mask_ratio_sweep_reuses_buffers_per_ratio_and_matches_plain_steps():
     b.load_state_dict(a.state_dict())
     oa = build_optimizer(a, OptimConfig(), 1e-3, torch.device("cpu"))
     ob = build_optimizer(b, OptimConfig(), 1e-3, torch.device("cpu"))
-    g = GraphedStep(b, ob, 0.75, None, capture=False, max_graphs=4)
+    g = GraphedStep(TrainStep(b, ob, device="cpu"), 0.75, capture=False, max_graphs=4)
     gen = torch.Generator().manual_seed(3)
     for r in (0.5, 0.75, 0.5, 0.9, 0.75):
         imgs, noise = torch.randn(4, 3, 32, 32, generator=gen), torch.rand(4, 64, generator=gen)
@@ -144,7 +145,7 @@ def test_mask_ratio_sweep_reuses_buffers_per_ratio_and_matches_plain_steps():
         la.backward()
         oa.step()
         oa.zero_grad(set_to_none=True)
-        lb, ok = g([imgs], [noise], mask_ratio=r)
+        lb, ok = g([(imgs, noise)], mask_ratio=r)
         assert bool(ok) and torch.equal(la.detach(), lb), r
     assert g.builds == 3  # one per distinct ratio
     for (n, p), q in zip(a.named_parameters(), b.parameters()):

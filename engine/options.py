@@ -1,0 +1,46 @@
+"""What every command shares to turn its arguments into a Config: the user-error type the CLI prints as one
+line, and the preset + dotted-override parsing (`--optim.lr 1e-3 --model.mask_ratio=0.9`)."""
+
+from __future__ import annotations
+
+from .config import Config, apply_overrides, get_preset
+
+
+class UserError(Exception):
+    """An error in what the user asked for; printed as one paragraph, exit status 2."""
+
+
+def split_overrides(extra: list[str]) -> dict[str, str]:
+    """['--optim.lr', '1e-3', '--model.mask_ratio=0.9'] -> {'optim.lr': '1e-3', 'model.mask_ratio': '0.9'}."""
+    out, i = {}, 0
+    while i < len(extra):
+        tok = extra[i]
+        if not tok.startswith("--") or len(tok) <= 2:
+            raise UserError(f"unexpected argument {tok!r}; overrides look like --SECTION.FIELD VALUE "
+                            "(see --help for the list)")
+        key = tok[2:]
+        if "=" in key:
+            key, val = key.split("=", 1)
+        else:
+            if i + 1 >= len(extra) or (extra[i + 1].startswith("--") and not _is_number(extra[i + 1])):
+                raise UserError(f"option --{key} needs a value")
+            val = extra[i + 1]
+            i += 1
+        if "." not in key:
+            raise UserError(f"unknown option --{key}; see --help")
+        out[key] = val
+        i += 1
+    return out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def build_config(preset: str, extra: list[str]) -> Config:
+    cfg = get_preset(preset)
+    return apply_overrides(cfg, split_overrides(extra))

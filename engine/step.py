@@ -1,0 +1,279 @@
+"""The training step, written once: `mae pretrain`, the captured CUDA graph, the benchmarks and the memory
+estimator all run `TrainStep`, built from a Config by `build_training`.
+
+    training = build_training(cfg, ctx, device)        # model, optimizer, step: every lever applied here
+    loss, finite = training.step([(imgs, noise), ...]) # one optimizer step over accum_steps micro-batches
+
+One step: refresh the bf16 weight copies (bf16-pure), then per micro-batch the attention context, autocast,
+the forward with its mask noise, the backward of loss / accum_steps (FSDP2 reduces gradients on the last
+micro-batch only) and the copies' gradients moved to the fp32 masters; then the mean loss, a non-finite flag
+(all-reduced, so every rank skips together) and the optimizer step, which the fused optimizer skips on the
+device when the flag is set (`found_inf`). Loss and flag stay on the device: no host sync.
+
+`train.cuda_graph` wraps the same TrainStep in engine.graphstep.GraphedStep, which records `TrainStep.body`
+once per batch shape and mask ratio and replays it. Benchmarks time `training.step`; phase timing (forward /
+backward / optimizer) and the memory estimator's phase accounting are hooks called at the phase boundaries
+(`PHASES`), not a second implementation.
+
+Levers: a lever is a config field (model.kernels, train.compile, train.cuda_graph, train.precision, ...) read
+here and nowhere else. The benchmarks' lever sets name them by short names (`LEVERS`), mapped onto the same
+config fields by `levers_to_overrides`, so a benchmark row runs what `mae pretrain` runs with those overrides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from .attention import attention_context
+from .config import Config, ConfigError, apply_overrides
+from .device import resolve_device, resolve_dtype
+from .optim import build_optimizer, supports_found_inf
+from .parallel import DistContext, all_reduce_, build_parallel_model, is_fsdp
+
+PHASES = ("forward", "backward", "optimizer", "end")
+"""Hook points of a step, in order: before each micro-batch's forward, before its backward, before the
+optimizer update (after every backward and the non-finite flag), after the gradients are released."""
+
+Hook = Callable[[str], None]
+
+
+def _mark(hooks: Iterable[Hook], phase: str) -> None:
+    for h in hooks:
+        h(phase)
+
+
+class TrainStep:
+    """step(micro_batches[, mask_ratio]) -> (mean loss, finite flag): 0-d device tensors, no host sync.
+
+    micro_batches: an iterable of (imgs [B, C, H, W], noise [B, L]) pairs, exactly accum_steps of them; it is
+    consumed lazily (each micro-batch is drawn just before its forward).
+    model: the module whose parameters the optimizer updates; forward: what the step calls (the model, or the
+    model compiled whole); compute: engine.mixed.Bf16Compute under bf16-pure (then it is called instead).
+    hooks: callables called with each phase name of PHASES (phase timing, fault injection, memory accounting).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device,
+                 amp_dtype: torch.dtype | None = None, attention: str = "auto", compute=None, forward=None,
+                 accum_steps: int = 1, mask_ratio: float = 0.75):
+        self.model, self.optimizer = model, optimizer
+        self.device = torch.device(device)
+        self.amp_dtype = amp_dtype
+        self.attention = attention
+        self.compute = compute
+        self.forward = forward if forward is not None else model
+        self.accum_steps = accum_steps
+        self.mask_ratio = mask_ratio
+        self.fsdp = is_fsdp(model)
+        self.hooks: list[Hook] = []
+
+    def autocast(self, cache: bool = True):
+        """The step's autocast (none under fp32 and bf16-pure). A captured step turns the weight-cast cache off:
+        cached casts do not survive a capture."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=cache)
+
+    def body(self, micro_batches, mask_ratio: float, *, hooks: Iterable[Hook] = (), skip: torch.Tensor | None = None,
+             autocast_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of every micro-batch, then the optimizer step unless the mean loss is non-finite
+        (or `skip` is set). Returns (mean loss, bad flag as fp32 0/1). Gradients are left in .grad: the caller
+        releases them (a captured step keeps them in the graph's memory)."""
+        k = self.accum_steps
+        fwd = self.forward
+        if self.compute is not None:
+            self.compute.refresh()
+            fwd = self.compute
+        acc = torch.zeros((), device=self.device, dtype=torch.float32)
+        n = 0
+        for i, (imgs, noise) in enumerate(micro_batches):
+            if i >= k:
+                raise ValueError(f"a step takes accum_steps={k} micro-batches; got more")
+            if self.fsdp:  # reduce-scatter gradients only on the last micro-batch
+                self.model.set_requires_gradient_sync(i == k - 1)
+            _mark(hooks, "forward")
+            with attention_context(self.attention):
+                with self.autocast(autocast_cache):
+                    loss, _, _ = fwd(imgs, mask_ratio, noise)
+                _mark(hooks, "backward")
+                (loss / k).backward()
+            if self.compute is not None:
+                self.compute.collect(first=i == 0)
+            acc += loss.detach().float()
+            n += 1
+        if n != k:
+            raise ValueError(f"a step takes accum_steps={k} micro-batches; got {n}")
+        acc /= k
+        bad = ~torch.isfinite(acc)
+        if skip is not None:
+            bad = bad | skip
+        bad = bad.to(torch.float32)
+        all_reduce_(bad, "max")  # every rank skips together (async on NCCL: no host sync)
+        _mark(hooks, "optimizer")
+        if supports_found_inf(self.optimizer):
+            # the fused optimizer reads found_inf on the device and skips the whole update when it is 1
+            self.optimizer.found_inf = bad
+            self.optimizer.step()
+            self.optimizer.found_inf = None  # read by this step only; nothing is kept alive between steps
+        elif bad.item() == 0:  # note: a host sync, only for optimizers that cannot skip on the device
+            self.optimizer.step()
+        return acc, bad
+
+    def __call__(self, micro_batches, mask_ratio: float | None = None, hooks: Iterable[Hook] | None = None):
+        hooks = self.hooks if hooks is None else hooks
+        loss, bad = self.body(micro_batches, self.mask_ratio if mask_ratio is None else mask_ratio, hooks=hooks)
+        self.optimizer.zero_grad(set_to_none=True)
+        _mark(hooks, "end")
+        return loss, bad == 0
+
+
+@dataclass
+class Training:
+    """What build_training returns: the model (the module checkpoints and evaluation use), its optimizer, the
+    step to call per optimizer step (`step`: the TrainStep, or its captured form under train.cuda_graph) and
+    the TrainStep itself (`plain`)."""
+
+    cfg: Config
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    plain: TrainStep
+    step: Callable
+    compute: object
+    lr: float
+    device: torch.device
+    amp_dtype: torch.dtype | None
+
+    @property
+    def graphed(self):
+        return self.step if self.step is not self.plain else None
+
+    def enable_graph(self, capture: bool = True, max_graphs: int = 2, warmup: int = 2):
+        """Route the step through engine.graphstep (capture=False runs the graph's body eagerly: what the CPU
+        tests and `mae bench agreement` hold to the plain step)."""
+        from .graphstep import GraphedStep
+
+        self.step = GraphedStep(self.plain, self.cfg.model.mask_ratio, capture=capture, max_graphs=max_graphs,
+                                warmup=warmup)
+        return self.step
+
+
+def check_levers(cfg: Config, ctx: DistContext, device: torch.device, strict: bool = True) -> None:
+    """Refuse lever combinations that cannot run here, naming the lever and the way out (ConfigError).
+    strict=False (benchmarks, CPU tests) lets the captured step run its body eagerly off CUDA and apex's layer
+    norm run wherever its module does; what cannot work anywhere is refused either way."""
+    t = cfg.train
+    if t.precision == "bf16-pure" and ctx.distributed:
+        raise ConfigError("train.precision=bf16-pure is for one process; under FSDP2 use bf16 (FSDP2 keeps "
+                          "bf16 parameters with fp32 master weights itself)")
+    if not strict:
+        return
+    if t.cuda_graph:
+        why = None
+        if device.type != "cuda":
+            why = f"it needs CUDA (train.device resolved to {device})"
+        elif ctx.distributed:
+            why = "FSDP2 (torchrun or train.fsdp=always) is not captured; it overlaps its own collectives"
+        if why:
+            raise ConfigError(f"train.cuda_graph=true: {why}; set --train.cuda_graph false")
+    if t.layer_norm != "torch" and (ctx.distributed or device.type != "cuda"):
+        raise ConfigError(f"train.layer_norm={t.layer_norm} runs in one CUDA process "
+                          f"({'FSDP2 is on' if ctx.distributed else f'the device is {device}'}); "
+                          "use --train.layer_norm torch")
+
+
+def build_training(cfg: Config, ctx: DistContext | None = None, device: torch.device | None = None, *,
+                   model: torch.nn.Module | None = None, strict: bool = True, max_graphs: int = 2,
+                   graph_warmup: int = 2) -> Training:
+    """Config -> model (meta build, checkpointing, attention path, regional compile, FSDP2, materialise, layer
+    norm: engine.parallel), optimizer (at the lr scaled to the effective batch), bf16 copies (bf16-pure), the
+    forward (the model, or compiled whole with train.compile_scope=model), the step and its capture.
+
+    model: a finished module to train instead of the MAE the config describes (the dense ViT baseline of the
+    benchmarks, behind the MAE's call signature); the attention, layer-norm and compile levers apply to it."""
+    t = cfg.train
+    ctx = ctx or DistContext()
+    device = torch.device(device) if device is not None else resolve_device(t.device)
+    check_levers(cfg, ctx, device, strict)
+    if model is None:
+        model = build_parallel_model(cfg, ctx, device)
+    else:
+        _levers_on_given_model(model, cfg)
+    lr = cfg.optim.scaled_lr(t.batch_size * t.accum_steps * ctx.world)
+    optimizer = build_optimizer(model, cfg.optim, lr, device)
+    if strict and t.cuda_graph and not supports_found_inf(optimizer):
+        raise ConfigError(f"train.cuda_graph=true: the optimizer ({type(optimizer).__name__}) cannot skip a step on "
+                          "the device; use optim.fused=torch; set --train.cuda_graph false")
+    compute = None
+    if t.precision == "bf16-pure":  # bf16 copies of the weights, fp32 masters; no autocast
+        from .mixed import Bf16Compute
+
+        compute = Bf16Compute(model)
+    forward = torch.compile(model) if t.compile and t.compile_scope == "model" else model
+    amp_dtype = resolve_dtype(t.precision, device)
+    plain = TrainStep(model, optimizer, device=device, amp_dtype=amp_dtype, attention=t.attention, compute=compute,
+                      forward=forward, accum_steps=t.accum_steps, mask_ratio=cfg.model.mask_ratio)
+    tr = Training(cfg, model, optimizer, plain, plain, compute, lr, device, amp_dtype)
+    if t.cuda_graph:
+        tr.enable_graph(capture=device.type == "cuda", max_graphs=max_graphs, warmup=graph_warmup)
+    return tr
+
+
+def _levers_on_given_model(model: torch.nn.Module, cfg: Config) -> None:
+    from .attention import apply_attention
+    from .layernorm import apply_layer_norm
+    from .parallel import apply_regional_compile
+
+    t = cfg.train
+    apply_layer_norm(model, t.layer_norm)
+    apply_attention(model, t.attention)
+    if t.compile and t.compile_scope == "blocks":
+        apply_regional_compile(model, t.compile_mode)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Lever sets by short name (the benchmarks' vocabulary), mapped onto the config fields the step reads
+
+LEVERS = {
+    "kernels": ("model.kernels", str),  # torch | triton | auto: the masking / unshuffle / loss kernels
+    "compile": (("train.compile", "train.compile_scope"),
+                {"none": ("false", "blocks"), "regional": ("true", "blocks"), "model": ("true", "model"),
+                 False: ("false", "blocks"), True: ("true", "model")}),
+    "compile_mode": ("train.compile_mode", str),
+    "graph": ("train.cuda_graph", lambda v: "true" if v else "false"),
+    "precision": ("train.precision", {"autocast": "auto", "bf16": "bf16", "bf16-pure": "bf16-pure",
+                                      "fp32": "fp32", "auto": "auto"}),
+    "attention": ("train.attention", str),
+    "checkpoint_blocks": ("train.checkpoint_blocks", str),
+    "checkpoint_decoder_blocks": ("train.checkpoint_decoder_blocks", str),
+    "activation_checkpointing": ("train.activation_checkpointing", lambda v: "true" if v else "false"),
+    "layer_norm": ("train.layer_norm", str),
+    "optimizer": ("optim.fused", str),
+}
+
+
+def levers_to_overrides(levers: dict) -> dict[str, str]:
+    """{"kernels": "auto", "compile": "regional", "graph": True, ...} -> dotted config overrides."""
+    out: dict[str, str] = {}
+    for name, value in levers.items():
+        if name not in LEVERS:
+            raise ValueError(f"unknown lever {name!r}; levers: {', '.join(LEVERS)}")
+        key, conv = LEVERS[name]
+        if isinstance(conv, dict):
+            if value not in conv:
+                raise ValueError(f"lever {name} must be one of {', '.join(map(str, conv))}, got {value!r}")
+            v = conv[value]
+        else:
+            v = conv(value)
+        if isinstance(key, tuple):
+            out.update(zip(key, v))
+        else:
+            out[key] = v
+    return out
+
+
+def config_with_levers(cfg: Config, levers: dict, **overrides) -> Config:
+    """`cfg` with a lever set and further dotted overrides applied (validated as the command line is)."""
+    return apply_overrides(cfg, {**levers_to_overrides(levers), **{k: str(v) for k, v in overrides.items()}})
