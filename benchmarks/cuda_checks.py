@@ -19,21 +19,38 @@ from kernels.loss import norm_pix_mse_torch, norm_pix_mse_triton
 from kernels.masking import random_masking_torch, random_masking_triton, unshuffle_torch, unshuffle_triton
 
 
-def check_masking(n, length, d, r, dtype):
+def check_masking(n, length, d, r, dtype, with_pos=True):
+    """Exact against the reference, with the model's fp32 position embedding folded in (and without)."""
     x = torch.randn(n, length, d, device="cuda", dtype=dtype, requires_grad=True)
     noise = torch.rand(n, length, device="cuda")
-    a, b = random_masking_triton(x, r, noise), random_masking_torch(x, r, noise)
-    assert all(torch.equal(u, v) for u, v in zip(a, b)), "forward differs"
+    pos = torch.randn(1, length, d, device="cuda") if with_pos else None
+    a, b = random_masking_triton(x, r, noise, pos), random_masking_torch(x, r, noise, pos)
+    assert all(u.dtype == v.dtype and torch.equal(u, v) for u, v in zip(a, b)), "forward differs"
     g = torch.randn_like(a[0])
     assert torch.equal(torch.autograd.grad(a[0], x, g)[0], torch.autograd.grad(b[0], x, g)[0]), "grad differs"
 
 
-def check_unshuffle(n, length, d, r, dtype):
+def check_unshuffle(n, length, d, r, dtype, deterministic=False):
+    """Exact rows (decoder position embedding folded in); the mask-token gradient within its reduction's rounding,
+    from the atomic one-launch path or, deterministic=True, the ordered one (then bitwise repeatable)."""
     noise = torch.rand(n, length, device="cuda")
     _, _, ids_restore, _ = random_masking_torch(torch.zeros(n, length, 1, device="cuda"), r, noise)
     k = int(length * (1 - r))
     x = torch.randn(n, k + 1, d, device="cuda", dtype=dtype, requires_grad=True)
     mt = torch.randn(1, 1, d, device="cuda", requires_grad=True)
+    pos = torch.randn(1, length + 1, d, device="cuda")
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        a, b = unshuffle_triton(x, ids_restore, mt, True, pos), unshuffle_torch(x, ids_restore, mt, True, pos)
+        assert torch.equal(a, b), "forward differs"
+        g = torch.randn_like(a)
+        ga, gb = torch.autograd.grad(a, (x, mt), g), torch.autograd.grad(b, (x, mt), g)
+        if deterministic:
+            again = torch.autograd.grad(unshuffle_triton(x, ids_restore, mt, True, pos), mt, g)[0]
+            assert torch.equal(again, ga[1]), "deterministic mask-token gradient not repeatable"
+    finally:
+        torch.use_deterministic_algorithms(was)
     a, b = unshuffle_triton(x, ids_restore, mt), unshuffle_torch(x, ids_restore, mt)
     assert torch.equal(a, b), "forward differs"
     g = torch.randn_like(a)
@@ -45,16 +62,24 @@ def check_unshuffle(n, length, d, r, dtype):
     torch.testing.assert_close(ga[1], gb[1], rtol=tol, atol=tol * gb[1].abs().max().item())
 
 
-def check_loss(n, img, p, dtype, norm_pix, grad_in_forward):
+def check_loss(n, img, p, dtype, norm_pix, grad_in_forward, counted=False, grad_out=1.0):
+    """Within tolerance of the reference, from a random mask (count summed on the device) or, counted=True, from
+    a masking's mask with the removed count given as the model gives it; grad_out != 1 as under accumulation."""
     length, pdim = (img // p) ** 2, p * p * 3
     imgs = torch.randn(n, 3, img, img, device="cuda")
     pred = torch.randn(n, length, pdim, device="cuda", dtype=dtype, requires_grad=True)
-    mask = (torch.rand(n, length, device="cuda") < 0.75).float()
-    la = norm_pix_mse_triton(imgs, pred, mask, p, norm_pix, grad_in_forward=grad_in_forward)
+    if counted:
+        _, mask, _, _ = random_masking_torch(torch.zeros(n, length, 1, device="cuda"), 0.75,
+                                             torch.rand(n, length, device="cuda"))
+        count = n * (length - int(length * 0.25))
+    else:
+        mask, count = (torch.rand(n, length, device="cuda") < 0.75).float(), None
+    la = norm_pix_mse_triton(imgs, pred, mask, p, norm_pix, grad_in_forward=grad_in_forward, mask_count=count)
     lb = norm_pix_mse_torch(imgs, pred, mask, p, norm_pix)
     rtol = 1e-6 if dtype == torch.float32 else 1e-5
     torch.testing.assert_close(la, lb, rtol=rtol, atol=0)
-    ga, gb = torch.autograd.grad(la, pred)[0].float(), torch.autograd.grad(lb, pred)[0].float()
+    go = torch.tensor(grad_out, device="cuda")
+    ga, gb = torch.autograd.grad(la, pred, go)[0].float(), torch.autograd.grad(lb, pred, go)[0].float()
     tol = 1e-5 if dtype == torch.float32 else 1.6e-2
     torch.testing.assert_close(ga, gb, rtol=tol, atol=tol * gb.abs().max().item())
 
@@ -197,17 +222,24 @@ for n, length, d in ((128, 196, 768), (128, 196, 1024), (64, 256, 1280), (3, 196
     for r in (0.5, 0.75, 0.9, 0.95):
         for dt in (torch.bfloat16, torch.float32):
             CHECKS.append((f"masking N={n} L={length} D={d} r={r} {str(dt)[6:]}", check_masking, (n, length, d, r, dt)))
+    CHECKS.append((f"masking N={n} L={length} D={d} without pos bf16", check_masking,
+                   (n, length, d, 0.75, torch.bfloat16, False)))
 for n, length, d in ((128, 196, 512), (64, 256, 512), (3, 196, 100)):
     for r in (0.75, 0.95):
         for dt in (torch.bfloat16, torch.float32, torch.float16):
             CHECKS.append((f"unshuffle N={n} L={length} D={d} r={r} {str(dt)[6:]}", check_unshuffle,
                            (n, length, d, r, dt)))
+    CHECKS.append((f"unshuffle N={n} L={length} D={d} deterministic bf16", check_unshuffle,
+                   (n, length, d, 0.75, torch.bfloat16, True)))
 for n, img, p in ((128, 224, 16), (64, 224, 14), (3, 32, 4)):
     for dt in (torch.bfloat16, torch.float32):
         for norm_pix in (True, False):
             for gif in (True, False):
                 CHECKS.append((f"loss N={n} img={img} p={p} {str(dt)[6:]} norm_pix={norm_pix} grad_in_fwd={gif}",
                                check_loss, (n, img, p, dt, norm_pix, gif)))
+                for go in ((1.0, 0.5) if norm_pix else ()):
+                    CHECKS.append((f"loss N={n} img={img} p={p} {str(dt)[6:]} norm_pix={norm_pix} grad_in_fwd={gif} "
+                                   f"counted grad_out={go}", check_loss, (n, img, p, dt, norm_pix, gif, True, go)))
 for preset in ("debug", "mae_vit_base_patch16"):
     CHECKS.append((f"model {preset} triton vs torch path (bf16 autocast)", check_model, (preset,)))
 for preset, comp in (("debug", False), ("mae_vit_base_patch16", False), ("mae_vit_base_patch16", True)):

@@ -155,9 +155,10 @@ class MaskedAutoencoderViT(nn.Module):
         """[N, L, p*p*C] -> imgs [N, C, H, W]."""
         return unpatchify(x, self.patch_size, self.in_chans)
 
-    def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
-        """x [N, L, D] -> (x_kept [N, K, D], mask [N, L], ids_restore [N, L], ids_keep [N, K])."""
-        return kernels.random_masking(x, mask_ratio, noise, impl=self.kernels)
+    def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None,
+                       pos: torch.Tensor | None = None):
+        """x [N, L, D] (+ pos) -> (x_kept [N, K, D], mask [N, L], ids_restore [N, L], ids_keep [N, K])."""
+        return kernels.random_masking(x, mask_ratio, noise, impl=self.kernels, pos=pos)
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
         """imgs [N, C, H, W] -> latent [N, K+1, D] (or [N, L+1, D] in the dense baseline), mask, ids_restore."""
@@ -172,8 +173,8 @@ class MaskedAutoencoderViT(nn.Module):
             x = x * (1 - w) + self.encoder_mask_token.to(x.dtype) * w
             x = x + self.pos_embed[:, 1:, :]
         else:
-            x = x + self.pos_embed[:, 1:, :]
-            x, mask, ids_restore, _ = self.random_masking(x, mask_ratio, noise)  # [N, K, D]
+            # x + pos_embed, then keep K rows: one pass that reads only the kept rows' embeddings
+            x, mask, ids_restore, _ = self.random_masking(x, mask_ratio, noise, pos=self.pos_embed[:, 1:, :])
         x = self._run_blocks(self.blocks, self._prepend_cls(x))
         x = self.norm(x)
         return x, mask, ids_restore
@@ -204,25 +205,29 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """x [N, K+1, D] (or [N, L+1, D]) -> pred [N, L, p*p*C]."""
         x = self.decoder_embed(x)  # [N, K+1, Dd]
-        if not self.encoder_mask_tokens:
-            x = kernels.unshuffle(x, ids_restore, self.mask_token, has_cls=True, impl=self.kernels)  # [N, L+1, Dd]
-        x = x + self.decoder_pos_embed.to(x.dtype)
+        if not self.encoder_mask_tokens:  # scatter back with mask tokens, + the position embedding, in one pass
+            x = kernels.unshuffle(x, ids_restore, self.mask_token, has_cls=True, impl=self.kernels,
+                                  pos=self.decoder_pos_embed)  # [N, L+1, Dd]
+        else:
+            x = x + self.decoder_pos_embed.to(x.dtype)
         x = self._run_blocks(self.decoder_blocks, x)
         x = self.decoder_norm(x)
         x = self.decoder_pred(x)
         return x[:, 1:, :]
 
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """MSE on removed patches against (normalised) pixels; scalar fp32."""
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
+                     mask_count: int | None = None) -> torch.Tensor:
+        """MSE on removed patches against (normalised) pixels; scalar fp32. mask_count: mask.sum() when known."""
         return kernels.norm_pix_mse(imgs, pred, mask, self.patch_size, norm_pix=self.norm_pix_loss,
-                                    impl=self.kernels)
+                                    impl=self.kernels, mask_count=mask_count)
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None, noise: torch.Tensor | None = None):
         mask_ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         check_mask_ratio(mask_ratio, self.num_patches)
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
-        loss = self.forward_loss(imgs, pred, mask)
+        removed = mask.shape[0] * (self.num_patches - kernels.len_keep_for(self.num_patches, mask_ratio))
+        loss = self.forward_loss(imgs, pred, mask, mask_count=removed)  # every row removes the same number
         return loss, pred, mask
 
 

@@ -49,31 +49,34 @@ def resolve_impl(impl: str, t: torch.Tensor) -> str:
     return "triton" if (usable and t.is_cuda) else "torch"
 
 
-def random_masking(x, mask_ratio, noise=None, impl="auto"):
-    """x [N, L, D] -> (x_kept [N, K, D], mask [N, L], ids_restore [N, L], ids_keep [N, K])."""
+def random_masking(x, mask_ratio, noise=None, impl="auto", pos=None):
+    """x [N, L, D] (+ pos, the patches' position embedding) -> (x_kept [N, K, D], mask [N, L], ids_restore [N, L],
+    ids_keep [N, K])."""
     if resolve_impl(impl, x) == "triton":
         from .masking import random_masking_triton
 
-        return random_masking_triton(x, mask_ratio, noise)
-    return random_masking_torch(x, mask_ratio, noise)
+        return random_masking_triton(x, mask_ratio, noise, pos)
+    return random_masking_torch(x, mask_ratio, noise, pos)
 
 
-def unshuffle(x, ids_restore, mask_token, has_cls=True, impl="auto"):
-    """x [N, K(+1), D] kept tokens -> [N, L(+1), D] in patch order with mask tokens at removed positions."""
+def unshuffle(x, ids_restore, mask_token, has_cls=True, impl="auto", pos=None):
+    """x [N, K(+1), D] kept tokens -> [N, L(+1), D] in patch order with mask tokens at removed positions
+    (+ pos, the decoder's position embedding, in x's dtype)."""
     if resolve_impl(impl, x) == "triton":
         from .masking import unshuffle_triton
 
-        return unshuffle_triton(x, ids_restore, mask_token, has_cls)
-    return unshuffle_torch(x, ids_restore, mask_token, has_cls)
+        return unshuffle_triton(x, ids_restore, mask_token, has_cls, pos)
+    return unshuffle_torch(x, ids_restore, mask_token, has_cls, pos)
 
 
-def norm_pix_mse(imgs, pred, mask, patch_size, norm_pix=True, eps=1e-6, impl="auto"):
-    """Scalar MSE over removed patches against (per-patch normalised) pixels; see kernels/loss.py."""
+def norm_pix_mse(imgs, pred, mask, patch_size, norm_pix=True, eps=1e-6, impl="auto", mask_count=None):
+    """Scalar MSE over removed patches against (per-patch normalised) pixels; see kernels/loss.py. mask_count:
+    mask.sum() when the caller knows it (then the kernel writes its gradient final in the forward)."""
     if resolve_impl(impl, pred) == "triton":
         from .loss import norm_pix_mse_triton
 
-        return norm_pix_mse_triton(imgs, pred, mask, patch_size, norm_pix, eps)
-    return norm_pix_mse_torch(imgs, pred, mask, patch_size, norm_pix, eps)
+        return norm_pix_mse_triton(imgs, pred, mask, patch_size, norm_pix, eps, mask_count=mask_count)
+    return norm_pix_mse_torch(imgs, pred, mask, patch_size, norm_pix, eps, mask_count=mask_count)
 
 
 def qkv_attention(qkv, num_heads, scale, impl="auto"):

@@ -213,10 +213,14 @@ def test_kernels_benchmark_cpu_smoke(tmp_path):
 
     assert kernels.main(["--shapes", "debug", "--impls", "eager", "--reps", "2", "--warmup", "1",
                          "--device", "cpu", "--out", str(tmp_path)]) == 0
-    rows = json.loads(next(tmp_path.glob("kernels_cpu_*.json")).read_text())["rows"]
+    data = json.loads(next(tmp_path.glob("kernels_cpu_*.json")).read_text())
+    rows = data["rows"]
     assert {(r["op"], r["mode"]) for r in rows} == {(o, m) for o in ("masking", "unshuffle", "loss", "attention")
-                                                   for m in ("fwd", "fwd+bwd")}
-    assert all(r["GB_per_s"] > 0 for r in rows)
+                                                   for m in ("fwd", "fwd+bwd")} | {("loss_accum", "fwd+bwd")}
+    assert all(r["status"] == "ok" and r["GB_per_s"] > 0 and r["timing"] == "cpu wall clock" for r in rows)
+    assert data["copy_GB_per_s"] is None  # no GPU: no roofline, no share of it claimed
+    md = next(tmp_path.glob("kernels_cpu_*.md")).read_text()
+    assert "CPU wall clock per call (no GPU figure)" in md and "pct_of_copy" not in md.split("| shape")[0]
 
 
 def test_profile_writes_table_and_trace(tmp_path):

@@ -181,3 +181,159 @@ def test_forced_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="Triton kernels need a CUDA tensor"):
         kernels.resolve_impl("triton", torch.randn(2, 3))
+
+
+# --- the position-embedding add folded into the gathers, the one-kernel unshuffle backward, the loss's count path
+
+
+@pytest.mark.parametrize("x_dtype,pos_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                               (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+def test_masking_with_position_embedding_is_exact(x_dtype, pos_dtype):
+    """x + pos then the gather, in torch's promotion (bf16 tokens + fp32 embedding -> fp32 kept rows): the kernel
+    reads only the kept rows' embeddings and equals the reference bit for bit, output and gradient of x."""
+    n, length, d = 3, 49, 40
+    x = torch.randn(n, length, d, device=DEV).to(x_dtype).requires_grad_()
+    pos = torch.randn(1, length, d, device=DEV).to(pos_dtype)
+    noise = torch.rand(n, length, device=DEV)
+    got = random_masking_triton(x, 0.75, noise, pos)
+    want = random_masking_torch(x, 0.75, noise, pos)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert got[0].dtype == torch.result_type(x, pos)
+    g = torch.randn_like(got[0])
+    (ga,) = torch.autograd.grad(got[0], x, g)
+    (gb,) = torch.autograd.grad(want[0], x, g)
+    assert ga.dtype == x_dtype and torch.equal(ga, gb)
+
+
+def test_masking_with_a_trainable_embedding_takes_the_reference_path():
+    x = torch.randn(2, 16, 8, device=DEV)
+    pos = torch.randn(1, 16, 8, device=DEV, requires_grad=True)
+    noise = torch.rand(2, 16, device=DEV)
+    out = random_masking_triton(x, 0.5, noise, pos)[0]
+    (gp,) = torch.autograd.grad(out.sum(), pos)  # the fused kernel would give no gradient for pos
+    assert gp.abs().sum() > 0
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_unshuffle_with_position_embedding_is_exact(x_dtype):
+    n, length, d, ratio = 2, 64, 24, 0.75
+    noise = torch.rand(n, length, device=DEV)
+    _, _, ids_restore, _ = random_masking_torch(torch.zeros(n, length, 1, device=DEV), ratio, noise)
+    x = torch.randn(n, 17, d, device=DEV).to(x_dtype).requires_grad_()
+    mt = torch.randn(1, 1, d, device=DEV).requires_grad_()
+    pos = torch.randn(1, length + 1, d, device=DEV)  # fp32, rounded to x's dtype before the add
+    got = unshuffle_triton(x, ids_restore, mt, True, pos)
+    want = unshuffle_torch(x, ids_restore, mt, True, pos)
+    assert got.dtype == want.dtype == x_dtype and torch.equal(got, want)
+    g = torch.randn_like(got)
+    (gx_a,) = torch.autograd.grad(got, x, g)
+    (gx_b,) = torch.autograd.grad(want, x, g)
+    assert torch.equal(gx_a, gx_b)
+
+
+def test_unshuffle_mask_token_gradient_deterministic_and_atomic_paths_agree():
+    """The default backward adds each program's mask-token partial sum atomically (one launch); under
+    torch.use_deterministic_algorithms the partials are added in a fixed order. Both equal the fp32 sum over
+    the removed positions; without a mask-token gradient none is made."""
+    n, length, d = 3, 196, 40
+    noise = torch.rand(n, length, device=DEV)
+    _, mask, ids_restore, _ = random_masking_torch(torch.zeros(n, length, 1, device=DEV), 0.75, noise)
+    x = torch.randn(n, 50, d, device=DEV, requires_grad=True)
+    mt = torch.randn(1, 1, d, device=DEV, requires_grad=True)
+    g = torch.randn(n, length + 1, d, device=DEV)
+    want = (g[:, 1:][mask.bool()]).sum(0).reshape(1, 1, d)
+    (atomic,) = torch.autograd.grad(unshuffle_triton(x, ids_restore, mt), mt, g)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        (ordered,) = torch.autograd.grad(unshuffle_triton(x, ids_restore, mt), mt, g)
+        (again,) = torch.autograd.grad(unshuffle_triton(x, ids_restore, mt), mt, g)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert torch.equal(ordered, again)
+    torch.testing.assert_close(atomic, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ordered, want, rtol=1e-5, atol=1e-5)
+    frozen = mt.detach()
+    (gx,) = torch.autograd.grad(unshuffle_triton(x, ids_restore, frozen), x, g)
+    assert torch.equal(gx, torch.autograd.grad(unshuffle_torch(x, ids_restore, frozen), x, g)[0])
+
+
+def test_tiles_fill_their_lanes():
+    from kernels.masking import _tile
+
+    assert _tile(1280, 64) == (16, 256)  # ViT-H: 5 blocks of 256, no idle lane (not 2048 lanes for 1280)
+    assert _tile(1024, 49) == (8, 512) and _tile(768, 49) == (16, 256) and _tile(512, 197) == (8, 512)
+    assert _tile(72, 16) == (16, 128)  # no divisor: padded
+
+
+def _loss_inputs(n=2, c=3, h=32, p=8, dtype=torch.float32):
+    length = (h // p) ** 2
+    imgs = torch.randn(n, c, h, h, device=DEV)
+    pred = torch.randn(n, length, p * p * c, device=DEV).to(dtype).requires_grad_()
+    noise = torch.rand(n, length, device=DEV)
+    _, mask, _, _ = random_masking_torch(torch.zeros(n, length, 1, device=DEV), 0.75, noise)
+    return imgs, pred, mask, p, int(mask.sum().item())
+
+
+@pytest.mark.parametrize("grad_out", [1.0, 0.25])
+@pytest.mark.parametrize("grad_in_forward", [True, False])
+def test_loss_with_known_count_matches_reference(grad_out, grad_in_forward):
+    """mask_count (the model passes N x (L - K)): the gradient is written final in the forward; a backward with
+    grad_output 1 has nothing to do, any other is applied on the device."""
+    imgs, pred, mask, p, count = _loss_inputs()
+    la = norm_pix_mse_triton(imgs, pred, mask, p, grad_in_forward=grad_in_forward, mask_count=count)
+    lb = norm_pix_mse_torch(imgs, pred, mask, p, mask_count=count)
+    torch.testing.assert_close(la, lb, rtol=1e-6, atol=0)
+    torch.testing.assert_close(lb, norm_pix_mse_torch(imgs, pred, mask, p), rtol=0, atol=0)  # same divisor
+    (ga,) = torch.autograd.grad(la * grad_out, pred)
+    (gb,) = torch.autograd.grad(lb * grad_out, pred)
+    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6 * gb.abs().max().item())
+
+
+def test_loss_second_backward_through_an_in_place_gradient_is_refused():
+    imgs, pred, mask, p, _ = _loss_inputs()
+    loss = norm_pix_mse_triton(imgs, pred, mask, p) * 2.0
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="scale the gradient twice"):
+        loss.backward()
+
+
+def test_loss_under_no_grad_allocates_no_gradient():
+    """A forward under no_grad (the kernel benchmark's fwd rows, evaluation) computes and allocates no dL/dpred:
+    nothing of pred's size is allocated, and the loss equals the reference."""
+    from benchmarks.memory import AllocTracker
+
+    imgs, pred, mask, p, count = _loss_inputs(n=4, h=64)
+    nbytes = pred.numel() * pred.element_size()
+
+    def extra_peak():  # bytes allocated beyond the inputs (counted first: the interpreter re-wraps them)
+        with AllocTracker() as t:
+            t.track(imgs, pred, mask)
+            base = t.current
+            loss = norm_pix_mse_triton(imgs, pred, mask, p, mask_count=count)
+        return t.peak - base, loss
+
+    with torch.no_grad():
+        extra, la = extra_peak()
+    assert extra < nbytes, extra
+    torch.testing.assert_close(la, norm_pix_mse_torch(imgs, pred, mask, p), rtol=1e-6, atol=0)
+    assert extra_peak()[0] >= nbytes  # with grad: the gradient buffer is there (the check above can fail)
+
+
+def test_loss_reads_nothing_of_kept_patches():
+    """A kept patch's pixels and prediction never enter the loss or the gradient: NaNs there change nothing."""
+    imgs, pred, mask, p, count = _loss_inputs()
+    kept = (mask == 0).nonzero()[0].tolist()
+    n_, l_ = kept
+    gh, gw = divmod(l_, imgs.shape[-1] // p)
+    imgs2 = imgs.clone()
+    imgs2[n_, :, gh * p:(gh + 1) * p, gw * p:(gw + 1) * p] = float("nan")
+    pred2 = pred.detach().clone()
+    pred2[n_, l_] = float("nan")
+    pred2.requires_grad_()
+    la = norm_pix_mse_triton(imgs2, pred2, mask, p, mask_count=count)
+    (ga,) = torch.autograd.grad(la, pred2)
+    lb = norm_pix_mse_triton(imgs, pred, mask, p, mask_count=count)
+    (gb,) = torch.autograd.grad(lb, pred)
+    assert torch.equal(la, lb) and torch.equal(ga, gb)

@@ -87,9 +87,9 @@ def _poison(trainer, from_call: int, until_call: int = 10**9):
     calls = {"n": 0}
     orig = model.forward_loss
 
-    def forward_loss(imgs, pred, mask):
+    def forward_loss(imgs, pred, mask, **kw):
         calls["n"] += 1
-        loss = orig(imgs, pred, mask)
+        loss = orig(imgs, pred, mask, **kw)
         return loss * float("nan") if from_call <= calls["n"] < until_call else loss
 
     model.forward_loss = forward_loss
