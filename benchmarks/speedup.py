@@ -28,7 +28,8 @@ from pathlib import Path
 from engine.config import ConfigError, get_preset
 
 from .common import RESULTS, environment, parse_choices, pick_device
-from .levers import CONFIGS, DEVICE_SUITE, RATIOS, SHORT, SPEED_SUITES, TARGETS  # noqa: F401 - the suites' home
+from .levers import (CONFIGS, DEVICE_SUITE, RATIOS, REFERENCE_CONFIGS, SHORT, SPEED_SUITES,  # noqa: F401
+                     SWEEP_RATIOS, TARGETS)
 from .speedup_report import merge, speedup_ceiling, speedup_rows, target_lines, write_report  # noqa: F401
 from .step import MODES
 from .sweep import build_plan, largest_batch, measure, run_sweep  # noqa: F401
@@ -49,12 +50,17 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="", help=f"a lever set for every row: {', '.join(CONFIGS)} "
                     "(overrides --compile)")
     ap.add_argument("--speed-suite", nargs="?", const="full", default=None, choices=sorted(SPEED_SUITES),
-                    help="the lever ladder and the speed targets' rows per model (GPU): full (default), new "
-                    "(the newest levers) or autotune (GEMM autotuning, minutes of compile)")
+                    help="rows per model (GPU): full (the lever ladder and the speed targets, default), new (the "
+                    "newest levers), baselines (the fast path beside the paper's code eager and compiled whole and the "
+                    "dense ViT eager and compiled), ratios (throughput and memory per mask ratio, fast and reference "
+                    "paths, same batch) or autotune (GEMM autotuning, minutes of compile)")
     ap.add_argument("--jsonl", default="", help="append each row here as it is measured")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSONL",
                     help="write one report from the --jsonl files of earlier runs, measuring nothing")
     ap.add_argument("--data", default="", help="an image directory: include the data loader in the step")
+    ap.add_argument("--max-spread", type=float, default=None,
+                    help="p80/p20 of the step times above which a row is marked unstable and left out of derived "
+                    "claims (default 1.15 on a GPU, 1.5 on a CPU)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--device-suite", action="store_true", help="the GPU suite of benchmarks/device_check.sh")
     ap.add_argument("--out", default=str(RESULTS))
@@ -98,9 +104,13 @@ def main(argv=None) -> int:
             f.write(json.dumps({"environment": env}) + "\n")
     compile_mode = {"none": False}.get(args.compile, args.compile)
     rows, models_cfg, peak, ceiling = run_sweep(plan, device, warmup, reps, compile_mode, args.data or None,
-                                                args.max_batch, jsonl)
+                                                args.max_batch, jsonl, args.max_spread)
     sp = speedup_rows(rows, models_cfg)
     path = write_report(rows, sp, env, Path(args.out), peak, ceiling)
+    unstable = [r for r in rows if r.get("status") == "ok" and r.get("timing", "ok") != "ok"]
+    if unstable:
+        print(f"note: {len(unstable)} row(s) with unstable timing are left out of the speedups and targets "
+              f"({unstable[0]['timing']}); raise --warmup / --reps", file=sys.stderr)
     for x in sp:
         if "speedup_vs_dense" in x:
             print(f"{x['model']} r={x['mask_ratio']} batch {x['batch']}: {x['speedup_vs_dense']:.2f}x vs encoder with "

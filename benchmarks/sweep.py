@@ -18,14 +18,44 @@ from .levers import CONFIGS, DEVICE_SUITE, SHORT, SPEED_SUITES
 from .step import NvmlSampler, StepRunner, flops_for_mode, matmul_ceiling
 
 
+# A row's timing is trusted for derived claims (speedups, targets) only when it was warmed up for its state, timed
+# over enough steps and its steps agree: p80 / p20 of the step times within this bound (a shared 2-core CPU is
+# noisier than a GPU). Rows that fail are kept, marked "unstable: ..." with the reason, and left out of claims.
+MAX_SPREAD = {"cuda": 1.15, "cpu": 1.5}
+MIN_WARMUP = {"compiled": 3, "eager": 2}  # a compiled or captured step: compile + capture + the allocator settling
+MIN_REPS = 5
+
+
+def timing_verdict(warmup: int, reps: int, p20: float, p80: float, compiled: bool, max_spread: float) -> str:
+    """"ok", or "unstable: <reasons>" (too few warm-up steps for the compile / capture state, too few timed steps,
+    or a spread of step times over the bound)."""
+    why = []
+    need = MIN_WARMUP["compiled" if compiled else "eager"]
+    if warmup < need:
+        why.append(f"{warmup} warm-up step(s), {'a compiled or captured' if compiled else 'an eager'} step needs {need}")
+    if reps < MIN_REPS:
+        why.append(f"{reps} timed step(s), fewer than {MIN_REPS}")
+    spread = p80 / p20 if p20 > 0 else float("inf")
+    if spread > max_spread:
+        why.append(f"p80/p20 {spread:.2f} > {max_spread}")
+    return "ok" if not why else "unstable: " + "; ".join(why)
+
+
+def trusted(r: dict) -> bool:
+    """A measured row whose timing may back a derived claim (rows of older reports carry no verdict: trusted)."""
+    return r.get("status") == "ok" and r.get("timing", "ok") == "ok"
+
+
 def measure(m, model_name: str, mode: str, batch: int, ratio: float | None, device, warmup: int, reps: int,
             peak: float | None, ceiling: float | None, compile: bool | str = False, stream=None,
-            config: str | None = None) -> dict:
+            config: str | None = None, max_spread: float | None = None) -> dict:
     row = {"model": model_name, "mode": mode, "mask_ratio": ratio, "batch": batch}
     levers = {"compile": compile}
     if config is not None:
         row["config"] = config
         levers = CONFIGS[config]
+    compiled = levers.get("compile", "none") not in ("none", False) or bool(levers.get("graph"))
+    max_spread = max_spread or MAX_SPREAD["cuda" if device.type == "cuda" else "cpu"]
     runner = None
     try:
         fresh_peak(device)
@@ -39,7 +69,8 @@ def measure(m, model_name: str, mode: str, batch: int, ratio: float | None, devi
                    bwd_ms=_r(st.bwd_ms, 3), opt_ms=_r(st.opt_ms, 3), p20_ms=round(st.p20_ms, 3),
                    p80_ms=round(st.p80_ms, 3), reps=st.reps, first_step_s=round(st.first_step_s, 2),
                    gflops_per_img=float(f"{fl / 1e9:.4g}"), tflops_per_s=float(f"{fl * ips / 1e12:.4g}"),
-                   mfu_datasheet=_r(mfu(fl, ips, peak)), mfu_measured=_r(mfu(fl, ips, ceiling)))
+                   mfu_datasheet=_r(mfu(fl, ips, peak)), mfu_measured=_r(mfu(fl, ips, ceiling)),
+                   timing=timing_verdict(warmup, st.reps, st.p20_ms, st.p80_ms, compiled, max_spread))
         if device.type == "cuda":
             row["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             used = device_memory_used(device.index or 0)
@@ -81,7 +112,8 @@ def largest_batch(m, name, mode, ratio, device, start: int, cap: int, **kw) -> d
 
 
 def run_sweep(plan: list[tuple], device, warmup, reps, compile=False, data=None, max_batch: int = 0,
-              jsonl: Path | None = None) -> tuple[list[dict], dict, float | None, float | None]:
+              jsonl: Path | None = None, max_spread: float | None = None
+              ) -> tuple[list[dict], dict, float | None, float | None]:
     """plan: (model preset, mode, ratio, batch, batch_kind[, config]) tuples. Each row is appended to `jsonl`
     (when given) as soon as it is measured, so a run cut short keeps what it measured."""
     peak = datasheet_peak(device) if device.type == "cuda" else None
@@ -99,8 +131,7 @@ def run_sweep(plan: list[tuple], device, warmup, reps, compile=False, data=None,
                 continue
             config = config[5:]
         if config == "best":  # the fastest lever set that worked for this model so far in this process
-            done = [r for r in rows if r["model"] == name and r["mode"] == "mae" and r["status"] == "ok"
-                    and r.get("config")]
+            done = [r for r in rows if r["model"] == name and r["mode"] == "mae" and trusted(r) and r.get("config")]
             if not done:
                 continue
             config = max(done, key=lambda r: r["img_per_s"] * 1.0)["config"]
@@ -117,7 +148,8 @@ def run_sweep(plan: list[tuple], device, warmup, reps, compile=False, data=None,
             d = get_preset(preset).data
             d.path = data
             stream = build_loader(d, m.img_size, batch, device, 0).stream(0)
-        kw = dict(warmup=warmup, reps=reps, peak=peak, ceiling=ceiling, compile=compile, stream=stream)
+        kw = dict(warmup=warmup, reps=reps, peak=peak, ceiling=ceiling, compile=compile, stream=stream,
+                  max_spread=max_spread)
         if config is not None:
             kw["config"] = config
         row = measure(m, name, mode, batch, ratio, device, **kw)
@@ -165,7 +197,8 @@ def _fmt(r: dict) -> str:
     phases = (f" (fwd {r['fwd_ms']:.2f} bwd {r['bwd_ms']:.2f} opt {r['opt_ms']:.2f})" if r.get("fwd_ms") is not None
               else " (one graph replay)")
     return (f"{head}: {r['img_per_s']:9.1f} img/s step {r['step_ms']:.2f} ms{phases} first step {r['first_step_s']} s"
-            + (f" peak {r['peak_alloc_gib']} GiB" if r.get("peak_alloc_gib") is not None else ""))
+            + (f" peak {r['peak_alloc_gib']} GiB" if r.get("peak_alloc_gib") is not None else "")
+            + (f" [{r['timing']}]" if r.get("timing", "ok") != "ok" else ""))
 
 
 def build_plan(models, modes, ratios, batch, device_suite: bool, speed_suite: str | bool = False,

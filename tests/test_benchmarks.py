@@ -120,7 +120,9 @@ def test_oom_is_reported_and_sweep_continues(monkeypatch, tmp_path):
 def test_every_speed_suite_names_models_and_lever_sets(suite):
     assert set(speedup.SPEED_SUITES[suite]) <= set(speedup.SHORT.values()), suite
     plan = speedup.build_plan(list(speedup.SHORT), [], [], 0, False, speed_suite=suite)
-    assert plan and all(len(p) == 6 and p[2] == 0.75 and p[3] > 0 and p[1] in ("mae", "mae_dense") and (
+    ratio_ok = (lambda p: p[2] in speedup.SWEEP_RATIOS) if suite == "ratios" else (lambda p: p[2] == 0.75)
+    assert plan and all(len(p) == 6 and p[3] > 0 and (
+        (p[1] in ("mae", "mae_dense") and ratio_ok(p)) or (p[1] == "vit" and p[2] is None)) and (
         p[5] in speedup.CONFIGS or p[5] == "best" or (p[5].startswith("else:") and p[5][5:] in speedup.CONFIGS))
         for p in plan), plan
     assert len(set(plan)) == len(plan)  # no row twice
@@ -145,8 +147,9 @@ def test_speed_suite_plan_orders_levers():
 
 def test_lever_rows_jsonl_merge_and_targets(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # empty: the first compile is cold
-    common = ["--models", "debug", "--ratios", "0.75", "--reps", "1", "--warmup", "1", "--device", "cpu",
-              "--batch", "4", "--jsonl", str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "parts")]
+    common = ["--models", "debug", "--ratios", "0.75", "--reps", "5", "--warmup", "3", "--device", "cpu",
+              "--batch", "4", "--jsonl", str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "parts"),
+              "--max-spread", "100"]  # a loaded 2-core CPU: the spread bound is tested on its own below
     assert speedup.main(common + ["--modes", "mae,mae_dense", "--config", "fast"]) == 0
     assert speedup.main(common + ["--modes", "mae", "--config", "reference"]) == 0
     lines = [json.loads(x) for x in (tmp_path / "rows.jsonl").read_text().splitlines()]
@@ -169,6 +172,27 @@ def test_lever_rows_jsonl_merge_and_targets(tmp_path, monkeypatch):
     assert "vs the dense baseline's fastest row" not in md  # a debug run has no ViT-H / ViT-L pair
 
 
+def test_rows_timed_too_briefly_are_marked_and_make_no_claim(tmp_path, capsys):
+    """`--warmup 1 --reps 2` gives numbers, but not ones to derive a speedup or a target from: the rows say why."""
+    assert speedup.main(["--models", "debug", "--modes", "mae,mae_dense", "--ratios", "0.75", "--reps", "2",
+                         "--warmup", "1", "--device", "cpu", "--batch", "4", "--out", str(tmp_path)]) == 0
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert all(r["status"] == "ok" and r["timing"].startswith("unstable: 1 warm-up step(s)")
+               and "2 timed step(s), fewer than 5" in r["timing"] for r in data["rows"])
+    assert data["speedups"] == []
+    assert "left out of the speedups" in capsys.readouterr().err
+
+
+def test_timing_verdict_names_each_reason():
+    from benchmarks.sweep import timing_verdict
+
+    assert timing_verdict(3, 10, 10.0, 11.0, True, 1.15) == "ok"
+    assert timing_verdict(2, 10, 10.0, 11.0, False, 1.15) == "ok"
+    assert timing_verdict(2, 10, 10.0, 11.0, True, 1.15) == ("unstable: 2 warm-up step(s), a compiled or captured "
+                                                              "step needs 3")
+    assert timing_verdict(3, 10, 10.0, 13.0, True, 1.15) == "unstable: p80/p20 1.30 > 1.15"
+
+
 def test_best_and_else_rows_resolve_from_earlier_rows(monkeypatch):
     from benchmarks import step
 
@@ -176,13 +200,13 @@ def test_best_and_else_rows_resolve_from_earlier_rows(monkeypatch):
         if self.graphed is not None:
             raise RuntimeError("no capture here")
         ms = {"torch": 10.0, "auto": 5.0}[self.model.kernels]
-        return step.StepStats(ms, 1.0, 1.0, 1.0, ms, ms, 1, 0.1)
+        return step.StepStats(ms, 1.0, 1.0, 1.0, ms, ms, 5, 0.1)
 
     monkeypatch.setattr(step.StepRunner, "run", fake_run)
     plan = [("debug", "mae", 0.75, 2, "same", "reference"), ("debug", "mae", 0.75, 2, "same", "else:fast"),
             ("debug", "mae", 0.75, 2, "same", "fast+flash"), ("debug", "mae", 0.75, 2, "same", "else:triton"),
             ("debug", "mae_dense", 0.75, 2, "same", "best")]
-    rows, _, _, _ = speedup.run_sweep(plan, torch.device("cpu"), 1, 1)
+    rows, _, _, _ = speedup.run_sweep(plan, torch.device("cpu"), 3, 5)
     assert [(r["mode"], r["config"], r["status"][:5]) for r in rows] == [
         ("mae", "reference", "ok"), ("mae", "fast+flash", "error"), ("mae", "triton", "ok"),
         ("mae_dense", "triton", "ok")]  # else:fast skipped after a success; best = the faster of the two
@@ -233,6 +257,8 @@ def test_profile_writes_table_and_trace(tmp_path):
     assert "Top 5 ops by self time" in md and "aten::" in md
     assert any((tmp_path / "tr").glob("trace_*.json"))
     assert "Time per step by kernel category" in md and "| matmul |" in md
+    cats = next(tmp_path.glob("profile_debug_cpu_*_categories.csv")).read_text().splitlines()
+    assert cats[0] == "config,mask_ratio,batch,category,ms_per_step,share_pct" and any(",matmul," in c for c in cats)
 
 
 def test_profile_of_a_captured_lever_set(tmp_path):
@@ -380,3 +406,29 @@ def test_graph_step_check_set_up_runs_on_cpu(args):
 
     kw = {} if len(args) > 5 else {"device": "cpu"}
     assert check_graph_step(*args, **kw) == 0.0
+
+
+def test_claims_pair_with_the_strongest_baseline_of_the_same_run():
+    """The fast path is held to the faster of the paper's code eager and compiled whole, and to the faster dense
+    ViT, of the same run and batch; unstable rows and other runs never enter; a warm compile never stands in for
+    the cold time to first step."""
+    from engine.config import get_preset
+
+    def row(mode, config, ips, ratio=0.75, run=1, batch=256, **kw):
+        return {"model": "vit-h", "mode": mode, "mask_ratio": ratio, "batch": batch, "config": config, "status": "ok",
+                "img_per_s": ips, "batch_kind": "same", "first_step_s": 10.0, "run": run, **kw}
+
+    rows = [row("mae", "fast", 1280.0, compile_cache="warm"), row("mae", "reference", 1040.0),
+            row("mae", "reference+compile", 1200.0, compile_cache="cold", first_step_s=118.0),
+            row("mae", "reference+compile", 1500.0, run=2),  # another machine: not this run's baseline
+            row("mae", "reference+compile", 1600.0, timing="unstable: p80/p20 1.40 > 1.15"),
+            row("vit", "reference", 330.0, ratio=None), row("vit", "reference+compile", 400.0, ratio=None)]
+    sp = speedup.speedup_rows(rows, {"vit-h": get_preset("vit-h").model})
+    fast = next(x for x in sp if x["config"] == "fast" and x["run"] == 1)
+    assert fast["strongest_reference"] == "reference+compile" and fast["speedup_vs_strongest_reference"] == round(
+        1280 / 1200, 3)
+    assert fast["vit_config"] == "reference+compile" and fast["speedup_vs_vit"] == round(1280 / 400, 3)
+    assert all("speedup_vs_strongest_reference" not in x for x in sp if x["config"] in speedup.REFERENCE_CONFIGS)
+    lines = "\n".join(speedup.target_lines(rows, sp))
+    assert "fast 1280 vs reference+compile 1200 img/s" in lines and "| 1.067 | gap" in lines
+    assert "cold compile cache, s (build + compile + first step) (reference+compile, batch 256) | 30 | 118" in lines
