@@ -13,6 +13,11 @@
 #   speed-new  the newest levers' rows and the checks of their paths only, for a short call
 #   speed-extra  a profile of the compiled ViT-H step by kernel category, and inductor's GEMM autotuning
 #            (train.compile_mode=max-autotune-no-cudagraphs) and its CUDA check, limits 250 s
+#   trust-1  (limits 470 s) numbers users can trust, part 1: the per-mask-ratio sweep at ViT-L/16 (fast and reference
+#            paths, mask 0-0.9, same batch), the ViT-H baselines in one run (fast vs the paper's code eager and
+#            compiled whole, the dense ViT eager and compiled; cold compile cache), the compiled fast ViT-H profile
+#   trust-2  (limits 430 s) part 2: the ViT-H/14 mask-ratio sweep, the kernels' CUDA checks and their GPU timing
+#   trust    both parts in one call (only with a whole call's time to spare)
 #   kernels, speedup (mask-ratio sweep), fsdp, loader (needs DALI), pytest (the Triton kernel tests on CUDA)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -75,7 +80,26 @@ if has speed-extra; then  # where the compiled step's time goes, then inductor's
     --jsonl "$OUT/speed_autotune.jsonl" --out "$PARTS" --warmup 3 --reps 10
   step checks_autotune 40 $PY -m benchmarks.cuda_checks --only max-autotune --out "$PARTS"
 fi
-has kernels && step kernels 150 $PY -m benchmarks.kernels --out "$OUT" --reps 100
+if has trust || has trust-1; then
+  sp=(-m benchmarks.speedup --jsonl "$OUT/trust.jsonl" --out "$PARTS" --warmup 3 --reps 8)
+  export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d)}
+  step ratios_vit-l 120 $PY "${sp[@]}" --speed-suite ratios --models vit-l
+  # a fresh compile cache: the compiled rows' time to first step is a cold start
+  TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step baselines_vit-h 260 $PY "${sp[@]}" --speed-suite baselines --models vit-h
+  step profile_fast 90 $PY -m benchmarks.profile --preset vit-h --ratios 0.75 --batch 256 --steps 5 --warmup 3 \
+    --config fast --trace /tmp/mae_trace --top 25 --out "$OUT"
+  [ -f "$OUT/trust.jsonl" ] && $PY -m benchmarks.speedup --merge "$OUT/trust.jsonl" --out "$OUT"
+fi
+if has trust || has trust-2; then
+  sp=(-m benchmarks.speedup --jsonl "$OUT/trust2.jsonl" --out "$PARTS" --warmup 3 --reps 8)
+  export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d)}
+  step ratios_vit-h 200 $PY "${sp[@]}" --speed-suite ratios --models vit-h
+  step checks_kernels 60 $PY -m benchmarks.cuda_checks --only "masking,unshuffle,loss" --out "$OUT"
+  step kernels 170 $PY -m benchmarks.kernels --shapes vit-l,vit-h --out "$OUT" --reps 20
+  # one report of every trust run in this call (part 1's rows too when both ran here)
+  [ -f "$OUT/trust2.jsonl" ] && $PY -m benchmarks.speedup --merge $(ls "$OUT"/trust*.jsonl) --out "$OUT"
+fi
+has kernels && step kernels 170 $PY -m benchmarks.kernels --out "$OUT" --reps 20
 if has speedup && [ -f benchmarks/speedup.py ]; then
   step speedup 420 $PY -m benchmarks.speedup --device-suite --out "$OUT"
 fi
