@@ -209,7 +209,8 @@ def run(shapes: list[str], impls: list[str], device: torch.device, reps: int, wa
                     row = {"shape": shape, "N": s["N"], "op": op, "mode": mode, "impl": impl, "status": "ok",
                            "gpu_ms": round(t.median_ms, 4), "p20_ms": round(t.p20_ms, 4),
                            "p80_ms": round(t.p80_ms, 4), "host_ms": round(host, 4),
-                           "GB_per_s": float(f"{gbs:.4g}"), "min_MB": round(nbytes / 1e6, 2), "timing": t.method}
+                           "GB_per_s": float(f"{gbs:.4g}"), "min_MB": round(nbytes / 1e6, 2), "min_bytes": int(nbytes),
+                           "timing": t.method}
                     if copy_gbs and op in MEMORY_BOUND:
                         row["pct_of_copy"] = round(100 * gbs / copy_gbs, 1)
                     rows.append(row)

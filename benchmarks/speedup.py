@@ -31,7 +31,7 @@ from .common import RESULTS, environment, parse_choices, pick_device
 from .levers import (CONFIGS, DEVICE_SUITE, RATIOS, REFERENCE_CONFIGS, SHORT, SPEED_SUITES,  # noqa: F401
                      SWEEP_RATIOS, TARGETS)
 from .speedup_report import merge, speedup_ceiling, speedup_rows, target_lines, write_report  # noqa: F401
-from .step import MODES
+from .step import MODES, flops_for_mode  # noqa: F401
 from .sweep import build_plan, largest_batch, measure, run_sweep  # noqa: F401
 
 

@@ -38,6 +38,35 @@ def tensor_lr_(opt: torch.optim.Optimizer) -> None:
             g["lr"] = torch.tensor(float(g["lr"]), dtype=dt, device=dev)
 
 
+class CudaCapture:
+    """What a capture needs from CUDA: a side stream for the warm-up, then record `fn` into a graph. The CPU tests
+    put a stand-in here that records `fn` without running it and runs it at replay, which holds the capture
+    protocol (warm-up with the update off, static buffers, one capture per shape and ratio, the skip flag) without
+    a GPU."""
+
+    def available(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def warm_up(self, device: torch.device, fn) -> None:
+        """Run fn on a side stream (lazy state and first calls of compiled code), then wait for it."""
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+
+    def settle(self, device: torch.device) -> None:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()  # the warm-up's activations are cached for the side stream: free them first
+
+    def record(self, fn):
+        """A graph of fn's kernels (fn's Python runs once, nothing is executed); .replay() runs them."""
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return g
+
+
 @dataclass
 class _Captured:
     imgs: list[torch.Tensor]
@@ -59,9 +88,12 @@ class GraphedStep:
     survive capture) and its hooks are not called (nothing is timed or counted inside a replay).
     capture: record a CUDA graph (needs CUDA); False runs the same body eagerly.
     max_graphs: graphs kept at once (each holds its own activation memory); the oldest is dropped.
+    backend: what records and replays (CudaCapture; the tests' stand-in off CUDA).
     """
 
-    def __init__(self, step, mask_ratio: float, capture: bool = True, warmup: int = 2, max_graphs: int = 2):
+    def __init__(self, step, mask_ratio: float, capture: bool = True, warmup: int = 2, max_graphs: int = 2,
+                 backend: CudaCapture | None = None):
+        self.backend = backend or CudaCapture()
         optimizer = step.optimizer
         if not supports_found_inf(optimizer):
             raise ValueError("a graphed step needs an optimizer that skips on the device (torch fused AdamW); "
@@ -102,23 +134,24 @@ class GraphedStep:
             self.graphs.popitem(last=False)
         if not self.capture:
             return c
-        if dev.type != "cuda":
+        if not self.backend.available(dev):
             raise RuntimeError("a CUDA graph needs CUDA tensors; use capture=False elsewhere")
-        # warm up on a side stream (lazy optimizer state, Triton/cuBLAS/compile first calls) with the update off
+        # warm up (lazy optimizer state, Triton/cuBLAS/compile first calls) with the update forced off
         c.skip.fill_(True)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
+
+        def warm():
             for _ in range(self.warmup):
                 self.optimizer.zero_grad(set_to_none=True)
                 self._body(c)
-        torch.cuda.current_stream(dev).wait_stream(side)
+
+        self.backend.warm_up(dev, warm)
         self.optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize(dev)
-        torch.cuda.empty_cache()  # the warm-up's activations are cached for the side stream: free them first
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):  # records only: nothing runs, so no update happens here
+        self.backend.settle(dev)
+        def recorded():  # a capture starts from released gradients: backward writes them, nothing accumulates
+            self.optimizer.zero_grad(set_to_none=True)
             self._body(c)
+
+        g = self.backend.record(recorded)  # records only: nothing runs, so no update happens here
         c.graph = g
         c.skip.fill_(False)
         self.captures += 1

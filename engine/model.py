@@ -212,8 +212,10 @@ class MaskedAutoencoderViT(nn.Module):
             x = x + self.decoder_pos_embed.to(x.dtype)
         x = self._run_blocks(self.decoder_blocks, x)
         x = self.decoder_norm(x)
-        x = self.decoder_pred(x)
-        return x[:, 1:, :]
+        # drop the cls row before the pixel head: pred is the head's own output, not a view of it (FSDP2 warns
+        # that an in-place op on a view returned by a sharded module would skip its pre-backward hook), and the
+        # head does not compute a row that is thrown away
+        return self.decoder_pred(x[:, 1:, :])
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
                      mask_count: int | None = None) -> torch.Tensor:

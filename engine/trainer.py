@@ -354,8 +354,10 @@ class Trainer:
             self.model.train(was)
 
     def write_reconstruction(self, imgs: torch.Tensor) -> Path:
+        m = self.cfg.model
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 4242)
-        noise = torch.rand(imgs.shape[0], self.cfg.model.num_patches, generator=gen, device=self.device)
+        # the same masks every time (the grids of a run compare), drawn with the run's mask strategy
+        noise = make_noise(m.mask_strategy, imgs.shape[0], m.grid_size, m.mask_ratio, gen, self.device)
         # every rank runs the forward (FSDP gathers weights collectively); rank 0 writes
         with self.autocast(evaluation=True):
             grid = reconstruction_grid(self.model, imgs, self.cfg.data.mean, self.cfg.data.std,

@@ -94,6 +94,7 @@ class DaliLoader:
         self._iter_cls, self._policy = DALIGenericIterator, LastBatchPolicy
         self._checkpoint: str | None = None
         self._it = None
+        self.replayed = 0  # batches read and dropped to reach a resume position (0 when the state was used)
 
     # -- resume --------------------------------------------------------------------------------------------
 
@@ -130,6 +131,7 @@ class DaliLoader:
             for out in _named_errors(self._it, self.files):
                 if skip:
                     skip -= 1
+                    self.replayed += 1
                     continue
                 imgs = out[0]["images"]
                 if imgs.device != self.device:

@@ -91,6 +91,16 @@ def test_speedup_sweep_writes_all_outputs(tmp_path):
     assert data["environment"]["device"] == "CPU"
     md = (tmp_path / f"{stem}.md").read_text()
     assert "CPU" in md and "speedup_vs_dense" in md and "FLOP" in md
+    from engine.config import get_preset
+
+    m = get_preset("debug").model
+    for r in data["rows"]:  # each derived column follows from the measured step time and the FLOP formula
+        assert r["img_per_s"] == pytest.approx(r["batch"] / (r["step_ms"] / 1000), rel=1e-3)
+        fl = speedup.flops_for_mode(m, r["mode"], r["mask_ratio"] or 0.0)
+        assert r["gflops_per_img"] == pytest.approx(fl / 1e9, rel=1e-3)
+        assert r["tflops_per_s"] == pytest.approx(fl * r["img_per_s"] / 1e12, rel=1e-3)
+        assert r["mfu_datasheet"] is None and r["p20_ms"] <= r["step_ms"] <= r["p80_ms"]
+        assert f"| {r['img_per_s']:.4g} |" in md  # the markdown shows the JSON's figure
 
 
 def test_speedup_bad_args(capsys):
@@ -242,6 +252,8 @@ def test_kernels_benchmark_cpu_smoke(tmp_path):
     assert {(r["op"], r["mode"]) for r in rows} == {(o, m) for o in ("masking", "unshuffle", "loss", "attention")
                                                    for m in ("fwd", "fwd+bwd")} | {("loss_accum", "fwd+bwd")}
     assert all(r["status"] == "ok" and r["GB_per_s"] > 0 and r["timing"] == "cpu wall clock" for r in rows)
+    for r in rows:  # GB/s is the op's minimum bytes over its time
+        assert r["GB_per_s"] == pytest.approx(r["min_bytes"] / r["gpu_ms"] / 1e6, rel=1e-3)
     assert data["copy_GB_per_s"] is None  # no GPU: no roofline, no share of it claimed
     md = next(tmp_path.glob("kernels_cpu_*.md")).read_text()
     assert "CPU wall clock per call (no GPU figure)" in md and "pct_of_copy" not in md.split("| shape")[0]

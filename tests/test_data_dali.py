@@ -105,6 +105,10 @@ def test_dali_resume_continues_with_next_unseen_batch():
     s2 = b.stream(3)
     got = [next(s2) for _ in range(4)]
     assert all(torch.equal(u, v) for u, v in zip(want, got))
+    assert b.replayed == 0  # the pipeline's own state brought it there, not a replay of 3 batches
+    c = build_loader(cfg, 32, 8, "cpu", seed=1)  # the fallback without a state: the same batches, by replaying
+    s3 = c.stream(3)
+    assert all(torch.equal(u, next(s3)) for u in want) and c.replayed == 3
 
 
 @needs_dali
@@ -189,6 +193,7 @@ def test_training_with_dali_resumes_bit_identically(tmp_path):
     resumed = Trainer(debug_cfg(tmp_path / "b", **over, **{"train.max_steps": 6}), resume=True)
     assert resumed.loader._checkpoint is not None  # the DALI pipeline state came back
     resumed.fit()
+    assert resumed.loader.replayed == 0  # and was used: nothing was replayed to reach step 3
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -199,3 +204,43 @@ def test_auto_backend_choice():
     assert type(ld).__name__ == ("DaliLoader" if dali_available() else "TorchvisionLoader")
     with pytest.raises(Exception, match="synthetic|torchvision|dali"):
         DataConfig(backend="ffcv")
+
+
+def _left_right_image(path, w=48, h=32):
+    """Bright left half, dark right half: a horizontal flip is unmistakable."""
+    a = np.zeros((h, w, 3), np.uint8)
+    a[:, : w // 2] = 220
+    a[:, w // 2:] = 20
+    Image.fromarray(a).save(path)
+    return str(path)
+
+
+def _flipped_share(batch: torch.Tensor) -> tuple[float, int]:
+    """Share of images whose left half is darker than their right (flipped), and how many are neither."""
+    w = batch.shape[-1]
+    left, right = batch[..., : w // 2].mean((1, 2, 3)), batch[..., w // 2:].mean((1, 2, 3))
+    return float((left < right).float().mean()), int(((left - right).abs() < 0.5).sum())
+
+
+def _loader(backend, files, hflip, batch=64, seed=3):
+    from pipelines.dali import DaliLoader
+    from pipelines.torchvision import TorchvisionLoader
+
+    # full-image crops (area 1, the image's own aspect): only the flip varies
+    cfg = DataConfig(backend=backend, num_workers=1, scale=(1.0, 1.0), ratio=(1.5, 1.5), hflip=hflip)
+    cls = DaliLoader if backend == "dali" else TorchvisionLoader
+    return cls(files, 64, 32, batch, cfg, seed, "cpu")
+
+
+@pytest.mark.parametrize("backend", ["torchvision", pytest.param("dali", marks=needs_dali)])
+def test_horizontal_flip_rate_and_exactness(tmp_path, backend):
+    """hflip=0 never flips, hflip=1 always does (the same crops, mirrored exactly), hflip=0.5 flips about half:
+    in both backends, so their flip statistics agree."""
+    files = [_left_right_image(tmp_path / "lr.png")]
+    none = next(_loader(backend, files, 0.0).stream(0))
+    every = next(_loader(backend, files, 1.0).stream(0))
+    half = next(_loader(backend, files, 0.5).stream(0))
+    assert _flipped_share(none) == (0.0, 0) and _flipped_share(every) == (1.0, 0)
+    torch.testing.assert_close(every, none.flip(-1), rtol=0, atol=1e-5)
+    share, unclear = _flipped_share(half)
+    assert unclear == 0 and 0.3 <= share <= 0.7, share

@@ -103,3 +103,45 @@ def test_crop_sampler_statistics():
     assert 0.18 <= min(areas) and max(areas) <= 1.0
     assert abs(sum(ratios) / len(ratios)) < 0.03
     assert 0.5 < sum(areas) / len(areas) < 0.62
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "synthetic", "dali"])
+def test_bfloat16_batches_are_the_float32_batches_rounded(backend):
+    """--data.dtype bfloat16 hands the model bf16 batches (half the copy), the same images rounded once."""
+    from pipelines import dali_available
+
+    if backend == "dali" and not dali_available():
+        pytest.skip("DALI not installed")
+    a = next(build_loader(DataConfig(backend=backend, num_workers=0, dtype="float32"), 32, 4, "cpu", seed=2).stream(0))
+    b = next(build_loader(DataConfig(backend=backend, num_workers=0, dtype="bfloat16"), 32, 4, "cpu", seed=2)
+             .stream(0))
+    assert a.dtype == torch.float32 and b.dtype == torch.bfloat16 and a.shape == b.shape
+    if backend == "dali":  # DALI normalises in fp16 for a bf16 batch: within fp16's rounding of the same image
+        torch.testing.assert_close(b.float(), a, rtol=1e-2, atol=1e-2)
+    else:
+        assert torch.equal(b, a.to(torch.bfloat16))
+
+
+def test_training_on_bf16_synthetic_batches_runs_and_resumes(tmp_path):
+    """The synthetic backend (benchmarks' on-device input) and bf16 batches through the real trainer."""
+    from conftest import debug_cfg
+    from engine.trainer import Trainer
+
+    over = {"data.backend": "synthetic", "data.dtype": "bfloat16", "train.ckpt_every": 100}
+    straight = Trainer(debug_cfg(tmp_path / "a", **over, **{"train.max_steps": 4}))
+    assert straight.loader.name == "synthetic"
+    res = straight.fit()
+    assert res.step == 4 and math.isfinite(res.last_loss)
+    Trainer(debug_cfg(tmp_path / "b", **over, **{"train.max_steps": 2})).fit()
+    resumed = Trainer(debug_cfg(tmp_path / "b", **over, **{"train.max_steps": 4}), resume=True)
+    resumed.fit()
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_non_image_files_get_one_warning_naming_them(tmp_path, capfd):
+    make_tree(tmp_path)
+    (tmp_path / "b" / "labels.csv").write_text("x")
+    build_loader(DataConfig(path=str(tmp_path), num_workers=0, backend="torchvision"), 32, 4, "cpu", seed=0)
+    err = [line for line in capfd.readouterr().err.splitlines() if "non-image" in line]
+    assert len(err) == 1 and "readme.txt" in err[0] and "labels.csv" in err[0] and "2 non-image" in err[0]

@@ -99,8 +99,10 @@ def test_protocols_run_on_digits(digits):
     mae = small_mae()
     r = ev.knn_eval(mae, LabelledLoader(str(digits / "train"), 32, 256, d, 0, "cpu", train=False), va, "cpu")
     assert 0.3 < r.top1 <= 1.0  # random features on digits are far above chance already
-    r = ev.linear_probe(mae, tr, va, torch.device("cpu"), epochs=1, base_lr=40, batch_size=128, log=lambda *_: None)
-    assert 0.0 <= r.top1 <= 1.0 and len(r.history) == 1
+    r = ev.linear_probe(mae, tr, va, torch.device("cpu"), epochs=5, base_lr=40, batch_size=128, pool="gap",
+                        log=lambda *_: None)
+    # 10 classes: chance is 10%; a probe that trains its head on frozen random features reaches ~29% in 5 epochs
+    assert r.top1 > 0.2 and len(r.history) == 5
     before = {k: v.clone() for k, v in mae.state_dict().items()}
     r = ev.finetune(mae, tr, va, torch.device("cpu"), epochs=1, batch_size=128, last_blocks=1, log=lambda *_: None)
     after = mae.state_dict()

@@ -58,3 +58,27 @@ def test_only_removed_patches_count():
     pred2 = pred.clone()
     pred2[0, 1:] = 100.0  # kept patches: no effect
     assert torch.equal(norm_pix_mse_torch(imgs, pred2, mask, 4), base)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_eps_sits_inside_the_square_root(impl):
+    """A patch whose variance is of the order of eps: with eps inside the square root (the spec, the paper's code)
+    a zero prediction costs (P-1)/P * var / (var + eps); with eps outside it would cost about (P-1)/P. The two
+    placements differ by ~2x here (the large-variance patches of the other tests cannot tell them apart)."""
+    import os
+
+    if impl == "triton" and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("Triton needs CUDA or the interpreter")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    p, P, a = 4, 48, 1e-3
+    signs = torch.tensor([1.0, -1.0]).repeat(P // 2)[torch.randperm(P)]
+    patch = 0.3 + a * signs  # mean 0.3, unbiased variance a^2 * P / (P - 1): ~1e-6
+    imgs = patch.view(1, 4, 4, 3).permute(0, 3, 1, 2).contiguous().to(dev)  # (p, q, c) ordering of one patch
+    var = float(patch.double().var())
+    pred = torch.zeros(1, 1, P, device=dev, requires_grad=True)
+    mask = torch.ones(1, 1, device=dev)
+    got = norm_pix_mse(imgs, pred, mask, p, impl=impl)
+    inside = (P - 1) / P * var / (var + 1e-6)
+    outside = (P - 1) / P * var / (var ** 0.5 + 1e-6) ** 2
+    assert abs(inside - outside) > 0.3  # the case separates the two placements
+    assert got.item() == pytest.approx(inside, rel=2e-3), (got.item(), inside, outside)

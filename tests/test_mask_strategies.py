@@ -57,3 +57,33 @@ def test_training_with_each_strategy(tmp_path):
     for s in ("block", "grid"):
         res = Trainer(debug_cfg(tmp_path / s, **{"model.mask_strategy": s, "train.max_steps": 3})).fit()
         assert res.step == 3 and res.last_loss == res.last_loss
+
+
+@pytest.mark.parametrize("strategy", ["grid", "random"])
+def test_the_trainer_masks_with_the_configured_strategy(tmp_path, strategy):
+    """--model.mask_strategy reaches the masks training uses: with grid every image keeps one patch of each 2x2
+    cell on one lattice; with random (the control: the check can fail) almost no image does."""
+    from conftest import debug_cfg
+    from engine.trainer import Trainer
+
+    t = Trainer(debug_cfg(tmp_path, **{"model.mask_strategy": strategy, "train.max_steps": 2}))
+    masks = []
+    real = t.model.forward
+
+    def spy(imgs, mask_ratio=None, noise=None):
+        out = real(imgs, mask_ratio, noise)
+        masks.append(out[2].detach())
+        return out
+
+    t.model.forward = spy
+    t.fit()
+    g = t.cfg.model.grid_size
+    on_lattice = 0
+    for m in torch.cat(masks).view(-1, g, g):
+        kept = (m == 0).nonzero().tolist()
+        on_lattice += len({(h % 2, w % 2) for h, w in kept}) == 1
+    n = sum(len(m) for m in masks)
+    if strategy == "grid":
+        assert on_lattice == n >= 2 * t.cfg.train.batch_size  # the reconstruction grids use the strategy too
+    else:
+        assert on_lattice < 0.05 * n

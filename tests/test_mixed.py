@@ -38,8 +38,10 @@ def test_bf16_compute_gradients_match_fp32_and_land_on_the_masters():
         assert p.dtype == torch.float32 and torch.equal(p.detach(), masters[n]), n  # masters untouched
         if n in ref:
             assert p.grad.dtype == torch.float32
-            cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), ref[n].flatten(), dim=0)
-            assert cos > 0.98, (n, cos.item())
+            # the relative error (scale-sensitive, unlike a cosine: a gradient off by a factor must fail); bf16
+            # compute was measured at up to 3% per tensor on this model
+            rel = ((p.grad - ref[n]).norm() / ref[n].norm()).item()
+            assert rel < 0.06, (n, rel)
     assert all(c.grad is None for c in comp.copies)
     # a second micro-batch adds
     g1 = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}

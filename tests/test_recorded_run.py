@@ -1,7 +1,10 @@
-"""The trainer's losses and final weights against a run of the debug preset recorded on this project's CPU machine
-before the training step was unified (engine/step.py): the trainer, the captured-graph body and bf16-pure must
-reproduce it bit for bit. Re-record (only when a change is meant to alter the numbers) with
-`python tests/test_recorded_run.py`."""
+"""The trainer's losses and final weights against a recorded run of the debug preset on this project's CPU machine:
+the trainer, the captured-graph body and bf16-pure must reproduce it bit for bit.
+
+Recorded before the training step was unified (engine/step.py), which reproduced it exactly; re-recorded once
+since, for a change meant to alter the rounding: the pixel head computes only the patch rows (the cls row is
+dropped before it, not after; FSDP2 no longer sees a view returned). Re-record (only for such a change, saying
+so in the commit) with `python tests/test_recorded_run.py`."""
 
 from __future__ import annotations
 
