@@ -5,18 +5,30 @@ schedule, RNG, config}:
 - `ckpt_XXXXXXXX.pt`: one file, from a single-process run; a plain dict of tensors and primitives, loaded
   with `torch.load(weights_only=True)` (a checkpoint never executes code).
 - `ckpt_XXXXXXXX.dcp/`: a torch.distributed.checkpoint directory written by every rank of a torchrun job
-  (sharded: no rank gathers the full model), with `meta.pt` beside the shards. DCP's own metadata file is
-  a pickle, so this form is for a run's own resumable checkpoints; weights from elsewhere come in as .pt
-  files (weights-only). Both forms resume on any world size: the optimizer state is keyed by parameter name.
+  (sharded: no rank gathers the full model), with `meta.pt` beside the shards. Both forms resume on any world
+  size: the optimizer state is keyed by parameter name.
+Neither form runs code when read. DCP reads its `.metadata` with plain pickle and its non-tensor values with
+torch.load(weights_only=False); every DCP read here goes through `no_code_from_dcp()`, which admits in `.metadata`
+only the checkpoint-metadata classes and plain containers and loads the values weights-only. A refused file
+gets one message naming it and what it asked for.
 Both are written under a temporary name, fsynced and renamed into place, so a kill during a save leaves
-the previous checkpoint intact.
+the previous checkpoint intact; temporary files left by a killed writer are removed when a run starts
+(`remove_stale_temp_files`), never those of a writer that is still alive. A full disk or a read-only run
+directory ends the save with a CheckpointError naming the directory and the cause, the earlier checkpoints
+untouched. Files get the permissions the umask gives any new file (teammates on a shared file system can read
+them when the umask lets them).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import pickle
 import re
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -44,24 +56,120 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _writer_tag() -> str:
+    """host and pid of this writer, in its temporary files' names (so a later run can tell stale from live)."""
+    return f"{socket.gethostname().replace('.', '-')}-{os.getpid()}"
+
+
+def io_error(e: OSError, what: str, where: Path) -> "CheckpointError":
+    """A CheckpointError naming the directory and the cause of a failed write (full disk, read-only, ...)."""
+    cause = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+             errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+             errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file, not a directory",
+             errno.EEXIST: "a file of that name is in the way"}.get(e.errno, e.strerror or str(e))
+    return CheckpointError(f"cannot write {what} in {where}: {cause}; the checkpoints already there are intact")
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call write(binary_file) on a temp file beside `path`, fsync, rename over `path`: a kill leaves
-    either the old file or the new one, never half of one."""
+    either the old file or the new one, never half of one. The file gets the umask's permissions. A failed
+    write (full disk, read-only directory) raises CheckpointError naming the directory, with nothing left."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise io_error(e, path.name, path.parent) from None
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file of the run
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise io_error(e, path.name, path.parent) from None
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def ensure_writable(run_dir: str | os.PathLike) -> Path:
+    """Create the run directory and prove a file can be written in it, before a run spends any time: a read-only
+    directory, a full disk or a path through a regular file is one CheckpointError naming the directory."""
+    d = Path(run_dir)
+    probe = d / f".mae_write_probe.{_writer_tag()}"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise io_error(e, "the run's files", d) from None
+    return d
+
+
+TEMP_RE = re.compile(r"^\.(.+)\.([A-Za-z0-9-]+)-(\d+)\.[^.]+\.tmp$")  # .<name>.<host>-<pid>.<random>.tmp
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temp_files(run_dir: str | os.PathLike, min_age_s: float = 3600.0) -> list[Path]:
+    """Delete the temporary files and sharded-save directories that killed writers left in `run_dir`: those of a
+    process of this host that is gone, and (another host's, or untagged) those untouched for `min_age_s`. A live
+    writer's files are never touched. Returns what was removed."""
+    import shutil
+
+    d = Path(run_dir)
+    if not d.is_dir():
+        return []
+    host = socket.gethostname().replace(".", "-")
+    removed = []
+    for p in d.iterdir():
+        if not p.name.startswith(".") or not p.name.endswith(".tmp"):
+            continue
+        m = TEMP_RE.match(p.name)
+        writer = None
+        if m:
+            writer = (m.group(2), int(m.group(3)))
+        elif p.is_dir() and (p / ".writer").is_file():  # a sharded save in progress: .ckpt_X.dcp.tmp/.writer
+            try:
+                h, pid = (p / ".writer").read_text().split()
+                writer = (h, int(pid))
+            except ValueError:
+                writer = None
+        try:
+            age = time.time() - p.stat().st_mtime
+        except OSError:
+            continue
+        if writer is not None and writer[0] == host:
+            stale = not _pid_alive(writer[1])
+        else:
+            stale = age > min_age_s
+        if stale:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
@@ -133,24 +241,75 @@ def save_training_checkpoint(run_dir, step: int, model, optimizer, meta: dict, k
 
     final = checkpoint_path(run_dir, step, sharded=True)
     tmp = run_dir / f".{final.name}.tmp"
+    failure = None
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-    dcp.save(training_state(model, optimizer), checkpoint_id=str(tmp))
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            (tmp / ".writer").write_text(f"{socket.gethostname().replace('.', '-')} {os.getpid()}\n")
+        except OSError as e:
+            failure = io_error(e, final.name, run_dir)
+    _raise_together(failure, final, run_dir)
+    try:
+        dcp.save(training_state(model, optimizer), checkpoint_id=str(tmp))
+    except BaseException as e:  # noqa: BLE001 - CheckpointException derives from BaseException
+        cause = _first_os_error(e)
+        if cause is None:
+            raise
+        raise io_error(cause, final.name, run_dir) from None
     dist.barrier()
     if is_main:
-        atomic_torch_save(meta, tmp / "meta.pt")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(run_dir)
-        prune(run_dir, keep_last)
-    dist.barrier()
+        try:
+            atomic_torch_save(meta, tmp / "meta.pt")
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            (final / ".writer").unlink(missing_ok=True)  # kept until the rename: a kill before it leaves a stale,
+            # recognisable temp directory
+            _fsync_dir(run_dir)
+            prune(run_dir, keep_last)
+        except OSError as e:
+            failure = io_error(e, final.name, run_dir)
+        except CheckpointError as e:
+            failure = e
+    _raise_together(failure, final, run_dir)
     return final
+
+
+def _raise_together(failure: "CheckpointError | None", final: Path, run_dir: Path) -> None:
+    """Every rank learns whether rank 0's part of a sharded save failed, and all raise together (no rank is left
+    waiting in the next collective)."""
+    import torch.distributed as dist
+
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([float(failure is not None)], device=dev)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() > 0:
+        raise failure if failure is not None else CheckpointError(
+            f"cannot write {final.name} in {run_dir}: rank 0 could not (see its message); the checkpoints already "
+            "there are intact")
+
+
+def _first_os_error(e: BaseException) -> OSError | None:
+    """The OSError behind a DCP failure (it wraps each rank's exception), if any."""
+    seen = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno is not None:
+            return x
+        stack += [x.__cause__, x.__context__]
+        failures = getattr(x, "failures", None)
+        if isinstance(failures, dict):
+            stack += [v[0] if isinstance(v, tuple) else v for v in failures.values()]
+    return None
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -173,11 +332,8 @@ def load_training_checkpoint(path: str | os.PathLike, model, optimizer, model_cf
         import torch.distributed.checkpoint as dcp
 
         state = training_state(model, optimizer)
-        try:
+        with dcp_errors(path), no_code_from_dcp():
             dcp.load(state, checkpoint_id=str(path))
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"cannot load sharded checkpoint {path}: {first}") from None
         sdapi.set_model_state_dict(model, state["model"])
         sdapi.set_optimizer_state_dict(model, optimizer, state["optim"])
         return meta
@@ -214,7 +370,8 @@ def full_model_state(path: str | os.PathLike) -> dict:
         fd, tmp = tempfile.mkstemp(suffix=".pt")
         os.close(fd)
         try:
-            dcp_to_torch_save(str(path), tmp)
+            with dcp_errors(path), no_code_from_dcp():
+                dcp_to_torch_save(str(path), tmp)
             obj = load_checkpoint(tmp)
         finally:
             os.unlink(tmp)
@@ -230,12 +387,148 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load checkpoint {path} (weights-only loading refused or the file is "
-                              f"damaged): {first}") from None
+        raise refusal(path, e) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict of tensors")
     return obj
+
+
+def refusal(path, e: BaseException) -> CheckpointError:
+    """What a file that is not a checkpoint is, in one line: code it would run, or not a checkpoint at all. Never
+    the advice to load it without weights_only (that would run the code)."""
+    text = str(e)
+    m = re.search(r"GLOBAL ([\w.]+)", text)
+    name = m.group(1) if m else None
+    if isinstance(e, pickle.UnpicklingError) or name:
+        name = name or next(iter(_foreign_globals(path)), None)
+        what = f"it asks to call or build {name}" if name else "it holds objects other than tensors and plain values"
+        return CheckpointError(f"refused {path}: {what}, which a checkpoint never needs; checkpoints are loaded as "
+                               "tensors and plain values and nothing in them is run")
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln),
+                 type(e).__name__)
+    return CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint, or damaged "
+                           f"({type(e).__name__}: {first[:160]})")
+
+
+def _foreign_globals(path, limit: int = 64 * 2**20) -> list[str]:
+    """The callables and classes a pickle (or a torch zip's data.pkl) names outside torch and the containers,
+    read from its opcodes without running anything: what a refusal can name."""
+    import pickletools
+    import zipfile
+
+    try:
+        p = Path(path)
+        if zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                data = z.read(name)[:limit] if name else b""
+        else:
+            data = p.read_bytes()[:limit]
+        found, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(arg)
+            elif op.name in ("GLOBAL", "INST"):
+                found.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # noqa: BLE001 - a file too damaged to parse names nothing
+        return []
+    ok = ("torch.", "collections.", "_codecs.", "builtins.set", "builtins.frozenset", "builtins.slice",
+          "numpy.core.multiarray._reconstruct", "numpy.dtype", "numpy.ndarray")
+    return [g for g in dict.fromkeys(found) if not g.startswith(ok)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sharded checkpoints (torch.distributed.checkpoint) read without running code
+
+_DCP_METADATA_CLASSES = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+}
+_DCP_METADATA_MODULES = ("torch.distributed.checkpoint.metadata",)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only DCP's metadata classes, torch dtypes and sizes, paths and plain containers."""
+
+    def find_class(self, module, name):
+        ok = ((module, name) in _DCP_METADATA_CLASSES or module in _DCP_METADATA_MODULES
+              or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+        if not ok:
+            raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not checkpoint metadata")
+        return super().find_class(module, name)
+
+
+class _MetadataPickle:
+    """Stands in for the `pickle` module inside DCP's file reader: its load is the restricted unpickler."""
+
+    def __getattr__(self, name):
+        return getattr(pickle, name)
+
+    @staticmethod
+    def load(f, *args, **kwargs):
+        return _MetadataUnpickler(f).load()
+
+
+class _WeightsOnlyTorch:
+    """Stands in for `torch` inside DCP's load planner: its non-tensor values are loaded weights-only."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        return torch.load(f, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def no_code_from_dcp():
+    """Inside: DCP reads `.metadata` with the restricted unpickler and its non-tensor values weights-only, for
+    every reader and planner (dcp.load, dcp_to_torch_save). Module attributes are swapped for the duration, so
+    keep DCP reads of other threads out of it (checkpoint reads here are single-threaded)."""
+    import torch.distributed.checkpoint.default_planner as planner_mod
+    import torch.distributed.checkpoint.filesystem as fs_mod
+
+    saved = (fs_mod.pickle, planner_mod.torch)
+    fs_mod.pickle, planner_mod.torch = _MetadataPickle(), _WeightsOnlyTorch()
+    try:
+        yield
+    finally:
+        fs_mod.pickle, planner_mod.torch = saved
+
+
+@contextlib.contextmanager
+def dcp_errors(path):
+    """Any failure reading a sharded checkpoint (DCP's CheckpointException derives from BaseException and would
+    escape `except Exception`) becomes one CheckpointError naming the directory."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001
+        inner = _root_cause(e)
+        if isinstance(inner, pickle.UnpicklingError) or "not checkpoint metadata" in str(inner) or re.search(
+                r"GLOBAL [\w.]+", str(inner)):
+            raise refusal(path, inner) from None
+        first = next((ln.strip() for ln in str(inner).splitlines() if ln.strip()), type(inner).__name__)
+        raise CheckpointError(f"cannot load sharded checkpoint {path}: damaged or incomplete "
+                              f"({type(inner).__name__}: {first[:200]})") from None
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost exception of a DCP failure (it wraps each rank's error in a CheckpointException)."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        v = next(iter(failures.values()))
+        e = v[0] if isinstance(v, tuple) else v
+    while e.__cause__ is not None and e.__cause__ is not e:
+        e = e.__cause__
+    return e
 
 
 def model_state_from(obj: dict, path: str | os.PathLike = "checkpoint") -> dict:

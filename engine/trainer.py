@@ -57,6 +57,12 @@ class Trainer:
         self.device = device or resolve_device(t.device)
         self.amp_dtype = resolve_dtype(t.precision, self.device)
         self.run_dir = Path(t.run_dir)
+        if self.is_main:  # a read-only or full run directory fails here, in one line, before any work
+            ckpt.ensure_writable(self.run_dir)
+        if self.is_main:  # temporary files of saves that a kill interrupted (never a live writer's)
+            gone = ckpt.remove_stale_temp_files(self.run_dir)
+            if gone:
+                self.log(f"removed {len(gone)} temporary file(s) of interrupted saves in {self.run_dir}")
 
         resume_path = None
         if resume:

@@ -36,16 +36,33 @@ def test_export_key_set_matches_timm_large_and_huge(factory, name):
     vit.load_state_dict(enc, strict=True, assign=True)  # raises on any missing/unexpected key or shape
 
 
-def test_weights_only_loading_refuses_code(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
+class _Touch:
+    """Unpickling this creates a marker file: proof that loading ran code."""
 
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("form", ["torch.save", "plain pickle"])
+def test_weights_only_loading_refuses_code(tmp_path, form):
+    """A .pt whose unpickling would run code (a real torch.save archive, which torch.load without weights_only
+    would execute, and a bare pickle) is refused with a line naming what it asked for, and nothing runs."""
     path = tmp_path / "evil.pt"
-    with open(path, "wb") as f:
-        pickle.dump({"model": Evil()}, f)
-    with pytest.raises(ckpt.CheckpointError, match="weights-only loading refused"):
+    marker = tmp_path / "PWNED"
+    if form == "torch.save":
+        torch.save({"model": {"w": torch.ones(2)}, "x": _Touch(marker)}, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump({"model": _Touch(marker)}, f)
+    with pytest.raises(ckpt.CheckpointError, match=r"refused .*evil.pt: it asks to call or build posix.system") as e:
         ckpt.load_checkpoint(path)
+    assert not marker.exists()
+    assert "weights_only" not in str(e.value).replace(str(path), "")  # never the advice to load it unsafely
 
 
 def test_reference_format_is_accepted_and_mismatch_is_listed(tmp_path):
