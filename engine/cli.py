@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.common import DataError
 
     from .checkpoint import CheckpointError
-    from .trainer import NonFiniteLossError
+    from .trainer import DivergenceError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough = _passthrough(argv)
@@ -200,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args, extra) or 0)
-    except (UserError, ConfigError, DataError, CheckpointError, NonFiniteLossError) as e:
+    except (UserError, ConfigError, DataError, CheckpointError, DivergenceError) as e:
         print(f"mae {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE if not isinstance(e, NonFiniteLossError) else 1
+        return EXIT_USAGE if not isinstance(e, DivergenceError) else 1
     except KeyboardInterrupt:
         print(f"mae {args.command}: interrupted; the last checkpoint written is intact", file=sys.stderr)
         return 130

@@ -232,7 +232,17 @@ class TrainConfig:
     vis_every: int = 500
     """Optimizer steps between reconstruction grids (0 = only at the end)."""
     max_bad_steps: int = 10
-    """Consecutive non-finite steps (each skipped) after which training stops with an error."""
+    """Consecutive bad steps (non-finite: skipped; or a loss / gradient-norm spike, see spike_factor) after which
+    training stops with an error naming the last checkpoint written before them (or rolls back, on_divergence)."""
+    spike_factor: float = 3.0
+    """A step whose loss exceeds this many times the median of the recent good losses is bad (divergence)."""
+    grad_spike_factor: float = 10.0
+    """A step whose gradient norm exceeds this many times the median of the recent good norms is bad."""
+    on_divergence: str = "stop"
+    """stop (an error naming the last good checkpoint) | rollback (reload it, skip the batches since, go on; at
+    most train.max_rollbacks times)."""
+    max_rollbacks: int = 3
+    """Rollbacks after which a diverging run stops (on_divergence=rollback)."""
     progress: bool = True
     """Show a progress bar."""
     tensorboard: bool = True
@@ -267,6 +277,12 @@ class TrainConfig:
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 1, f"train.{name} must be a positive integer, got {v!r}")
         _check(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
+        _check(self.spike_factor > 1 and self.grad_spike_factor > 1,
+               f"train.spike_factor and train.grad_spike_factor must be > 1, got {self.spike_factor}, "
+               f"{self.grad_spike_factor}")
+        _check(self.on_divergence in ("stop", "rollback"),
+               f"train.on_divergence must be stop or rollback, got {self.on_divergence!r}")
+        _check(self.max_rollbacks >= 0, f"train.max_rollbacks must be >= 0, got {self.max_rollbacks}")
         _check(self.vis_every >= 0, f"train.vis_every must be >= 0, got {self.vis_every}")
         _check(self.knn_every >= 0, f"train.knn_every must be >= 0, got {self.knn_every}")
         for name in ("checkpoint_blocks", "checkpoint_decoder_blocks"):

@@ -74,6 +74,7 @@ class _Captured:
     skip: torch.Tensor
     loss: torch.Tensor
     finite: torch.Tensor
+    grad_norm: torch.Tensor
     mask_ratio: float
     graph: object = None
 
@@ -104,6 +105,7 @@ class GraphedStep:
         self.warmup = warmup
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+        self.grad_norm = torch.zeros(())  # the last step's gradient norm (a static output, valid until the next)
         self.captures = 0
         self.builds = 0  # static-buffer sets made (one per shapes and ratio); captures counts the CUDA graphs
         tensor_lr_(optimizer)
@@ -120,6 +122,7 @@ class GraphedStep:
         loss, bad = self.step.body(list(zip(c.imgs, c.noise)), c.mask_ratio, skip=c.skip, autocast_cache=False)
         c.loss.copy_(loss)
         c.finite.copy_(bad == 0)
+        c.grad_norm.copy_(self.step.grad_norm)
 
     def _new(self, micro_batches, mask_ratio: float) -> _Captured:
         imgs_list, noise_list = [x for x, _ in micro_batches], [n for _, n in micro_batches]
@@ -127,7 +130,8 @@ class GraphedStep:
         c = _Captured(imgs=[torch.empty_like(x) for x in imgs_list], noise=[torch.empty_like(n) for n in noise_list],
                       skip=torch.zeros((), dtype=torch.bool, device=dev),
                       loss=torch.zeros((), dtype=torch.float32, device=dev),
-                      finite=torch.ones((), dtype=torch.bool, device=dev), mask_ratio=mask_ratio)
+                      finite=torch.ones((), dtype=torch.bool, device=dev),
+                      grad_norm=torch.zeros((), dtype=torch.float32, device=dev), mask_ratio=mask_ratio)
         for s, x in zip(c.imgs + c.noise, imgs_list + noise_list):
             s.copy_(x)
         while len(self.graphs) >= self.max_graphs:
@@ -176,4 +180,9 @@ class GraphedStep:
         else:  # the eager reference of the same body
             self._body(c)
             self.optimizer.zero_grad(set_to_none=True)
+        self.grad_norm = c.grad_norm
         return c.loss, c.finite
+
+    def reset(self) -> None:
+        """Drop every capture (after the parameters or optimizer state were replaced, e.g. by a rollback)."""
+        self.graphs.clear()

@@ -16,7 +16,10 @@ def run_pretrain(cfg: Config, resume: bool = False) -> int:
         trainer = Trainer(cfg, resume=resume, ctx=ctx, device=device)
         result = trainer.fit()
         if result.interrupted:
-            return 128 + {"SIGTERM": 15, "SIGUSR1": 10}.get(result.interrupted, 15)
+            import signal
+
+            sig = getattr(signal, result.interrupted, None) if result.interrupted.startswith("SIG") else None
+            return 128 + int(sig if sig is not None else signal.SIGTERM)  # 143 / 138 / 130: stopped by a signal
         if ctx.is_main:
             loss = f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a"
             print(f"done: step {result.step}, loss {loss}, checkpoint {result.checkpoint}, "

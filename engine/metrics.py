@@ -92,16 +92,29 @@ def peak_allocated_gib(device: torch.device) -> float | None:
 
 
 class MetricsWriter:
-    """Append-only metrics.jsonl (flushed per record) plus optional TensorBoard events, in the run directory."""
+    """Append-only metrics.jsonl (flushed per record) plus optional TensorBoard events, in the run directory.
 
-    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True, enabled: bool = True):
+    resume_step: the step a resumed run starts from; records of later steps (written by the run before it was
+    interrupted, and now to be trained again) are moved to metrics.superseded.jsonl, marked with the step of the
+    resume, so metrics.jsonl holds one record per step. A write that fails (full disk) is one CheckpointError
+    naming the file."""
+
+    def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True, enabled: bool = True,
+                 resume_step: int = 0):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", buffering=1)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step and self.path.is_file():
+                self._supersede(resume_step)
+            self._f = open(self.path, "a", buffering=1)
+        except OSError as e:
+            from .checkpoint import io_error
+
+            raise io_error(e, self.path.name, self.path.parent) from None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -110,12 +123,36 @@ class MetricsWriter:
             except Exception as e:  # tensorboard missing or broken: keep JSONL, say so once
                 print(f"warning: TensorBoard logging disabled ({type(e).__name__}: {e})", file=sys.stderr)
 
+    def _supersede(self, resume_step: int) -> None:
+        from .checkpoint import atomic_write
+
+        keep, moved = [], []
+        for line in self.path.read_text().splitlines():
+            try:
+                step = json.loads(line).get("step", 0)
+            except json.JSONDecodeError:  # a line cut by a kill: not a record
+                continue
+            (moved if step > resume_step else keep).append(line)
+        if not moved:
+            return
+        with open(self.path.with_name("metrics.superseded.jsonl"), "a") as f:
+            for line in moved:
+                rec = json.loads(line)
+                rec["superseded_by_resume_at"] = resume_step
+                f.write(json.dumps(rec) + "\n")
+        atomic_write(self.path, lambda f: f.write("".join(x + "\n" for x in keep).encode()))
+
     def log(self, step: int, **values) -> None:
         if not self.enabled:
             return
         rec = {"step": step, "time": round(time.time(), 3)}
         rec.update({k: v for k, v in values.items() if v is not None})
-        self._f.write(json.dumps(rec) + "\n")
+        try:
+            self._f.write(json.dumps(rec) + "\n")
+        except OSError as e:
+            from .checkpoint import io_error
+
+            raise io_error(e, self.path.name, self.path.parent) from None
         if self.tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):

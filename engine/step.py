@@ -6,9 +6,10 @@ estimator all run `TrainStep`, built from a Config by `build_training`.
 
 One step: refresh the bf16 weight copies (bf16-pure), then per micro-batch the attention context, autocast,
 the forward with its mask noise, the backward of loss / accum_steps (FSDP2 reduces gradients on the last
-micro-batch only) and the copies' gradients moved to the fp32 masters; then the mean loss, a non-finite flag
-(all-reduced, so every rank skips together) and the optimizer step, which the fused optimizer skips on the
-device when the flag is set (`found_inf`). Loss and flag stay on the device: no host sync.
+micro-batch only) and the copies' gradients moved to the fp32 masters; then the mean loss, the gradient norm,
+a non-finite flag (loss or gradient; all-reduced, so every rank skips together) and the optimizer step, which
+the fused optimizer skips on the device when the flag is set (`found_inf`). Loss, norm and flag stay on the
+device: no host sync.
 
 `train.cuda_graph` wraps the same TrainStep in engine.graphstep.GraphedStep, which records `TrainStep.body`
 once per batch shape and mask ratio and replays it. Benchmarks time `training.step`; phase timing (forward /
@@ -69,6 +70,8 @@ class TrainStep:
         self.mask_ratio = mask_ratio
         self.fsdp = is_fsdp(model)
         self.hooks: list[Hook] = []
+        self.grad_norm = torch.zeros((), device=self.device)
+        """The last step's total gradient norm (fp32, over every rank's shard), a device tensor."""
 
     def autocast(self, cache: bool = True):
         """The step's autocast (none under fp32 and bf16-pure). A captured step turns the weight-cast cache off:
@@ -107,7 +110,8 @@ class TrainStep:
         if n != k:
             raise ValueError(f"a step takes accum_steps={k} micro-batches; got {n}")
         acc /= k
-        bad = ~torch.isfinite(acc)
+        self.grad_norm = self._grad_norm()
+        bad = ~torch.isfinite(acc) | ~torch.isfinite(self.grad_norm)
         if skip is not None:
             bad = bad | skip
         bad = bad.to(torch.float32)
@@ -121,6 +125,35 @@ class TrainStep:
         elif bad.item() == 0:  # note: a host sync, only for optimizers that cannot skip on the device
             self.optimizer.step()
         return acc, bad
+
+    def param_norm(self) -> torch.Tensor:
+        """The L2 norm of all parameters (sharded ones over every rank), fp32 on the device; a collective under
+        FSDP2, so every rank calls it at the same step."""
+        local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in self.model.parameters()]
+        try:
+            norms = torch._foreach_norm(local, 2, dtype=torch.float32)
+        except TypeError:
+            norms = [n.float() for n in torch._foreach_norm(local)]
+        sq = torch.stack(norms).square().sum()
+        if self.fsdp:
+            all_reduce_(sq, "sum")
+        return sq.sqrt()
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The L2 norm of all gradients (a sharded gradient counts its local part; the squares are summed over
+        ranks), computed in fp32 on the device."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        try:
+            norms = torch._foreach_norm(local, 2, dtype=torch.float32)
+        except TypeError:  # a torch without the dtype argument
+            norms = [n.float() for n in torch._foreach_norm(local)]
+        sq = torch.stack(norms).square().sum()
+        if self.fsdp:
+            all_reduce_(sq, "sum")
+        return sq.sqrt()
 
     def __call__(self, micro_batches, mask_ratio: float | None = None, hooks: Iterable[Hook] | None = None):
         hooks = self.hooks if hooks is None else hooks

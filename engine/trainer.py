@@ -22,6 +22,7 @@ from . import checkpoint as ckpt
 from . import parallel
 from .config import Config, ConfigError
 from .device import resolve_device, resolve_dtype  # noqa: F401 - re-exported for callers of the old home
+from .health import Health, StopVote
 from .metrics import MetricsWriter, datasheet_peak, mfu, peak_allocated_gib, train_flops_per_image
 from .optim import lr_at, set_lr
 from .parallel import DistContext
@@ -29,8 +30,11 @@ from .step import build_training
 from .visualize import reconstruction_grid, save_grid
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss."""
+class DivergenceError(RuntimeError):
+    """Too many consecutive bad steps (non-finite, or a loss / gradient-norm spike): the run diverged."""
+
+
+NonFiniteLossError = DivergenceError  # the name of the first version, when only non-finite losses counted
 
 
 @dataclass
@@ -43,7 +47,9 @@ class TrainResult:
     """The last checkpoint written."""
     run_dir: Path
     interrupted: str | None = None
-    """The signal (SIGTERM, SIGUSR1) that stopped the run after a checkpoint, or None when it finished."""
+    """The signal (SIGTERM, SIGUSR1, SIGINT) that stopped the run after a checkpoint, or None when it finished."""
+    rollbacks: int = 0
+    """How many times a diverging run was rolled back to its last good checkpoint (train.on_divergence)."""
 
 
 class Trainer:
@@ -224,7 +230,7 @@ class Trainer:
         t = self.cfg.train
         if self.is_main:
             self.log(self.banner())
-        writer = MetricsWriter(self.run_dir, tensorboard=t.tensorboard, enabled=self.is_main)
+        writer = MetricsWriter(self.run_dir, tensorboard=t.tensorboard, enabled=self.is_main, resume_step=self.step)
         bar = None
         if self.is_main and t.progress and sys.stderr.isatty():
             from tqdm import tqdm
@@ -239,38 +245,55 @@ class Trainer:
             vis_imgs = first[:4].detach().clone()
             stream = _chain_first(first, stream)
         zero = torch.zeros((), device=self.device)
-        loss_sum, n_good, skipped = zero.clone(), zero.clone(), zero.clone()
-        bad_run, worst_run = zero.clone(), zero.clone()
+        loss_sum, n_good, skipped, gn_sum = zero.clone(), zero.clone(), zero.clone(), zero.clone()
+        pending = []  # per step since the last health check: [loss, grad norm, finite] (device tensors)
+        health = Health(t.spike_factor, t.grad_spike_factor)
+        health.observe_weights(self.step, float(self.training.plain.param_norm()))  # the reference for growth
         last_loss, last_ckpt = None, None
         t_log, steps_since, imgs_per_step = time.perf_counter(), 0, self.effective_batch // self.world
-        stop_signal = None
+        stop_signal, rollbacks = None, 0
+        vote = StopVote(self.device, self.ctx.distributed)
         restore = self._catch_signals()
         try:
             while self.step < self.stop_at:
                 loss, finite = self.train_step(stream)
+                gn = self.training.step.grad_norm
                 loss_sum += torch.where(finite, loss, zero)
+                gn_sum += torch.where(finite, gn, zero)
                 n_good += finite
                 skipped += ~finite
-                bad_run = torch.where(finite, zero, bad_run + 1)
-                worst_run = torch.maximum(worst_run, bad_run)
+                pending.append(torch.stack([loss.float(), gn.float(), finite.float()]))
                 steps_since += 1
                 if bar is not None:
                     bar.update(1)
-                if self.step % t.log_every == 0 or self.step == self.stop_at:
-                    # note: the loop's only regular host sync
+                if vote.step(self._signal is not None):  # every rank agrees on the same step
+                    stop_signal = self._signal or "a signal on another rank"
+                log_now = self.step % t.log_every == 0 or self.step == self.stop_at
+                save_now = self.step % t.ckpt_every == 0 or self.step == self.stop_at or stop_signal
+                if log_now or save_now:
+                    # note: with the log line, the loop's only regular host sync
+                    self._observe(health, pending)
+                    pending = []
+                    if health.streak >= t.max_bad_steps:
+                        if t.on_divergence == "rollback" and rollbacks < t.max_rollbacks:
+                            rollbacks += 1
+                            self._rollback(health, say, rollbacks)
+                            loss_sum.zero_(), n_good.zero_(), skipped.zero_(), gn_sum.zero_()
+                            t_log, steps_since = time.perf_counter(), 0
+                            continue
+                        raise DivergenceError(self._divergence_message(health, rollbacks))
+                if log_now:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     dt = time.perf_counter() - t_log
-                    flag = torch.full((), float(self._signal is not None), device=self.device)
-                    stats = torch.stack([loss_sum, n_good, flag])
-                    parallel.all_reduce_(stats)  # mean over ranks; skips are global already
-                    ng, sk, worst = int(stats[1].item()), int(skipped.item()), int(worst_run.item())
-                    if stats[2].item() > 0:  # some rank was asked to stop: all save together, then stop
-                        stop_signal = self._signal or "a signal on another rank"
-                    last_loss = stats[0].item() / ng if ng else float("nan")
+                    stats = torch.stack([loss_sum, n_good, gn_sum])
+                    parallel.all_reduce_(stats)  # sums over ranks; skips are global already
+                    ng, sk = int(stats[1].item()) // self.world, int(skipped.item())
+                    last_loss = stats[0].item() / (ng * self.world) if ng else float("nan")
                     ips = steps_since * imgs_per_step * self.world / dt
                     lr = float(self.optimizer.param_groups[0]["lr"])
                     rec = dict(epoch=round(self.step / self.steps_per_epoch, 3), loss=last_loss, lr=lr,
+                               grad_norm=round(stats[2].item() / (ng * self.world), 6) if ng else None,
                                img_per_s=round(ips, 2), step_ms=round(1000 * dt / steps_since, 2), skipped=sk,
                                tflops_per_s=round(self.flops_per_image * ips / 1e12, 4),
                                mfu=mfu(self.flops_per_image, ips / self.world, self.peak),
@@ -281,23 +304,30 @@ class Trainer:
                     elif self.is_main:
                         say(f"step {self.step}/{self.stop_at} loss {last_loss:.4f} lr {lr:.3e} {ips:.1f} img/s")
                     if sk and self.is_main:
-                        say(f"warning: skipped {sk} step(s) with a non-finite loss before step {self.step} "
-                            f"(longest run {worst}); parameters were not updated on those steps")
-                    if worst >= t.max_bad_steps:
-                        raise NonFiniteLossError(
-                            f"{worst} consecutive steps had a non-finite loss (limit train.max_bad_steps="
-                            f"{t.max_bad_steps}) by step {self.step}; stopping. The last good checkpoint in "
-                            f"{self.run_dir} is intact: lower the lr or check the data, then --resume")
-                    loss_sum.zero_(), n_good.zero_(), skipped.zero_(), worst_run.copy_(bad_run)
+                        say(f"warning: skipped {sk} step(s) with a non-finite loss or gradient before step "
+                            f"{self.step}; parameters were not updated on those steps")
+                    if health.longest and self.is_main:
+                        say(f"warning: {health.longest} consecutive bad step(s) by step {self.step}: "
+                            f"{health.last_reason}")
+                    health.reset_longest()
+                    loss_sum.zero_(), n_good.zero_(), skipped.zero_(), gn_sum.zero_()
                     t_log, steps_since = time.perf_counter(), 0
-                if not self.ctx.distributed and self._signal is not None:
-                    stop_signal = self._signal  # one process: act on the next step boundary
-                if self.step % t.ckpt_every == 0 or self.step == self.stop_at or stop_signal:
-                    last_ckpt = self.save()
+                if save_now:
+                    if health.in_streak:  # never a checkpoint of a run in a bad streak: the last good one stays
+                        if self.is_main:
+                            good = health.last_good_checkpoint()
+                            say(f"warning: not writing a checkpoint at step {self.step}: the run has had "
+                                f"{health.streak} bad step(s) since step {health.streak_start} ({health.last_reason});"
+                                f" the last good checkpoint is {good[1] if good else 'none yet'}")
+                    else:
+                        last_ckpt = self.save()
+                        health.saved(self.step, last_ckpt)
                     t_log = time.perf_counter()  # do not count the save in the throughput
                 if stop_signal:
                     if self.is_main:
-                        say(f"received {stop_signal}: saved {last_ckpt} at step {self.step}; continue with --resume")
+                        what = f"saved {last_ckpt} at step {self.step}" if not health.in_streak else (
+                            f"did not save (bad streak); the last good checkpoint is {health.last_good_checkpoint()}")
+                        say(f"received {stop_signal}: {what}; continue with --resume")
                     break
                 if vis_imgs is not None and (
                         (t.vis_every and self.step % t.vis_every == 0) or self.step == self.stop_at):
@@ -314,22 +344,76 @@ class Trainer:
             if bar is not None:
                 bar.close()
             writer.close()
-        return TrainResult(self.step, last_loss, last_ckpt, self.run_dir, stop_signal)
+        return TrainResult(self.step, last_loss, last_ckpt, self.run_dir, stop_signal, rollbacks)
+
+    def _observe(self, health: Health, pending: list) -> None:
+        """Judge the steps since the last check (one host sync for all of them)."""
+        if not pending:
+            return
+        first = self.step - len(pending) + 1
+        for i, (loss, gn, finite) in enumerate(torch.stack(pending).tolist()):
+            health.observe(first + i, loss, gn, finite > 0)
+        health.observe_weights(self.step, float(self.training.plain.param_norm()))
+
+    def _divergence_message(self, health: Health, rollbacks: int) -> str:
+        good = health.last_good_checkpoint()
+        where = (f"the last checkpoint written before it is {good[1]} (step {good[0]})" if good else
+                 "no checkpoint was written before it")
+        return (f"the run diverged: {health.streak} consecutive bad steps since step {health.streak_start} (limit "
+                f"train.max_bad_steps={self.cfg.train.max_bad_steps}; the last: {health.last_reason})"
+                + (f", after {rollbacks} rollback(s)" if rollbacks else "")
+                + f"; stopping. {where[0].upper() + where[1:]}; no checkpoint was written during the streak. Lower "
+                + ("the lr or check the data, then --resume from it (or train.on_divergence rollback)" if good else
+                   "the lr or check the data and start again"))
+
+    def _rollback(self, health: Health, say, n: int) -> None:
+        """Reload the last checkpoint written before the bad streak and go on with the data after the offending
+        batches (the stream is not rewound); the mask stream goes on too, so the masks differ from the first try."""
+        good = health.last_good_checkpoint()
+        if good is None:
+            raise DivergenceError(self._divergence_message(health, n - 1))
+        step, path = good
+        ckpt.load_training_checkpoint(path, self.model, self.optimizer, self.cfg.model)
+        if self.compute is not None:
+            self.compute.refresh()
+        if self.graphed is not None:  # the captures point at the replaced optimizer state: capture again
+            self.graphed.reset()
+        if self.is_main:
+            say(f"warning: rolling back to {path} (step {step}) after {health.streak} bad steps since step "
+                f"{health.streak_start} ({health.last_reason}); the batches since are skipped "
+                f"(rollback {n} of at most {self.cfg.train.max_rollbacks})")
+        self.step = step
+        health.restart()
+        health.observe_weights(step, float(self.training.plain.param_norm()))
 
     def _catch_signals(self):
-        """SIGTERM / SIGUSR1 (a scheduler's pre-emption notice) ask the loop to checkpoint and stop at the next
-        step boundary (under torchrun: at the next log interval, when the ranks agree). Returns the undo."""
+        """SIGTERM / SIGUSR1 (a scheduler's pre-emption notice) and a first Ctrl-C (SIGINT) ask the loop to write a
+        checkpoint and stop after the next step (under torchrun: after the step all ranks agree on, one later). A
+        second Ctrl-C, a moment after the first, stops at once without one. Returns the undo."""
         import signal
         import threading
 
         self._signal = None
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
-        names = [n for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n)]
+        names = [n for n in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, n)]
         old = {n: signal.getsignal(getattr(signal, n)) for n in names}
+        first_int = [None]
 
         def handler(signum, frame):
-            self._signal = signal.Signals(signum).name
+            name = signal.Signals(signum).name
+            if name == "SIGINT":
+                # a second Ctrl-C aborts; one that comes within a second of the first is the same press relayed
+                # (torchrun forwards the terminal's SIGINT to ranks that already received it)
+                if first_int[0] is not None and time.monotonic() - first_int[0] > 1.0:
+                    raise KeyboardInterrupt
+                if first_int[0] is None:
+                    first_int[0] = time.monotonic()
+                    if self.is_main:
+                        print("interrupted: writing a checkpoint after the next step (Ctrl-C again to stop without "
+                              "one)", file=sys.stderr, flush=True)
+            if self._signal is None:
+                self._signal = name
 
         for n in names:
             signal.signal(getattr(signal, n), handler)

@@ -81,10 +81,12 @@ class DaliLoader:
 
         @pipeline_def(enable_checkpointing=True)
         def mae_pipeline():
-            encoded, _ = fn.readers.file(files=self.files, shard_id=rank, num_shards=world, random_shuffle=True,
-                                         pad_last_batch=True, seed=seed, name="Reader")
+            # the label is the file's index: the loader knows what each rank has read (see _decode_error)
+            encoded, index = fn.readers.file(files=self.files, labels=list(range(len(self.files))), shard_id=rank,
+                                             num_shards=world, random_shuffle=True, pad_last_batch=True, seed=seed,
+                                             name="Reader")
             return augment(fn, types, encoded, img_size, data_cfg.scale, data_cfg.ratio, data_cfg.hflip,
-                           data_cfg.mean, data_cfg.std, "mixed" if gpu else "cpu", dali_dtype, deterministic)
+                           data_cfg.mean, data_cfg.std, "mixed" if gpu else "cpu", dali_dtype, deterministic), index
 
         def make_pipe(checkpoint=None):
             return mae_pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id,
@@ -95,6 +97,8 @@ class DaliLoader:
         self._checkpoint: str | None = None
         self._it = None
         self.replayed = 0  # batches read and dropped to reach a resume position (0 when the state was used)
+        self._read = set()  # indices into self.files read this epoch by this rank
+        self._in_epoch = 0
 
     # -- resume --------------------------------------------------------------------------------------------
 
@@ -113,8 +117,17 @@ class DaliLoader:
     def _build(self):
         pipe = self._make_pipe(self._checkpoint)
         pipe.build()
-        return self._iter_cls([pipe], ["images"], reader_name="Reader", auto_reset=True,
+        return self._iter_cls([pipe], ["images", "index"], reader_name="Reader", auto_reset=True,
                               last_batch_policy=self._policy.DROP)
+
+    def _unread_candidates(self) -> list[str]:
+        """Files this rank may read next: its shard (DALI shards the list contiguously) minus what it read this
+        epoch, then the other shards (a resume may have read this epoch before this process started)."""
+        n, w = len(self.files), self.world
+        lo, hi = n * self.rank // w, n * (self.rank + 1) // w
+        mine = [i for i in range(lo, hi) if i not in self._read]
+        rest = [i for i in range(n) if not lo <= i < hi]
+        return list(dict.fromkeys(self.files[i] for i in mine + rest))
 
     def stream(self, start: int = 0):
         """Batches [B, C, H, W] on the device, forever; resumes from the DALI checkpoint when one was loaded,
@@ -123,12 +136,17 @@ class DaliLoader:
         try:
             self._it = self._build()  # the iterator runs the pipeline ahead: decode errors can surface here
         except RuntimeError as e:
-            raise _decode_error(e, self.files) from None
+            raise _decode_error(e, self._unread_candidates()) from None
         skip = 0 if restored else start
+        self._in_epoch = 0 if restored else start % self.batches_per_epoch
         if skip:
             print(f"note: DALI loader replays {skip} batch(es) to reach the resume position", file=sys.stderr)
         while True:
-            for out in _named_errors(self._it, self.files):
+            for out in _named_errors(self._it, self._unread_candidates):
+                if self._in_epoch % self.batches_per_epoch == 0:
+                    self._read.clear()
+                self._in_epoch += 1
+                self._read.update(out[0]["index"].reshape(-1).tolist())
                 if skip:
                     skip -= 1
                     self.replayed += 1
@@ -141,35 +159,76 @@ class DaliLoader:
                 yield imgs
 
 
-def _named_errors(it, files):
-    """Iterate a DALI iterator; a decode failure becomes a DataError naming the culprit files."""
+def _named_errors(it, candidates):
+    """Iterate a DALI iterator; a decode failure becomes a DataError naming the culprit files (`candidates()`: the
+    files the reader may have been reading, most likely first)."""
     while True:
         try:
             out = next(it)
         except StopIteration:
             return
         except RuntimeError as e:
-            raise _decode_error(e, files) from None
+            raise _decode_error(e, candidates()) from None
         yield out
 
 
-def _decode_error(e: RuntimeError, files, max_scan: int = 200_000) -> DataError:
-    """DALI's decoder errors seldom name the file: find the likely culprits with a quick header check."""
+DECODE_SCAN_S = 60.0  # the time a failed run spends decoding candidates to name the bad file
+
+
+def _decode_error(e: RuntimeError, files, budget_s: float = DECODE_SCAN_S) -> DataError:
+    """DALI's decoder errors name no file (e.g. "nvImageCodec failure: '#3'"). Find the culprit among `files`
+    (the ones this rank had not read yet this epoch first): a header check of all of them, then a full decode, in
+    parallel, for at most `budget_s` seconds (a truncated JPEG has an intact header)."""
     from .check import check_file
 
     msg = str(e)
-    first = next((ln.strip() for ln in msg.splitlines() if "failure" in ln or "rror" in ln),
-                 msg.splitlines()[0] if msg else type(e).__name__)
-    suspects = []
-    for f in dict.fromkeys(files[:max_scan]):
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    detail = next((ln for ln in lines if "failure" in ln.lower()), None) or next(
+        (ln for ln in lines if "rror" in ln), lines[0] if lines else type(e).__name__)
+    suspects, scanned = [], 0
+    for f in files:
         finding = check_file(f, decode=False)
         if finding.bad:
             suspects.append(f"{f} ({finding.kind}: {finding.detail})")
-    named = ("; files that cannot be decoded: " + ", ".join(suspects[:5])
-             + (f" and {len(suspects) - 5} more" if len(suspects) > 5 else "")) if suspects else ""
-    return DataError(f"DALI could not decode an image ({first[:200]}){named}. Run `mae data check DIR`: it writes "
+    if not suspects:  # headers fine: decode the candidates in full, within the budget
+        scanned = _decode_scan(files, suspects, budget_s)
+    named = ("; the file(s) that cannot be decoded: " + ", ".join(suspects[:5])
+             + (f" and {len(suspects) - 5} more" if len(suspects) > 5 else "")) if suspects else (
+        f"; no header was bad and {scanned} of {len(files)} candidate file(s) decoded fine within {budget_s:.0f} s")
+    return DataError(f"DALI could not decode an image ({detail[:200]}){named}. Run `mae data check DIR`: it writes "
                      "a quarantine list that both backends then skip. Checkpoints already written are intact; "
                      "resume with --resume.")
+
+
+def _decode_scan(files, suspects: list, budget_s: float) -> int:
+    """Fully decode `files` in parallel, in order, adding the bad ones to `suspects`, until done or `budget_s`
+    is spent; returns how many were checked."""
+    import os
+    import time
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    from .check import MAX_PIXELS, _check_many
+
+    t_end = time.monotonic() + budget_s
+    chunks = deque(files[i:i + 64] for i in range(0, len(files), 64))
+    workers = max(1, min(8, os.cpu_count() or 1))
+    scanned, running = 0, deque()
+    ex = ProcessPoolExecutor(workers)
+    try:
+        while chunks or running:
+            while chunks and len(running) < 2 * workers and time.monotonic() < t_end:
+                running.append(ex.submit(_check_many, (chunks.popleft(), MAX_PIXELS, True)))
+            if not running:
+                break
+            findings = running.popleft().result()
+            scanned += len(findings)
+            suspects += [f"{x.path} ({x.kind}: {x.detail})" for x in findings if x.bad]
+            if suspects or time.monotonic() > t_end:
+                break
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+    return scanned
 
 
 def crop_sizes(files, scale, ratio, n_batches: int, batch_size: int = 16, seed: int = 0) -> list[tuple[int, int]]:

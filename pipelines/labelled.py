@@ -16,7 +16,7 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
 from .common import IMAGE_EXTS, DataError, EpochPlan, sample_rng, walk_files
-from .torchvision import ImageFiles
+from .torchvision import ImageFiles, ignore_stop_signals
 
 
 def list_labelled(path: str) -> tuple[list[str], list[int], list[str]]:
@@ -83,7 +83,8 @@ class LabelledLoader:
             idx = list(range(len(self.files)))
             sampler = [[(0, i) for i in idx[j:j + self.batch_size]] for j in range(0, len(idx), self.batch_size)]
         dl = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                                         pin_memory=self.device.type == "cuda")
+                                         pin_memory=self.device.type == "cuda",
+                                         worker_init_fn=ignore_stop_signals if self.num_workers else None)
         for imgs, labels in dl:
             yield imgs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 

@@ -1,9 +1,15 @@
 """PIL + torchvision backend: the paper's augmentation (RandomResizedCrop(scale 0.2-1, bicubic), flip,
 normalise) in DataLoader workers, for machines without DALI. Deterministic per (seed, epoch, sample),
-so a resumed run sees exactly the batches the uninterrupted run would have seen."""
+so a resumed run sees exactly the batches the uninterrupted run would have seen.
+
+Workers ignore SIGTERM, SIGINT and SIGUSR1: a scheduler's pre-emption (sent to the whole process group) or a
+Ctrl-C reaches the main process, which writes its checkpoint while the workers keep serving batches. An
+unreadable image is skipped (the next file stands in); the main process names each one once, whichever worker
+met it."""
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import torch
@@ -11,7 +17,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from .common import EpochPlan, sample_crop, sample_rng
+from .common import DataError, EpochPlan, sample_crop, sample_rng
 
 MAX_FALLBACKS = 16
 CACHE_MAX_FILES = 32
@@ -52,21 +58,60 @@ class ImageFiles(torch.utils.data.Dataset):
         return TF.normalize(TF.to_tensor(img), self.mean, self.std)
 
     def __getitem__(self, key):
+        """The sample's tensor; get_with_skips also says which unreadable files it skipped."""
+        x, skipped = self.get_with_skips(key)
+        if x is None:
+            raise DataError(too_many_unreadable(skipped))
+        return x
+
+    def get_with_skips(self, key):
         epoch, index = key
         rng = sample_rng(self.seed, epoch, index)
         n = len(self.files)
+        skipped = []
         for k in range(MAX_FALLBACKS):
             path = self.files[(index + k) % n]
             try:
                 img = self.load(path)
-            except Exception as e:  # unreadable file: skip it with one warning naming it
-                if path not in self._warned:
-                    self._warned.add(path)
-                    print(f"warning: skipping unreadable image {path}: {type(e).__name__}: {e}", file=sys.stderr)
+            except Exception as e:  # unreadable file: the next one stands in; the main process names it once
+                skipped.append((path, f"{type(e).__name__}: {e}"))
                 continue
-            return self.transform(img, rng)
-        raise RuntimeError(f"{MAX_FALLBACKS} consecutive unreadable images from {self.files[index % n]}; "
-                           "run `mae data check DIR` to list and quarantine them")
+            return self.transform(img, rng), skipped
+        return None, skipped  # the main process raises (an exception in a worker would carry its traceback)
+
+
+def too_many_unreadable(skipped) -> str:
+    return (f"{MAX_FALLBACKS} consecutive unreadable images from {skipped[0][0]} on ({skipped[0][1]}); run "
+            "`mae data check DIR` to list and quarantine them; checkpoints already written are intact")
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: leave SIGTERM / SIGINT / SIGUSR1 to the main process (it checkpoints, then
+    shuts the workers down itself)."""
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+class _WithSkips(torch.utils.data.Dataset):
+    """The dataset's samples with the files each skipped, so the main process can warn once per file."""
+
+    def __init__(self, ds: ImageFiles):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        return self.ds.get_with_skips(key)
+
+
+def _collate_with_skips(items):
+    skipped = [s for _, sk in items for s in sk]
+    failed = next((sk for x, sk in items if x is None), None)
+    if failed is not None:
+        return None, failed
+    return torch.stack([x for x, _ in items]), skipped
 
 
 class TorchvisionLoader:
@@ -86,8 +131,16 @@ class TorchvisionLoader:
     def stream(self, start: int = 0):
         """Batches [B, C, H, W] fp32 on the device, forever, from global micro-batch `start`."""
         dl = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=self.plan.batches(start), num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            _WithSkips(self.dataset), batch_sampler=self.plan.batches(start), num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False, collate_fn=_collate_with_skips,
+            worker_init_fn=ignore_stop_signals if self.num_workers else None,
             prefetch_factor=4 if self.num_workers else None)
-        for imgs in dl:
+        warned = self.dataset._warned
+        for imgs, skipped in dl:
+            if imgs is None:
+                raise DataError(too_many_unreadable(skipped))
+            for path, why in skipped:
+                if path not in warned:  # once per file, whichever worker met it
+                    warned.add(path)
+                    print(f"warning: skipping unreadable image {path}: {why}", file=sys.stderr)
             yield imgs.to(self.dtype).to(self.device, non_blocking=True)  # cast first: a bf16 copy is half

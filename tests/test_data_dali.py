@@ -244,3 +244,46 @@ def test_horizontal_flip_rate_and_exactness(tmp_path, backend):
     torch.testing.assert_close(every, none.flip(-1), rtol=0, atol=1e-5)
     share, unclear = _flipped_share(half)
     assert unclear == 0 and 0.3 <= share <= 0.7, share
+
+
+@needs_dali
+def test_dali_names_a_truncated_jpeg_whose_header_is_intact(tmp_path):
+    """A JPEG cut after its headers decodes nowhere, yet a header check passes it: the loader decodes the files its
+    rank had not read yet and names it."""
+    d = tmp_path / "d"
+    d.mkdir()
+    for i in range(6):
+        photo(i, (160, 120)).save(d / f"g{i}.jpg", quality=95)
+    buf = io.BytesIO()
+    photo(7, (160, 120)).save(buf, format="JPEG", quality=95)
+    data = buf.getvalue()
+    (d / "cut.jpg").write_bytes(data[: int(len(data) * 0.6)])  # SOS and part of the scan: headers intact
+    from pipelines.check import check_file
+
+    assert not check_file(str(d / "cut.jpg"), decode=False).bad  # the case the old message could not name
+    ld = build_loader(DataConfig(path=str(d), backend="dali", num_workers=1), 32, 7, "cpu", seed=0)
+    with pytest.raises(DataError, match=r"DALI could not decode an image .*the file\(s\) that cannot be decoded: "
+                                        r".*cut.jpg \(corrupt"):
+        next(ld.stream(0))
+
+
+@needs_dali
+def test_a_bad_file_met_mid_run_under_dali_keeps_the_checkpoints(tmp_path, capsys):
+    """A run that meets an undecodable file (here one that appeared in the data between two runs) stops with the
+    file named and exit 2; the checkpoints written before are intact and resumable."""
+    d = tmp_path / "d"
+    d.mkdir()
+    for i in range(12):
+        photo(i).save(d / f"g{i:02d}.jpg")
+    args = ["pretrain", "--preset", "debug", "--data", str(d), "--run-dir", str(tmp_path / "run"), "--train.device",
+            "cpu", "--data.backend", "dali", "--data.num_workers", "1", "--train.batch_size", "4",
+            "--train.tensorboard", "false", "--train.ckpt_every", "2", "--train.vis_every", "0"]
+    assert main(args + ["--train.max_steps", "2"]) == 0
+    (d / "zz_text.jpg").write_text("not a jpeg at all")
+    assert main(args + ["--train.max_steps", "40", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "zz_text.jpg" in err and "Traceback" not in err
+    from engine import checkpoint as ckpt
+
+    latest = ckpt.latest_checkpoint(tmp_path / "run")
+    assert latest.name == "ckpt_00000002.pt" and ckpt.load_checkpoint(latest)["step"] == 2

@@ -1,0 +1,197 @@
+"""Faults a long run meets: pre-emption signals (with DataLoader workers, under torchrun), Ctrl-C, divergence
+(checkpoints never written in a bad streak; stop or roll back), and a resume's metrics. Real signals to real
+subprocesses."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import debug_cfg
+
+from engine import checkpoint as ckpt
+from engine.health import Health
+from engine.trainer import DivergenceError, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ["--preset", "debug", "--train.tensorboard", "false", "--train.device", "cpu", "--data.backend",
+       "torchvision", "--train.vis_every", "0", "--train.ckpt_every", "1000", "--train.max_steps", "100000",
+       "--train.epochs", "10000"]
+
+
+def _wait_for_steps(run_dir: Path, n: int, proc, timeout=120):
+    deadline = time.time() + timeout
+    m = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        if m.is_file() and len(m.read_text().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early: {proc.communicate()[0][-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError("no progress")
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name[5:13])
+
+
+@pytest.mark.parametrize("sig,code,workers", [("SIGTERM", 143, 2), ("SIGUSR1", 138, 0), ("SIGINT", 130, 2)])
+def test_a_stop_signal_to_the_process_group_checkpoints_and_exits(tmp_path, sig, code, workers):
+    """The signal goes to the whole process group, as schedulers and terminals send it: DataLoader workers
+    ignore it, the main process writes a checkpoint after the next step and exits 128 + the signal."""
+    p = subprocess.Popen([sys.executable, "-m", "engine.pretrain", *RUN, "--run-dir", str(tmp_path),
+                          "--data.num_workers", str(workers), "--train.log_every", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                         cwd=ROOT)
+    _wait_for_steps(tmp_path, 3, p)
+    os.killpg(p.pid, getattr(signal, sig))
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == code, out[-3000:]
+    assert f"received {sig}: saved" in out and "Traceback" not in out
+    (saved,) = ckpt.list_checkpoints(tmp_path)
+    assert _step_of(saved) >= 3
+
+
+def test_a_second_ctrl_c_stops_without_a_checkpoint(tmp_path):
+    """Slow steps (the tiny preset at batch 768, seconds each on two cores): the second Ctrl-C arrives before the
+    step the first one asked to checkpoint after, and stops the run at once, writing nothing."""
+    args = [a if a != "debug" else "tiny" for a in RUN]
+    p = subprocess.Popen([sys.executable, "-m", "engine.pretrain", *args, "--run-dir", str(tmp_path),
+                          "--data.num_workers", "0", "--train.log_every", "1", "--train.batch_size", "768",
+                          "--data.repeat", "96"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         cwd=ROOT)
+    _wait_for_steps(tmp_path, 1, p, timeout=240)
+    p.send_signal(signal.SIGINT)
+    time.sleep(1.2)
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 130 and "interrupted" in out, out[-2000:]
+    assert not ckpt.list_checkpoints(tmp_path)
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+@pytest.mark.parametrize("launcher", ["mae-torchrun", "torchrun"])
+def test_sigterm_to_torchrun_checkpoints_on_all_ranks(tmp_path, launcher):
+    """SIGTERM to the launcher (torchrun forwards it to the ranks): all ranks agree on a step and write one
+    complete sharded checkpoint; mae-torchrun exits 143 (pre-empted), plain torchrun 1 (its own code)."""
+    cmd = ([sys.executable, "-m", "engine.distrun", "--standalone", "--nproc_per_node=2"] if launcher == "mae-torchrun"
+           else TORCHRUN)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([*cmd, "-m", "engine.pretrain", *RUN, "--run-dir", str(tmp_path), "--data.num_workers", "0",
+                          "--train.log_every", "1", "--train.batch_size", "8", "--train.precision", "fp32"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    _wait_for_steps(tmp_path, 3, p, timeout=180)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == (143 if launcher == "mae-torchrun" else 1), out[-4000:]
+    (saved,) = ckpt.list_checkpoints(tmp_path)
+    assert saved.suffix == ".dcp" and _step_of(saved) >= 3
+    meta = ckpt.read_meta(saved)
+    assert meta["step"] == _step_of(saved) and len(meta["loader"] or [None, None]) == 2
+    sd = ckpt.full_model_state(saved)  # every rank's shards are there
+    assert all(torch.isfinite(v).all() for v in sd.values())
+
+
+# --- divergence --------------------------------------------------------------------------------------------------
+
+
+def test_a_diverging_run_writes_no_checkpoint_of_diverged_weights_and_names_the_last_good_one(tmp_path):
+    """lr 1e30: the weights explode in the first update with a non-zero lr (step 2: the warm-up starts at 0) while
+    the loss may stay finite for a while. No checkpoint is written once the run is bad (not even the one right after
+    the update that blew up), and the stop names the last one written before (here, the one at step 1)."""
+    t = Trainer(debug_cfg(tmp_path, **{"optim.lr": 1e30, "train.ckpt_every": 1, "train.log_every": 1,
+                                       "train.max_steps": 40, "train.max_bad_steps": 5}), log=lambda m: None)
+    with pytest.raises(DivergenceError, match=r"The last checkpoint written before it is .*ckpt_00000001.pt"):
+        t.fit()
+    kept = ckpt.list_checkpoints(tmp_path)
+    assert [p.name for p in kept] == ["ckpt_00000001.pt"]
+    sd = ckpt.load_checkpoint(kept[0])["model"]
+    assert max(v.abs().max().item() for v in sd.values() if v.is_floating_point()) < 10  # not ~1e28
+
+
+def _spiking(trainer, from_call: int, until_call: int, factor: float = 100.0):
+    """Scale the loss on forward calls [from_call, until_call): a finite spike the optimizer applies."""
+    model, calls, orig = trainer.model, {"n": 0}, trainer.model.forward_loss
+
+    def forward_loss(imgs, pred, mask, **kw):
+        calls["n"] += 1
+        loss = orig(imgs, pred, mask, **kw)
+        return loss * factor if from_call <= calls["n"] < until_call else loss
+
+    model.forward_loss = forward_loss
+
+
+def test_rollback_reloads_the_last_good_checkpoint_and_goes_on(tmp_path):
+    t = Trainer(debug_cfg(tmp_path, **{"train.ckpt_every": 2, "train.log_every": 2, "train.max_steps": 14,
+                                       "train.max_bad_steps": 3, "train.on_divergence": "rollback"}),
+                log=lambda m: None)
+    _spiking(t, 7, 11)  # steps 7-10 spike (100x the loss: far above 3x the median)
+    res = t.fit()
+    assert res.step == 14 and res.rollbacks == 1 and math.isfinite(res.last_loss)
+    saved = [_step_of(p) for p in ckpt.list_checkpoints(tmp_path)]
+    assert saved[-1] == 14 and 8 not in saved and 10 not in saved or saved.count(8) <= 1
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in recs)
+
+
+def test_rollback_is_bounded(tmp_path):
+    t = Trainer(debug_cfg(tmp_path, **{"train.ckpt_every": 2, "train.log_every": 2, "train.max_steps": 40,
+                                       "train.max_bad_steps": 2, "train.on_divergence": "rollback",
+                                       "train.max_rollbacks": 2}), log=lambda m: None)
+    _spiking(t, 5, 10**9)  # never recovers
+    with pytest.raises(DivergenceError, match=r"after 2 rollback\(s\)"):
+        t.fit()
+
+
+def test_health_rules():
+    h = Health(spike_factor=3.0, grad_spike_factor=10.0)
+    assert h.observe(1, 1.0, 5.0, True) is None
+    assert h.observe(2, 2.5, 6.0, True) is None  # under 3x the median
+    assert "loss 9" in h.observe(3, 9.0, 6.0, True) and h.streak_start == 3
+    assert "gradient norm" in h.observe(4, 1.0, 200.0, True)
+    assert "non-finite" in h.observe(5, float("inf"), 1.0, True) and h.streak == 3
+    assert h.observe(6, 1.2, 5.0, True) is None and not h.in_streak and h.longest == 3
+    h.saved(6, Path(__file__))
+    h.observe(7, 100.0, 5.0, True)
+    assert h.last_good_checkpoint() == (6, Path(__file__))
+
+
+# --- a resume's metrics ---------------------------------------------------------------------------------------------
+
+
+def test_metrics_after_a_resume_hold_one_record_per_step(tmp_path):
+    """A run killed after step 6 with its checkpoint at 4 logged steps 5 and 6; the resumed run logs them again.
+    metrics.jsonl keeps one record per step; the old ones move to metrics.superseded.jsonl, marked."""
+    over = {"train.log_every": 1, "train.ckpt_every": 4}
+    Trainer(debug_cfg(tmp_path, **over, **{"train.max_steps": 6}), log=lambda m: None).fit()
+    for p in ckpt.list_checkpoints(tmp_path):
+        if _step_of(p) > 4:
+            p.unlink()  # as if killed before the checkpoint at 6
+    Trainer(debug_cfg(tmp_path, **over, **{"train.max_steps": 8}), resume=True, log=lambda m: None).fit()
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+    old = [json.loads(x) for x in (tmp_path / "metrics.superseded.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in old] == [5, 6] and all(r["superseded_by_resume_at"] == 4 for r in old)
+
+
+def test_each_unreadable_file_is_named_once_with_workers(tmp_path, capfd):
+    from engine.config import DataConfig
+    from pipelines import build_loader
+
+    from test_data_torchvision import make_tree
+
+    make_tree(tmp_path)
+    loader = build_loader(DataConfig(path=str(tmp_path), num_workers=2, backend="torchvision"), 32, 4, "cpu", seed=0)
+    s = loader.stream(0)
+    for _ in range(3 * loader.batches_per_epoch):
+        next(s)
+    err = capfd.readouterr().err.splitlines()
+    assert sum("broken.jpg" in line for line in err) == 1 and sum("empty.png" in line for line in err) == 1
