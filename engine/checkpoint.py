@@ -363,8 +363,13 @@ def full_model_state(path: str | os.PathLike) -> dict:
     """The full (consolidated) model state dict of a checkpoint of either form, or of a bare/reference one."""
     path = Path(path)
     if path.is_dir():
+        from .hf import import_hf, is_hf_dir
+
+        if is_hf_dir(path):  # a Hugging Face ViTMAEForPreTraining directory (safetensors only)
+            return import_hf(path)[1]
         if not (path / ".metadata").is_file():
-            raise CheckpointError(f"{path} is not a checkpoint (no .pt file, no DCP .metadata)")
+            raise CheckpointError(f"{path} is not a checkpoint (no .pt file, no DCP .metadata, no Hugging Face "
+                                  "config.json)")
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
         fd, tmp = tempfile.mkstemp(suffix=".pt")

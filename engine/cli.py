@@ -25,7 +25,7 @@ COMMANDS = ("engine.data_cli", "engine.eval_cli", "engine.ablate", "benchmarks.c
 
 
 def cmd_pretrain(args, extra) -> int:
-    cfg = build_config(args.preset, extra)
+    cfg = build_config(args.preset, extra, args.config or None)
     if args.run_dir:
         cfg.train.run_dir = args.run_dir
     if args.data:
@@ -79,6 +79,14 @@ def cmd_export(args, extra) -> int:
     from . import checkpoint as ckpt
 
     sd = ckpt.full_model_state(args.checkpoint)
+    if args.format == "hf":  # the whole model as ViTMAEForPreTraining: config.json + model.safetensors
+        from .hf import export_hf
+
+        cfg = _config_of(_meta_or_empty(args.checkpoint), args, extra)
+        out = export_hf(sd, cfg.model, args.out)
+        print(f"wrote {out}/config.json and model.safetensors ({len(sd)} tensors; loads with "
+              "transformers' ViTMAEForPreTraining.from_pretrained)")
+        return 0
     if args.what == "encoder":
         out_sd = ckpt.encoder_state_dict(sd)
     else:
@@ -111,7 +119,8 @@ def _config_of(state: dict, args, extra) -> Config:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def make_parser() -> argparse.ArgumentParser:
+def make_parser(help_preset: str = "debug") -> argparse.ArgumentParser:
+    """help_preset: the preset whose defaults `mae pretrain --help` lists (the one named with --preset)."""
     presets = ", ".join(PRESETS)
     p = argparse.ArgumentParser(prog="mae", description="Masked Autoencoder pretraining engine.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -119,9 +128,12 @@ def make_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser(
         "pretrain", help="MAE pretraining (embedded sample photographs when no data is given)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Pretrain an MAE. Any config field can be overridden as --SECTION.FIELD VALUE:\n\n"
-                    + describe_fields(get_preset("debug")))
-    pre.add_argument("--preset", default="debug", help=f"one of: {presets} (default: debug)")
+        description=f"Pretrain an MAE. Any config field can be overridden as --SECTION.FIELD VALUE (defaults of "
+                    f"the preset {help_preset}; --preset NAME --help shows another's):\n\n"
+                    + describe_fields(get_preset(help_preset)))
+    pre.add_argument("--preset", default=None, help=f"one of: {presets} (default: the --config file's, else debug)")
+    pre.add_argument("--config", default="", help="a TOML config file (as every run writes to RUN_DIR/config.toml); "
+                     "command-line overrides win")
     pre.add_argument("--data", default="", help="image directory (shorthand for --data.path)")
     pre.add_argument("--run-dir", default="", help="run directory (shorthand for --train.run_dir)")
     pre.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
@@ -136,11 +148,15 @@ def make_parser() -> argparse.ArgumentParser:
     vis.add_argument("--preset", default=None, help="architecture, for checkpoints without a config")
     vis.set_defaults(func=cmd_visualize)
 
-    exp = sub.add_parser("export", help="write the encoder (timm layout) or the full model from a checkpoint")
+    exp = sub.add_parser("export", help="write the encoder (timm layout), the full model (the paper's format) or a "
+                                        "Hugging Face ViTMAEForPreTraining directory from a checkpoint")
     exp.add_argument("checkpoint")
-    exp.add_argument("--out", required=True)
+    exp.add_argument("--out", required=True, help="a file (encoder, full) or a directory (--format hf)")
     exp.add_argument("--what", choices=("encoder", "full"), default="encoder")
-    exp.set_defaults(func=cmd_export)
+    exp.add_argument("--format", choices=("torch", "hf"), default="torch",
+                     help="hf: config.json + model.safetensors in --out (the whole model; --what is ignored)")
+    exp.add_argument("--preset", default=None, help="architecture, for checkpoints without a config")
+    exp.set_defaults(func=cmd_export, accepts_overrides=True)
 
     for register in _extra_commands():
         register(sub)
@@ -181,6 +197,19 @@ def _passthrough(argv: list[str]) -> int | None:
     return None
 
 
+def _help_preset(argv: list[str]) -> str:
+    """The preset named on the command line (for `mae pretrain --preset vit-h --help`), if it is a known one."""
+    for i, a in enumerate(argv):
+        name = argv[i + 1] if a == "--preset" and i + 1 < len(argv) else (a[9:] if a.startswith("--preset=") else None)
+        if name:
+            try:
+                get_preset(name)
+                return name
+            except ConfigError:
+                return "debug"
+    return "debug"
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipelines.common import DataError
 
@@ -191,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     passthrough = _passthrough(argv)
     if passthrough is not None:  # `mae bench X ...` / `mae profile ...`: the module parses its own options
         return passthrough
-    parser = make_parser()
+    parser = make_parser(_help_preset(argv))
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()

@@ -446,16 +446,99 @@ def apply_overrides(cfg: Config, overrides: dict[str, str]) -> Config:
     for key, text in overrides.items():
         parts = key.split(".")
         if len(parts) != 2 or parts[0] not in sections:
-            raise ConfigError(f"unknown option --{key}; options look like --SECTION.FIELD with SECTION one of "
+            near = _nearest(parts[0], sections)
+            raise ConfigError(f"unknown option --{key}" + (f" (did you mean --{near}.{'.'.join(parts[1:])}?)" if near
+                              else "") + f"; options look like --SECTION.FIELD with SECTION one of "
                               f"{', '.join(sorted(sections))}")
         sec, name = parts
         sub = getattr(cfg, sec)
         hints = typing.get_type_hints(type(sub))
         if name not in hints:
-            raise ConfigError(f"unknown option --{key}; {sec} has: {', '.join(f.name for f in dataclasses.fields(sub))}")
+            near = _nearest(name, hints)
+            raise ConfigError(f"unknown option --{key}" + (f" (did you mean --{sec}.{near}?)" if near else "")
+                              + f"; {sec} has: {', '.join(f.name for f in dataclasses.fields(sub))}")
         changes[sec][name] = _convert(text, hints[name], key)
     kwargs = {s: dataclasses.replace(getattr(cfg, s), **changes[s]) for s in sections}
     return dataclasses.replace(cfg, **kwargs)
+
+
+def _nearest(name: str, choices) -> str | None:
+    import difflib
+
+    found = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config files (TOML): every run writes its resolved config; `mae pretrain --config FILE` reads one
+
+
+def to_toml(cfg: Config) -> str:
+    """The whole config as TOML: `preset`, then one table per section, every field."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int):
+            return str(v)
+        if isinstance(v, float):
+            return repr(v) if v == v and abs(v) != float("inf") else ("nan" if v != v else ("inf" if v > 0 else "-inf"))
+        if isinstance(v, (tuple, list)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        import json
+
+        return json.dumps(str(v))
+
+    lines = ["# resolved configuration of this run: `mae pretrain --config FILE` runs it again (dotted overrides",
+             "# on the command line still win)", f"preset = {value(cfg.preset)}"]
+    for sec in ("model", "data", "optim", "train"):
+        lines += ["", f"[{sec}]"]
+        sub = getattr(cfg, sec)
+        lines += [f"{f.name} = {value(getattr(sub, f.name))}" for f in dataclasses.fields(sub)]
+    return "\n".join(lines) + "\n"
+
+
+def read_toml(path) -> dict:
+    """A config file as a dict; a ConfigError naming the file and the line for bad TOML."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+
+
+def file_overrides(data: dict, path) -> tuple[str | None, dict[str, str]]:
+    """(preset, dotted overrides) of a config file's dict; unknown sections and keys are errors naming the key
+    and the nearest valid one."""
+    sections = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+    preset = data.get("preset")
+    out: dict[str, str] = {}
+    for sec, body in data.items():
+        if sec == "preset":
+            continue
+        if sec not in sections or not isinstance(body, dict):
+            near = _nearest(sec, [*sections, "preset"])
+            raise ConfigError(f"{path}: unknown key {sec!r}" + (f" (did you mean {near!r}?)" if near else "")
+                              + f"; a config file has preset and the tables {', '.join(sections)}")
+        fields = {f.name for f in dataclasses.fields(sections[sec])}
+        for k, v in body.items():
+            if k not in fields:
+                near = _nearest(k, fields)
+                raise ConfigError(f"{path}: unknown key {sec}.{k}" + (f" (did you mean {sec}.{near}?)" if near else ""))
+            if isinstance(v, bool):
+                out[f"{sec}.{k}"] = "true" if v else "false"
+            elif isinstance(v, list):
+                out[f"{sec}.{k}"] = ",".join(str(x) for x in v)
+            else:
+                out[f"{sec}.{k}"] = str(v)
+    return preset, out
 
 
 def describe_fields(cfg: Config) -> str:

@@ -82,10 +82,22 @@ def cmd_eval(args, extra) -> int:
 
 def cmd_import(args, extra) -> int:
     from . import checkpoint as ckpt
-    from .options import build_config
+    from .hf import import_hf, is_hf_dir
     from .model import build_model
+    from .options import UserError, build_config
 
-    cfg = build_config(args.preset, extra)
+    if is_hf_dir(args.source):  # the architecture comes from its config.json (a preset, if given, must agree)
+        m, _ = import_hf(args.source)
+        cfg = build_config(args.preset or "debug", extra)
+        if args.preset:
+            ckpt.check_architecture({"model": m.__dict__}, cfg.model, args.source)
+        cfg.model = m
+        if not args.preset:
+            cfg.preset = "custom"
+    elif not args.preset:
+        raise UserError(f"{args.source} carries no architecture; name it with --preset")
+    else:
+        cfg = build_config(args.preset, extra)
     model = build_model(cfg.model)
     info = ckpt.import_weights(model, args.source)
     out = ckpt.atomic_torch_save({"model": model.state_dict(), "config": cfg.to_dict()}, args.out)
@@ -132,10 +144,11 @@ def register(sub) -> None:
     e.add_argument("--out", default="", help="write the result as JSON")
     e.set_defaults(func=cmd_eval, accepts_overrides=True)
 
-    i = sub.add_parser("import", help="convert the paper's checkpoints or timm ViT weights into an engine "
-                                      "checkpoint (encoder-only sources get a fresh decoder)")
+    i = sub.add_parser("import", help="convert the paper's checkpoints, timm ViT weights or a Hugging Face "
+                                      "ViTMAEForPreTraining directory into an engine checkpoint (encoder-only sources "
+                                      "get a fresh decoder)")
     i.add_argument("source")
-    i.add_argument("--preset", required=True)
+    i.add_argument("--preset", default="", help="architecture (not needed for a Hugging Face directory)")
     i.add_argument("--out", required=True)
     i.set_defaults(func=cmd_import, accepts_overrides=True)
 

@@ -41,6 +41,16 @@ def _is_number(s: str) -> bool:
     return True
 
 
-def build_config(preset: str, extra: list[str]) -> Config:
-    cfg = get_preset(preset)
+def build_config(preset: str | None, extra: list[str], config_file: str | None = None) -> Config:
+    """The preset (the config file's own `preset` when none is named, else debug), then the file's values, then
+    the command line's dotted overrides: the last one to set a field wins."""
+    from .config import file_overrides, read_toml
+
+    file_vals: dict[str, str] = {}
+    if config_file:
+        file_preset, file_vals = file_overrides(read_toml(config_file), config_file)
+        preset = preset or file_preset
+    cfg = get_preset(preset or "debug")
+    if file_vals:
+        cfg = apply_overrides(cfg, file_vals)
     return apply_overrides(cfg, split_overrides(extra))

@@ -75,6 +75,12 @@ class Trainer:
             resume_path = ckpt.latest_checkpoint(self.run_dir)
             if resume_path is None and self.is_main:
                 self.log(f"--resume: no checkpoint in {self.run_dir}, starting from scratch")
+        if resume_path is not None:
+            self._keep_data_backend(ckpt.read_meta(resume_path))
+        if self.is_main:  # the resolved configuration of this run, as `mae pretrain --config` reads it
+            from .config import to_toml
+
+            ckpt.atomic_write(self.run_dir / "config.toml", lambda f: f.write(to_toml(cfg).encode()))
 
         self._fault_step = _fault_step(self.rank)
         if t.cuda_graph and self._fault_step is not None:
@@ -122,6 +128,21 @@ class Trainer:
         what the CPU tests and `mae bench agreement` hold to the plain step."""
         self.training.enable_graph(capture=capture)
 
+    def _keep_data_backend(self, meta: dict) -> None:
+        """A resumed run reads its data with the loader it started with (data.backend auto resolves to DALI once
+        DALI is installed): its saved state continues the epoch. An explicit other backend wins, with a note."""
+        saved = meta.get("data_backend")
+        d = self.cfg.data
+        if not saved or saved == d.backend:
+            return
+        if d.backend == "auto":
+            d.backend = saved
+            if self.is_main:
+                self.log(f"resuming with the {saved} loader the run started with (data.backend auto)")
+        elif self.is_main:
+            self.log(f"note: the checkpoint was written with the {saved} loader; continuing with {d.backend} as asked "
+                     f"(its loader state does not apply: the epoch position is reached by replaying batches)")
+
     def _fault_hook(self, phase: str) -> None:
         if phase == "optimizer" and self._fault_step == self.step + 1:
             raise RuntimeError(f"injected fault (MAE_FAULT_STEP={self._fault_step}) on rank {self.rank} "
@@ -140,6 +161,7 @@ class Trainer:
             "rng": ckpt.capture_rng({"mask": self.mask_gen}),
             "loader": self._loader_states(),
             "world": self.world,
+            "data_backend": self.loader.name,
             "config": self.cfg.to_dict(),
         }
 

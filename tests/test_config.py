@@ -54,3 +54,66 @@ def test_unknown_preset():
 def test_len_keep():
     m = ModelConfig(mask_ratio=0.75)
     assert m.len_keep == 49 and m.num_patches == 196
+
+
+def test_a_run_writes_its_resolved_config_and_config_runs_it_again(tmp_path):
+    """config.toml in the run directory holds every field; `--config` of it gives the same config back, and a
+    dotted override on the command line still wins."""
+    from engine.config import Config, read_toml
+    from engine.options import build_config
+    from engine.trainer import Trainer
+
+    from conftest import debug_cfg
+
+    cfg = debug_cfg(tmp_path, **{"train.max_steps": 1, "model.mask_ratio": 0.6, "data.scale": "0.3,0.9"})
+    Trainer(cfg, log=lambda m: None)
+    f = tmp_path / "config.toml"
+    data = read_toml(f)
+    assert data["preset"] == "debug" and data["model"]["mask_ratio"] == 0.6 and data["data"]["scale"] == [0.3, 0.9]
+    again = build_config(None, [], str(f))
+    assert again.to_dict() == cfg.to_dict() and isinstance(again, Config)
+    assert build_config(None, ["--model.mask_ratio", "0.9"], str(f)).model.mask_ratio == 0.9
+
+
+def test_unknown_keys_are_named_with_the_nearest_valid_one(tmp_path, capsys):
+    from engine.cli import main
+
+    assert main(["pretrain", "--model.mask_ration", "0.8"]) == 2
+    assert "unknown option --model.mask_ration (did you mean --model.mask_ratio?)" in capsys.readouterr().err
+    bad = tmp_path / "c.toml"
+    bad.write_text('preset = "debug"\n[train]\nbatch_sise = 8\n')
+    assert main(["pretrain", "--config", str(bad)]) == 2
+    assert f"{bad}: unknown key train.batch_sise (did you mean train.batch_size?)" in capsys.readouterr().err
+    bad.write_text('[trian]\nbatch_size = 8\n')
+    assert main(["pretrain", "--config", str(bad)]) == 2
+    assert "unknown key 'trian' (did you mean 'train'?)" in capsys.readouterr().err
+    bad.write_text('[train\nbatch_size = 8\n')
+    assert main(["pretrain", "--config", str(bad)]) == 2
+    assert "is not valid TOML" in capsys.readouterr().err
+
+
+def test_help_shows_the_named_presets_defaults(capsys):
+    from engine.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--preset", "vit-h", "--help"])
+    out = capsys.readouterr().out
+    assert "--model.embed_dim (default 1280)" in out and "--model.patch_size (default 14)" in out
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    assert "--model.embed_dim (default 64)" in capsys.readouterr().out  # debug, the default preset
+
+
+def test_resume_keeps_the_data_backend_it_started_with(tmp_path):
+    from engine.trainer import Trainer
+
+    from conftest import debug_cfg
+
+    Trainer(debug_cfg(tmp_path, **{"train.max_steps": 2, "data.backend": "torchvision"}), log=lambda m: None).fit()
+    logs = []
+    t = Trainer(debug_cfg(tmp_path, **{"train.max_steps": 4, "data.backend": "auto"}), resume=True, log=logs.append)
+    assert t.loader.name == "torchvision" and any("the torchvision loader the run started with" in x for x in logs)
+    logs.clear()
+    t = Trainer(debug_cfg(tmp_path, **{"train.max_steps": 4, "data.backend": "synthetic"}), resume=True,
+                log=logs.append)
+    assert t.loader.name == "synthetic" and any("continuing with synthetic as asked" in x for x in logs)
