@@ -54,6 +54,13 @@ class EncoderClassifier(nn.Module):
                 rate = drop_path * i / max(1, n - 1)
                 blk.drop_path1, blk.drop_path2 = DropPath(rate), DropPath(rate)
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """The grouping of parameters by depth for timm's layer-wise lr decay, as the paper groups them: the stem
+        (layer 0), each block, then the final norm, fc_norm and the head together on top. (timm's own ViT puts the
+        final norm with the last block, which the paper's recipe does not.)"""
+        return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None)],
+                    head=r"^norm|^fc_norm|^head")
+
     def features(self, imgs: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] -> pooled features [N, D] (through the MAE's forward_features, so FSDP gathers it)."""
         x = self._mae[0].forward_features(imgs, norm=self.pool == "cls")
@@ -79,64 +86,33 @@ class EncoderClassifier(nn.Module):
         self.pos_embed.requires_grad = False
 
 
-class LARS(torch.optim.Optimizer):
-    """LARS (layer-wise adaptive rate scaling) as in the paper's linear probe: SGD with momentum where each
-    weight matrix's update is rescaled by trust_coefficient * |w| / |update|; 1-D parameters (biases,
-    norms) get neither weight decay nor the trust ratio."""
+def lars(params, lr: float) -> torch.optim.Optimizer:
+    """The paper's linear-probe optimizer: LARS, momentum 0.9, trust coefficient 0.001, no weight decay, 1-D
+    parameters (biases, norms) updated as plain momentum SGD. timm's Lars with these groups and eps 0 is the paper's
+    LARS exactly (tests/test_evaluate.py holds it to a transcription, bit for bit)."""
+    from timm.optim import Lars
 
-    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
-                 trust_coefficient: float = 0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      trust_coefficient=trust_coefficient))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                dp = p.grad
-                if p.ndim > 1:  # LARS exclusions: 1-D parameters are updated as plain SGD
-                    dp = dp.add(p, alpha=g["weight_decay"])
-                    pn, un = torch.norm(p), torch.norm(dp)
-                    one = torch.ones_like(pn)
-                    q = torch.where(pn > 0.0, torch.where(un > 0, g["trust_coefficient"] * pn / un, one), one)
-                    dp = dp.mul(q)
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                mu.mul_(g["momentum"]).add_(dp)
-                p.add_(mu, alpha=-g["lr"])
-        return loss
+    params = list(params)
+    mats, vecs = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
+    groups = [g for g in ({"params": mats, "always_adapt": True}, {"params": vecs, "always_adapt": False})
+              if g["params"]]
+    return Lars(groups, lr=lr, momentum=0.9, weight_decay=0.0, trust_coeff=0.001, eps=0.0)
 
 
 def layer_decay_groups(model: EncoderClassifier, weight_decay: float, layer_decay: float,
                        no_decay_names=("cls_token", "pos_embed")) -> list[dict]:
-    """Param groups with lr_scale = layer_decay ** (num_layers - layer_id): patch embedding and tokens are
-    layer 0, block i is layer i + 1, the norms and head are the top layer; no weight decay on 1-D params."""
-    num_layers = len(model.blocks) + 1
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
-            layer = 0
-        elif name.startswith("blocks."):
-            layer = int(name.split(".")[1]) + 1
-        else:
-            layer = num_layers
-        decay = not (p.ndim == 1 or name in no_decay_names or name.endswith(".bias"))
-        key = (layer, decay)
-        if key not in groups:
-            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0,
-                           "lr_scale": layer_decay ** (num_layers - layer), "layer": layer}
-        groups[key]["params"].append(p)
-    return [groups[k] for k in sorted(groups)]
+    """Param groups with lr_scale = layer_decay ** (depth + 1 - layer_id): patch embedding and tokens are layer 0,
+    block i is layer i + 1, the norms and head the top layer; no weight decay on 1-D parameters and the tokens.
+    timm's param_groups_layer_decay (through EncoderClassifier.group_matcher), the paper's grouping exactly."""
+    from timm.optim import param_groups_layer_decay
+
+    return param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=no_decay_names,
+                                    layer_decay=layer_decay)
 
 
 def lr_at_epoch(epoch: float, epochs: int, warmup: float, lr: float, min_lr: float = 0.0) -> float:
+    """Linear warm-up, then half-cycle cosine, per iteration (epoch is fractional). Written out rather than timm's
+    CosineLRScheduler: a pure function of the position needs no scheduler state (tests hold the two equal)."""
     if epoch < warmup:
         return lr * epoch / warmup
     t = (epoch - warmup) / max(1e-8, epochs - warmup)
@@ -207,6 +183,21 @@ def _set_frozen_eval(model: nn.Module) -> None:
             blk.eval()
 
 
+def fit_warmup(warmup: float, epochs: int, steps_per_epoch: int, protocol: str, log) -> float:
+    """The warm-up a run of `epochs` can have (at most half of it, with a warning naming both), and a note when
+    the whole run is too few optimizer steps for the paper's recipe to get anywhere (small labelled sets)."""
+    if warmup > epochs / 2:
+        log(f"warning: {protocol}: a warm-up of {warmup:g} epochs does not fit a {epochs}-epoch run; using "
+            f"{epochs / 2:g} (half of it)")
+        warmup = epochs / 2
+    total = epochs * steps_per_epoch
+    if total < 200:
+        log(f"note: {protocol}: {total} optimizer steps in all ({steps_per_epoch} per epoch); the paper's recipe "
+            "expects thousands. On a small labelled set raise --epochs (and --lr for the probe: the digits "
+            "demonstration uses --epochs 20 --lr 40 --pool gap)")
+    return warmup
+
+
 def linear_probe(mae: MaskedAutoencoderViT, train_loader, val_loader, device, *, epochs: int = 90,
                  base_lr: float = 0.1, batch_size: int = 256, warmup: float = 10, pool: str = "cls",
                  log=print) -> EvalResult:
@@ -214,10 +205,10 @@ def linear_probe(mae: MaskedAutoencoderViT, train_loader, val_loader, device, *,
     model = EncoderClassifier(mae, train_loader.num_classes, pool=pool, head="bn_linear").to(device)
     model.freeze_all_but_last(0)
     lr = base_lr * batch_size / 256
-    opt = LARS([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    opt = lars([p for p in model.parameters() if p.requires_grad], lr=lr)
+    warmup = fit_warmup(warmup, epochs, train_loader.plan.batches_per_epoch, "linprobe", log)
     return train_classifier(model, train_loader, val_loader, device, epochs=epochs, optimizer=opt, base_lr=lr,
-                            warmup=min(warmup, epochs / 2), criterion=nn.CrossEntropyLoss(), log=log,
-                            protocol="linprobe")
+                            warmup=warmup, criterion=nn.CrossEntropyLoss(), log=log, protocol="linprobe")
 
 
 def finetune(mae: MaskedAutoencoderViT, train_loader, val_loader, device, *, epochs: int = 100,
@@ -246,7 +237,8 @@ def finetune(mae: MaskedAutoencoderViT, train_loader, val_loader, device, *, epo
     else:
         criterion = LabelSmoothingCrossEntropy(smoothing) if smoothing > 0 else nn.CrossEntropyLoss()
     return train_classifier(model, train_loader, val_loader, device, epochs=epochs, optimizer=opt, base_lr=lr,
-                            warmup=min(warmup, epochs / 2), criterion=criterion, mixup=mix, log=log,
+                            warmup=fit_warmup(warmup, epochs, train_loader.plan.batches_per_epoch, "finetune", log),
+                            criterion=criterion, mixup=mix, log=log,
                             protocol=f"finetune(last {k} blocks)")
 
 

@@ -26,7 +26,7 @@ def mae_forward_macs(m, mask_ratio: float | None = None, encoder_all: bool | Non
     """Forward MACs per image of an MAE with ModelConfig `m`.
 
     Encoder on len_keep + 1 tokens (all L + 1 with encoder_all, the dense baseline), decoder on L + 1;
-    plus patch embedding (all patches), decoder embedding and the pixel head.
+    plus patch embedding (all patches), decoder embedding and the pixel head (on the L patch rows).
     """
     r = m.mask_ratio if mask_ratio is None else mask_ratio
     encoder_all = m.encoder_mask_tokens if encoder_all is None else encoder_all
@@ -38,7 +38,7 @@ def mae_forward_macs(m, mask_ratio: float | None = None, encoder_all: bool | Non
     macs += m.decoder_depth * block_macs(t_dec, m.decoder_embed_dim, m.mlp_ratio)
     macs += length * patch_dim * m.embed_dim  # patch embedding
     macs += t_enc * m.embed_dim * m.decoder_embed_dim  # decoder_embed
-    macs += t_dec * m.decoder_embed_dim * patch_dim  # decoder_pred
+    macs += length * m.decoder_embed_dim * patch_dim  # decoder_pred (the patch rows only: no cls row)
     return macs
 
 

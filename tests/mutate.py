@@ -84,8 +84,10 @@ MUTANTS = [
     # schedules and optimizers
     Mutant("lr_warmup_off_by_one", "engine/optim.py", "return lr * step / warmup_steps",
            "return lr * (step + 1) / warmup_steps", ("tests/test_train.py::test_lr_schedule",)),
-    Mutant("layer_decay_exponent", "engine/evaluate.py", '"lr_scale": layer_decay ** (num_layers - layer)',
-           '"lr_scale": layer_decay ** (num_layers - layer + 1)', ("tests/test_evaluate.py",)),
+    Mutant("layer_decay_final_norm_with_last_block", "engine/evaluate.py", 'head=r"^norm|^fc_norm|^head")',
+           'head=r"^fc_norm|^head")', ("tests/test_evaluate.py::test_layer_decay_groups_are_the_papers",)),
+    Mutant("lars_with_eps", "engine/evaluate.py", "trust_coeff=0.001, eps=0.0)", "trust_coeff=0.001, eps=1e-8)",
+           ("tests/test_evaluate.py::test_lars_is_the_papers_bit_for_bit",)),
     Mutant("bf16_pure_gradient_doubled", "engine/mixed.py",
            "torch._foreach_copy_(bufs, [self.copies[i].grad for i in fresh])",
            "torch._foreach_copy_(bufs, [self.copies[i].grad * 2 for i in fresh])",

@@ -50,33 +50,111 @@ def test_pooling_choices():
         assert gap.features(x).shape == (2, 64)
 
 
-def test_lars_exclusions_and_trust_ratio():
-    w = torch.nn.Parameter(torch.full((2, 2), 2.0))
-    b = torch.nn.Parameter(torch.ones(2))
-    w.grad = torch.full((2, 2), 0.5)
-    b.grad = torch.full((2,), 0.5)
-    opt = ev.LARS([w, b], lr=1.0, weight_decay=0.1, momentum=0.9, trust_coefficient=0.001)
-    opt.step()
-    dp = torch.full((2, 2), 0.5) + 0.1 * 2.0  # weight decay on the matrix
-    q = 0.001 * torch.norm(torch.full((2, 2), 2.0)) / torch.norm(dp)
-    assert torch.allclose(w, torch.full((2, 2), 2.0) - q * dp)
-    assert torch.allclose(b, torch.full((2,), 0.5))  # plain SGD: no decay, no trust ratio
+class PaperLARS(torch.optim.Optimizer):
+    """The paper's LARS (its util/lars.py), transcribed: the reference timm's Lars is held to."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    pn, un = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(pn)
+                    q = torch.where(pn > 0.0, torch.where(un > 0, g["trust_coefficient"] * pn / un, one), one)
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
 
 
-def test_layer_decay_groups():
+def test_lars_is_the_papers_bit_for_bit():
+    """The linear probe's optimizer (timm's Lars, configured by ev.lars) against the paper's LARS: same parameters
+    after several steps, bit for bit, matrices with the trust ratio and vectors as plain momentum SGD."""
+    def params():
+        g = torch.Generator().manual_seed(1)
+        return [torch.randn(32, 16, generator=g).requires_grad_(), torch.randn(16, generator=g).requires_grad_(),
+                torch.zeros(10, 32).requires_grad_()]  # an all-zero matrix: the trust ratio falls back to 1
+
+    pa, pb = params(), params()
+    oa, ob = PaperLARS(pa, lr=0.5), ev.lars(pb, lr=0.5)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=g) for p in pa]
+        for pp in (pa, pb):
+            for p, gr in zip(pp, grads):
+                p.grad = gr.clone()
+        oa.step()
+        ob.step()
+    assert all(torch.equal(a, b) for a, b in zip(pa, pb))
+    # the exclusions: a vector moved as momentum SGD (no trust ratio), a matrix by the trust ratio
+    w, b = torch.nn.Parameter(torch.full((2, 2), 2.0)), torch.nn.Parameter(torch.ones(2))
+    w.grad, b.grad = torch.full((2, 2), 0.5), torch.full((2,), 0.5)
+    ev.lars([w, b], lr=1.0).step()
+    assert torch.allclose(w, torch.full((2, 2), 2.0 - 0.001 * 4.0 / 1.0 * 0.5))
+    assert torch.allclose(b, torch.full((2,), 0.5))
+
+
+def _paper_layer_decay(model, weight_decay, layer_decay, no_decay=("cls_token", "pos_embed")):
+    """The paper's param_groups_lrd (util/lr_decay.py), transcribed: {name: (lr_scale, weight_decay)}."""
+    num_layers = len(model.blocks) + 1
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = not (p.ndim == 1 or name in no_decay)
+        if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+            layer = 0
+        elif name.startswith("blocks"):
+            layer = int(name.split(".")[1]) + 1
+        else:
+            layer = num_layers
+        out[name] = (layer_decay ** (num_layers - layer), weight_decay if decay else 0.0)
+    return out
+
+
+@pytest.mark.parametrize("last_blocks", [None, 1])
+def test_layer_decay_groups_are_the_papers(last_blocks):
     m = ev.EncoderClassifier(small_mae(), 10, pool="gap", head="linear")
+    if last_blocks is not None:
+        m.freeze_all_but_last(last_blocks)
     groups = ev.layer_decay_groups(m, 0.05, 0.75)
     scale = {}
     names = {id(p): n for n, p in m.named_parameters()}
     for g in groups:
         for p in g["params"]:
             scale[names[id(p)]] = (g["lr_scale"], g["weight_decay"])
-    assert scale["patch_embed.proj.weight"] == (0.75**3, 0.05)
-    assert scale["blocks.0.attn.qkv.weight"] == (0.75**2, 0.05)
-    assert scale["blocks.1.mlp.fc1.weight"] == (0.75, 0.05)
-    assert scale["head.weight"] == (1.0, 0.05)
-    assert scale["blocks.0.norm1.weight"][1] == 0.0 and scale["cls_token"] == (0.75**3, 0.0)
-    assert scale["head.bias"][1] == 0.0 and "pos_embed" not in scale
+    assert scale == _paper_layer_decay(m, 0.05, 0.75)
+    if last_blocks is None:
+        assert scale["patch_embed.proj.weight"] == (0.75**3, 0.05) and scale["head.weight"] == (1.0, 0.05)
+        assert scale["blocks.0.norm1.weight"][1] == 0.0 and scale["cls_token"] == (0.75**3, 0.0)
+
+
+def test_the_written_out_schedules_equal_timms_cosine_with_warm_up():
+    """lr_at (pretraining, per step) and lr_at_epoch (evaluation) are kept as pure functions of the position (resume,
+    the captured step's tensor lr); they are timm's CosineLRScheduler (warm-up prefix, from 0) to rounding."""
+    from timm.scheduler import CosineLRScheduler
+
+    from engine.optim import lr_at
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    total, warm = 100, 10
+    sched = CosineLRScheduler(opt, t_initial=total - warm, lr_min=0.1, warmup_t=warm, warmup_lr_init=0.0,
+                              warmup_prefix=True, t_in_epochs=False)
+    for step in range(total + 1):
+        want = sched._get_lr(step)[0]
+        assert lr_at(step, total, warm, 2.0, 0.1) == pytest.approx(want, rel=1e-12, abs=1e-15), step
+        assert ev.lr_at_epoch(step / 10, total / 10, warm / 10, 2.0, 0.1) == pytest.approx(want, rel=1e-9, abs=1e-12)
 
 
 def test_knn_classify_votes_by_weighted_cosine():
@@ -252,3 +330,12 @@ def test_demonstration_pretrained_beats_random(digits, tmp_path, seed):
                      "--workers", "0", "--seed", str(seed), "--out", str(out), "--train.device", "cpu"]) == 0
         acc[name] = _json.loads(out.read_text())["top1"]
     assert acc["pretrained"] > acc["random"] + 0.10, acc  # measured: +20 to +27 points over seeds 0-2
+
+
+def test_a_short_evaluation_clamps_its_warm_up_and_says_so():
+    logs = []
+    assert ev.fit_warmup(10, 3, 9, "linprobe", logs.append) == 1.5
+    assert "a warm-up of 10 epochs does not fit a 3-epoch run; using 1.5" in logs[0]
+    assert "27 optimizer steps in all" in logs[1] and "--epochs 20 --lr 40" in logs[1]
+    logs.clear()
+    assert ev.fit_warmup(10, 90, 5000, "linprobe", logs.append) == 10 and logs == []

@@ -51,6 +51,7 @@ def test_resident_bytes_are_parameters_adam_state_and_the_batch():
     train = [p for p in model.parameters() if p.requires_grad]
     adam = sum(2 * _r(p.numel() * 4) + _r(4) for p in train)  # exp_avg, exp_avg_sq and a step counter each
     imgs = _r(8 * 3 * 32 * 32 * 4)
+    imgs += _r(4)  # and the step's last gradient norm (a 0-d fp32 tensor the trainer reads at its log)
     assert est.resident_gib * GIB == params + adam + imgs
     # bf16-pure adds the bf16 copies of every parameter
     pure = estimate_step(m, "mae", 8, 0.75, precision="bf16-pure")
