@@ -48,7 +48,7 @@ def run_curve(preset: str, steps: int, batch: int, device: torch.device, over: d
         base["train.cuda_graph"] = "true"
     cfg = apply_overrides(get_preset(preset), {**base, **over})
     t = Trainer(cfg, log=lambda msg: None)
-    t.write_reconstruction = lambda imgs: None  # not part of the comparison (and a new shape to compile)
+    t.write_reconstruction = lambda *a, **k: None  # not part of the comparison (and a new shape to compile)
     if graph and device.type != "cuda":  # the graph's body, run eagerly: what CPU can check of the capture
         t.enable_graph(capture=False)
     t.fit()

@@ -137,5 +137,4 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) 
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     t = gpu_time([lambda: dst.copy_(src)], device, reps=reps, calls_per_graph=5)
-    del src, dst
     return 2 * nbytes / (t.median_ms / 1000) / 1e9

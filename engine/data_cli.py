@@ -30,8 +30,28 @@ def cmd_data_check(args, extra) -> int:
     return 0
 
 
+def cmd_data_pack(args, extra) -> int:
+    from pipelines.shards import pack, parse_size
+
+    if bool(args.shard_size) == bool(args.per_shard):
+        from .options import UserError
+
+        raise UserError("give one of --shard-size (e.g. 1GB) or --per-shard N")
+    m = pack(args.src, args.out, shard_bytes=parse_size(args.shard_size) if args.shard_size else None,
+             per_shard=args.per_shard or None, seed=args.seed, labels=args.labels,
+             check="none" if args.no_check else ("header" if args.fast else "full"), workers=args.workers,
+             progress=not args.quiet)
+    print(f"wrote {len(m['shards'])} shard(s), {m['samples']} samples, {m['bytes'] / 2**20:.1f} MiB to {args.out} "
+          f"(manifest {args.out}/manifest.json; train with --data.path {args.out})")
+    if m["left_out"]:
+        print(f"left out {len(m['left_out'])} file(s) that `mae data check` flags (listed in the manifest): "
+              + ", ".join(f"{x['path']} ({x['why']})" for x in m["left_out"][:5])
+              + (" ..." if len(m["left_out"]) > 5 else ""))
+    return 0
+
+
 def register(sub) -> None:
-    d = sub.add_parser("data", help="data tools: `mae data check DIR`")
+    d = sub.add_parser("data", help="data tools: `mae data check DIR`, `mae data pack SRC OUT`, `mae data digits`")
     dsub = d.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     c = dsub.add_parser("check", help="find undecodable, CMYK, mislabelled, huge or empty images; write a "
                                       "quarantine list; exit 1 when any")
@@ -43,6 +63,19 @@ def register(sub) -> None:
     c.add_argument("--strict", action="store_true", help="also quarantine grayscale images and PNGs")
     c.add_argument("--verbose", action="store_true")
     c.set_defaults(func=cmd_data_check)
+    pk = dsub.add_parser("pack", help="pack an image directory into webdataset tar shards with DALI index files and "
+                                      "a manifest (resumable); --data.path then reads the shards")
+    pk.add_argument("src")
+    pk.add_argument("out")
+    pk.add_argument("--shard-size", default="", help="about this many bytes per shard, e.g. 1GB")
+    pk.add_argument("--per-shard", type=int, default=0, help="or this many samples per shard")
+    pk.add_argument("--seed", type=int, default=0, help="the order of the samples (a permutation) is this seed's")
+    pk.add_argument("--labels", action="store_true", help="also a {key}.cls member: the class subfolder's index")
+    pk.add_argument("--fast", action="store_true", help="check headers only (misses truncated images)")
+    pk.add_argument("--no-check", action="store_true", help="pack every image file unchecked")
+    pk.add_argument("--workers", type=int, default=0)
+    pk.add_argument("--quiet", action="store_true", help="no progress bar")
+    pk.set_defaults(func=cmd_data_pack)
     from .eval_cli import register_data
 
     register_data(dsub)

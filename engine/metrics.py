@@ -158,6 +158,14 @@ class MetricsWriter:
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(f"train/{k}", v, step)
 
+    def image(self, tag: str, step: int, img) -> None:
+        """A PIL image to TensorBoard (the reconstruction grids), when TensorBoard is on."""
+        if not self.enabled or self.tb is None:
+            return
+        import numpy as np
+
+        self.tb.add_image(tag, np.asarray(img.convert("RGB")), step, dataformats="HWC")
+
     def close(self) -> None:
         if not self.enabled:
             return

@@ -8,6 +8,7 @@ consecutive-bad-step counter stay on the device in between.
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ from .step import build_training
 from .visualize import reconstruction_grid, save_grid
 
 
+DEMO_TARGET = 0.85  # the held-out masked-patch error the README's first run reaches (see the tiny preset)
+
+
 class DivergenceError(RuntimeError):
     """Too many consecutive bad steps (non-finite, or a loss / gradient-norm spike): the run diverged."""
 
@@ -50,6 +54,8 @@ class TrainResult:
     """The signal (SIGTERM, SIGUSR1, SIGINT) that stopped the run after a checkpoint, or None when it finished."""
     rollbacks: int = 0
     """How many times a diverging run was rolled back to its last good checkpoint (train.on_divergence)."""
+    heldout_error: float | None = None
+    """The last masked-patch error on the held-out photographs (runs on the embedded set), 1.0 = patch mean."""
 
 
 class Trainer:
@@ -112,6 +118,13 @@ class Trainer:
         self.step = 0
         self.micro_batch = 0  # global micro-batch position of the data stream
         self._knn_loaders = None
+        self._heldout = None  # the held-out photographs, on runs of the embedded set (scored at each grid)
+        self.heldout_error: float | None = None
+        self._pending_heldout: float | None = None
+        if not cfg.data.path and cfg.model.in_chans == 3:
+            from pipelines.common import heldout_images
+
+            self._heldout = heldout_images(cfg.model.img_size, cfg.data.mean, cfg.data.std).to(self.device)
         self._signal: str | None = None
         self.flops_per_image = train_flops_per_image(cfg.model)
         self.peak = datasheet_peak(self.device) if self.device.type == "cuda" else None
@@ -304,6 +317,11 @@ class Trainer:
                             t_log, steps_since = time.perf_counter(), 0
                             continue
                         raise DivergenceError(self._divergence_message(health, rollbacks))
+                if vis_imgs is not None and not stop_signal and (
+                        (t.vis_every and self.step % t.vis_every == 0) or self.step == self.stop_at):
+                    t0 = time.perf_counter()  # before the log line: its record carries the held-out error
+                    self.write_reconstruction(vis_imgs, writer)
+                    t_log += time.perf_counter() - t0  # not counted in the throughput
                 if log_now:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
@@ -320,6 +338,8 @@ class Trainer:
                                tflops_per_s=round(self.flops_per_image * ips / 1e12, 4),
                                mfu=mfu(self.flops_per_image, ips / self.world, self.peak),
                                peak_mem_gib=peak_allocated_gib(self.device))
+                    if self._pending_heldout is not None:
+                        rec["heldout_error"], self._pending_heldout = round(self._pending_heldout, 5), None
                     writer.log(self.step, **rec)
                     if bar is not None:
                         bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
@@ -342,31 +362,39 @@ class Trainer:
                                 f"{health.streak} bad step(s) since step {health.streak_start} ({health.last_reason});"
                                 f" the last good checkpoint is {good[1] if good else 'none yet'}")
                     else:
+                        t0 = time.perf_counter()
                         last_ckpt = self.save()
                         health.saved(self.step, last_ckpt)
-                    t_log = time.perf_counter()  # do not count the save in the throughput
+                        t_log += time.perf_counter() - t0  # the save is not counted in the throughput
                 if stop_signal:
                     if self.is_main:
                         what = f"saved {last_ckpt} at step {self.step}" if not health.in_streak else (
                             f"did not save (bad streak); the last good checkpoint is {health.last_good_checkpoint()}")
                         say(f"received {stop_signal}: {what}; continue with --resume")
                     break
-                if vis_imgs is not None and (
-                        (t.vis_every and self.step % t.vis_every == 0) or self.step == self.stop_at):
-                    self.write_reconstruction(vis_imgs)
-                    t_log = time.perf_counter()
                 if t.knn_every and self.step % (t.knn_every * self.steps_per_epoch) == 0:
+                    t0 = time.perf_counter()
                     acc = self.knn_monitor()
                     writer.log(self.step, knn_top1=acc)
                     if self.is_main:
                         say(f"kNN monitor at epoch {self.step // self.steps_per_epoch}: top-1 {acc * 100:.2f}%")
-                    t_log = time.perf_counter()
+                    t_log += time.perf_counter() - t0
         finally:
             restore()
             if bar is not None:
                 bar.close()
             writer.close()
-        return TrainResult(self.step, last_loss, last_ckpt, self.run_dir, stop_signal, rollbacks)
+        if self.is_main:
+            from .metrics import read_metrics
+            from .visualize import write_loss_curve
+
+            write_loss_curve(read_metrics(self.run_dir), self.run_dir / "loss.png", f"{self.cfg.preset}, {self.run_dir}")
+            if self.heldout_error is not None:
+                say(f"held-out masked-patch error {self.heldout_error:.3f} on {len(self._heldout)} images never "
+                    f"trained on (1.000 = predicting each patch's mean; the demo's target is <= {DEMO_TARGET}); "
+                    f"grids in {self.run_dir / 'recon'}, curve in {self.run_dir / 'loss.png'}")
+        return TrainResult(self.step, last_loss, last_ckpt, self.run_dir, stop_signal, rollbacks,
+                           self.heldout_error)
 
     def _observe(self, health: Health, pending: list) -> None:
         """Judge the steps since the last check (one host sync for all of them)."""
@@ -465,17 +493,43 @@ class Trainer:
         finally:
             self.model.train(was)
 
-    def write_reconstruction(self, imgs: torch.Tensor) -> Path:
-        m = self.cfg.model
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 4242)
-        # the same masks every time (the grids of a run compare), drawn with the run's mask strategy
-        noise = make_noise(m.mask_strategy, imgs.shape[0], m.grid_size, m.mask_ratio, gen, self.device)
-        # every rank runs the forward (FSDP gathers weights collectively); rank 0 writes
+    def write_reconstruction(self, imgs: torch.Tensor, writer=None) -> Path:
+        """The grid of `imgs` (the run's first batch) at this step; on the embedded set also the grid of the held-out
+        photographs and their masked-patch error (metrics.jsonl, recon/heldout.json, TensorBoard)."""
+        m, d = self.cfg.model, self.cfg.data
+        scale = max(1, 128 // m.img_size)
+
+        def noise_for(n):  # the same masks every time (the grids of a run compare), with the run's mask strategy
+            gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 4242)
+            return make_noise(m.mask_strategy, n, m.grid_size, m.mask_ratio, gen, self.device)
+
+        # every rank runs the forwards (FSDP gathers weights collectively); rank 0 writes
         with self.autocast(evaluation=True):
-            grid = reconstruction_grid(self.model, imgs, self.cfg.data.mean, self.cfg.data.std,
-                                       self.cfg.model.mask_ratio, noise, scale=max(1, 128 // self.cfg.model.img_size))
+            grid = reconstruction_grid(self.model, imgs, d.mean, d.std, m.mask_ratio, noise_for(imgs.shape[0]),
+                                       scale=scale)
+            held = None
+            if self._heldout is not None:
+                from .visualize import masked_patch_error
+
+                self.heldout_error = masked_patch_error(self.model, self._heldout, m.mask_ratio)
+                show = self._heldout[:: max(1, len(self._heldout) // 5)][:5]
+                held = reconstruction_grid(self.model, show, d.mean, d.std, m.mask_ratio, noise_for(len(show)),
+                                           scale=scale)
         path = self.run_dir / "recon" / f"step_{self.step:08d}.png"
-        return save_grid(grid, path) if self.is_main else path
+        if not self.is_main:
+            return path
+        save_grid(grid, path)
+        if writer is not None:
+            writer.image("reconstruction/train", self.step, grid)
+        if held is not None:
+            save_grid(held, self.run_dir / "recon" / f"heldout_step_{self.step:08d}.png")
+            ckpt.atomic_write(self.run_dir / "recon" / "heldout.json", lambda f: f.write(json.dumps({
+                "step": self.step, "heldout_error": self.heldout_error, "baseline_patch_mean": 1.0,
+                "target": DEMO_TARGET, "images": len(self._heldout)}, indent=2).encode()))
+            self._pending_heldout = self.heldout_error  # into this step's (or the next) log record
+            if writer is not None:
+                writer.image("reconstruction/heldout", self.step, held)
+        return path
 
 
 def _fault_step(rank: int) -> int | None:

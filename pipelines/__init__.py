@@ -34,7 +34,14 @@ def build_loader(data_cfg, img_size: int, batch_size: int, device, seed: int, ra
         import torch
 
         return SyntheticLoader(img_size, batch_size, seed + rank, device, in_chans, dtype=getattr(torch, data_cfg.dtype))
-    files, repeat, skipped = resolve_files(data_cfg)
+    from .shards import find_manifest, open_shards
+
+    shards = None
+    if data_cfg.path and find_manifest(data_cfg.path) is not None:  # a packed dataset (`mae data pack`)
+        shards = open_shards(data_cfg.path)
+        files, repeat, skipped = [], data_cfg.repeat or 1, []
+    else:
+        files, repeat, skipped = resolve_files(data_cfg)
     if skipped and not quiet:
         shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
         print(f"warning: skipping {len(skipped)} non-image file(s) in {data_cfg.path}: {shown}", file=sys.stderr)
@@ -45,10 +52,10 @@ def build_loader(data_cfg, img_size: int, batch_size: int, device, seed: int, ra
         from .dali import DaliLoader
 
         return DaliLoader(files, repeat, img_size, batch_size, data_cfg, seed, device, rank, world,
-                          out_dtype=data_cfg.dtype)
+                          out_dtype=data_cfg.dtype, shards=shards)
     from .torchvision import TorchvisionLoader
 
-    return TorchvisionLoader(files, repeat, img_size, batch_size, data_cfg, seed, device, rank, world)
+    return TorchvisionLoader(files, repeat, img_size, batch_size, data_cfg, seed, device, rank, world, shards=shards)
 
 
 def _dali_implemented() -> bool:

@@ -14,10 +14,37 @@ QUARANTINE_NAME = ".mae_quarantine.txt"
 EMBEDDED = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
             "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg")
 EMBEDDED_SAMPLES_PER_EPOCH = 256
+# photographs in the same wheel that the embedded training set leaves out (grayscale, shown to the model as RGB):
+# what a run on the embedded set is scored on (`heldout_images`)
+HELD_OUT = ("camera.png", "coins.png", "brick.png", "grass.png", "moon.png")
 
 
 class DataError(RuntimeError):
     """Input data is missing or unusable; the message names the path."""
+
+
+def atomic_write(path, write) -> Path:
+    """write(binary file) into a temp file beside `path`, fsync, rename over it (a kill leaves the old file or
+    the new one). The pipelines' own writer: they do not import the engine."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def embedded_images() -> list[str]:
@@ -30,6 +57,32 @@ def embedded_images() -> list[str]:
     if not files:
         raise DataError(f"no embedded sample photographs found in {root}; pass --data.path DIR")
     return files
+
+
+def heldout_images(img_size: int, mean, std, crops=(0.5, 0.75, 1.0)):
+    """The HELD_OUT photographs as a normalised batch [len(HELD_OUT) * len(crops), 3, img_size, img_size]: centre
+    crops of each relative size, resized (bicubic) to img_size. Never trained on; the same every time."""
+    import torch
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+
+    try:
+        import skimage
+    except ImportError as e:  # pragma: no cover - scikit-image is a dependency
+        raise DataError("the held-out photographs come with scikit-image; install it") from e
+    root = Path(skimage.__file__).parent / "data"
+    out = []
+    for name in HELD_OUT:
+        with Image.open(root / name) as im:
+            im = im.convert("RGB")
+        side = min(im.size)
+        for frac in crops:
+            c = int(side * frac)
+            img = TF.resized_crop(im, (im.height - c) // 2, (im.width - c) // 2, c, c, [img_size, img_size],
+                                  InterpolationMode.BICUBIC, antialias=True)
+            out.append(TF.normalize(TF.to_tensor(img), list(mean), list(std)))
+    return torch.stack(out)
 
 
 def read_quarantine(path: str | os.PathLike) -> set[str]:

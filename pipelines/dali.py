@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from .common import DataError
+from .common import IMAGE_EXTS, DataError
 
 
 def _dali():
@@ -59,14 +59,15 @@ class DaliLoader:
     name = "dali"
 
     def __init__(self, files, repeat, img_size, batch_size, data_cfg, seed, device, rank=0, world=1,
-                 num_threads: int | None = None, deterministic=False, out_dtype: str = "float32"):
+                 num_threads: int | None = None, deterministic=False, out_dtype: str = "float32", shards=None):
         fn, pipeline_def, types, LastBatchPolicy, DALIGenericIterator = _dali()
         self.device = torch.device(device)
         gpu = self.device.type == "cuda"
+        self.shards = shards  # a packed dataset (pipelines/shards.py): fn.readers.webdataset over its shards
         self.files = list(files) * max(1, repeat)
         random.Random(seed).shuffle(self.files)  # contiguous shards become random subsets
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
-        self.num_samples = len(self.files)
+        self.num_samples = len(self.files) if shards is None else len(shards) * max(1, repeat)
         per_shard = -(-self.num_samples // world)  # pad_last_batch: every shard counts ceil(n / world)
         self.batches_per_epoch = per_shard // batch_size
         if self.batches_per_epoch < 1:
@@ -79,12 +80,22 @@ class DaliLoader:
         device_id = (self.device.index or 0) if gpu else None
         threads = num_threads or max(1, data_cfg.workers())
 
+        exts = ";".join(sorted({e.lstrip(".") for e in IMAGE_EXTS}))
+
         @pipeline_def(enable_checkpointing=True)
         def mae_pipeline():
-            # the label is the file's index: the loader knows what each rank has read (see _decode_error)
-            encoded, index = fn.readers.file(files=self.files, labels=list(range(len(self.files))), shard_id=rank,
-                                             num_shards=world, random_shuffle=True, pad_last_batch=True, seed=seed,
-                                             name="Reader")
+            if shards is not None:  # tar shards with their index files; the image member, whatever its format
+                encoded = fn.readers.webdataset(
+                    paths=[str(p) for p in shards.shards] * max(1, repeat),
+                    index_paths=[str(p) for p in shards.indices] * max(1, repeat), ext=[exts],
+                    missing_component_behavior="error", shard_id=rank, num_shards=world, random_shuffle=True,
+                    pad_last_batch=True, seed=seed, name="Reader")
+                index = fn.constant(idata=-1, dtype=types.INT64)  # a shard's samples are named on failure instead
+            else:
+                # the label is the file's index: the loader knows what each rank has read (see _decode_error)
+                encoded, index = fn.readers.file(files=self.files, labels=list(range(len(self.files))),
+                                                 shard_id=rank, num_shards=world, random_shuffle=True,
+                                                 pad_last_batch=True, seed=seed, name="Reader")
             return augment(fn, types, encoded, img_size, data_cfg.scale, data_cfg.ratio, data_cfg.hflip,
                            data_cfg.mean, data_cfg.std, "mixed" if gpu else "cpu", dali_dtype, deterministic), index
 
@@ -122,7 +133,15 @@ class DaliLoader:
 
     def _unread_candidates(self) -> list[str]:
         """Files this rank may read next: its shard (DALI shards the list contiguously) minus what it read this
-        epoch, then the other shards (a resume may have read this epoch before this process started)."""
+        epoch, then the other shards (a resume may have read this epoch before this process started). For packed
+        data: its samples as (shard, offset, size, "shard:member") in this rank's share first."""
+        if self.shards is not None:
+            n, w = len(self.shards), self.world
+            lo, hi = n * self.rank // w, n * (self.rank + 1) // w
+            order = list(range(lo, hi)) + [i for i in range(n) if not lo <= i < hi]
+            s = self.shards
+            return [(str(s.shards[s.samples[i].shard]), s.samples[i].offset, s.samples[i].size, s.name(i))
+                    for i in order]
         n, w = len(self.files), self.world
         lo, hi = n * self.rank // w, n * (self.rank + 1) // w
         mine = [i for i in range(lo, hi) if i not in self._read]
@@ -146,7 +165,8 @@ class DaliLoader:
                 if self._in_epoch % self.batches_per_epoch == 0:
                     self._read.clear()
                 self._in_epoch += 1
-                self._read.update(out[0]["index"].reshape(-1).tolist())
+                if self.shards is None:
+                    self._read.update(out[0]["index"].reshape(-1).tolist())
                 if skip:
                     skip -= 1
                     self.replayed += 1
@@ -181,6 +201,8 @@ def _decode_error(e: RuntimeError, files, budget_s: float = DECODE_SCAN_S) -> Da
     parallel, for at most `budget_s` seconds (a truncated JPEG has an intact header)."""
     from .check import check_file
 
+    if files and isinstance(files[0], tuple):  # packed data: decode its members (a header check is the same)
+        return _decode_error_members(e, files, budget_s)
     msg = str(e)
     lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
     detail = next((ln for ln in lines if "failure" in ln.lower()), None) or next(
@@ -198,6 +220,47 @@ def _decode_error(e: RuntimeError, files, budget_s: float = DECODE_SCAN_S) -> Da
     return DataError(f"DALI could not decode an image ({detail[:200]}){named}. Run `mae data check DIR`: it writes "
                      "a quarantine list that both backends then skip. Checkpoints already written are intact; "
                      "resume with --resume.")
+
+
+def _check_member(item) -> str | None:
+    """Decode one packed sample (path, offset, size, name) in full; its problem, or None."""
+    import io
+
+    from PIL import Image
+
+    path, off, size, name = item
+    try:
+        with open(path, "rb") as f:
+            f.seek(off)
+            data = f.read(size)
+        if len(data) != size:
+            return f"{name} (truncated shard: {len(data)} of {size} bytes)"
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except Exception as e:  # noqa: BLE001 - any failure is the finding
+        return f"{name} ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+    return None
+
+
+def _decode_error_members(e, members, budget_s: float) -> DataError:
+    import time
+
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    detail = next((ln for ln in lines if "failure" in ln.lower()), lines[0] if lines else type(e).__name__)
+    t_end, suspects, scanned = time.monotonic() + budget_s, [], 0
+    for item in members:
+        bad = _check_member(item)
+        scanned += 1
+        if bad:
+            suspects.append(bad)
+            break
+        if time.monotonic() > t_end:
+            break
+    named = f"; the sample that cannot be decoded: {suspects[0]}" if suspects else (
+        f"; {scanned} of {len(members)} packed samples decoded fine within {budget_s:.0f} s")
+    return DataError(f"DALI could not decode an image ({detail[:200]}){named}. Pack again without it (`mae data "
+                     "pack` leaves out what `mae data check` flags). Checkpoints already written are intact; resume "
+                     "with --resume.")
 
 
 def _decode_scan(files, suspects: list, budget_s: float) -> int:

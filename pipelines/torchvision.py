@@ -64,6 +64,10 @@ class ImageFiles(torch.utils.data.Dataset):
             raise DataError(too_many_unreadable(skipped))
         return x
 
+    def describe(self, path) -> str:
+        """How a warning names a sample's source (a file here; a shard and its member for packed data)."""
+        return str(path)
+
     def get_with_skips(self, key):
         epoch, index = key
         rng = sample_rng(self.seed, epoch, index)
@@ -74,10 +78,29 @@ class ImageFiles(torch.utils.data.Dataset):
             try:
                 img = self.load(path)
             except Exception as e:  # unreadable file: the next one stands in; the main process names it once
-                skipped.append((path, f"{type(e).__name__}: {e}"))
+                skipped.append((self.describe(path), f"{type(e).__name__}: {e}"))
                 continue
             return self.transform(img, rng), skipped
         return None, skipped  # the main process raises (an exception in a worker would carry its traceback)
+
+
+class ShardImages(ImageFiles):
+    """The samples of a packed dataset (pipelines/shards.py) through the same augmentation: sample i is read from
+    its shard by offset (one seek) and decoded with PIL; a damaged member is named with its shard and skipped."""
+
+    def __init__(self, shards, img_size, scale, ratio, hflip, mean, std, seed, deterministic=False):
+        super().__init__(list(range(len(shards))), img_size, scale, ratio, hflip, mean, std, seed, deterministic)
+        self.shards = shards
+        self._cache = None  # packed data is large: no decoded cache
+
+    def load(self, i) -> Image.Image:
+        import io
+
+        with Image.open(io.BytesIO(self.shards.read(i))) as im:
+            return im.convert("RGB")
+
+    def describe(self, i) -> str:
+        return f"{self.shards.name(i)} (shard:member)"
 
 
 def too_many_unreadable(skipped) -> str:
@@ -118,10 +141,11 @@ class TorchvisionLoader:
     name = "torchvision"
 
     def __init__(self, files, repeat, img_size, batch_size, data_cfg, seed, device, rank=0, world=1,
-                 deterministic=False):
-        self.dataset = ImageFiles(files, img_size, data_cfg.scale, data_cfg.ratio, data_cfg.hflip,
-                                  data_cfg.mean, data_cfg.std, seed, deterministic)
-        self.num_samples = len(files) * repeat
+                 deterministic=False, shards=None):
+        args = (img_size, data_cfg.scale, data_cfg.ratio, data_cfg.hflip, data_cfg.mean, data_cfg.std, seed,
+                deterministic)
+        self.dataset = ShardImages(shards, *args) if shards is not None else ImageFiles(files, *args)
+        self.num_samples = len(self.dataset.files) * repeat
         self.plan = EpochPlan(self.num_samples, batch_size, seed, rank, world)
         self.batches_per_epoch = self.plan.batches_per_epoch
         self.device = torch.device(device)

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -444,3 +445,16 @@ def test_claims_pair_with_the_strongest_baseline_of_the_same_run():
     lines = "\n".join(speedup.target_lines(rows, sp))
     assert "fast 1280 vs reference+compile 1200 img/s" in lines and "| 1.067 | gap" in lines
     assert "cold compile cache, s (build + compile + first step) (reference+compile, batch 256) | 30 | 118" in lines
+
+
+def test_reports_go_to_the_working_directory_not_the_package(tmp_path, monkeypatch):
+    """Without --out a benchmark writes ./bench-results/ where it is run, never into the installed package."""
+    import benchmarks
+
+    monkeypatch.chdir(tmp_path)
+    pkg = Path(benchmarks.__file__).resolve().parent
+    before = set((pkg / "results").iterdir())
+    assert speedup.main(["--models", "debug", "--modes", "mae", "--ratios", "0.75", "--reps", "2", "--warmup", "1",
+                         "--device", "cpu"]) == 0
+    assert list((tmp_path / "bench-results").glob("speedup_cpu_*.md"))
+    assert set((pkg / "results").iterdir()) == before

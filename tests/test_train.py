@@ -57,7 +57,13 @@ def test_run_dir_outputs_and_loss_falls(tmp_path):
     for r in recs:
         assert {"loss", "lr", "img_per_s", "step_ms", "epoch", "skipped", "tflops_per_s"} <= r.keys()
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt_00000060.pt"]  # keep_last=1
-    assert sorted(p.name for p in (tmp_path / "recon").iterdir()) == ["step_00000030.png", "step_00000060.png"]
+    assert sorted(p.name for p in (tmp_path / "recon").iterdir()) == [
+        "heldout.json", "heldout_step_00000030.png", "heldout_step_00000060.png", "step_00000030.png",
+        "step_00000060.png"]
+    held = json.loads((tmp_path / "recon" / "heldout.json").read_text())
+    assert held["step"] == 60 and 0 < held["heldout_error"] == res.heldout_error and held["baseline_patch_mean"] == 1.0
+    assert [r.get("heldout_error") is not None for r in recs] == [False, False, True, False, False, True]
+    assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "config.toml").is_file()
     assert any((tmp_path / "tb").iterdir())
     assert res.step == 60 and res.checkpoint == tmp_path / "ckpt_00000060.pt"
 
