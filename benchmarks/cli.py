@@ -1,4 +1,4 @@
-"""Registers `mae bench {speedup,kernels,loader,fsdp,agreement,memory}` and `mae profile` with the `mae` command (for its
+"""Registers `mae bench {speedup,kernels,loader,dali-parity,fsdp,agreement,memory}` and `mae profile` with the `mae` command (for its
 help; engine.cli.COMMANDS names this module); `dispatch` hands their arguments to the module untouched."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import argparse
 import sys
 
 BENCHES = {"speedup": "benchmarks.speedup", "kernels": "benchmarks.kernels", "loader": "benchmarks.loader",
+           "dali-parity": "benchmarks.dali_parity",
            "fsdp": "benchmarks.fsdp", "agreement": "benchmarks.agreement", "memory": "benchmarks.memory"}
 
 
@@ -23,7 +24,8 @@ def _run_module(module: str, argv: list[str]) -> int:
 
 
 def register(sub) -> None:
-    b = sub.add_parser("bench", help="benchmarks: speedup (visible-only vs dense), kernels, loader, fsdp, agreement (fast vs reference loss "
+    b = sub.add_parser("bench", help="benchmarks: speedup (visible-only vs dense), kernels, loader, dali-parity (GPU vs CPU "
+                       "decode statistics), fsdp, agreement (fast vs reference loss "
                        "curves), memory (a step's peak GPU memory, estimated without a GPU)",
                        add_help=False)
     b.add_argument("bench", choices=sorted(BENCHES), help="which benchmark (then its own --help)")
@@ -32,7 +34,6 @@ def register(sub) -> None:
     p = sub.add_parser("profile", help="throughput, memory and top kernels per mask ratio for one config",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
-
 
 
 def dispatch(argv: list[str]) -> int | None:

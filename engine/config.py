@@ -128,6 +128,13 @@ class DataConfig:
     """Per-channel normalisation std."""
     dtype: str = "float32"
     """Batch dtype handed to the model: float32, or bfloat16 to halve the copy (the loss target is then bf16)."""
+    hw_decoder_load: float = 0.65
+    """DALI on a GPU: the share of JPEGs sent to the GPU's hardware JPEG decoder (A100/H100 have one; DALI's default
+    0.65); 0 = nvJPEG on the CUDA cores (and the CPU) only."""
+    transfer: str = "uint8"
+    """torchvision backend: what workers hand over: uint8 (decoded pixels, pinned, normalised on the device: a quarter
+    of float32's bytes and no float work in the workers; the same values bit for bit) or float32 (normalised in
+    the workers, as the paper's code does)."""
     repeat: int = 0
     """Times the file list is repeated per epoch; 0 = 1 for a directory, enough for 256 samples when embedded."""
     knn_train: str = ""
@@ -154,6 +161,8 @@ class DataConfig:
         _check(self.backend in ("auto", "dali", "torchvision", "synthetic"),
                f"data.backend must be auto, dali, torchvision or synthetic, got {self.backend!r}")
         _check(self.dtype in ("float32", "bfloat16"), f"data.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        _check(0.0 <= self.hw_decoder_load <= 1.0, f"data.hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
+        _check(self.transfer in ("uint8", "float32"), f"data.transfer must be uint8 or float32, got {self.transfer!r}")
         _check(self.num_workers >= -1, f"data.num_workers must be >= 0 (or -1 = auto), got {self.num_workers}")
         _check(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1,
                f"data.scale must be (lo, hi) with 0 < lo <= hi <= 1, got {self.scale}")
@@ -355,12 +364,13 @@ def debug() -> Config:
 
 
 def tiny() -> Config:
-    """A 64-pixel ViT-Tiny-width MAE: learns visibly on a CPU within a minute or two."""
+    """A 64-pixel ViT-Tiny-width MAE with 4-pixel patches (256 of them, 64 visible): learns structure, not only
+    colour, on a CPU in about two minutes (held-out masked-patch error ~0.68; 8-pixel patches stay near 0.95)."""
     return Config(
-        model=ModelConfig(img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3,
+        model=ModelConfig(img_size=64, patch_size=4, embed_dim=192, depth=4, num_heads=3,
                           decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
         optim=OptimConfig(base_lr=4e-3, warmup_epochs=3),
-        train=TrainConfig(batch_size=32, epochs=30, log_every=10, ckpt_every=100, vis_every=100,
+        train=TrainConfig(batch_size=32, epochs=15, log_every=10, ckpt_every=60, vis_every=40,
                           run_dir="runs/tiny"),
         preset="tiny",
     )

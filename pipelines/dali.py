@@ -34,20 +34,23 @@ def _dali():
     return fn, pipeline_def, types, LastBatchPolicy, DALIGenericIterator
 
 
-def random_crop_decode(fn, types, encoded, scale, ratio, decode_device):
+def random_crop_decode(fn, types, encoded, scale, ratio, decode_device, hw_decoder_load=0.65):
     """Decode only a random crop of area `scale` x image and aspect in `ratio` (RandomResizedCrop's draw)."""
+    hw = {"hw_decoder_load": hw_decoder_load} if decode_device == "mixed" else {}
     return fn.decoders.image_random_crop(encoded, device=decode_device, output_type=types.RGB,
-                                         random_area=list(scale), random_aspect_ratio=list(ratio), num_attempts=10)
+                                         random_area=list(scale), random_aspect_ratio=list(ratio), num_attempts=10,
+                                         **hw)
 
 
 def augment(fn, types, encoded, img_size, scale, ratio, hflip, mean, std, decode_device, out_dtype,
-            deterministic=False):
+            deterministic=False, hw_decoder_load=0.65):
     """Decode + RandomResizedCrop + flip + normalise; encoded bytes in, CHW normalised out."""
     if deterministic:  # full image, plain resize, no flip (parity tests)
-        images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
+        hw = {"hw_decoder_load": hw_decoder_load} if decode_device == "mixed" else {}
+        images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB, **hw)
         mirror = 0
     else:
-        images = random_crop_decode(fn, types, encoded, scale, ratio, decode_device)
+        images = random_crop_decode(fn, types, encoded, scale, ratio, decode_device, hw_decoder_load)
         mirror = fn.random.coin_flip(probability=hflip)
     images = fn.resize(images, resize_x=img_size, resize_y=img_size, interp_type=types.INTERP_CUBIC,
                        antialias=True)
@@ -97,7 +100,8 @@ class DaliLoader:
                                                  shard_id=rank, num_shards=world, random_shuffle=True,
                                                  pad_last_batch=True, seed=seed, name="Reader")
             return augment(fn, types, encoded, img_size, data_cfg.scale, data_cfg.ratio, data_cfg.hflip,
-                           data_cfg.mean, data_cfg.std, "mixed" if gpu else "cpu", dali_dtype, deterministic), index
+                           data_cfg.mean, data_cfg.std, "mixed" if gpu else "cpu", dali_dtype, deterministic,
+                           data_cfg.hw_decoder_load), index
 
         def make_pipe(checkpoint=None):
             return mae_pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id,
@@ -294,20 +298,24 @@ def _decode_scan(files, suspects: list, budget_s: float) -> int:
     return scanned
 
 
-def crop_sizes(files, scale, ratio, n_batches: int, batch_size: int = 16, seed: int = 0) -> list[tuple[int, int]]:
+def crop_sizes(files, scale, ratio, n_batches: int, batch_size: int = 16, seed: int = 0, device=None,
+               hw_decoder_load: float = 0.65) -> list[tuple[int, int]]:
     """(h, w) of DALI's random crops of `files` (decoded, not resized): for comparing the crop distribution
-    of this backend with the torchvision one."""
+    of this backend with the torchvision one, and of the GPU (`mixed`) decoder with the CPU one. `device`: None
+    for the CPU decoder, a CUDA device for nvJPEG."""
     fn, pipeline_def, types, _, _ = _dali()
+    gpu = device is not None and torch.device(device).type == "cuda"
 
     @pipeline_def
     def crops():
         encoded, _ = fn.readers.file(files=list(files), random_shuffle=True, seed=seed, name="Reader")
-        return random_crop_decode(fn, types, encoded, scale, ratio, "cpu")
+        return random_crop_decode(fn, types, encoded, scale, ratio, "mixed" if gpu else "cpu", hw_decoder_load)
 
-    pipe = crops(batch_size=batch_size, num_threads=2, device_id=None, seed=seed + 1)
+    pipe = crops(batch_size=batch_size, num_threads=2, device_id=(torch.device(device).index or 0) if gpu else None,
+                 seed=seed + 1)
     pipe.build()
     out = []
     for _ in range(n_batches):
         (batch,) = pipe.run()
-        out += [tuple(batch.at(i).shape[:2]) for i in range(len(batch))]
+        out += [tuple(s[:2]) for s in batch.shape()]
     return out

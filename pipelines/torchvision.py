@@ -30,9 +30,11 @@ class ImageFiles(torch.utils.data.Dataset):
         self.files, self.img_size = list(files), img_size
         self.scale, self.ratio, self.hflip, self.mean, self.std = scale, ratio, hflip, list(mean), list(std)
         self.seed, self.deterministic = seed, deterministic
+        self.uint8 = False  # hand over decoded uint8 pixels; the loader normalises them on the device (Normalize)
         self._warned: set[str] = set()
-        # a handful of files (the embedded photographs) are decoded once per worker and kept
-        self._cache: dict[str, Image.Image] | None = {} if len(self.files) <= CACHE_MAX_FILES else None
+        # the embedded photographs (a handful) are decoded once per worker and kept (TorchvisionLoader turns it
+        # on for them only: a user's small folder is decoded every time, as a large one is)
+        self._cache: dict[str, Image.Image] | None = None
 
     def __len__(self):
         return len(self.files)
@@ -55,6 +57,8 @@ class ImageFiles(torch.utils.data.Dataset):
             img = TF.resized_crop(img, top, left, h, w, size, InterpolationMode.BICUBIC, antialias=True)
             if rng.random() < self.hflip:
                 img = TF.hflip(img)
+        if self.uint8:
+            return TF.pil_to_tensor(img)
         return TF.normalize(TF.to_tensor(img), self.mean, self.std)
 
     def __getitem__(self, key):
@@ -103,6 +107,18 @@ class ShardImages(ImageFiles):
         return f"{self.shards.name(i)} (shard:member)"
 
 
+class Normalize:
+    """uint8 [B, C, H, W] pixels to normalised floats on the device: to_tensor's x / 255 then normalize's
+    (x - mean) / std, the same float32 operations in the same order as in the workers, so the same values."""
+
+    def __init__(self, mean, std, device):
+        self.mean = torch.tensor(list(mean), dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.float32).div_(255).sub_(self.mean).div_(self.std)
+
+
 def too_many_unreadable(skipped) -> str:
     return (f"{MAX_FALLBACKS} consecutive unreadable images from {skipped[0][0]} on ({skipped[0][1]}); run "
             "`mae data check DIR` to list and quarantine them; checkpoints already written are intact")
@@ -145,12 +161,16 @@ class TorchvisionLoader:
         args = (img_size, data_cfg.scale, data_cfg.ratio, data_cfg.hflip, data_cfg.mean, data_cfg.std, seed,
                 deterministic)
         self.dataset = ShardImages(shards, *args) if shards is not None else ImageFiles(files, *args)
+        if shards is None and not data_cfg.path and len(files) <= CACHE_MAX_FILES:
+            self.dataset._cache = {}  # the embedded photographs: decoded once per worker
         self.num_samples = len(self.dataset.files) * repeat
         self.plan = EpochPlan(self.num_samples, batch_size, seed, rank, world)
         self.batches_per_epoch = self.plan.batches_per_epoch
         self.device = torch.device(device)
         self.num_workers = data_cfg.workers()
         self.dtype = getattr(torch, data_cfg.dtype)
+        self.dataset.uint8 = data_cfg.transfer == "uint8"
+        self.normalize = Normalize(data_cfg.mean, data_cfg.std, self.device) if self.dataset.uint8 else None
 
     def stream(self, start: int = 0):
         """Batches [B, C, H, W] fp32 on the device, forever, from global micro-batch `start`."""
@@ -167,4 +187,7 @@ class TorchvisionLoader:
                 if path not in warned:  # once per file, whichever worker met it
                     warned.add(path)
                     print(f"warning: skipping unreadable image {path}: {why}", file=sys.stderr)
-            yield imgs.to(self.dtype).to(self.device, non_blocking=True)  # cast first: a bf16 copy is half
+            if self.normalize is not None:  # uint8 over the bus, normalised where the model is
+                yield self.normalize(imgs.to(self.device, non_blocking=True)).to(self.dtype)
+            else:
+                yield imgs.to(self.dtype).to(self.device, non_blocking=True)  # cast first: a bf16 copy is half

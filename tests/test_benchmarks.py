@@ -330,18 +330,49 @@ def test_fsdp_benchmark_cpu_smoke(tmp_path):
     assert all(r["status"] == "ok" for r in data["comparison"] + data["memory"])
 
 
-def test_loader_benchmark_cpu_smoke(tmp_path):
+def test_loader_benchmark_cpu_run_files_and_shards(tmp_path):
+    """The loader benchmark's CPU run at small size (issue 17's CI row): DALI CPU and both torchvision transfers,
+    from files and from shards it packs itself; labelled CPU, the GPU targets left unmeasured, not failed."""
     from benchmarks import loader
     from pipelines import dali_available
 
-    backends = "torchvision,dali-cpu" if dali_available() else "torchvision"
-    assert loader.main(["--files", "40", "--files-dir", str(tmp_path / "jpegs"), "--backends", backends,
-                        "--batch", "8", "--workers", "1", "--img-size", "64", "--batches", "2",
-                        "--device", "cpu", "--out", str(tmp_path)]) == 0
+    backends = "torchvision-uint8,torchvision-float32" + (",dali-cpu" if dali_available() else "")
+    assert loader.main(["--files", "24", "--sets", "imagenet", "--files-dir", str(tmp_path / "jpegs"),
+                        "--backends", backends, "--batch", "8", "--workers", "1", "--img-size", "32",
+                        "--batches", "2", "--device", "cpu", "--out", str(tmp_path)]) == 0
     data = json.loads(next(tmp_path.glob("loader_cpu_*.json")).read_text())
-    assert data["files"] == 40 and 80 < data["mean_kb"] < 150  # ImageNet-like file sizes
-    assert all(r["status"] == "ok" and r["img_per_s"] > 0 for r in data["loader"])
-    assert "Targets" in next(tmp_path.glob("loader_cpu_*.md")).read_text()
+    assert data["sets"]["imagenet"]["files"] == 24 and 80 < data["sets"]["imagenet"]["mean_kb"] < 150
+    rows = data["loader"]
+    assert {(r["source"], r["backend"]) for r in rows} == {(s, b) for s in ("files", "shards")
+                                                           for b in backends.split(",")}
+    assert all(r["status"] == "ok" and r["img_per_s"] > 0 and r["output_dtype"] == "float32" for r in rows)
+    assert (tmp_path / "jpegs" / "imagenet_500x375_24_shards" / "manifest.json").is_file()
+    md = next(tmp_path.glob("loader_cpu_*.md")).read_text()
+    assert "# Data loading (CPU:" in md and "**CPU figures**" in md
+    assert [t["verdict"] for t in data["targets"]] == ["not measured (CPU run)"] * 3
+
+
+def test_loader_targets_follow_from_the_rows():
+    """Each target divides the right rows: DALI GPU over the strongest CPU loader (not the paper's float32 one),
+    ViT-B fed by DALI over ViT-B synthetic (not ViT-L's)."""
+    from benchmarks.loader import targets
+
+    def row(backend, ips, source="files", set_="imagenet"):
+        return {"backend": backend, "source": source, "set": set_, "status": "ok", "img_per_s": ips}
+
+    rows = [row("dali-gpu", 15000.0), row("torchvision-uint8", 4000.0), row("torchvision-float32", 1500.0),
+            row("dali-gpu", 9000.0, source="shards"), row("dali-gpu", 800.0, set_="large")]
+    train = [{"preset": "mae_vit_base_patch16", "feed": "synthetic", "status": "ok", "img_per_s": 3600.0},
+             {"preset": "mae_vit_base_patch16", "feed": "dali-gpu", "status": "ok", "img_per_s": 3500.0},
+             {"preset": "mae_vit_large_patch16", "feed": "synthetic", "status": "ok", "img_per_s": 1000.0}]
+    t = targets(rows, train, gpu=True)
+    assert [x["value"] for x in t] == [15000.0, 3.75, 3500.0 / 3600.0]
+    assert [x["verdict"] for x in t] == ["yes", "yes", "yes"]
+    rows[1]["img_per_s"] = 6000.0
+    train[1]["img_per_s"] = 3300.0
+    assert [x["verdict"] for x in targets(rows, train, gpu=True)] == ["yes", "no", "no"]
+    rows[0]["status"] = "error: x"
+    assert targets(rows, train, gpu=True)[0]["verdict"] == "not measured"
 
 
 def test_top_kernels_sorted_by_device_self_time():

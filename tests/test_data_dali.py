@@ -287,3 +287,96 @@ def test_a_bad_file_met_mid_run_under_dali_keeps_the_checkpoints(tmp_path, capsy
 
     latest = ckpt.latest_checkpoint(tmp_path / "run")
     assert latest.name == "ckpt_00000002.pt" and ckpt.load_checkpoint(latest)["step"] == 2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_uint8_transfer_gives_the_float32_batches_bit_for_bit(tmp_path, dtype):
+    """data.transfer uint8 (pixels over the bus, normalised on the device) against the paper's float32 workers."""
+    from pipelines.torchvision import TorchvisionLoader
+
+    files = []
+    for i in range(6):
+        photo(i).save(tmp_path / f"p{i}.jpg", quality=90)
+        files.append(str(tmp_path / f"p{i}.jpg"))
+    batches = {}
+    for transfer in ("uint8", "float32"):
+        cfg = DataConfig(path=str(tmp_path), backend="torchvision", num_workers=0, transfer=transfer, dtype=dtype)
+        s = TorchvisionLoader(files, 2, 32, 4, cfg, 5, "cpu").stream(0)
+        batches[transfer] = [next(s) for _ in range(3)]
+    for a, b in zip(batches["uint8"], batches["float32"]):
+        assert a.dtype == b.dtype == getattr(torch, dtype)
+        assert torch.equal(a, b)
+
+
+def test_dali_parity_statistics_catch_a_biased_augmentation(tmp_path):
+    """The GPU-vs-CPU parity checks (benchmarks/dali_parity.py) on this machine: DALI CPU against torchvision
+    passes; a crop draw biased to larger areas, a flip rate of 0.7 and shifted pixels are each caught."""
+    from benchmarks import dali_parity as dp
+
+    files = dp.photo_jpegs(tmp_path / "photos")
+    lr = dp.left_right_jpeg(tmp_path)
+    ref = dp.collect("dali", "cpu", files, lr) if dali_available() else dp.collect("torchvision", "cpu", files, lr, seed=1)
+    cand = dp.collect("torchvision", "cpu", files, lr)
+    rows = dp.compare(cand, ref)
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+
+    rng = random.Random(0)
+    biased = dict(cand, **dp.crop_stats([sample_crop(dp.W, dp.H, (0.35, 1.0), (3 / 4, 4 / 3), rng)[2:]
+                                         for _ in range(1000)]))
+    failed = {r["check"] for r in dp.compare(biased, ref) if not r["ok"]}
+    assert "crop area, mean" in failed
+    failed = {r["check"] for r in dp.compare(dict(cand, flip_share=0.7), ref) if not r["ok"]}
+    assert failed == {"flip share at 0.5"}
+    shifted = dict(cand, channel_mean=[m + 0.1 for m in cand["channel_mean"]],
+                   _deterministic=cand["_deterministic"] + 0.05)
+    failed = {r["check"] for r in dp.compare(shifted, ref) if not r["ok"]}
+    assert failed == {"channel 0 mean", "channel 1 mean", "channel 2 mean",
+                      "deterministic decode, worst image mean abs diff"}
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and dali_available()), reason="needs a GPU and DALI")
+def test_dali_gpu_decode_matches_cpu_decode(tmp_path):
+    """On a GPU machine: DALI's mixed decoder (hardware decoder on and off) against its CPU decoder, by the
+    augmentation's statistics (crop area and aspect, flip rate, normalised pixels, the deterministic decode)."""
+    from benchmarks import dali_parity as dp
+
+    assert dp.main(["--device", "cuda", "--out", str(tmp_path)]) == 0, next(tmp_path.glob("*.md")).read_text()
+
+
+def test_hw_decoder_load_reaches_the_mixed_decoder_only():
+    """data.hw_decoder_load goes to DALI's GPU (mixed) decoder; the CPU decoder takes no such argument."""
+    from pipelines.dali import augment
+
+    calls = []
+
+    class Fn:
+        class decoders:
+            @staticmethod
+            def image_random_crop(*a, **k):
+                calls.append(k)
+                return "img"
+
+            image = image_random_crop
+
+        class random:
+            @staticmethod
+            def coin_flip(**k):
+                return 0
+
+        @staticmethod
+        def resize(x, **k):
+            return x
+
+        @staticmethod
+        def crop_mirror_normalize(x, **k):
+            return x
+
+    types = type("T", (), {"RGB": 0, "INTERP_CUBIC": 0})
+    for device, det in (("mixed", False), ("cpu", False), ("mixed", True)):
+        augment(Fn, types, "enc", 32, (0.2, 1), (0.75, 1.33), 0.5, (0, 0, 0), (1, 1, 1), device, None, det, 0.0)
+    assert [c.get("hw_decoder_load") for c in calls] == [0.0, None, 0.0]
+    assert "hw_decoder_load" not in calls[1]
+    with pytest.raises(Exception, match="hw_decoder_load"):
+        DataConfig(hw_decoder_load=1.5)
+    with pytest.raises(Exception, match="transfer"):
+        DataConfig(transfer="float16")
