@@ -1,4 +1,4 @@
-"""Registers `mae bench {speedup,kernels,loader,dali-parity,fsdp,agreement,memory}` and `mae profile` with the `mae` command (for its
+"""Registers `mae bench {speedup,kernels,loader,dali-parity,fsdp,scaling,agreement,memory}` and `mae profile` with the `mae` command (for its
 help; engine.cli.COMMANDS names this module); `dispatch` hands their arguments to the module untouched."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 
 BENCHES = {"speedup": "benchmarks.speedup", "kernels": "benchmarks.kernels", "loader": "benchmarks.loader",
            "dali-parity": "benchmarks.dali_parity",
-           "fsdp": "benchmarks.fsdp", "agreement": "benchmarks.agreement", "memory": "benchmarks.memory"}
+           "fsdp": "benchmarks.fsdp", "scaling": "benchmarks.scaling", "agreement": "benchmarks.agreement", "memory": "benchmarks.memory"}
 
 
 def _run_module(module: str, argv: list[str]) -> int:
@@ -25,7 +25,7 @@ def _run_module(module: str, argv: list[str]) -> int:
 
 def register(sub) -> None:
     b = sub.add_parser("bench", help="benchmarks: speedup (visible-only vs dense), kernels, loader, dali-parity (GPU vs CPU "
-                       "decode statistics), fsdp, agreement (fast vs reference loss "
+                       "decode statistics), fsdp, scaling (a model of FSDP2 / HSDP at 8-1,024 GPUs), agreement (fast vs reference loss "
                        "curves), memory (a step's peak GPU memory, estimated without a GPU)",
                        add_help=False)
     b.add_argument("bench", choices=sorted(BENCHES), help="which benchmark (then its own --help)")

@@ -18,6 +18,11 @@
 #            compiled whole, the dense ViT eager and compiled; cold compile cache), the compiled fast ViT-H profile
 #   trust-2  (limits 430 s) part 2: the ViT-H/14 mask-ratio sweep, the kernels' CUDA checks and their GPU timing
 #   trust    both parts in one call (only with a whole call's time to spare)
+#   fsdp-cuda  (limits 300 s) FSDP2 on CUDA: the step, regional compile and activation checkpointing under FSDP2
+#            against the single-device step, a DCP save / reload / export on the GPU, then `mae bench fsdp` (ViT-H
+#            FSDP2 vs single device at batch 128, peak memory at 256-2048 with and without checkpointing)
+#   dali     (limits 420 s) DALI on the GPU: decode parity with DALI's CPU pipeline, then the loader rows and the
+#            training fed by each loader (benchmarks/loader.py); the third call of the three-part DALI install
 #   kernels, speedup (mask-ratio sweep), fsdp, loader (needs DALI), pytest (the Triton kernel tests on CUDA)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -108,6 +113,22 @@ if has fsdp && [ -f benchmarks/fsdp.py ]; then
 fi
 if has loader && [ -f benchmarks/loader.py ] && $PY -c "import nvidia.dali" 2>/dev/null; then
   step loader 240 $PY -m benchmarks.loader --out "$OUT"
+fi
+if has fsdp-cuda; then  # FSDP2 on CUDA (limits 300 s): the checks against the single-device step, then the bench
+  step fsdp_checks 110 $PY -m benchmarks.fsdp_checks --out "$OUT"
+  step fsdp 190 $PY -m benchmarks.fsdp --out "$OUT" --warmup 2 --reps 5 --memory-batches 256,512,1024,2048 \
+    --estimates benchmarks/results/memory_estimate_vit-h_fsdp_2026-11-28.json
+fi
+if has dali; then  # the third of the three DALI calls, after .device/dali/p2/install.sh (limits 420 s)
+  if $PY -c "import nvidia.dali" 2>/dev/null; then
+    step dali_parity 70 $PY -m benchmarks.dali_parity --out "$OUT"
+    # loader rows (files and shards, both sets, every backend) then ViT-B/16 and ViT-L/16 fed by each loader;
+    # the report is rewritten after every row, so a time limit keeps what was measured
+    export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d)}
+    step loader 350 $PY -m benchmarks.loader --out "$OUT" --files-dir /tmp/mae_bench_jpegs --train-steps 15
+  else
+    echo "=== dali: DALI is not importable (run .device/dali/p2/install.sh first)"; status=1
+  fi
 fi
 echo "reports in $OUT"; ls -1 "$OUT"
 exit $status

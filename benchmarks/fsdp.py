@@ -95,9 +95,21 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-batches", default="256,512,1024", help="batches of the memory table")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--estimates", default="", metavar="JSON",
+                    help="a `mae bench memory` report for the same preset (with --encoder-ckpt 0,DEPTH --decoder-ckpt "
+                         "0,DEPTH and --largest-batch): its estimates are placed beside the measured peaks")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
+    estimates = []
+    if args.estimates:
+        import json
+
+        try:
+            estimates = json.loads(Path(args.estimates).read_text())["rows"]
+        except (OSError, ValueError, KeyError) as e:
+            print(f"mae bench fsdp: error: --estimates {args.estimates}: {e}", file=sys.stderr)
+            return 2
     device = pick_device(args.device)
     if device.type == "cuda":
         device = torch.device("cuda", device.index or 0)  # set_device and NCCL need an index
@@ -112,6 +124,19 @@ def main(argv=None) -> int:
     for b in [int(x) for x in args.memory_batches.split(",") if x]:
         for ac in (False, True):
             mem.append(measure(args.preset, b, device, True, ac, 2, 3))
+    m = get_preset(args.preset).model
+
+    def estimate(batch, ac, largest=False):
+        """The estimator's peak (or largest fitting batch) for these settings: full checkpointing = every block."""
+        want = (m.depth, m.decoder_depth) if ac else (0, 0)
+        rows = [r for r in estimates if (int(r.get("encoder_ckpt", 0)), int(r.get("decoder_ckpt", 0))) == want
+                and float(r.get("mask_ratio", 0.75)) == 0.75 and r.get("mode", "mae") == "mae"]
+        if largest:
+            return max((int(r["batch"]) for r in rows if r.get("fits") == "yes"), default=None)
+        return next((r["est_peak_gib"] for r in rows if int(r["batch"]) == batch), None)
+
+    for r in mem:
+        r["estimate_gib"] = estimate(r["batch"], r["act_ckpt"])
     base = max((r.get("img_per_s", 0) for r in (single, single2)), default=0)
     cost = (1 - fsdp["img_per_s"] / base) if base and fsdp.get("img_per_s") else None
     step_s = (fsdp.get("step_ms") or 0) / 1000 or None
@@ -125,7 +150,18 @@ def main(argv=None) -> int:
              md_table(rows, ["model", "batch", "fsdp", "act_ckpt", "status", "img_per_s", "step_ms", "peak_alloc_gib"]),
              "", f"FSDP2 cost vs the better single-device run: {cost * 100:.1f}% (target <= 5%)" if cost is not None
              else "FSDP2 cost: not measured", "", "## Peak memory vs batch (FSDP2 + bf16)", "",
-             md_table(mem, ["model", "batch", "act_ckpt", "status", "img_per_s", "peak_alloc_gib"]), "",
+             md_table(mem, ["model", "batch", "act_ckpt", "status", "img_per_s", "peak_alloc_gib", "estimate_gib"]), "",
+             "estimate_gib: `mae bench memory` (the single-device eager step on fake tensors, "
+             f"{args.estimates or 'no --estimates given'}); FSDP2 adds bf16 parameter copies and keeps its own "
+             "buffers, so its measured peak sits a little above the estimate.", ""]
+    for ac in (False, True):
+        ok = [r["batch"] for r in mem if r["act_ckpt"] == ac and r.get("status") == "ok"]
+        oom = [r["batch"] for r in mem if r["act_ckpt"] == ac and r.get("status") == "OOM"]
+        est = estimate(0, ac, largest=True)
+        lines.append(f"- largest batch, activation checkpointing {'on' if ac else 'off'}: measured "
+                     f"{max(ok) if ok else 'none'} ran" + (f", {min(oom)} ran out of memory" if oom else "")
+                     + f"; the estimator's largest batch under its budget: {est if est else 'not given'}")
+    lines += ["",
              "## Multi-GPU communication estimate (computed, not measured: one GPU here)", ""]
     lines += comm_estimate(args.preset, 8, step_s)
     out.mkdir(parents=True, exist_ok=True)

@@ -220,6 +220,8 @@ def main(argv=None) -> int:
     ap.add_argument("--train-presets", default="mae_vit_base_patch16,mae_vit_large_patch16")
     ap.add_argument("--train-feeds", default="synthetic,dali-gpu,dali-gpu-nohw,torchvision-uint8,torchvision-float32",
                     help=f"comma list of {', '.join(TRAIN_FEEDS)}")
+    ap.add_argument("--train-feeds-other", default="synthetic,dali-gpu,torchvision-uint8",
+                    help="feeds of the presets after the first (the comparison rows only, to save device time)")
     ap.add_argument("--train-levers", default="fast", help="lever set of the fed training rows (benchmarks.levers)")
     ap.add_argument("--train-batch", type=int, default=256)
     ap.add_argument("--train-steps", type=int, default=20, help="timed steps per fed-training row; 0 skips them")
@@ -264,6 +266,42 @@ def main(argv=None) -> int:
     base = Path(args.files_dir or os.path.join(tempfile.gettempdir(), "mae_bench_jpegs"))
     env = environment(device)
     rows, set_info, train_rows, paths = [], {}, [], {}
+    tag = f"loader_{device_tag(env)}_{today()}"
+    out = Path(args.out)
+
+    def write_report(final: bool = False) -> None:
+        """Rewritten after every row, so the rows measured so far survive a time limit."""
+        tgt = targets(rows, train_rows, gpu)
+        rows.sort(key=lambda r: (sets.index(r["set"]), sources.index(r["source"]), backends.index(r["backend"])))
+        train_rows.sort(key=lambda r: (presets.index(r["preset"]), feeds.index(r["feed"])))
+        write_csv(rows + train_rows, out / f"{tag}.csv")
+        write_json({"environment": env, "sets": set_info, "workers": workers, "loader": rows, "training": train_rows,
+                    "targets": tgt}, out / f"{tag}.json")
+        where = env.get("device") if gpu else f"CPU: {env.get('device')}, {os.cpu_count()} cores"
+        lines = [f"# Data loading ({where}, {env['date']})", "", env_block(env), ""]
+        if not final:
+            lines += ["**Incomplete**: the run stopped before its last row.", ""]
+        if not gpu:
+            lines += ["**CPU figures** (no GPU in this run): the backends that run on a host only; they say nothing of "
+                      "the GPU targets below.", ""]
+        lines += [f"RandomResizedCrop(0.2-1, cubic) to {args.img_size} + flip + normalise, batch {args.batch}, "
+                  f"{workers} DataLoader workers / DALI threads, 3 warm-up batches then the timed ones; files are "
+                  "in the page cache after generation (decode is timed, not the disk).", "",
+                  md_table([{"set": k, **v} for k, v in set_info.items()],
+                           ["set", "files", "size", "mean_kb", "timed_batches"]), "",
+                  md_table(rows, ["set", "source", "backend", "status", "img_per_s", "output_device", "output_dtype"])]
+        if train_rows:
+            lines += ["", f"## Training fed by each loader, lever set `{args.train_levers}`, batch {args.train_batch}, "
+                      "bf16 autocast, mask 0.75", "",
+                      md_table(train_rows, ["preset", "feed", "status", "img_per_s", "step_ms", "step_p20_p80_ms"])]
+        lines += ["", "## Targets (one H100 machine, 16 cores)", "", "| target | goal | measured | met |",
+                  "|---|---|---|---|"]
+        lines += [f"| {t['target']} | {t['goal']} | {t['shown'] or '-'} | {t['verdict']} |" for t in tgt]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{tag}.md").write_text("\n".join(lines) + "\n")
+        if final:
+            print(f"wrote {out / (tag + '.md')}")
+
     for name in sets:
         w, h, default_n = SETS[name]
         n = (args.files if name == "imagenet" else args.large_files) or default_n
@@ -274,52 +312,40 @@ def main(argv=None) -> int:
         paths[name, "files"] = str(root)
         if "shards" in sources:
             paths[name, "shards"] = str(pack_set(root, base / f"{root.name}_shards", workers))
-    # DataLoader workers are forked: every torchvision row runs before the first DALI pipeline exists in this
-    # process (a fork after DALI's thread pools started can crash or hang the workers)
-    order = sorted(backends, key=lambda b: b.startswith("dali"))
-    for b in order:
-        for name in sets:
-            for source in sources:
-                rows.append(time_loader(b, paths[name, source], args.img_size, args.batch, workers, device,
-                                        set_info[name]["timed_batches"], n_files=set_info[name]["files"],
-                                        set=name, source=source))
-    rows.sort(key=lambda r: (sets.index(r["set"]), sources.index(r["source"]), backends.index(r["backend"])))
-    if args.train_steps and gpu and feeds:
-        n = args.files or SETS["imagenet"][2]
-        root = base / f"imagenet_{SETS['imagenet'][0]}x{SETS['imagenet'][1]}_{n}"
-        make_jpeg_set(root, n, workers, SETS["imagenet"][:2])
-        for feed in sorted(feeds, key=lambda f: f.startswith("dali")):
-            for preset in presets:
-                train_rows.append(time_training(feed, str(root), preset, args.train_batch, workers, device,
-                                                args.train_steps, args.train_levers, n_files=n))
-        train_rows.sort(key=lambda r: (presets.index(r["preset"]), feeds.index(r["feed"])))
-    tgt = targets(rows, train_rows, gpu)
-    tag = f"loader_{device_tag(env)}_{today()}"
-    out = Path(args.out)
-    write_csv(rows + train_rows, out / f"{tag}.csv")
-    write_json({"environment": env, "sets": set_info, "workers": workers, "loader": rows, "training": train_rows,
-                "targets": tgt}, out / f"{tag}.json")
-    where = env.get("device") if gpu else f"CPU: {env.get('device')}, {os.cpu_count()} cores"
-    lines = [f"# Data loading ({where}, {env['date']})", "", env_block(env), ""]
-    if not gpu:
-        lines += ["**CPU figures** (no GPU in this run): the backends that run on a host only; they say nothing of "
-                  "the GPU targets below.", ""]
-    lines += [f"RandomResizedCrop(0.2-1, cubic) to {args.img_size} + flip + normalise, batch {args.batch}, "
-              f"{workers} DataLoader workers / DALI threads, 3 warm-up batches then the timed ones; files are "
-              "in the page cache after generation (decode is timed, not the disk).", "",
-              md_table([{"set": k, **v} for k, v in set_info.items()],
-                       ["set", "files", "size", "mean_kb", "timed_batches"]), "",
-              md_table(rows, ["set", "source", "backend", "status", "img_per_s", "output_device", "output_dtype"])]
-    if train_rows:
-        lines += ["", f"## Training fed by each loader, lever set `{args.train_levers}`, batch {args.train_batch}, "
-                  "bf16 autocast, mask 0.75", "",
-                  md_table(train_rows, ["preset", "feed", "status", "img_per_s", "step_ms", "step_p20_p80_ms"])]
-    lines += ["", "## Targets (one H100 machine, 16 cores)", "", "| target | goal | measured | met |",
-              "|---|---|---|---|"]
-    lines += [f"| {t['target']} | {t['goal']} | {t['shown'] or '-'} | {t['verdict']} |" for t in tgt]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{tag}.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / (tag + '.md')}")
+    train_n = args.files or SETS["imagenet"][2]
+    train_root = base / f"imagenet_{SETS['imagenet'][0]}x{SETS['imagenet'][1]}_{train_n}"
+    train = bool(args.train_steps and gpu and feeds)
+    if train:
+        make_jpeg_set(train_root, train_n, workers, SETS["imagenet"][:2])
+    other = set(parse_choices(args.train_feeds_other, TRAIN_FEEDS, "training feed(s)"))
+
+    def loader_rows(group):
+        for b in group:
+            for name in sets:
+                for source in sources:
+                    rows.append(time_loader(b, paths[name, source], args.img_size, args.batch, workers, device,
+                                            set_info[name]["timed_batches"], n_files=set_info[name]["files"],
+                                            set=name, source=source))
+                    write_report()
+
+    def training_rows(group):
+        for feed in group:
+            for i, preset in enumerate(presets):
+                if i and feed not in other:
+                    continue
+                train_rows.append(time_training(feed, str(train_root), preset, args.train_batch, workers, device,
+                                                args.train_steps, args.train_levers, n_files=train_n))
+                write_report()
+
+    # DataLoader workers are forked: every row with torchvision workers runs before the first DALI pipeline
+    # exists in this process (a fork after DALI's thread pools started crashed or hung the workers)
+    loader_rows([b for b in backends if not b.startswith("dali")])
+    if train:
+        training_rows([f for f in feeds if not f.startswith("dali")])
+    loader_rows([b for b in backends if b.startswith("dali")])
+    if train:
+        training_rows([f for f in feeds if f.startswith("dali")])
+    write_report(final=True)
     return 0
 
 

@@ -252,6 +252,10 @@ class TrainConfig:
     most train.max_rollbacks times)."""
     max_rollbacks: int = 3
     """Rollbacks after which a diverging run stops (on_divergence=rollback)."""
+    on_world_change: str = "keep"
+    """A resume on another number of ranks: keep (the checkpoint's global batch, hence its lr and schedule: the
+    accumulation, or else the per-device batch, is adjusted and printed; refused with the override that fits when
+    no split exists) or follow (this run's batch settings as given: the global batch, lr and schedule change)."""
     progress: bool = True
     """Show a progress bar."""
     tensorboard: bool = True
@@ -292,6 +296,8 @@ class TrainConfig:
         _check(self.on_divergence in ("stop", "rollback"),
                f"train.on_divergence must be stop or rollback, got {self.on_divergence!r}")
         _check(self.max_rollbacks >= 0, f"train.max_rollbacks must be >= 0, got {self.max_rollbacks}")
+        _check(self.on_world_change in ("keep", "follow"),
+               f"train.on_world_change must be keep or follow, got {self.on_world_change!r}")
         _check(self.vis_every >= 0, f"train.vis_every must be >= 0, got {self.vis_every}")
         _check(self.knn_every >= 0, f"train.knn_every must be >= 0, got {self.knn_every}")
         for name in ("checkpoint_blocks", "checkpoint_decoder_blocks"):
@@ -321,11 +327,26 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    replicate: int = 1
+    """Hybrid sharding (HSDP): the ranks form `replicate` groups of world / replicate ranks; every block is sharded
+    within a group and replicated across groups (FSDP2 on a 2-D device mesh: all-gathers stay inside a group, e.g.
+    a node's NVLink, and only the gradient all-reduce crosses groups). 1 = plain FSDP2 over all ranks."""
+
+    def __post_init__(self) -> None:
+        _check(self.replicate >= 1, f"parallel.replicate must be >= 1, got {self.replicate}")
+
+
+SECTIONS = ("model", "data", "optim", "train", "parallel")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     preset: str = "custom"
     """Name of the preset this config started from."""
 
@@ -344,7 +365,7 @@ class Config:
     def from_dict(cls, d: dict) -> "Config":
         return cls(model=ModelConfig(**d["model"]), data=DataConfig(**d["data"]),
                    optim=OptimConfig(**d["optim"]), train=TrainConfig(**d["train"]),
-                   preset=d.get("preset", "custom"))
+                   parallel=ParallelConfig(**d.get("parallel", {})), preset=d.get("preset", "custom"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -500,7 +521,7 @@ def to_toml(cfg: Config) -> str:
 
     lines = ["# resolved configuration of this run: `mae pretrain --config FILE` runs it again (dotted overrides",
              "# on the command line still win)", f"preset = {value(cfg.preset)}"]
-    for sec in ("model", "data", "optim", "train"):
+    for sec in SECTIONS:
         lines += ["", f"[{sec}]"]
         sub = getattr(cfg, sec)
         lines += [f"{f.name} = {value(getattr(sub, f.name))}" for f in dataclasses.fields(sub)]
@@ -527,7 +548,8 @@ def read_toml(path) -> dict:
 def file_overrides(data: dict, path) -> tuple[str | None, dict[str, str]]:
     """(preset, dotted overrides) of a config file's dict; unknown sections and keys are errors naming the key
     and the nearest valid one."""
-    sections = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+    sections = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
+                "parallel": ParallelConfig}
     preset = data.get("preset")
     out: dict[str, str] = {}
     for sec, body in data.items():
@@ -557,7 +579,7 @@ def describe_fields(cfg: Config) -> str:
     import inspect
 
     lines = []
-    for sec in ("model", "data", "optim", "train"):
+    for sec in SECTIONS:
         sub = getattr(cfg, sec)
         docs = _field_docs(type(sub), ast, inspect)
         for f in dataclasses.fields(sub):

@@ -110,8 +110,40 @@ def apply_regional_compile(model: nn.Module, mode: str = "default") -> None:
             blk.compile(**kw)
 
 
-def apply_fsdp(model: MaskedAutoencoderViT, param_dtype: torch.dtype | None, reshard_after_forward: bool = True):
-    """fully_shard every encoder and decoder block, then the root.
+def device_mesh(device: torch.device, world: int, replicate: int = 1):
+    """The ranks' mesh: 1-D (plain FSDP2) or, with replicate R > 1, 2-D (R, world / R) named ("replicate", "shard"):
+    consecutive ranks (a node's GPUs under torchrun) form one shard group."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from .config import ConfigError
+
+    if replicate < 1 or world % replicate:
+        raise ConfigError(f"parallel.replicate={replicate} must divide the world size {world} (the ranks form "
+                          f"{replicate} groups of equal size)")
+    if replicate == 1:
+        return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    return init_device_mesh(device.type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
+
+
+def fsdp_replicas(model: nn.Module) -> int:
+    """On how many ranks each shard of the model lives: 1 under plain FSDP2 (and without FSDP), R under HSDP."""
+    from torch.distributed.tensor import DTensor
+
+    for p in model.parameters():
+        if isinstance(p, DTensor):
+            n = 1
+            for size, placement in zip(p.device_mesh.shape, p.placements):
+                if placement.is_replicate():
+                    n *= size
+            return n
+    return 1
+
+
+def apply_fsdp(model: MaskedAutoencoderViT, param_dtype: torch.dtype | None, reshard_after_forward: bool = True,
+               mesh=None):
+    """fully_shard every encoder and decoder block, then the root, over `mesh` (default: every rank; a 2-D mesh
+    from device_mesh(..., replicate=R) gives hybrid sharding: shard within a group, replicate across groups,
+    gradients reduce-scattered in the group and all-reduced across groups).
 
     param_dtype=bfloat16 gives MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): blocks compute
     with bf16 weights gathered once per step, gradients are reduced in fp32 into fp32 master shards.
@@ -124,9 +156,10 @@ def apply_fsdp(model: MaskedAutoencoderViT, param_dtype: torch.dtype | None, res
     root_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
                                    cast_forward_inputs=False) if param_dtype else MixedPrecisionPolicy(
         cast_forward_inputs=False)
+    kw = {} if mesh is None else {"mesh": mesh}
     for blk in list(model.blocks) + list(model.decoder_blocks):
-        fully_shard(blk, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mp_policy=root_mp, reshard_after_forward=reshard_after_forward)
+        fully_shard(blk, mp_policy=mp, reshard_after_forward=reshard_after_forward, **kw)
+    fully_shard(model, mp_policy=root_mp, reshard_after_forward=reshard_after_forward, **kw)
     from torch.distributed.fsdp import register_fsdp_forward_method
 
     register_fsdp_forward_method(model, "forward_features")  # evaluation (kNN monitor) outside forward()
@@ -173,7 +206,8 @@ def build_parallel_model(cfg: Config, ctx: DistContext, device: torch.device) ->
     if t.compile and t.compile_scope == "blocks":
         apply_regional_compile(model, t.compile_mode)
     if ctx.distributed:
-        apply_fsdp(model, resolve_dtype(t.precision, device))
+        mesh = device_mesh(device, ctx.world, cfg.parallel.replicate) if cfg.parallel.replicate > 1 else None
+        apply_fsdp(model, resolve_dtype(t.precision, device), mesh=mesh)
     materialize(model, device, t.seed)
     if t.layer_norm != "torch":  # after the values are set: the swap keeps the Parameters, not the module types
         # where it may run (one CUDA process) is checked by engine.step.check_levers

@@ -33,7 +33,7 @@ from .attention import attention_context
 from .config import Config, ConfigError, apply_overrides
 from .device import resolve_device, resolve_dtype
 from .optim import build_optimizer, supports_found_inf
-from .parallel import DistContext, all_reduce_, build_parallel_model, is_fsdp
+from .parallel import DistContext, all_reduce_, build_parallel_model, fsdp_replicas, is_fsdp
 
 PHASES = ("forward", "backward", "optimizer", "end")
 """Hook points of a step, in order: before each micro-batch's forward, before its backward, before the
@@ -69,6 +69,7 @@ class TrainStep:
         self.accum_steps = accum_steps
         self.mask_ratio = mask_ratio
         self.fsdp = is_fsdp(model)
+        self.replicas = fsdp_replicas(model)  # HSDP: each shard lives on this many ranks (summed once, not R times)
         self.hooks: list[Hook] = []
         self.grad_norm = torch.zeros((), device=self.device)
         """The last step's total gradient norm (fp32, over every rank's shard), a device tensor."""
@@ -137,6 +138,7 @@ class TrainStep:
         sq = torch.stack(norms).square().sum()
         if self.fsdp:
             all_reduce_(sq, "sum")
+            sq = sq / self.replicas
         return sq.sqrt()
 
     def _grad_norm(self) -> torch.Tensor:
@@ -153,6 +155,7 @@ class TrainStep:
         sq = torch.stack(norms).square().sum()
         if self.fsdp:
             all_reduce_(sq, "sum")
+            sq = sq / self.replicas
         return sq.sqrt()
 
     def __call__(self, micro_batches, mask_ratio: float | None = None, hooks: Iterable[Hook] | None = None):
@@ -198,6 +201,11 @@ def check_levers(cfg: Config, ctx: DistContext, device: torch.device, strict: bo
     strict=False (benchmarks, CPU tests) lets the captured step run its body eagerly off CUDA and apex's layer
     norm run wherever its module does; what cannot work anywhere is refused either way."""
     t = cfg.train
+    if cfg.parallel.replicate > 1 and (not ctx.distributed or ctx.world % cfg.parallel.replicate
+                                       or ctx.world == cfg.parallel.replicate):
+        raise ConfigError(f"parallel.replicate={cfg.parallel.replicate} needs a torchrun job whose world size is a "
+                          f"multiple of it with at least 2 ranks per group (world size {ctx.world if ctx.distributed else 1})"
+                          "; use --parallel.replicate 1")
     if t.precision == "bf16-pure" and ctx.distributed:
         raise ConfigError("train.precision=bf16-pure is for one process; under FSDP2 use bf16 (FSDP2 keeps "
                           "bf16 parameters with fp32 master weights itself)")

@@ -82,7 +82,9 @@ class Trainer:
             if resume_path is None and self.is_main:
                 self.log(f"--resume: no checkpoint in {self.run_dir}, starting from scratch")
         if resume_path is not None:
-            self._keep_data_backend(ckpt.read_meta(resume_path))
+            saved_meta = ckpt.read_meta(resume_path)
+            self._keep_data_backend(saved_meta)
+            self._keep_global_batch(saved_meta)
         if self.is_main:  # the resolved configuration of this run, as `mae pretrain --config` reads it
             from .config import to_toml
 
@@ -156,6 +158,46 @@ class Trainer:
             self.log(f"note: the checkpoint was written with the {saved} loader; continuing with {d.backend} as asked "
                      f"(its loader state does not apply: the epoch position is reached by replaying batches)")
 
+    def _keep_global_batch(self, meta: dict) -> None:
+        """A resume on another world size keeps the checkpoint's global batch (so its lr and its schedule): the
+        per-device batch stays at most what each device held before (it fitted) and the accumulation makes up the
+        rest; refused, naming both world sizes and an override that fits, when no split exists. The config's
+        own batch settings win when they already give the saved global batch, or with train.on_world_change
+        follow."""
+        saved_world = int(meta.get("world", 1))
+        saved = (meta.get("config") or {}).get("train") or {}
+        t = self.cfg.train
+        if saved_world == self.world or "batch_size" not in saved:
+            return
+        target = int(saved["batch_size"]) * int(saved.get("accum_steps", 1)) * saved_world
+        current = t.batch_size * t.accum_steps * self.world
+        if current == target:
+            return
+        if t.on_world_change == "follow":
+            if self.is_main:
+                self.log(f"note: resumed on {self.world} rank(s) from a run on {saved_world}: global batch {current} "
+                         f"instead of {target} as given (train.on_world_change follow: the lr and the schedule "
+                         "follow the new batch)")
+            return
+        cap = max(int(saved["batch_size"]), t.batch_size)  # what one device is known to hold
+        split = next(((target // (self.world * a), a) for a in range(1, 1025)
+                      if target % (self.world * a) == 0 and target // (self.world * a) <= cap), None)
+        if split is None:
+            fits = [(b, a) for a in range(1, 1025) for b in (target // (self.world * a),)
+                    if b >= 1 and target % (self.world * a) == 0]
+            hint = (f"--train.batch_size {fits[0][0]} --train.accum_steps {fits[0][1]}" if fits else
+                    "a world size that divides it")
+            raise ConfigError(
+                f"resuming a run saved on {saved_world} rank(s) (global batch {target} = {saved['batch_size']} x "
+                f"{saved.get('accum_steps', 1)} x {saved_world}) on {self.world} rank(s): {target} images do not "
+                f"split into equal per-device batches of at most {cap}; use {hint}, or "
+                "--train.on_world_change follow to continue with a different global batch (lr and schedule change)")
+        b, a = split
+        if self.is_main:
+            self.log(f"resumed on {self.world} rank(s) from a run on {saved_world}: global batch {target} kept as "
+                     f"{b} per device x {a} accumulation x {self.world} rank(s) (was {t.batch_size} x {t.accum_steps})")
+        t.batch_size, t.accum_steps = b, a
+
     def _fault_hook(self, phase: str) -> None:
         if phase == "optimizer" and self._fault_step == self.step + 1:
             raise RuntimeError(f"injected fault (MAE_FAULT_STEP={self._fault_step}) on rank {self.rank} "
@@ -227,6 +269,10 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
+    def _sharding(self) -> str:
+        r = self.cfg.parallel.replicate
+        return f" (HSDP: {r} replicas x {self.world // r} shards)" if r > 1 else " (FSDP2)"
+
     def banner(self) -> str:
         t, m = self.cfg.train, self.cfg.model
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -235,7 +281,7 @@ class Trainer:
                 f"device {self.device}, precision {self.amp_dtype or torch.float32}, data {self.loader.name} "
                 f"({self.loader.batches_per_epoch} micro-batches/epoch/rank)\n"
                 f"effective batch {self.effective_batch} = {t.batch_size} per device x {t.accum_steps} accumulation "
-                f"x {self.world} rank(s)" + (" (FSDP2)" if self.ctx.distributed else "") + f"; lr {self.lr:.3g} "
+                f"x {self.world} rank(s)" + (self._sharding() if self.ctx.distributed else "") + f"; lr {self.lr:.3g} "
                 + ("(absolute)" if self.cfg.optim.lr > 0 else
                    f"= base {self.cfg.optim.base_lr:g} x {self.effective_batch}/256")
                 + f"\n{self.total_steps} steps ({t.epochs} epochs x {self.steps_per_epoch}), warm-up "

@@ -27,6 +27,16 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """A test that starts a one-process group in this process (train.fsdp always) leaves RANK, MASTER_PORT, ... in
+    os.environ; later tests' subprocesses must not inherit them (a second server on that port fails)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def debug_cfg(run_dir, **overrides):
     """The debug preset for tests: embedded photographs, main-process loading, no TensorBoard, CPU."""
     base = {"train.run_dir": str(run_dir), "data.num_workers": "0", "train.tensorboard": "false",

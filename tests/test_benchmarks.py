@@ -489,3 +489,46 @@ def test_reports_go_to_the_working_directory_not_the_package(tmp_path, monkeypat
                          "--device", "cpu"]) == 0
     assert list((tmp_path / "bench-results").glob("speedup_cpu_*.md"))
     assert set((pkg / "results").iterdir()) == before
+
+
+def test_loader_fed_training_rows_run(tmp_path):
+    """The fed-training rows' code path on a CPU (debug preset, reference levers): a loader's stream drives the
+    trainer's step, as does synthetic input; DALI's CPU output is moved to the step's device."""
+    from benchmarks import loader
+    from pipelines import dali_available
+
+    files, _ = loader.make_jpeg_set(tmp_path / "j", 16, 1, (64, 48))
+    feeds = ["synthetic", "torchvision-uint8"] + (["dali-cpu"] if dali_available() else [])
+    rows = [loader.time_training(f, str(tmp_path / "j"), "debug", 4, 1, torch.device("cpu"), 2, "reference",
+                                 n_files=len(files)) for f in feeds]
+    assert all(r["status"] == "ok" and r["img_per_s"] > 0 for r in rows), rows
+    bad = loader.time_training("torchvision-uint8", str(tmp_path / "missing"), "debug", 4, 1, torch.device("cpu"),
+                               2, "reference")
+    assert bad["status"].startswith("error: DataError") and "missing" in bad["status"]
+
+
+def test_scaling_model_bytes_and_report(tmp_path):
+    """Ring collective volumes: FSDP2 over N ranks moves 8P (N-1)/N bytes per rank (bf16 all-gather twice, fp32
+    reduce-scatter); HSDP keeps that inside a node and sends only the fp32 gradient shard's all-reduce across."""
+    from benchmarks import scaling
+
+    P = 1_000_000
+    b = scaling.collective_bytes(P, 64, 64)
+    assert b["all_gather"] == pytest.approx(4 * P * 63 / 64) and b["reduce_scatter"] == pytest.approx(4 * P * 63 / 64)
+    assert b["all_reduce_across"] == 0
+    h = scaling.collective_bytes(P, 64, 8)
+    assert h["all_gather"] == pytest.approx(4 * P * 7 / 8)
+    assert h["all_reduce_across"] == pytest.approx(2 * (4 * P / 8) * 7 / 8)
+    f = scaling.model_row("FSDP2", 64, 8, P * 600, 40, 0.05, 64, 450e9, 50e9, 0.8, 0.8)
+    hs = scaling.model_row("HSDP", 64, 8, P * 600, 40, 0.05, 64, 450e9, 50e9, 0.8, 0.8)
+    assert hs["gb_across"] < f["gb_across"] / 7 and hs["efficiency"] > f["efficiency"]
+    assert f["img_per_s"] == round(64 * 64 / (f["step_ms"] / 1000), -1) or abs(
+        f["img_per_s"] - 64 * 64 / (f["step_ms"] / 1000)) < 0.01 * f["img_per_s"]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"environment": {"device": "GPU X"}}) + "\n" + json.dumps({"row": {
+        "model": "vit-b", "mode": "mae", "mask_ratio": 0.75, "batch": 128, "config": "triton+compile",
+        "status": "ok", "img_per_s": 3000.0, "step_ms": 42.7}}) + "\n")
+    assert scaling.main(["--rows", str(rows), "--model", "vit-b", "--out", str(tmp_path)]) == 0
+    md = next(tmp_path.glob("scaling_vit-b_*.md")).read_text()
+    assert "Computed, not measured" in md and "on GPU X" in md and "| 128 | HSDP | 1024 |" in md
+    assert scaling.main(["--rows", str(rows), "--model", "vit-h", "--out", str(tmp_path)]) == 2

@@ -117,3 +117,34 @@ def test_resume_keeps_the_data_backend_it_started_with(tmp_path):
     t = Trainer(debug_cfg(tmp_path, **{"train.max_steps": 4, "data.backend": "synthetic"}), resume=True,
                 log=logs.append)
     assert t.loader.name == "synthetic" and any("continuing with synthetic as asked" in x for x in logs)
+
+
+def test_a_resume_on_another_world_size_keeps_or_refuses_the_global_batch():
+    """Engine.trainer's rule, without processes: 2 ranks x 8 -> 1 rank keeps 16 as 8 x 2 accumulation; -> 3 ranks is
+    refused naming both world sizes and the override; `follow` keeps the config as given, with a note."""
+    from types import SimpleNamespace
+
+    from engine.config import ConfigError, debug
+    from engine.trainer import Trainer
+
+    meta = {"world": 2, "config": {"train": {"batch_size": 8, "accum_steps": 1}}}
+
+    def resume_on(world, batch, accum=1, mode="keep"):
+        cfg = debug()
+        cfg.train.batch_size, cfg.train.accum_steps, cfg.train.on_world_change = batch, accum, mode
+        logs = []
+        fake = SimpleNamespace(world=world, cfg=cfg, is_main=True, log=logs.append)
+        Trainer._keep_global_batch(fake, meta)
+        return cfg.train.batch_size, cfg.train.accum_steps, logs
+
+    assert resume_on(1, 8)[:2] == (8, 2)
+    assert resume_on(1, 4)[:2] == (8, 2)  # a smaller batch given: the saved per-device batch is known to fit
+    assert resume_on(4, 8)[:2] == (4, 1)
+    assert resume_on(2, 16)[:2] == (16, 1)  # the same world size: the batch as given (a deliberate change)
+    b, a, logs = resume_on(1, 16)
+    assert (b, a) == (16, 1) and logs == []  # already the saved global batch
+    with pytest.raises(ConfigError, match=r"saved on 2 rank\(s\) \(global batch 16 = 8 x 1 x 2\) on 3 rank\(s\).*"
+                                          r"world size that divides it.*on_world_change follow"):
+        resume_on(3, 8)
+    b, a, logs = resume_on(1, 8, mode="follow")
+    assert (b, a) == (8, 1) and "global batch 8 instead of 16" in logs[0]

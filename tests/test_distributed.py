@@ -35,6 +35,11 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
 
 
+def grad_norms(run_dir):
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["grad_norm"] for r in recs if r.get("grad_norm") is not None}
+
+
 def assert_ok(r):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
 
@@ -56,25 +61,50 @@ def test_two_ranks_match_one_rank_with_same_global_batch(tmp_path):
         assert la[s] == pytest.approx(lb[s], rel=1e-4)
 
 
-def test_resume_across_world_sizes(tmp_path):
+def test_resume_across_world_sizes_keeps_the_global_batch(tmp_path):
+    """2 ranks -> 1 rank and 1 -> 2 with the same per-device batch on the command line: the resumed run keeps the
+    checkpoint's global batch of 16 (accumulation 2 on one rank; 8 per rank on two), so its lr and schedule, and
+    continues the uninterrupted run's loss curve; weights and optimizer state end equal to it within fp32
+    reduction-order noise."""
     straight = tmp_path / "straight"
     assert single(straight, "--train.batch_size", "16", "--train.max_steps", "6") == 0
-    # save on 2 ranks, resume on 1
-    a = tmp_path / "a"
+    a = tmp_path / "a"  # save on 2 ranks, resume on 1
     assert_ok(torchrun(2, a, "--train.batch_size", "8", "--train.max_steps", "3"))
-    assert single(a, "--train.batch_size", "16", "--train.max_steps", "6", "--resume") == 0
-    # save on 1, resume on 2
-    b = tmp_path / "b"
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert single(a, "--train.batch_size", "8", "--train.max_steps", "6", "--resume") == 0
+    assert ("resumed on 1 rank(s) from a run on 2: global batch 16 kept as 8 per device x 2 accumulation x 1 "
+            "rank(s) (was 8 x 1)") in out.getvalue()
+    assert "effective batch 16 = 8 per device x 2 accumulation x 1 rank(s)" in out.getvalue()
+    b = tmp_path / "b"  # save on 1, resume on 2
     assert single(b, "--train.batch_size", "16", "--train.max_steps", "3") == 0
-    r = torchrun(2, b, "--train.batch_size", "8", "--train.max_steps", "6", "--resume")
+    r = torchrun(2, b, "--train.batch_size", "16", "--train.max_steps", "6", "--resume")
     assert_ok(r)
     assert "resumed from" in r.stdout and "at step 3" in r.stdout
+    assert "global batch 16 kept as 8 per device x 1 accumulation x 2 rank(s)" in r.stdout
     ref = losses(straight)
     for run in (a, b):
         got = losses(run)
         for s in (4, 5, 6):
             assert got[s] == pytest.approx(ref[s], rel=1e-4), (run.name, s)
     assert ckpt.latest_checkpoint(b).suffix == ".dcp" and ckpt.latest_checkpoint(a).suffix == ".pt"
+    want = torch.load(ckpt.latest_checkpoint(straight), weights_only=True)
+    got = torch.load(ckpt.latest_checkpoint(a), weights_only=True)
+
+    def rel(a: dict, b: dict) -> float:  # over all tensors together: a key bias's gradient is pure rounding noise,
+        va = torch.cat([a[k].flatten() for k in a])  # which Adam scales up to a full step, entry by entry
+        return float((va - torch.cat([b[k].flatten() for k in a])).norm() / va.norm())
+
+    assert want["model"].keys() == got["model"].keys()
+    assert rel(want["model"], got["model"]) < 1e-5  # measured 1.5e-7
+    ws, gs = want["optim"]["state"], got["optim"]["state"]
+    assert ws.keys() == gs.keys() and ws
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert rel({n: ws[n][k] for n in ws}, {n: gs[n][k] for n in ws}) < 1e-5, k  # measured < 1e-7
+    assert want["schedule"] == got["schedule"]
 
 
 def test_bf16_mixed_precision_knn_monitor_and_export_from_sharded(tmp_path):
@@ -122,3 +152,49 @@ def test_fsdp_always_in_a_single_process_matches_plain(tmp_path):
     b = ckpt.full_model_state(ckpt.latest_checkpoint(tmp_path / "p"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_hybrid_sharding_matches_fsdp_and_one_rank_and_reshards_both_ways(tmp_path):
+    """--parallel.replicate 2 on 4 gloo ranks (2 replicas x 2 shards): the same loss curve and weights as plain FSDP2
+    on 4 ranks and as one process with the same global batch; its DCP checkpoint resumes on one process, and a
+    one-process checkpoint resumes under HSDP, each continuing the uninterrupted run."""
+    hsdp, fsdp, one = tmp_path / "hsdp", tmp_path / "fsdp", tmp_path / "one"
+    r = torchrun(4, hsdp, "--train.batch_size", "4", "--train.max_steps", "3", "--parallel.replicate", "2")
+    assert_ok(r)
+    assert "effective batch 16 = 4 per device x 1 accumulation x 4 rank(s) (HSDP: 2 replicas x 2 shards)" in r.stdout
+    assert_ok(torchrun(4, fsdp, "--train.batch_size", "4", "--train.max_steps", "3"))
+    assert single(one, "--train.batch_size", "16", "--train.max_steps", "5") == 0
+    ref = losses(one)
+    ref_gn = grad_norms(one)
+    for run in (hsdp, fsdp):
+        got, gn = losses(run), grad_norms(run)
+        for s in (1, 2, 3):
+            assert got[s] == pytest.approx(ref[s], rel=1e-4), (run.name, s)
+            assert gn[s] == pytest.approx(ref_gn[s], rel=1e-4), (run.name, s)  # each shard counted once
+    a = ckpt.full_model_state(ckpt.latest_checkpoint(hsdp))
+    b = ckpt.full_model_state(ckpt.latest_checkpoint(fsdp))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    # HSDP -> one process (the global batch kept: 4 x 4 accumulation), then one process -> HSDP
+    assert single(hsdp, "--train.batch_size", "4", "--train.max_steps", "5", "--resume") == 0
+    back = tmp_path / "back"
+    assert single(back, "--train.batch_size", "16", "--train.max_steps", "3") == 0
+    assert_ok(torchrun(4, back, "--train.batch_size", "16", "--train.max_steps", "5", "--resume",
+                       "--parallel.replicate", "2"))
+    for run in (hsdp, back):
+        got = losses(run)
+        for s in (4, 5):
+            assert got[s] == pytest.approx(ref[s], rel=1e-4), (run.name, s)
+
+
+def test_replicate_must_divide_the_world_size():
+    from engine.config import ConfigError, debug
+    from engine.parallel import DistContext
+    from engine.step import check_levers
+
+    cfg = debug()
+    cfg.parallel.replicate = 2
+    for ctx in (DistContext(), DistContext(0, 3, 0, True), DistContext(0, 2, 0, True)):
+        with pytest.raises(ConfigError, match="parallel.replicate=2 needs a torchrun job"):
+            check_levers(cfg, ctx, torch.device("cpu"))
+    check_levers(cfg, DistContext(0, 4, 0, True), torch.device("cpu"))

@@ -111,3 +111,32 @@ def test_fsdp2_computes_in_bf16_reduces_in_fp32_and_returns_no_view():
         assert not [w for w in caught if "view tensor" in str(w.message)], [str(w.message) for w in caught]
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp_checks_pass_on_cpu_and_catch_a_sharding_bug(tmp_path):
+    """benchmarks/fsdp_checks.py (the CUDA FSDP2 checks) run on a CPU with gloo: they pass, and an FSDP2 model
+    whose first block's weights were altered after sharding fails the step check."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "benchmarks.fsdp_checks", "--device", "cpu", "--only",
+                        "FSDP2 step,DCP", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "fsdp_checks.json").read_text())["results"]
+    assert [x["ok"] for x in res] == [True, True] and len(res) == 2
+    planted = (
+        "import sys, torch, engine.parallel as P\n"
+        "orig_mat = P.materialize\n"
+        "def mat(model, device, seed):\n"
+        "    orig_mat(model, device, seed)\n"
+        "    if P.is_fsdp(model):\n"
+        "        with torch.no_grad():\n"
+        "            model.blocks[0].attn.qkv.weight.mul_(1.01)\n"
+        "P.materialize = mat\n"
+        "from benchmarks.fsdp_checks import main\n"
+        "sys.exit(main(['--device', 'cpu', '--only', 'FSDP2 step']))\n")
+    r = subprocess.run([sys.executable, "-c", planted], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 1 and "FAIL FSDP2 step vs single-device step" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
