@@ -22,7 +22,6 @@ them when the umask lets them).
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import pickle
 import re
@@ -33,74 +32,12 @@ from pathlib import Path
 
 import torch
 
+from .atomic import CheckpointError, _fsync_dir, _umask, _writer_tag, atomic_write, io_error  # noqa: F401
+
 CKPT_RE = re.compile(r"^ckpt_(\d{8})\.(pt|dcp)$")
 DECODER_PREFIXES = ("decoder_", "mask_token", "encoder_mask_token")
 ARCH_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
                "decoder_depth", "decoder_num_heads", "mlp_ratio", "encoder_mask_tokens")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or does not fit the model; the message names the file."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _writer_tag() -> str:
-    """host and pid of this writer, in its temporary files' names (so a later run can tell stale from live)."""
-    return f"{socket.gethostname().replace('.', '-')}-{os.getpid()}"
-
-
-def io_error(e: OSError, what: str, where: Path) -> "CheckpointError":
-    """A CheckpointError naming the directory and the cause of a failed write (full disk, read-only, ...)."""
-    cause = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-             errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-             errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file, not a directory",
-             errno.EEXIST: "a file of that name is in the way"}.get(e.errno, e.strerror or str(e))
-    return CheckpointError(f"cannot write {what} in {where}: {cause}; the checkpoints already there are intact")
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call write(binary_file) on a temp file beside `path`, fsync, rename over `path`: a kill leaves
-    either the old file or the new one, never half of one. The file gets the umask's permissions. A failed
-    write (full disk, read-only directory) raises CheckpointError naming the directory, with nothing left."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise io_error(e, path.name, path.parent) from None
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file of the run
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno is not None:
-            raise io_error(e, path.name, path.parent) from None
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 def ensure_writable(run_dir: str | os.PathLike) -> Path:

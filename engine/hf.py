@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, atomic_write
+from .atomic import CheckpointError, atomic_write
 from .config import ModelConfig
 
 HF_LAYER = {  # ours (within a block) -> the released layout's names (within a layer)

@@ -558,7 +558,8 @@ class Trainer:
             if self._heldout is not None:
                 from .visualize import masked_patch_error
 
-                self.heldout_error = masked_patch_error(self.model, self._heldout, m.mask_ratio)
+                self.heldout_error = masked_patch_error(self.model, self._heldout, m.mask_ratio,
+                                                        strategy=m.mask_strategy)
                 show = self._heldout[:: max(1, len(self._heldout) // 5)][:5]
                 held = reconstruction_grid(self.model, show, d.mean, d.std, m.mask_ratio, noise_for(len(show)),
                                            scale=scale)

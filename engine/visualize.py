@@ -121,14 +121,16 @@ def reconstruction_grid(model, imgs: torch.Tensor, mean, std, mask_ratio: float 
 
 
 @torch.no_grad()
-def masked_patch_error(model, imgs: torch.Tensor, mask_ratio: float, seed: int = 1234) -> float:
-    """The norm-pix loss on the removed patches of `imgs` under fixed masks: 1.0 is what predicting each patch's
-    mean scores (the target has zero mean and unit variance per patch), lower is learned structure."""
+def masked_patch_error(model, imgs: torch.Tensor, mask_ratio: float, seed: int = 1234,
+                       strategy: str = "random") -> float:
+    """The norm-pix loss on the removed patches of `imgs` under fixed masks drawn with the run's mask strategy:
+    1.0 is what predicting each patch's mean scores (the target has zero mean and unit variance per patch), lower
+    is learned structure."""
     from kernels.noise import make_noise
 
     g = torch.Generator(device=imgs.device).manual_seed(seed)
     grid = int(round(model.num_patches ** 0.5))
-    noise = make_noise("random", imgs.shape[0], grid, mask_ratio, g, imgs.device)
+    noise = make_noise(strategy, imgs.shape[0], grid, mask_ratio, g, imgs.device)
     was = model.training
     model.eval()
     try:

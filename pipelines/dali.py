@@ -24,13 +24,20 @@ import torch
 from .common import IMAGE_EXTS, DataError
 
 
+# Set once this process has used DALI: its worker threads are then running, and a process forked from this one
+# (torchvision's DataLoader workers) can crash in them; pipelines.torchvision starts its workers by forkserver then.
+USED = False
+
+
 def _dali():
+    global USED
     try:
         from nvidia.dali import fn, pipeline_def, types
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
     except ImportError as e:  # pragma: no cover - checked by build_loader
         raise DataError("DALI is not importable; install nvidia-dali-cuda130 or use --data.backend torchvision") from e
+    USED = True
     return fn, pipeline_def, types, LastBatchPolicy, DALIGenericIterator
 
 

@@ -16,7 +16,7 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
 from .common import IMAGE_EXTS, DataError, EpochPlan, sample_rng, walk_files
-from .torchvision import ImageFiles, ignore_stop_signals
+from .torchvision import ImageFiles, ignore_stop_signals, worker_context
 
 
 def list_labelled(path: str) -> tuple[list[str], list[int], list[str]]:
@@ -84,7 +84,8 @@ class LabelledLoader:
             sampler = [[(0, i) for i in idx[j:j + self.batch_size]] for j in range(0, len(idx), self.batch_size)]
         dl = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                                          pin_memory=self.device.type == "cuda",
-                                         worker_init_fn=ignore_stop_signals if self.num_workers else None)
+                                         worker_init_fn=ignore_stop_signals if self.num_workers else None,
+                                         multiprocessing_context=worker_context() if self.num_workers else None)
         for imgs, labels in dl:
             yield imgs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 

@@ -19,6 +19,19 @@ from torchvision.transforms import InterpolationMode
 
 from .common import DataError, EpochPlan, sample_crop, sample_rng
 
+
+def worker_context():
+    """How DataLoader workers start: forked (the default, fastest) unless this process has used DALI, whose
+    threads a forked child inherits in an unknown state (workers died of SIGSEGV); then by forkserver."""
+    dali = sys.modules.get("pipelines.dali")
+    if dali is None or not getattr(dali, "USED", False):
+        return None
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torchvision", "pipelines.torchvision"])  # imported once, not per worker
+    return ctx
+
 MAX_FALLBACKS = 16
 CACHE_MAX_FILES = 32
 
@@ -178,7 +191,8 @@ class TorchvisionLoader:
             _WithSkips(self.dataset), batch_sampler=self.plan.batches(start), num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=False, collate_fn=_collate_with_skips,
             worker_init_fn=ignore_stop_signals if self.num_workers else None,
-            prefetch_factor=4 if self.num_workers else None)
+            prefetch_factor=4 if self.num_workers else None,
+            multiprocessing_context=worker_context() if self.num_workers else None)
         warned = self.dataset._warned
         for imgs, skipped in dl:
             if imgs is None:

@@ -380,3 +380,15 @@ def test_hw_decoder_load_reaches_the_mixed_decoder_only():
         DataConfig(hw_decoder_load=1.5)
     with pytest.raises(Exception, match="transfer"):
         DataConfig(transfer="float16")
+
+
+def test_torchvision_workers_are_not_forked_from_a_process_that_used_dali(monkeypatch):
+    """DALI's threads do not survive a fork (torchvision workers forked after a DALI pipeline died of SIGSEGV):
+    once DALI is used, workers start from a clean forkserver; before that they fork (faster)."""
+    import pipelines.dali as pd
+    from pipelines.torchvision import worker_context
+
+    monkeypatch.setattr(pd, "USED", False)
+    assert worker_context() is None
+    monkeypatch.setattr(pd, "USED", True)
+    assert worker_context().get_start_method() == "forkserver"
