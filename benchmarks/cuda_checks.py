@@ -140,7 +140,7 @@ def check_model(preset, lever="triton"):
 
 
 def check_graph_step(preset, compile, pure=False, attention="auto", ckpt=0, compile_mode="default", device="cuda",
-                     dckpt=0):
+                     dckpt=0, precision=None):
     """The captured step (engine.graphstep) against the same body run eagerly: same losses, same parameters
     after a few steps with a changing lr and fresh inputs each step; a NaN step is skipped inside the graph.
     device="cpu" runs both bodies eagerly (what the CPU tests can hold of this check's set-up)."""
@@ -149,7 +149,8 @@ def check_graph_step(preset, compile, pure=False, attention="auto", ckpt=0, comp
     from engine.step import build_training, config_with_levers
 
     levers = dict(compile="regional" if compile else "none", compile_mode=compile_mode, attention=attention,
-                  precision="bf16-pure" if pure else "autocast", checkpoint_blocks=ckpt, checkpoint_decoder_blocks=dckpt)
+                  precision=precision or ("bf16-pure" if pure else "autocast"), checkpoint_blocks=ckpt,
+                  checkpoint_decoder_blocks=dckpt)
     run_cfg = config_with_levers(get_preset(preset), levers, **{"train.device": device, "optim.fused": "torch",
                                                                  "optim.lr": 1e-3})
     cfg = run_cfg.model
@@ -185,6 +186,33 @@ def check_graph_step(preset, compile, pure=False, attention="auto", ckpt=0, comp
     assert rel < 1e-3, f"parameters differ after 5 steps: relative {rel:.2e}"
     if device == "cuda":
         assert steps[1][2].captures == 1, f"{steps[1][2].captures} captures for one shape"
+    return rel
+
+
+def check_fp8_follows_bf16(preset="mae_vit_base_patch16", recipe="tensorwise", device="cuda"):
+    """train.precision=fp8 against bf16 autocast from the same weights, images and masks: the loss within 2%, the
+    gradients within 10% relative and not equal (the float8 GEMMs ran). Returns the gradients' relative gap."""
+    from engine.config import get_preset
+    from engine.step import build_training, config_with_levers
+
+    out = []
+    for levers in ({"precision": "fp8", "fp8_recipe": recipe}, {"precision": "bf16"}):
+        cfg = config_with_levers(get_preset(preset), levers, **{"train.device": device})
+        torch.manual_seed(0)
+        tr = build_training(cfg, device=torch.device(device), strict=False)
+        g = torch.Generator(device=device).manual_seed(1)
+        m = cfg.model
+        x = torch.randn(32, 3, m.img_size, m.img_size, device=device, generator=g)
+        noise = torch.rand(32, m.num_patches, device=device, generator=g)
+        with tr.plain.autocast(False):
+            loss, _, _ = tr.plain.forward(x, m.mask_ratio, noise)
+        loss.backward()
+        out.append((float(loss.detach()), torch.cat([p.grad.float().flatten() for p in tr.model.parameters()
+                                                     if p.requires_grad])))
+    (la, ga), (lb, gb) = out
+    assert abs(la - lb) <= 2e-2 * abs(lb), f"fp8 loss {la} vs bf16 {lb}"
+    rel = float((ga - gb).norm() / gb.norm())
+    assert 0 < rel < 0.1, f"gradients: relative gap {rel:.3e} (0: no float8 GEMM ran)"
     return rel
 
 
@@ -265,6 +293,14 @@ CHECKS.append(("CUDA graph step mae_vit_base_patch16 compile=True bf16-pure enco
                check_graph_step, ("mae_vit_base_patch16", True, True, "encoder-triton")))
 CHECKS.append(("CUDA graph step debug compile=True max-autotune-no-cudagraphs vs eager body", check_graph_step,
                ("debug", True, False, "auto", 0, "max-autotune-no-cudagraphs")))
+# float8 encoder GEMMs (torchao; section fp8 carries its wheel): against bf16, then captured and compiled
+for recipe in ("tensorwise", "rowwise"):
+    CHECKS.append((f"fp8 {recipe} mae_vit_base_patch16 step vs bf16", check_fp8_follows_bf16,
+                   ("mae_vit_base_patch16", recipe)))
+CHECKS.append(("fp8 CUDA graph step mae_vit_base_patch16 compile=True vs eager body", check_graph_step,
+               ("mae_vit_base_patch16", True, False, "auto", 0, "default", "cuda", 0, "fp8")))
+CHECKS.append(("fp8 CUDA graph step mae_vit_base_patch16 compile=True encoder-triton vs eager body", check_graph_step,
+               ("mae_vit_base_patch16", True, False, "encoder-triton", 0, "default", "cuda", 0, "fp8")))
 from engine.layernorm import apex_fused_layer_norm  # the apex check only where apex is installed
 
 if apex_fused_layer_norm() is not None:

@@ -160,7 +160,7 @@ class Estimate:
 
 def estimate_step(m, mode: str = "mae", batch: int = 256, mask_ratio: float = 0.75, *, precision: str = "autocast",
                   attention: str = "auto", checkpoint_blocks: int = 0, checkpoint_decoder_blocks: int = 0,
-                  activation_checkpointing: bool = False, fake: bool = True) -> Estimate:
+                  activation_checkpointing: bool = False, fake: bool = True, fp8_recipe: str = "tensorwise") -> Estimate:
     """Peak bytes of an eager training step of `m` (a ModelConfig) on a CUDA device, without one.
     fake=False runs the same step for real on the CPU (small models: how the tests hold the fake count to it)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -170,8 +170,8 @@ def estimate_step(m, mode: str = "mae", batch: int = 256, mask_ratio: float = 0.
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if precision not in ("autocast", "bf16-pure"):
-        raise ValueError(f"precision must be autocast or bf16-pure, got {precision!r}")
+    if precision not in ("autocast", "bf16-pure", "fp8"):
+        raise ValueError(f"precision must be autocast, bf16-pure or fp8, got {precision!r}")
     t0 = time.perf_counter()
     dev = torch.device("cpu")  # fake: no bytes are allocated on it
     # the trainer's own model, optimizer and step (engine.step), built from the same config fields; bf16 autocast
@@ -180,7 +180,8 @@ def estimate_step(m, mode: str = "mae", batch: int = 256, mask_ratio: float = 0.
     base = Config(model=dataclasses.replace(m, encoder_mask_tokens=(mode == "mae_dense"), kernels="auto",
                                             mask_ratio=mask_ratio),
                   optim=OptimConfig(fused="torch", lr=1e-4), train=TrainConfig(batch_size=batch, device="cpu"))
-    cfg = config_with_levers(base, {"precision": "bf16" if precision == "autocast" else "bf16-pure",
+    cfg = config_with_levers(base, {"precision": {"autocast": "bf16"}.get(precision, precision),
+                                    "fp8_recipe": fp8_recipe,
                                     "attention": attention, "checkpoint_blocks": min(checkpoint_blocks, m.depth),
                                     "checkpoint_decoder_blocks": min(checkpoint_decoder_blocks, m.decoder_depth),
                                     "activation_checkpointing": activation_checkpointing})
@@ -266,7 +267,8 @@ def lever_kwargs(levers: dict) -> tuple[dict, str]:
     """estimate_step's keywords for a lever set of `mae bench speedup`, and what the estimate leaves out."""
     kw = {"precision": levers.get("precision", "autocast"), "attention": levers.get("attention", "auto"),
           "checkpoint_blocks": levers.get("checkpoint_blocks", 0),
-          "checkpoint_decoder_blocks": levers.get("checkpoint_decoder_blocks", 0)}
+          "checkpoint_decoder_blocks": levers.get("checkpoint_decoder_blocks", 0),
+          "fp8_recipe": levers.get("fp8_recipe", "tensorwise")}
     left = []
     if levers.get("compile", "none") != "none":
         left.append("compile (estimated eager)")

@@ -202,8 +202,8 @@ class StepRunner:
         compile = {True: "model", False: "none"}.get(compile, compile)
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
-        if precision not in ("autocast", "bf16-pure"):
-            raise ValueError(f"precision must be autocast or bf16-pure, got {precision!r}")
+        if precision not in ("autocast", "bf16-pure", "fp8"):
+            raise ValueError(f"precision must be autocast, bf16-pure or fp8, got {precision!r}")
         if amp is not None and precision == "autocast":
             precision = "bf16" if amp else "fp32"
         levers = dict(levers, compile=compile, graph=graph, precision=precision, attention=attention,

@@ -221,7 +221,12 @@ class TrainConfig:
     """auto (cuda when available) | cpu | cuda | cuda:N."""
     precision: str = "auto"
     """auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 (autocast) | bf16-pure (bf16 copies of the weights and
-    bf16 activations, fp32 master weights and optimizer; no autocast; one process) | fp32."""
+    bf16 activations, fp32 master weights and optimizer; no autocast; one process) | fp32 | fp8 (the encoder's
+    linear layers as float8 GEMMs through torchao, bf16 autocast elsewhere; engine/fp8.py)."""
+    fp8_recipe: str = "tensorwise"
+    """train.precision=fp8: torchao's scaling recipe, tensorwise (fastest) or rowwise (closer to bf16)."""
+    fp8_decoder: bool = False
+    """train.precision=fp8: the decoder blocks' linear layers in float8 too (default bf16: width 512 is small)."""
     attention: str = "auto"
     """Attention: auto (PyTorch chooses the fused kernel) | flash | efficient | cudnn | math | encoder-math (the
     encoder's short sequences as batched matmuls + softmax, fused by train.compile; the decoder as auto) |
@@ -304,8 +309,10 @@ class TrainConfig:
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 0, f"train.{name} must be an integer >= 0, got {v!r}")
         _check(self.fsdp in ("auto", "always", "never"), f"train.fsdp must be auto, always or never, got {self.fsdp!r}")
-        _check(self.precision in ("auto", "bf16", "bf16-pure", "fp32"),
-               f"train.precision must be auto, bf16, bf16-pure or fp32, got {self.precision!r}")
+        _check(self.precision in ("auto", "bf16", "bf16-pure", "fp32", "fp8"),
+               f"train.precision must be auto, bf16, bf16-pure, fp32 or fp8, got {self.precision!r}")
+        _check(self.fp8_recipe in ("tensorwise", "rowwise"),
+               f"train.fp8_recipe must be tensorwise or rowwise, got {self.fp8_recipe!r}")
         from .attention import ATTENTION
 
         _check(self.attention in ATTENTION,

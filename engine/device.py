@@ -23,4 +23,4 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     computes on bf16 copies of the weights without autocast)."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
-    return torch.bfloat16 if precision == "bf16" else None
+    return torch.bfloat16 if precision in ("bf16", "fp8") else None

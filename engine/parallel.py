@@ -203,6 +203,10 @@ def build_parallel_model(cfg: Config, ctx: DistContext, device: torch.device) ->
     elif t.checkpoint_blocks or t.checkpoint_decoder_blocks:  # <= model.depth / decoder_depth: checked by Config
         apply_activation_checkpointing(model, first=t.checkpoint_blocks, decoder_first=t.checkpoint_decoder_blocks)
     apply_attention(model, t.attention)
+    if t.precision == "fp8":  # on the meta model, before the compile (which fuses the casts) and FSDP2
+        from .fp8 import apply_fp8
+
+        apply_fp8(model, t.fp8_recipe, t.fp8_decoder)
     if t.compile and t.compile_scope == "blocks":
         apply_regional_compile(model, t.compile_mode)
     if ctx.distributed:

@@ -209,6 +209,13 @@ def check_levers(cfg: Config, ctx: DistContext, device: torch.device, strict: bo
     if t.precision == "bf16-pure" and ctx.distributed:
         raise ConfigError("train.precision=bf16-pure is for one process; under FSDP2 use bf16 (FSDP2 keeps "
                           "bf16 parameters with fp32 master weights itself)")
+    if t.precision == "fp8":
+        from .fp8 import supported_here, torchao_float8
+
+        torchao_float8()  # UnavailableError naming the extra to install
+        why = supported_here(device)
+        if why:
+            raise ConfigError(f"train.precision=fp8: {why}; use --train.precision bf16")
     if not strict:
         return
     if t.cuda_graph:
@@ -285,7 +292,8 @@ LEVERS = {
     "compile_mode": ("train.compile_mode", str),
     "graph": ("train.cuda_graph", lambda v: "true" if v else "false"),
     "precision": ("train.precision", {"autocast": "auto", "bf16": "bf16", "bf16-pure": "bf16-pure",
-                                      "fp32": "fp32", "auto": "auto"}),
+                                      "fp32": "fp32", "auto": "auto", "fp8": "fp8"}),
+    "fp8_recipe": ("train.fp8_recipe", str),
     "attention": ("train.attention", str),
     "checkpoint_blocks": ("train.checkpoint_blocks", str),
     "checkpoint_decoder_blocks": ("train.checkpoint_decoder_blocks", str),

@@ -4,7 +4,8 @@
 blocks of C = heads x head_dim channels, head-major inside each) -> out [B, N, C], already in the layout the
 output projection reads. The plain torch reference splits heads, computes softmax(q k^T * scale) v with two
 matmuls and merges heads again; the Triton kernel does one (batch, head) pair per program with the whole
-sequence in registers (N <= 128, head_dim <= 128):
+sequence in registers (N <= 128, head_dim <= 128), as a main tile of rows (the largest power of two <= N) and a
+tail tile (the rest, rounded up), so 65 tokens compute 80 rows of scores, not 128 (`tiles`):
 
   forward   S = q k^T * scale, P = softmax(S) (fp32), O = P v; stores O and the row log-sum-exp (fp32);
   backward  recomputes P from the log-sum-exp, dV = P^T dO, dP = dO v^T, dS = P (dP - rowsum(dO * O)),
@@ -80,61 +81,108 @@ if HAS_TRITON:
             return tl.dot(a, b)
 
     @triton.jit
-    def _qkv_attn_fwd_kernel(qkv_ptr, out_ptr, lse_ptr, N, H, D, C, scale,
-                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-        pid = tl.program_id(0)  # one (batch, head) pair
-        b = pid // H
-        h = pid % H
-        n = tl.arange(0, BLOCK_N)
-        d = tl.arange(0, BLOCK_D)
-        base = b.to(tl.int64) * N * 3 * C + h * D
-        q = _tile(qkv_ptr, base, 3 * C, n, d, N, D)
-        k = _tile(qkv_ptr, base + C, 3 * C, n, d, N, D)
-        v = _tile(qkv_ptr, base + 2 * C, 3 * C, n, d, N, D)
-        s = _dot(q, tl.trans(k), IEEE, UPCAST)
-        s = tl.where(n[None, :] < N, s * scale, float("-inf"))
-        m = tl.max(s, axis=1)
-        p = tl.exp(s - m[:, None])
-        l_ = tl.sum(p, axis=1)
-        p = p / l_[:, None]
-        o = _dot(p.to(v.dtype), v, IEEE, UPCAST)
-        rows = n < N
-        tl.store(out_ptr + b.to(tl.int64) * N * C + h * D + n[:, None] * C + d[None, :], o.to(out_ptr.dtype.element_ty),
-                 mask=rows[:, None] & (d[None, :] < D))
-        tl.store(lse_ptr + pid.to(tl.int64) * N + n, m + tl.log(l_), mask=rows)
+    def _rows_fwd(q, ka, kb, va, vb, na, nb, N, scale, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """softmax(q [k_a; k_b]^T * scale) [v_a; v_b] for one tile of query rows, over the main and the tail key
+        tiles together (one max, one sum), and the rows' log-sum-exp."""
+        sa = tl.where(na[None, :] < N, _dot(q, tl.trans(ka), IEEE, UPCAST) * scale, float("-inf"))
+        sb = tl.where(nb[None, :] < N, _dot(q, tl.trans(kb), IEEE, UPCAST) * scale, float("-inf"))
+        m = tl.maximum(tl.max(sa, axis=1), tl.max(sb, axis=1))
+        pa = tl.exp(sa - m[:, None])
+        pb = tl.exp(sb - m[:, None])
+        l_ = tl.sum(pa, axis=1) + tl.sum(pb, axis=1)
+        pa = pa / l_[:, None]
+        pb = pb / l_[:, None]
+        o = _dot(pa.to(va.dtype), va, IEEE, UPCAST) + _dot(pb.to(vb.dtype), vb, IEEE, UPCAST)
+        return o, m + tl.log(l_)
 
     @triton.jit
-    def _qkv_attn_bwd_kernel(qkv_ptr, out_ptr, lse_ptr, dout_ptr, dqkv_ptr, N, H, D, C, scale,
-                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    def _store_rows(ptr, base, row_stride, n, d, N, D, x):
+        tl.store(ptr + base + n[:, None] * row_stride + d[None, :], x.to(ptr.dtype.element_ty),
+                 mask=(n[:, None] < N) & (d[None, :] < D))
+
+    @triton.jit
+    def _qkv_attn_fwd_kernel(qkv_ptr, out_ptr, lse_ptr, N, H, D, C, scale, BLOCK_A: tl.constexpr,
+                             BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """One (batch, head) pair; rows and keys in a main tile of BLOCK_A (the largest power of two <= N) and a
+        tail tile of BLOCK_B (the rest, rounded up): 65 tokens take 64 + 16 rows, not 128."""
         pid = tl.program_id(0)
         b = pid // H
         h = pid % H
-        n = tl.arange(0, BLOCK_N)
+        na = tl.arange(0, BLOCK_A)
+        nb = BLOCK_A + tl.arange(0, BLOCK_B)
         d = tl.arange(0, BLOCK_D)
-        rows = n < N
+        base = b.to(tl.int64) * N * 3 * C + h * D
+        qa = _tile(qkv_ptr, base, 3 * C, na, d, N, D)
+        qb = _tile(qkv_ptr, base, 3 * C, nb, d, N, D)
+        ka = _tile(qkv_ptr, base + C, 3 * C, na, d, N, D)
+        kb = _tile(qkv_ptr, base + C, 3 * C, nb, d, N, D)
+        va = _tile(qkv_ptr, base + 2 * C, 3 * C, na, d, N, D)
+        vb = _tile(qkv_ptr, base + 2 * C, 3 * C, nb, d, N, D)
+        oa, lsea = _rows_fwd(qa, ka, kb, va, vb, na, nb, N, scale, IEEE, UPCAST)
+        ob, lseb = _rows_fwd(qb, ka, kb, va, vb, na, nb, N, scale, IEEE, UPCAST)
+        obase = b.to(tl.int64) * N * C + h * D
+        _store_rows(out_ptr, obase, C, na, d, N, D, oa)
+        _store_rows(out_ptr, obase, C, nb, d, N, D, ob)
+        tl.store(lse_ptr + pid.to(tl.int64) * N + na, lsea, mask=na < N)
+        tl.store(lse_ptr + pid.to(tl.int64) * N + nb, lseb, mask=nb < N)
+
+    @triton.jit
+    def _rows_bwd(q, do, o, lse, ka, kb, va, vb, na, nb, N, scale, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """One tile of query rows' share of the backward: dQ for these rows, and their contributions to dK and dV
+        of the main (a) and tail (b) key tiles."""
+        sa = tl.where(na[None, :] < N, _dot(q, tl.trans(ka), IEEE, UPCAST) * scale, float("-inf"))
+        sb = tl.where(nb[None, :] < N, _dot(q, tl.trans(kb), IEEE, UPCAST) * scale, float("-inf"))
+        pa = tl.exp(sa - lse[:, None])  # softmax, recomputed; padded rows have dO = 0 and contribute nothing
+        pb = tl.exp(sb - lse[:, None])
+        dva = _dot(tl.trans(pa.to(do.dtype)), do, IEEE, UPCAST)
+        dvb = _dot(tl.trans(pb.to(do.dtype)), do, IEEE, UPCAST)
+        delta = tl.sum(do.to(tl.float32) * o, axis=1)
+        dsa = pa * (_dot(do, tl.trans(va), IEEE, UPCAST) - delta[:, None])
+        dsb = pb * (_dot(do, tl.trans(vb), IEEE, UPCAST) - delta[:, None])
+        dq = (_dot(dsa.to(ka.dtype), ka, IEEE, UPCAST) + _dot(dsb.to(kb.dtype), kb, IEEE, UPCAST)) * scale
+        dka = _dot(tl.trans(dsa.to(q.dtype)), q, IEEE, UPCAST) * scale
+        dkb = _dot(tl.trans(dsb.to(q.dtype)), q, IEEE, UPCAST) * scale
+        return dq, dka, dkb, dva, dvb
+
+    @triton.jit
+    def _qkv_attn_bwd_kernel(qkv_ptr, out_ptr, lse_ptr, dout_ptr, dqkv_ptr, N, H, D, C, scale, BLOCK_A: tl.constexpr,
+                             BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        pid = tl.program_id(0)
+        b = pid // H
+        h = pid % H
+        na = tl.arange(0, BLOCK_A)
+        nb = BLOCK_A + tl.arange(0, BLOCK_B)
+        d = tl.arange(0, BLOCK_D)
         base = b.to(tl.int64) * N * 3 * C + h * D
         obase = b.to(tl.int64) * N * C + h * D
-        q = _tile(qkv_ptr, base, 3 * C, n, d, N, D)
-        k = _tile(qkv_ptr, base + C, 3 * C, n, d, N, D)
-        v = _tile(qkv_ptr, base + 2 * C, 3 * C, n, d, N, D)
-        o = _tile(out_ptr, obase, C, n, d, N, D).to(tl.float32)
-        do = _tile(dout_ptr, obase, C, n, d, N, D)
-        lse = tl.load(lse_ptr + pid.to(tl.int64) * N + n, mask=rows, other=0.0)
-        s = _dot(q, tl.trans(k), IEEE, UPCAST)
-        s = tl.where(rows[None, :], s * scale, float("-inf"))
-        p = tl.exp(s - lse[:, None])  # softmax, recomputed; padded rows have dO = 0 and contribute nothing
-        dv = _dot(tl.trans(p.to(do.dtype)), do, IEEE, UPCAST)
-        dp = _dot(do, tl.trans(v), IEEE, UPCAST)
-        delta = tl.sum(do.to(tl.float32) * o, axis=1)
-        ds = p * (dp - delta[:, None])
-        dq = _dot(ds.to(k.dtype), k, IEEE, UPCAST) * scale
-        dk = _dot(tl.trans(ds.to(q.dtype)), q, IEEE, UPCAST) * scale
-        cols = rows[:, None] & (d[None, :] < D)
-        ptr = dqkv_ptr + base + n[:, None] * 3 * C + d[None, :]
-        ty = dqkv_ptr.dtype.element_ty
-        tl.store(ptr, dq.to(ty), mask=cols)
-        tl.store(ptr + C, dk.to(ty), mask=cols)
-        tl.store(ptr + 2 * C, dv.to(ty), mask=cols)
+        ka = _tile(qkv_ptr, base + C, 3 * C, na, d, N, D)
+        kb = _tile(qkv_ptr, base + C, 3 * C, nb, d, N, D)
+        va = _tile(qkv_ptr, base + 2 * C, 3 * C, na, d, N, D)
+        vb = _tile(qkv_ptr, base + 2 * C, 3 * C, nb, d, N, D)
+        qa = _tile(qkv_ptr, base, 3 * C, na, d, N, D)
+        qb = _tile(qkv_ptr, base, 3 * C, nb, d, N, D)
+        oa = _tile(out_ptr, obase, C, na, d, N, D).to(tl.float32)
+        ob = _tile(out_ptr, obase, C, nb, d, N, D).to(tl.float32)
+        doa = _tile(dout_ptr, obase, C, na, d, N, D)
+        dob = _tile(dout_ptr, obase, C, nb, d, N, D)
+        lsea = tl.load(lse_ptr + pid.to(tl.int64) * N + na, mask=na < N, other=0.0)
+        lseb = tl.load(lse_ptr + pid.to(tl.int64) * N + nb, mask=nb < N, other=0.0)
+        dqa, dka1, dkb1, dva1, dvb1 = _rows_bwd(qa, doa, oa, lsea, ka, kb, va, vb, na, nb, N, scale, IEEE, UPCAST)
+        dqb, dka2, dkb2, dva2, dvb2 = _rows_bwd(qb, dob, ob, lseb, ka, kb, va, vb, na, nb, N, scale, IEEE, UPCAST)
+        _store_rows(dqkv_ptr, base, 3 * C, na, d, N, D, dqa)
+        _store_rows(dqkv_ptr, base, 3 * C, nb, d, N, D, dqb)
+        _store_rows(dqkv_ptr, base + C, 3 * C, na, d, N, D, dka1 + dka2)
+        _store_rows(dqkv_ptr, base + C, 3 * C, nb, d, N, D, dkb1 + dkb2)
+        _store_rows(dqkv_ptr, base + 2 * C, 3 * C, na, d, N, D, dva1 + dva2)
+        _store_rows(dqkv_ptr, base + 2 * C, 3 * C, nb, d, N, D, dvb1 + dvb2)
+
+
+def tiles(n: int) -> tuple[int, int]:
+    """(main, tail) row tiles for n tokens: the largest power of two <= n (at least 16, tl.dot's smallest), then the
+    rest rounded up to a power of two (at least 16; fully masked when nothing is left). 65 -> (64, 16): 80 rows
+    computed instead of 128; 50 -> (32, 32)."""
+    main = max(16, 1 << (max(1, int(n)).bit_length() - 1))
+    return main, max(16, _pow2(n - main)) if n > main else 16
 
 
 def _launch_meta(qkv: torch.Tensor, num_heads: int):
@@ -142,10 +190,11 @@ def _launch_meta(qkv: torch.Tensor, num_heads: int):
     if not supported(n, d):
         raise ValueError(f"qkv_attention_triton takes up to {MAX_N} tokens and head_dim {MAX_HEAD_DIM}; "
                          f"got N={n}, head_dim={d}")
-    block_n, block_d = max(16, _pow2(n)), max(16, _pow2(d))
-    return b, n, c, d, {"BLOCK_N": block_n, "BLOCK_D": block_d, "IEEE": qkv.dtype == torch.float32,
-                        "UPCAST": os.environ.get("TRITON_INTERPRET", "0") == "1",
-                        "num_warps": 8 if block_n * block_d >= 128 * 128 else 4}
+    block_a, block_b = tiles(n)
+    block_d = max(16, _pow2(d))
+    return b, n, c, d, {"BLOCK_A": block_a, "BLOCK_B": block_b, "BLOCK_D": block_d,
+                        "IEEE": qkv.dtype == torch.float32, "UPCAST": os.environ.get("TRITON_INTERPRET", "0") == "1",
+                        "num_warps": 8 if (block_a + block_b) * block_d >= 128 * 128 else 4}
 
 
 @torch.library.custom_op("mae_engine::qkv_attention_fwd", mutates_args=())

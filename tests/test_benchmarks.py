@@ -412,12 +412,16 @@ def test_every_lever_set_runs_a_step_with_the_reference_loss(stand_in_apex):
             assert not any(b.attn.fused_attn for b in r.model.blocks), name
         if levers.get("layer_norm") == "apex":
             assert isinstance(r.model.blocks[0].norm1, stand_in_apex), name
+        if levers.get("precision") == "fp8":
+            from engine.fp8 import fp8_layers
+
+            assert len(fp8_layers(r.model)) == 4 * m.depth, name
         if levers.get("checkpoint_blocks"):  # a ViT-H-sized lever set on the debug model: all of its blocks
             assert r.model.checkpoint_first == min(levers["checkpoint_blocks"], m.depth), name
         if levers.get("checkpoint_decoder_blocks"):
             assert r.model.checkpoint_first_decoder == min(levers["checkpoint_decoder_blocks"], m.decoder_depth), name
     for name, loss in losses.items():
-        tol = 2e-2 if speedup.CONFIGS[name].get("precision") == "bf16-pure" else 1e-5
+        tol = 2e-2 if speedup.CONFIGS[name].get("precision") in ("bf16-pure", "fp8") else 1e-5
         assert abs(loss - losses["reference"]) <= tol * losses["reference"], (name, loss, losses["reference"])
 
 

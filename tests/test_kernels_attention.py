@@ -156,3 +156,16 @@ def test_encoder_triton_falls_back_to_timms_path_beyond_the_kernel(monkeypatch):
     fast.kernels = "torch"
     fast(short)
     assert calls == [1] and len(sdpa) == 4
+
+
+def test_two_tiles_cover_every_length_with_little_padding():
+    """The row tiles: a power-of-two main tile and a tail that together cover N; the tokens the paper's shapes give
+    (ViT-B/16 and ViT-H/14 at mask 0.75: 49+1 and 64+1) computed in 64 and 80 rows, not 64 and 128."""
+    from kernels.attention import MAX_N, tiles
+
+    for n in range(1, MAX_N + 1):
+        a, b = tiles(n)
+        assert a & (a - 1) == 0 and b & (b - 1) == 0 and min(a, b) >= 16, n
+        assert n <= a + b, n
+        assert a <= max(16, n) and (n <= a or b < 2 * (n - a) or b == 16), n  # the tail is the rest, rounded up
+    assert tiles(50) == (32, 32) and tiles(65) == (64, 16) and tiles(197) == (128, 128)

@@ -32,7 +32,8 @@ def test_tracker_counts_live_storages_once_and_keeps_the_peak():
 
 
 @pytest.mark.parametrize("levers", [{}, {"checkpoint_blocks": 1, "checkpoint_decoder_blocks": 1},
-                                    {"precision": "bf16-pure"}, {"attention": "encoder-math"}])
+                                    {"precision": "bf16-pure"}, {"attention": "encoder-math"},
+                                    {"precision": "fp8"}])
 def test_fake_estimate_equals_the_same_step_run_for_real(levers):
     """The estimate runs on fake tensors (no data); the count must be that of the step actually run."""
     m = debug().model
