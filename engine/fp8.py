@@ -45,21 +45,38 @@ def fp8_filter(decoder: bool = False):
     return keep
 
 
-def apply_fp8(model: nn.Module, recipe: str = "tensorwise", decoder: bool = False) -> list[str]:
-    """Swap the selected Linear layers for torchao's Float8Linear in place; returns their names."""
+def apply_fp8(model: nn.Module, recipe: str = "tensorwise", decoder: bool = False, fsdp: bool = False) -> list[str]:
+    """Swap the selected Linear layers for torchao's Float8Linear in place; returns their names. fsdp=True with the
+    tensorwise recipe: FSDP2 all-gathers those weights in float8 (half the bytes of bf16)."""
     if recipe not in RECIPES:
         raise ValueError(f"fp8 recipe must be one of {RECIPES}, got {recipe!r}")
     f8 = torchao_float8()
     keep = fp8_filter(decoder)
     names = [n for n, m in model.named_modules() if keep(m, n)]
-    f8.convert_to_float8_training(model, config=f8.Float8LinearConfig.from_recipe_name(recipe),
-                                  module_filter_fn=keep)
+    config = f8.Float8LinearConfig.from_recipe_name(recipe)
+    if fsdp and recipe == "tensorwise":
+        import dataclasses
+
+        config = dataclasses.replace(config, enable_fsdp_float8_all_gather=True)
+    f8.convert_to_float8_training(model, config=config, module_filter_fn=keep)
     return names
 
 
 def fp8_layers(model: nn.Module) -> list[str]:
     """Names of the modules that run as float8 GEMMs."""
     return [n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"]
+
+
+def float8_all_gather(model: nn.Module) -> bool:
+    """Whether FSDP2 gathers some weights in float8 (torchao's float8-cast weight inside the shards' DTensors)."""
+    return any("Float8" in type(getattr(p, "_local_tensor", p)).__name__ for p in model.parameters())
+
+
+def describe(model: nn.Module, recipe: str) -> str:
+    """The banner's precision: 'fp8 tensorwise (128 float8 linear layers, float8 all-gather), bf16 elsewhere'."""
+    n = len(fp8_layers(model))
+    return (f"fp8 {recipe} ({n} float8 linear layers" + (", float8 all-gather" if float8_all_gather(model) else "")
+            + "), bf16 elsewhere")
 
 
 def supported_here(device: torch.device) -> str | None:

@@ -206,7 +206,7 @@ def build_parallel_model(cfg: Config, ctx: DistContext, device: torch.device) ->
     if t.precision == "fp8":  # on the meta model, before the compile (which fuses the casts) and FSDP2
         from .fp8 import apply_fp8
 
-        apply_fp8(model, t.fp8_recipe, t.fp8_decoder)
+        apply_fp8(model, t.fp8_recipe, t.fp8_decoder, fsdp=ctx.distributed)
     if t.compile and t.compile_scope == "blocks":
         apply_regional_compile(model, t.compile_mode)
     if ctx.distributed:

@@ -273,12 +273,19 @@ class Trainer:
         r = self.cfg.parallel.replicate
         return f" (HSDP: {r} replicas x {self.world // r} shards)" if r > 1 else " (FSDP2)"
 
+    def _precision(self) -> str:
+        if self.cfg.train.precision == "fp8":
+            from .fp8 import describe
+
+            return describe(self.model, self.cfg.train.fp8_recipe)
+        return str(self.amp_dtype or torch.float32)
+
     def banner(self) -> str:
         t, m = self.cfg.train, self.cfg.model
         n_params = sum(p.numel() for p in self.model.parameters())
         return (f"preset {self.cfg.preset}: {n_params / 1e6:.2f}M parameters, {m.img_size}px, patch {m.patch_size}, "
                 f"mask ratio {m.mask_ratio} ({m.len_keep}/{m.num_patches} patches visible)\n"
-                f"device {self.device}, precision {self.amp_dtype or torch.float32}, data {self.loader.name} "
+                f"device {self.device}, precision {self._precision()}, data {self.loader.name} "
                 f"({self.loader.batches_per_epoch} micro-batches/epoch/rank)\n"
                 f"effective batch {self.effective_batch} = {t.batch_size} per device x {t.accum_steps} accumulation "
                 f"x {self.world} rank(s)" + (self._sharding() if self.ctx.distributed else "") + f"; lr {self.lr:.3g} "

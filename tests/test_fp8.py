@@ -86,7 +86,8 @@ def test_fp8_under_regional_compile_and_the_graph_body_matches_eager_fp8():
 
 
 def test_fp8_under_fsdp2_trains_like_fp8_alone(tmp_path):
-    """--train.fsdp always (FSDP2 over a one-process gloo group) with fp8: the same losses as fp8 without FSDP2."""
+    """--train.fsdp always (FSDP2 over a one-process gloo group) with fp8: the weights gathered in float8, the same
+    losses as fp8 without FSDP2."""
     common = ["--preset", "debug", "--data.num_workers", "0", "--train.tensorboard", "false", "--train.device", "cpu",
               "--data.backend", "torchvision", "--train.log_every", "1", "--train.vis_every", "0",
               "--train.precision", "fp8", "--train.batch_size", "16", "--train.max_steps", "2"]
@@ -102,6 +103,9 @@ def test_fp8_under_fsdp2_trains_like_fp8_alone(tmp_path):
         recs = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         losses.append([x["loss"] for x in recs if "loss" in x])
     assert "(FSDP2)" in outs[0] and "(FSDP2)" not in outs[1]
+    n = 4 * debug().model.depth
+    assert f"precision fp8 tensorwise ({n} float8 linear layers, float8 all-gather), bf16 elsewhere" in outs[0]
+    assert f"precision fp8 tensorwise ({n} float8 linear layers), bf16 elsewhere" in outs[1]
     assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-3)
 
 
