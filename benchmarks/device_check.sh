@@ -18,9 +18,10 @@
 #            compiled whole, the dense ViT eager and compiled; cold compile cache), the compiled fast ViT-H profile
 #   trust-2  (limits 430 s) part 2: the ViT-H/14 mask-ratio sweep, the kernels' CUDA checks and their GPU timing
 #   trust    both parts in one call (only with a whole call's time to spare)
-#   fsdp-cuda  (limits 300 s) FSDP2 on CUDA: the step, regional compile and activation checkpointing under FSDP2
-#            against the single-device step, a DCP save / reload / export on the GPU, then `mae bench fsdp` (ViT-H
-#            FSDP2 vs single device at batch 128, peak memory at 256-2048 with and without checkpointing)
+#   fsdp-cuda  (limits 110 s) FSDP2 on CUDA: the step, regional compile and activation checkpointing under FSDP2
+#            against the single-device step, a DCP save / reload / export on the GPU
+#   fsdp-bench (limits 190 s) `mae bench fsdp`: ViT-H FSDP2 vs single device at batch 128, peak memory at 256-2048
+#            with and without checkpointing, beside the CPU memory estimates
 #   dali     (limits 420 s) DALI on the GPU: decode parity with DALI's CPU pipeline, then the loader rows and the
 #            training fed by each loader (benchmarks/loader.py); the third call of the three-part DALI install
 #   fp8      (limits 510 s) past the bf16 wall: the fp8 CUDA checks, then speed suite fp8 (ViT-H/L/B: fast, fast+fp8
@@ -118,8 +119,10 @@ fi
 if has loader && [ -f benchmarks/loader.py ] && $PY -c "import nvidia.dali" 2>/dev/null; then
   step loader 240 $PY -m benchmarks.loader --out "$OUT"
 fi
-if has fsdp-cuda; then  # FSDP2 on CUDA (limits 300 s): the checks against the single-device step, then the bench
+if has fsdp-cuda; then  # FSDP2 on CUDA (limits 110 s): the checks against the single-device step
   step fsdp_checks 110 $PY -m benchmarks.fsdp_checks --out "$OUT"
+fi
+if has fsdp-bench; then  # (limits 190 s) ViT-H FSDP2 vs one device, peak memory per batch beside the estimates
   step fsdp 190 $PY -m benchmarks.fsdp --out "$OUT" --warmup 2 --reps 5 --memory-batches 256,512,1024,2048 \
     --estimates benchmarks/results/memory_estimate_vit-h_fsdp_2026-11-28.json
 fi
