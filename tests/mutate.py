@@ -130,6 +130,21 @@ MUTANTS = [
            'torch.load(path, map_location="cpu", weights_only=True)',
            'torch.load(path, map_location="cpu", weights_only=False)',
            ("tests/test_checkpoint_export.py::test_weights_only_loading_refuses_code",)),
+    # float8 encoder GEMMs: nothing converted; FSDP2 gathering bf16 instead of float8
+    Mutant("fp8_converts_nothing", "engine/fp8.py", "module_filter_fn=keep)", "module_filter_fn=lambda m, f: False)",
+           ("tests/test_fp8.py",)),
+    Mutant("fp8_no_float8_all_gather", "engine/parallel.py", "t.fp8_decoder, fsdp=ctx.distributed)",
+           "t.fp8_decoder, fsdp=False)", ("tests/test_fp8.py",)),
+    # the attention kernel's tail tile too small to cover the sequence
+    Mutant("attention_tail_tile_16", "kernels/attention.py",
+           "return main, max(16, _pow2(n - main)) if n > main else 16", "return main, 16",
+           ("tests/test_kernels_attention.py",)),
+    # torchvision workers forked from a process whose DALI threads run
+    Mutant("torchvision_forks_after_dali", "pipelines/torchvision.py", 'getattr(dali, "USED", False)', "False",
+           ("tests/test_data_dali.py",)),
+    # the held-out error measured with random masks whatever the run's strategy
+    Mutant("heldout_ignores_mask_strategy", "engine/trainer.py", "strategy=m.mask_strategy)", 'strategy="random")',
+           ("tests/test_mask_strategies.py",)),
 ]
 
 
