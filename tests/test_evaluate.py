@@ -310,9 +310,9 @@ def test_knn_monitor_during_pretraining(digits, tmp_path):
     assert [r["step"] for r in recs if "knn_top1" in r] == [8]
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_demonstration_pretrained_beats_random(digits, tmp_path, seed):
-    """The README's demonstration at CI size: 20 epochs of the debug preset on the digits, then kNN."""
+def test_demonstration_pretrained_beats_random(digits, tmp_path, seed=0):
+    """The README's demonstration at CI size: 20 epochs of the debug preset on the digits, then kNN (one seed in CI:
+    the margin, +20 to +27 points over seeds 0-2, is twice the bound)."""
     import json as _json
 
     from engine.cli import main

@@ -59,11 +59,11 @@ def test_a_stop_signal_to_the_process_group_checkpoints_and_exits(tmp_path, sig,
 
 
 def test_a_second_ctrl_c_stops_without_a_checkpoint(tmp_path):
-    """Slow steps (the tiny preset at batch 768, seconds each on two cores): the second Ctrl-C arrives before the
+    """Slow steps (the tiny preset at batch 256, about 5 s each on two cores): the second Ctrl-C arrives before the
     step the first one asked to checkpoint after, and stops the run at once, writing nothing."""
     args = [a if a != "debug" else "tiny" for a in RUN]
     p = subprocess.Popen([sys.executable, "-m", "engine.pretrain", *args, "--run-dir", str(tmp_path),
-                          "--data.num_workers", "0", "--train.log_every", "1", "--train.batch_size", "768",
+                          "--data.num_workers", "0", "--train.log_every", "1", "--train.batch_size", "256",
                           "--data.repeat", "96"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          cwd=ROOT)
     _wait_for_steps(tmp_path, 1, p, timeout=240)

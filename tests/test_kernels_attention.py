@@ -103,7 +103,7 @@ def test_trainer_with_encoder_triton_trains_like_auto(tmp_path, monkeypatch):
 
     from engine.trainer import Trainer
 
-    over = {"train.max_steps": 4, "train.batch_size": 8, "train.device": DEV}
+    over = {"train.max_steps": 2, "train.batch_size": 4, "train.device": DEV}
     a = Trainer(debug_cfg(tmp_path / "a", **over))
     b = Trainer(debug_cfg(tmp_path / "b", **over, **{"train.attention": "encoder-triton"}))
     assert all(type(blk.attn).__name__.startswith("ShortSeq") for blk in b.model.blocks)
@@ -115,7 +115,7 @@ def test_trainer_with_encoder_triton_trains_like_auto(tmp_path, monkeypatch):
     real = kernels.attention.qkv_attention_triton
     monkeypatch.setattr(kernels.attention, "qkv_attention_triton", lambda *x: calls.append(1) or real(*x))
     rb = b.fit()
-    assert len(calls) >= 4 * len(b.model.blocks)  # every step's encoder blocks ran the kernel
+    assert len(calls) >= 2 * len(b.model.blocks)  # every step's encoder blocks ran the kernel
     assert abs(ra.last_loss - rb.last_loss) < 1e-4 * ra.last_loss
     for k, v in params_of(a).items():
         torch.testing.assert_close(params_of(b)[k], v, rtol=1e-3, atol=1e-5, msg=k)
