@@ -24,7 +24,7 @@
 #            with and without checkpointing, beside the CPU memory estimates
 #   dali     (limits 420 s) DALI on the GPU: decode parity with DALI's CPU pipeline, then the loader rows and the
 #            training fed by each loader (benchmarks/loader.py); the third call of the three-part DALI install
-#   fp8      (limits 510 s) past the bf16 wall: the fp8 CUDA checks, then speed suite fp8 (ViT-H/L/B: fast, fast+fp8
+#   fp8      (limits 540 s) past the bf16 wall: the fp8 CUDA checks, then speed suite fp8 (ViT-H/L/B: fast, fast+fp8
 #            tensorwise and rowwise, the padding-free attention kernel, decoder recompute for memory; the paper's
 #            code compiled whole and the dense baseline in the same call), then 200 ViT-B steps fp8 vs bf16 loss
 #            curves; needs torchao (carry its wheel: PENDING.md)
@@ -126,16 +126,16 @@ if has fsdp-bench; then  # (limits 190 s) ViT-H FSDP2 vs one device, peak memory
   step fsdp 190 $PY -m benchmarks.fsdp --out "$OUT" --warmup 2 --reps 5 --memory-batches 256,512,1024,2048 \
     --estimates benchmarks/results/memory_estimate_vit-h_fsdp_2026-11-28.json
 fi
-if has fp8; then  # float8 encoder GEMMs and the other issue-16 levers (limits 510 s); rows to OUT/fp8.jsonl as measured
+if has fp8; then  # float8 encoder GEMMs and the other issue-16 levers (limits 540 s); rows to OUT/fp8.jsonl as measured
   if $PY -c "import torchao.float8" 2>/dev/null; then
     export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d)}
-    step checks_fp8 60 $PY -m benchmarks.cuda_checks --only "fp8 ,attention kernel N=256" --out "$OUT"
+    step checks_fp8 80 $PY -m benchmarks.cuda_checks --only "fp8 ,attention kernel N=256" --out "$OUT"
     sp=(-m benchmarks.speedup --speed-suite fp8 --jsonl "$OUT/fp8.jsonl" --out "$PARTS" --warmup 3 --reps 8)
-    step fp8_vit-h 250 $PY "${sp[@]}" --models vit-h
+    step fp8_vit-h 270 $PY "${sp[@]}" --models vit-h
     step agreement_fp8 90 $PY -m benchmarks.agreement --preset vit-b --steps 200 --batch 64 --precision fp8 \
       --out "$OUT"
-    step fp8_vit-l 60 $PY "${sp[@]}" --models vit-l
-    step fp8_vit-b 50 $PY "${sp[@]}" --models vit-b
+    step fp8_vit-l 55 $PY "${sp[@]}" --models vit-l
+    step fp8_vit-b 45 $PY "${sp[@]}" --models vit-b
     [ -f "$OUT/fp8.jsonl" ] && $PY -m benchmarks.speedup --merge "$OUT/fp8.jsonl" --out "$OUT"
   else
     echo "=== fp8: torchao is not importable (install the carried wheel first: PENDING.md)"; status=1

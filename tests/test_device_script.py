@@ -47,6 +47,6 @@ def _limits(section: str) -> int:
 
 
 @pytest.mark.parametrize("section,budget", [("trust-1", 540), ("trust-2", 540), ("dali", 420), ("fsdp-cuda", 110),
-                                            ("fsdp-bench", 190), ("checks-new", 90), ("fp8", 510)])
+                                            ("fsdp-bench", 190), ("checks-new", 90), ("fp8", 540)])
 def test_sections_fit_a_nine_minute_call(section, budget):
     assert 0 < _limits(section) <= budget, (section, _limits(section))
