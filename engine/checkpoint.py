@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import CheckpointError, _fsync_dir, _umask, _writer_tag, atomic_write, io_error  # noqa: F401
+from .atomic import CheckpointError, _fsync_dir, _writer_tag, atomic_write, io_error
 
 CKPT_RE = re.compile(r"^ckpt_(\d{8})\.(pt|dcp)$")
 DECODER_PREFIXES = ("decoder_", "mask_token", "encoder_mask_token")

@@ -205,6 +205,9 @@ class OptimConfig:
         return self.lr if self.lr > 0 else self.base_lr * effective_batch / 256
 
 
+FP8_RECIPES = ("tensorwise", "rowwise")  # torchao's float8 scaling recipes (train.fp8_recipe; engine/fp8.py)
+
+
 @dataclass
 class TrainConfig:
     batch_size: int = 64
@@ -311,9 +314,10 @@ class TrainConfig:
         _check(self.fsdp in ("auto", "always", "never"), f"train.fsdp must be auto, always or never, got {self.fsdp!r}")
         _check(self.precision in ("auto", "bf16", "bf16-pure", "fp32", "fp8"),
                f"train.precision must be auto, bf16, bf16-pure, fp32 or fp8, got {self.precision!r}")
-        _check(self.fp8_recipe in ("tensorwise", "rowwise"),
-               f"train.fp8_recipe must be tensorwise or rowwise, got {self.fp8_recipe!r}")
         from .attention import ATTENTION
+
+        _check(self.fp8_recipe in FP8_RECIPES,
+               f"train.fp8_recipe must be {' or '.join(FP8_RECIPES)}, got {self.fp8_recipe!r}")
 
         _check(self.attention in ATTENTION,
                f"train.attention must be {', '.join(ATTENTION[:-1])} or {ATTENTION[-1]}, got {self.attention!r}")

@@ -17,13 +17,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-RECIPES = ("tensorwise", "rowwise")
+from .config import FP8_RECIPES as RECIPES
+from .config import UnavailableError
 
 
 def torchao_float8():
     """torchao.float8, or an UnavailableError saying how to install it."""
-    from .config import UnavailableError
-
     try:
         from torchao import float8
     except ImportError as e:
@@ -51,15 +50,13 @@ def apply_fp8(model: nn.Module, recipe: str = "tensorwise", decoder: bool = Fals
     if recipe not in RECIPES:
         raise ValueError(f"fp8 recipe must be one of {RECIPES}, got {recipe!r}")
     f8 = torchao_float8()
-    keep = fp8_filter(decoder)
-    names = [n for n, m in model.named_modules() if keep(m, n)]
     config = f8.Float8LinearConfig.from_recipe_name(recipe)
     if fsdp and recipe == "tensorwise":
         import dataclasses
 
         config = dataclasses.replace(config, enable_fsdp_float8_all_gather=True)
-    f8.convert_to_float8_training(model, config=config, module_filter_fn=keep)
-    return names
+    f8.convert_to_float8_training(model, config=config, module_filter_fn=fp8_filter(decoder))
+    return fp8_layers(model)
 
 
 def fp8_layers(model: nn.Module) -> list[str]:

@@ -131,7 +131,8 @@ MUTANTS = [
            'torch.load(path, map_location="cpu", weights_only=False)',
            ("tests/test_checkpoint_export.py::test_weights_only_loading_refuses_code",)),
     # float8 encoder GEMMs: nothing converted; FSDP2 gathering bf16 instead of float8
-    Mutant("fp8_converts_nothing", "engine/fp8.py", "module_filter_fn=keep)", "module_filter_fn=lambda m, f: False)",
+    Mutant("fp8_converts_nothing", "engine/fp8.py", "module_filter_fn=fp8_filter(decoder))",
+           "module_filter_fn=lambda m, f: False)",
            ("tests/test_fp8.py",)),
     Mutant("fp8_no_float8_all_gather", "engine/parallel.py", "t.fp8_decoder, fsdp=ctx.distributed)",
            "t.fp8_decoder, fsdp=False)", ("tests/test_fp8.py",)),
