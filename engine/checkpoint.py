@@ -7,10 +7,10 @@ schedule, RNG, config}:
 - `ckpt_XXXXXXXX.dcp/`: a torch.distributed.checkpoint directory written by every rank of a torchrun job
   (sharded: no rank gathers the full model), with `meta.pt` beside the shards. Both forms resume on any world
   size: the optimizer state is keyed by parameter name.
-Neither form runs code when read. DCP reads its `.metadata` with plain pickle and its non-tensor values with
-torch.load(weights_only=False); every DCP read here goes through `no_code_from_dcp()`, which admits in `.metadata`
-only the checkpoint-metadata classes and plain containers and loads the values weights-only. A refused file
-gets one message naming it and what it asked for.
+Neither form runs code when read. DCP's own reader unpickles `.metadata` with plain pickle and its non-tensor
+values with torch.load(weights_only=False); every DCP read here goes through `load_sharded()`, whose reader admits in
+`.metadata` exactly the (module, name) pairs of DCP_METADATA_GLOBALS and whose planner loads the values
+weights-only (DCP's modules are not patched). A refused file gets one message naming it and what it asked for.
 Both are written under a temporary name, fsynced and renamed into place, so a kill during a save leaves
 the previous checkpoint intact; temporary files left by a killed writer are removed when a run starts
 (`remove_stale_temp_files`), never those of a writer that is still alive. A full disk or a read-only run
@@ -26,7 +26,6 @@ import os
 import pickle
 import re
 import socket
-import tempfile
 import time
 from pathlib import Path
 
@@ -266,11 +265,7 @@ def load_training_checkpoint(path: str | os.PathLike, model, optimizer, model_cf
     if model_cfg is not None:
         check_architecture(meta.get("config"), model_cfg, path)
     if path.is_dir():
-        import torch.distributed.checkpoint as dcp
-
-        state = training_state(model, optimizer)
-        with dcp_errors(path), no_code_from_dcp():
-            dcp.load(state, checkpoint_id=str(path))
+        state = load_sharded(path, training_state(model, optimizer))
         sdapi.set_model_state_dict(model, state["model"])
         sdapi.set_optimizer_state_dict(model, optimizer, state["optim"])
         return meta
@@ -307,17 +302,7 @@ def full_model_state(path: str | os.PathLike) -> dict:
         if not (path / ".metadata").is_file():
             raise CheckpointError(f"{path} is not a checkpoint (no .pt file, no DCP .metadata, no Hugging Face "
                                   "config.json)")
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        fd, tmp = tempfile.mkstemp(suffix=".pt")
-        os.close(fd)
-        try:
-            with dcp_errors(path), no_code_from_dcp():
-                dcp_to_torch_save(str(path), tmp)
-            obj = load_checkpoint(tmp)
-        finally:
-            os.unlink(tmp)
-        return model_state_from(obj, path)
+        return model_state_from(load_sharded(path), path)
     return model_state_from(load_checkpoint(path), path)
 
 
@@ -343,7 +328,9 @@ def refusal(path, e: BaseException) -> CheckpointError:
     name = m.group(1) if m else None
     if isinstance(e, pickle.UnpicklingError) or name:
         name = name or next(iter(_foreign_globals(path)), None)
-        what = f"it asks to call or build {name}" if name else "it holds objects other than tensors and plain values"
+        asked = text.split(" is not checkpoint metadata")[0] if "is not checkpoint metadata" in text else None
+        what = (f"it asks to call or build {name}" if name else f"it asks for {asked}" if asked else
+                "it holds objects other than tensors and plain values")
         return CheckpointError(f"refused {path}: {what}, which a checkpoint never needs; checkpoints are loaded as "
                                "tensors and plain values and nothing in them is run")
     first = next((ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln),
@@ -384,62 +371,135 @@ def _foreign_globals(path, limit: int = 64 * 2**20) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 # Sharded checkpoints (torch.distributed.checkpoint) read without running code
 
-_DCP_METADATA_CLASSES = {
-    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+_DCP_MD = "torch.distributed.checkpoint.metadata"
+DCP_METADATA_GLOBALS = frozenset({
+    *((_DCP_MD, n) for n in ("Metadata", "StorageMeta", "MetadataIndex", "TensorStorageMetadata",
+                             "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+                             "_MEM_FORMAT_ENCODING")),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-}
-_DCP_METADATA_MODULES = ("torch.distributed.checkpoint.metadata",)
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    *((m, n) for m in ("pathlib", "pathlib._local") for n in ("PosixPath", "WindowsPath", "PurePosixPath",
+                                                               "PureWindowsPath")),
+    *(("torch", n) for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype)),
+})
+"""Every (module, qualified name) a DCP `.metadata` may name, exactly: no other name of these modules (DCP's
+metadata module imports `os`), no dotted name, nothing reached by attribute."""
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Builds only DCP's metadata classes, torch dtypes and sizes, paths and plain containers."""
+class MetadataUnpickler(pickle.Unpickler):
+    """Builds only what DCP's `.metadata` holds: its metadata dataclasses, torch sizes, dtypes and layouts, paths and
+    plain containers.
+
+    Every opcode that calls or builds gets its callable from `find_class`, which admits exactly the pairs of
+    DCP_METADATA_GLOBALS: GLOBAL and STACK_GLOBAL (any protocol, dotted names included: no attribute walk), INST and
+    EXT1/2/4 (the C unpickler resolves both through find_class), so REDUCE, OBJ, NEWOBJ, NEWOBJ_EX and BUILD /
+    `__setstate__` can only reach the classes listed; persistent ids are refused."""
 
     def find_class(self, module, name):
-        ok = ((module, name) in _DCP_METADATA_CLASSES or module in _DCP_METADATA_MODULES
-              or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
-        if not ok:
+        if (module, name) not in DCP_METADATA_GLOBALS:
             raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not checkpoint metadata")
-        return super().find_class(module, name)
+        import importlib
+
+        return getattr(importlib.import_module(module), name)
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError(f"a persistent id ({str(pid)[:60]!r}) is not checkpoint metadata")
 
 
-class _MetadataPickle:
-    """Stands in for the `pickle` module inside DCP's file reader: its load is the restricted unpickler."""
+def read_dcp_metadata(path: str | os.PathLike):
+    """The `.metadata` of a sharded checkpoint directory, read with MetadataUnpickler; anything after the pickle's
+    end is read the same way (so a payload there is named too) and refused. A CheckpointError names the file and
+    what it asked for."""
+    from torch.distributed.checkpoint.metadata import Metadata
 
-    def __getattr__(self, name):
-        return getattr(pickle, name)
-
-    @staticmethod
-    def load(f, *args, **kwargs):
-        return _MetadataUnpickler(f).load()
-
-
-class _WeightsOnlyTorch:
-    """Stands in for `torch` inside DCP's load planner: its non-tensor values are loaded weights-only."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def load(f, *args, **kwargs):
-        kwargs["weights_only"] = True
-        return torch.load(f, *args, **kwargs)
-
-
-@contextlib.contextmanager
-def no_code_from_dcp():
-    """Inside: DCP reads `.metadata` with the restricted unpickler and its non-tensor values weights-only, for
-    every reader and planner (dcp.load, dcp_to_torch_save). Module attributes are swapped for the duration, so
-    keep DCP reads of other threads out of it (checkpoint reads here are single-threaded)."""
-    import torch.distributed.checkpoint.default_planner as planner_mod
-    import torch.distributed.checkpoint.filesystem as fs_mod
-
-    saved = (fs_mod.pickle, planner_mod.torch)
-    fs_mod.pickle, planner_mod.torch = _MetadataPickle(), _WeightsOnlyTorch()
+    f_path = Path(path) / ".metadata"
     try:
-        yield
-    finally:
-        fs_mod.pickle, planner_mod.torch = saved
+        with open(f_path, "rb") as f:
+            md = MetadataUnpickler(f).load()
+            if f.read(1):
+                f.seek(-1, os.SEEK_CUR)
+                MetadataUnpickler(f).load()
+                raise CheckpointError(f"refused {path}: {f_path.name} has data after its end, which DCP never "
+                                      "writes; checkpoints are loaded as tensors and plain values and nothing in "
+                                      "them is run")
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as e:
+        raise refusal(path, e) from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {f_path}: {e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001 - a truncated or garbage pickle
+        raise CheckpointError(f"cannot load sharded checkpoint {path}: damaged or incomplete metadata "
+                              f"({type(e).__name__}: {str(e)[:160]})") from None
+    if not isinstance(md, Metadata):
+        raise CheckpointError(f"cannot load sharded checkpoint {path}: its .metadata holds a {type(md).__name__}, "
+                              "not DCP metadata")
+    for info in (getattr(md, "storage_data", None) or {}).values():
+        rel = str(getattr(info, "relative_path", ""))
+        if not rel or os.path.basename(rel) != rel or rel in (".", ".."):
+            raise CheckpointError(f"refused {path}: its .metadata names a shard file outside the checkpoint "
+                                  f"({rel[:80]!r})")
+    return md
+
+
+def safe_dcp_reader(path: str | os.PathLike):
+    """A DCP FileSystemReader whose `read_metadata` is read_dcp_metadata (no module of DCP is patched: a read in
+    another thread keeps DCP's own behaviour, and this reader's reads stay safe whatever other threads do)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeFileSystemReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            md = read_dcp_metadata(path)
+            try:
+                from torch.distributed.checkpoint.metadata import StorageMeta
+
+                if getattr(md, "storage_meta", None) is None:
+                    md.storage_meta = StorageMeta()
+                md.storage_meta.load_id = self.load_id
+            except (ImportError, AttributeError):  # older DCP: no storage meta
+                pass
+            return md
+
+    return SafeFileSystemReader(str(path))
+
+
+def _weights_only_bytes(planner_cls):
+    """`planner_cls` with its non-tensor values (DCP's BYTE_IO entries, loaded by DCP with weights_only=False)
+    loaded weights-only: a value that asks to call anything is refused, what passes is handed on re-serialised."""
+    import io
+
+    class WeightsOnlyBytes(planner_cls):
+        def load_bytes(self, read_item, value):
+            obj = torch.load(value, map_location="cpu", weights_only=True)
+            clean = io.BytesIO()
+            torch.save(obj, clean)  # plain values only: what DCP's own load of it rebuilds is this
+            clean.seek(0)
+            super().load_bytes(read_item, clean)
+
+    return WeightsOnlyBytes
+
+
+def load_sharded(path: str | os.PathLike, state: dict | None = None) -> dict:
+    """Read a sharded checkpoint without running code: into `state` (dcp.load's in-place form, any world size), or,
+    with state None, the whole checkpoint as one nested dict in this process. Refusals and damage are one
+    CheckpointError naming the directory."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    path = Path(path)
+    read_dcp_metadata(path)  # refused here, before DCP runs (and logs) anything
+    with dcp_errors(path):
+        if state is not None:
+            import torch.distributed.checkpoint as dcp
+
+            dcp.load(state, storage_reader=safe_dcp_reader(path), planner=_weights_only_bytes(DefaultLoadPlanner)())
+            return state
+        from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+        sd: dict = {}
+        _load_state_dict(sd, storage_reader=safe_dcp_reader(path),
+                         planner=_weights_only_bytes(_EmptyStateDictLoadPlanner)(), no_dist=True)
+        return sd
 
 
 @contextlib.contextmanager
@@ -483,7 +543,7 @@ def model_state_from(obj: dict, path: str | os.PathLike = "checkpoint") -> dict:
 
 def check_architecture(saved_cfg: dict | None, model_cfg, path: str | os.PathLike) -> None:
     """Raise when the checkpoint's model config differs from ours in an architecture field."""
-    if not saved_cfg or "model" not in saved_cfg:
+    if not isinstance(saved_cfg, dict) or not isinstance(saved_cfg.get("model"), dict):
         return
     saved = saved_cfg["model"]
     diffs = [f"{k}: checkpoint {saved[k]!r} vs config {getattr(model_cfg, k)!r}"
@@ -510,6 +570,44 @@ def _mismatch_message(path, missing, unexpected, shapes) -> str:
 def encoder_state_dict(sd: dict) -> dict:
     """The encoder part of an MAE state dict, with timm VisionTransformer key names (they are the same)."""
     return {k: v for k, v in sd.items() if not k.startswith(DECODER_PREFIXES)}
+
+
+def check_training_meta(meta: dict, path) -> None:
+    """The fields a resume reads, with the types it needs: one CheckpointError naming the field and what it holds
+    (a checkpoint edited by hand or damaged), never a traceback later."""
+
+    def bad(field, value, want):
+        shown = repr(value)
+        return CheckpointError(f"{path} is not a usable training checkpoint: {field} is {shown[:60]}"
+                               f"{'...' if len(shown) > 60 else ''} ({type(value).__name__}), expected {want}")
+
+    def count(field, value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise bad(field, value, "a whole number >= 0")
+
+    for key in ("step", "data", "rng"):
+        if key not in meta:
+            raise CheckpointError(f"{path} is not a training checkpoint (no {key!r}); "
+                                  "to start from weights only, use a new run directory")
+    count("step", meta["step"])
+    data = meta["data"]
+    if not isinstance(data, dict) or "micro_batch" not in data:
+        raise bad("data", data, "a table with micro_batch")
+    for k in ("micro_batch", "samples_seen", "epoch"):
+        if k in data:
+            count(f"data.{k}", data[k])
+    rng = meta["rng"]
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) or rng["torch"].dtype != torch.uint8:
+        raise bad("rng", rng, "a table of generator states (uint8 tensors)")
+    for k, v in rng.items():
+        if k != "cuda" and (not isinstance(v, torch.Tensor) or v.dtype != torch.uint8):
+            raise bad(f"rng.{k}", v, "a generator state (uint8 tensor)")
+    if "world" in meta and (isinstance(meta["world"], bool) or not isinstance(meta["world"], int) or meta["world"] < 1):
+        raise bad("world", meta["world"], "a whole number >= 1")
+    if meta.get("loader") is not None and not isinstance(meta["loader"], list):
+        raise bad("loader", meta["loader"], "a list of loader states")
+    if meta.get("config") is not None and not isinstance(meta["config"], dict):
+        raise bad("config", meta["config"], "a table of settings")
 
 
 def capture_rng(extra_generators: dict[str, torch.Generator] | None = None) -> dict:

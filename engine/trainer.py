@@ -11,6 +11,7 @@ import contextlib
 import json
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from .health import Health, StopVote
 from .metrics import MetricsWriter, datasheet_peak, mfu, peak_allocated_gib, train_flops_per_image
 from .optim import lr_at, set_lr
 from .parallel import DistContext
+from .runlock import RunLock
 from .step import build_training
 from .visualize import reconstruction_grid, save_grid
 
@@ -69,26 +71,45 @@ class Trainer:
         self.device = device or resolve_device(t.device)
         self.amp_dtype = resolve_dtype(t.precision, self.device)
         self.run_dir = Path(t.run_dir)
+        self._lock: RunLock | None = None
         if self.is_main:  # a read-only or full run directory fails here, in one line, before any work
             ckpt.ensure_writable(self.run_dir)
+            self._lock = RunLock(self.run_dir).acquire()  # one run per directory (rank 0 holds it for the job)
+            weakref.finalize(self, self._lock.release)
+            if self._lock.describe_takeover():
+                self.log(self._lock.describe_takeover())
+        try:
+            self._setup(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, resume: bool) -> None:
+        cfg, t = self.cfg, self.cfg.train
         if self.is_main:  # temporary files of saves that a kill interrupted (never a live writer's)
             gone = ckpt.remove_stale_temp_files(self.run_dir)
             if gone:
                 self.log(f"removed {len(gone)} temporary file(s) of interrupted saves in {self.run_dir}")
 
         resume_path = None
+        self.resume_changes: dict = {}
+        self._resume_history: list = []
         if resume:
             resume_path = ckpt.latest_checkpoint(self.run_dir)
             if resume_path is None and self.is_main:
                 self.log(f"--resume: no checkpoint in {self.run_dir}, starting from scratch")
-        if resume_path is not None:
+        if resume_path is not None:  # everything a refusal needs is checked before the directory is touched
             saved_meta = ckpt.read_meta(resume_path)
+            if resume_path.is_dir():
+                ckpt.read_dcp_metadata(resume_path)
+            ckpt.check_training_meta(saved_meta, resume_path)
+            saved_cfg = saved_meta.get("config")
+            ckpt.check_architecture(saved_cfg, cfg.model, resume_path)
             self._keep_data_backend(saved_meta)
             self._keep_global_batch(saved_meta)
-        if self.is_main:  # the resolved configuration of this run, as `mae pretrain --config` reads it
-            from .config import to_toml
-
-            ckpt.atomic_write(self.run_dir / "config.toml", lambda f: f.write(to_toml(cfg).encode()))
+            self.resume_changes = resume_changes(saved_cfg, cfg, int(saved_meta.get("world", 1) or 1), self.world)
+            history = saved_meta.get("resumes")
+            self._resume_history = list(history) if isinstance(history, list) else []
 
         self._fault_step = _fault_step(self.rank)
         if t.cuda_graph and self._fault_step is not None:
@@ -130,8 +151,36 @@ class Trainer:
         self._signal: str | None = None
         self.flops_per_image = train_flops_per_image(cfg.model)
         self.peak = datasheet_peak(self.device) if self.device.type == "cuda" else None
+        self._resumed_from: Path | None = None
         if resume_path is not None:
             self._resume(resume_path)
+            self._resumed_from = resume_path
+            if self.resume_changes:
+                self._resume_history.append({"step": self.step, "checkpoint": resume_path.name,
+                                             "time": round(time.time(), 3), "changes": self.resume_changes})
+                if self.is_main:
+                    shown = ", ".join(f"{k} {v[0]} -> {v[1]}" for k, v in self.resume_changes.items())
+                    self.log(f"note: this resume changes the run: {shown} (recorded in {self.run_dir / 'resumes.jsonl'}"
+                             " and in the checkpoints' meta)")
+                    with open(self.run_dir / "resumes.jsonl", "a") as f:
+                        f.write(json.dumps(self._resume_history[-1]) + "\n")
+        if self.is_main:  # the resolved configuration of this run, as `mae pretrain --config` reads it: written
+            # once every check passed (a refused run leaves the directory as it was), with the loader `auto` chose
+            from dataclasses import replace
+
+            from .config import to_toml
+
+            resolved = replace(cfg, data=replace(cfg.data, backend=self.loader.name))
+            ckpt.atomic_write(self.run_dir / "config.toml", lambda f: f.write(to_toml(resolved).encode()))
+
+    def close(self) -> None:
+        """Stop the loaders' workers and pipelines and release the run directory (every way a run ends calls it;
+        a second call does nothing)."""
+        for loader in (getattr(self, "loader", None), *(getattr(self, "_knn_loaders", None) or ())):
+            if loader is not None and hasattr(loader, "close"):
+                loader.close()
+        if self._lock is not None:
+            self._lock.release()
 
     @property
     def graphed(self):
@@ -218,6 +267,7 @@ class Trainer:
             "world": self.world,
             "data_backend": self.loader.name,
             "config": self.cfg.to_dict(),
+            "resumes": self._resume_history,
         }
 
     def _loader_states(self) -> list | None:
@@ -235,10 +285,7 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         meta = ckpt.load_training_checkpoint(path, self.model, self.optimizer, self.cfg.model)
-        for key in ("step", "data", "rng"):
-            if key not in meta:
-                raise ckpt.CheckpointError(f"{path} is not a training checkpoint (no {key!r}); "
-                                           "to start from weights only, use a new run directory")
+        ckpt.check_training_meta(meta, path)
         self.step = int(meta["step"])
         per_micro = self.cfg.train.batch_size * self.world
         seen = int(meta["data"].get("samples_seen", meta["data"]["micro_batch"] * per_micro))
@@ -246,7 +293,11 @@ class Trainer:
         if seen % per_micro and self.is_main:
             self.log(f"warning: {seen} samples seen is not a whole number of global micro-batches of {per_micro}; "
                      f"resuming at sample {self.micro_batch * per_micro}")
-        ckpt.restore_rng(meta["rng"], {"mask": self.mask_gen})
+        try:
+            ckpt.restore_rng(meta["rng"], {"mask": self.mask_gen})
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ckpt.CheckpointError(f"{path}: its random-generator states cannot be restored "
+                                       f"({type(e).__name__}: {str(e)[:120]})") from None
         states = meta.get("loader")
         if states and len(states) == self.world and hasattr(self.loader, "load_state_dict"):
             self.loader.load_state_dict(states[self.rank])
@@ -337,6 +388,8 @@ class Trainer:
         pending = []  # per step since the last health check: [loss, grad norm, finite] (device tensors)
         health = Health(t.spike_factor, t.grad_spike_factor)
         health.observe_weights(self.step, float(self.training.plain.param_norm()))  # the reference for growth
+        if self._resumed_from is not None:  # the checkpoint resumed from is the last good one until the next save
+            health.saved(self.step, self._resumed_from)
         last_loss, last_ckpt = None, None
         t_log, steps_since, imgs_per_step = time.perf_counter(), 0, self.effective_batch // self.world
         stop_signal, rollbacks = None, 0
@@ -437,6 +490,8 @@ class Trainer:
             if bar is not None:
                 bar.close()
             writer.close()
+            stream.close()
+            self.close()  # every way the loop ends stops the loaders' workers and releases the run directory
         if self.is_main:
             from .metrics import read_metrics
             from .visualize import write_loss_curve
@@ -447,8 +502,18 @@ class Trainer:
                 say(f"held-out masked-patch error {self.heldout_error:.3f} on {len(self._heldout)} images never "
                     f"trained on (1.000 = predicting each patch's mean{target}); "
                     f"grids in {self.run_dir / 'recon'}, curve in {self.run_dir / 'loss.png'}")
+        if health.in_streak and not stop_signal:
+            raise DivergenceError(self._ended_in_streak_message(health))
         return TrainResult(self.step, last_loss, last_ckpt, self.run_dir, stop_signal, rollbacks,
                            self.heldout_error)
+
+    def _ended_in_streak_message(self, health: Health) -> str:
+        good = health.last_good_checkpoint()
+        where = (f"the last good checkpoint is {good[1]} (step {good[0]}): lower the lr or check the data, then "
+                 "--resume from it" if good else "no good checkpoint was written: lower the lr or check the data and "
+                 "start again")
+        return (f"the run ended inside a bad streak: {health.streak} bad step(s) since step {health.streak_start} "
+                f"({health.last_reason}); the weights at step {self.step} were not saved; {where}")
 
     def _observe(self, health: Health, pending: list) -> None:
         """Judge the steps since the last check (one host sync for all of them)."""
@@ -586,6 +651,37 @@ class Trainer:
             if writer is not None:
                 writer.image("reconstruction/heldout", self.step, held)
         return path
+
+
+RESUME_WATCHED = (("model", "mask_ratio"), ("model", "mask_strategy"), ("model", "norm_pix_loss"),
+                  ("train", "batch_size"), ("train", "accum_steps"), ("train", "epochs"), ("train", "precision"),
+                  ("optim", "lr"), ("optim", "base_lr"), ("optim", "min_lr"), ("optim", "weight_decay"),
+                  ("optim", "warmup_epochs"))
+"""The settings whose change on a resume alters what the run learns: reported and recorded (old -> new)."""
+
+
+def resume_changes(saved: dict | None, cfg: Config, saved_world: int, world: int) -> dict:
+    """{"section.field": [old, new]} for the watched settings a resume changes, and the global batch."""
+    if not isinstance(saved, dict):
+        return {}
+    now = cfg.to_dict()
+    out = {}
+    for section, field in RESUME_WATCHED:
+        old_sec = saved.get(section)
+        if not isinstance(old_sec, dict) or field not in old_sec:
+            continue
+        old, new = old_sec[field], now[section][field]
+        if old != new:
+            out[f"{section}.{field}"] = [old, new]
+    tr = saved.get("train") if isinstance(saved.get("train"), dict) else {}
+    try:
+        old_global = int(tr["batch_size"]) * int(tr.get("accum_steps", 1)) * saved_world
+    except (KeyError, TypeError, ValueError):
+        return out
+    new_global = cfg.train.batch_size * cfg.train.accum_steps * world
+    if old_global != new_global:
+        out["global_batch"] = [old_global, new_global]
+    return out
 
 
 def _fault_step(rank: int) -> int | None:

@@ -23,6 +23,59 @@ class DataError(RuntimeError):
     """Input data is missing or unusable; the message names the path."""
 
 
+# -- ending loaders -----------------------------------------------------------------------------------------------
+# DataLoader workers ignore stop signals (the main process checkpoints first), so nothing outside the loader can
+# end them: at interpreter exit, multiprocessing would wait forever for a worker that was never told to stop. Every
+# stream a loader hands out is tracked; a run closes its loaders when it ends, however it ends, and the streams
+# still open at exit are closed before multiprocessing joins its children.
+
+_OPEN_STREAMS: "weakref.WeakSet" = None  # set below (weakref imported lazily to keep this module's imports light)
+
+
+def tracked(gen):
+    """Register a loader's generator so that `close_streams` (a run's end, or interpreter exit) closes it."""
+    global _OPEN_STREAMS
+    if _OPEN_STREAMS is None:
+        import atexit
+        import weakref
+
+        _OPEN_STREAMS = weakref.WeakSet()
+        atexit.register(close_streams)  # after multiprocessing's own exit hook was registered: runs before it
+    _OPEN_STREAMS.add(gen)
+    return gen
+
+
+def close_streams(streams=None) -> None:
+    """Close `streams` (default: every open one): each runs its `finally`, which stops its workers or pipelines."""
+    for g in list(_OPEN_STREAMS or () if streams is None else streams):
+        try:
+            g.close()
+        except ValueError:  # closing from inside the generator itself (a signal handler): its own exit ends it
+            pass
+        if _OPEN_STREAMS is not None:
+            _OPEN_STREAMS.discard(g)
+
+
+def stop_workers(it, grace_s: float = 10.0) -> None:
+    """End a DataLoader iterator's worker processes now: the orderly shutdown (each worker is told to stop and
+    joined), then SIGKILL for any still alive after `grace_s` (they ignore SIGTERM)."""
+    import time
+
+    workers = list(getattr(it, "_workers", None) or ())
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        try:
+            shutdown()
+        except Exception:  # noqa: BLE001 - a worker that already died: the kill below still applies
+            pass
+    deadline = time.monotonic() + grace_s
+    for w in workers:
+        w.join(timeout=max(0.0, deadline - time.monotonic()))
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5.0)
+
+
 def atomic_write(path, write) -> Path:
     """write(binary file) into a temp file beside `path`, fsync, rename over it (a kill leaves the old file or
     the new one). The pipelines' own writer: they do not import the engine."""

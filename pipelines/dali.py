@@ -162,6 +162,30 @@ class DaliLoader:
     def stream(self, start: int = 0):
         """Batches [B, C, H, W] on the device, forever; resumes from the DALI checkpoint when one was loaded,
         else replays `start` batches (read and dropped) to reach the same position."""
+        from .common import tracked
+
+        g = tracked(self._stream(start))
+        self._streams = [*getattr(self, "_streams", []), g]
+        return g
+
+    def close(self) -> None:
+        """Shut the pipeline's threads down now (its position is kept: state_dict still answers, and a new stream
+        continues from it)."""
+        from .common import close_streams
+
+        close_streams(getattr(self, "_streams", []))
+        self._streams = []
+        it, self._it = self._it, None
+        if it is None:
+            return
+        try:
+            self._checkpoint = it.checkpoints()[0]
+        except Exception:  # noqa: BLE001 - a pipeline built without checkpointing, or one that failed
+            pass
+        for pipe in getattr(it, "_pipes", None) or ():
+            pipe._shutdown()
+
+    def _stream(self, start: int):
         restored = self._checkpoint is not None
         try:
             self._it = self._build()  # the iterator runs the pipeline ahead: decode errors can surface here

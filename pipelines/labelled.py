@@ -15,7 +15,7 @@ import torch
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from .common import IMAGE_EXTS, DataError, EpochPlan, sample_rng, walk_files
+from .common import IMAGE_EXTS, DataError, EpochPlan, close_streams, sample_rng, stop_workers, tracked, walk_files
 from .torchvision import ImageFiles, ignore_stop_signals, worker_context
 
 
@@ -75,7 +75,17 @@ class LabelledLoader:
         return len(self.classes)
 
     def epoch(self, epoch: int = 0):
-        """One pass: shuffled full batches when training, every sample in order otherwise."""
+        """One pass: shuffled full batches when training, every sample in order otherwise. Leaving the pass early
+        stops its workers when the generator is closed (`close()`, or the end of the run)."""
+        g = tracked(self._epoch(epoch))
+        self._passes = [p for p in getattr(self, "_passes", []) if p.gi_frame is not None] + [g]
+        return g
+
+    def close(self) -> None:
+        close_streams(getattr(self, "_passes", []))
+        self._passes = []
+
+    def _epoch(self, epoch: int):
         if self.train:
             plan = self.plan.batches(epoch * self.plan.batches_per_epoch)
             sampler = [next(plan) for _ in range(self.plan.batches_per_epoch)]
@@ -86,8 +96,12 @@ class LabelledLoader:
                                          pin_memory=self.device.type == "cuda",
                                          worker_init_fn=ignore_stop_signals if self.num_workers else None,
                                          multiprocessing_context=worker_context() if self.num_workers else None)
-        for imgs, labels in dl:
-            yield imgs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        it = iter(dl)
+        try:
+            for imgs, labels in it:
+                yield imgs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        finally:
+            stop_workers(it)
 
 
 def export_digits(out: str, img_size: int = 32, val_fraction: float = 0.3, seed: int = 0) -> tuple[int, int]:

@@ -17,6 +17,9 @@ class SyntheticLoader:
         self.batches_per_epoch = pool
         self.num_samples = pool * batch_size
 
+    def close(self) -> None:  # no workers, no pipeline
+        pass
+
     def stream(self, start: int = 0):
         i = start
         while True:

@@ -17,7 +17,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from .common import DataError, EpochPlan, sample_crop, sample_rng
+from .common import DataError, EpochPlan, close_streams, sample_crop, sample_rng, stop_workers, tracked
 
 
 def worker_context():
@@ -184,9 +184,21 @@ class TorchvisionLoader:
         self.dtype = getattr(torch, data_cfg.dtype)
         self.dataset.uint8 = data_cfg.transfer == "uint8"
         self.normalize = Normalize(data_cfg.mean, data_cfg.std, self.device) if self.dataset.uint8 else None
+        self._streams = []
 
     def stream(self, start: int = 0):
-        """Batches [B, C, H, W] fp32 on the device, forever, from global micro-batch `start`."""
+        """Batches [B, C, H, W] fp32 on the device, forever, from global micro-batch `start`; `close()` (or the
+        generator's own close) stops its workers."""
+        g = tracked(self._stream(start))
+        self._streams.append(g)
+        return g
+
+    def close(self) -> None:
+        """Stop the workers of every stream this loader handed out (the loader can stream again afterwards)."""
+        close_streams(self._streams)
+        self._streams = []
+
+    def _stream(self, start: int):
         dl = torch.utils.data.DataLoader(
             _WithSkips(self.dataset), batch_sampler=self.plan.batches(start), num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=False, collate_fn=_collate_with_skips,
@@ -194,14 +206,18 @@ class TorchvisionLoader:
             prefetch_factor=4 if self.num_workers else None,
             multiprocessing_context=worker_context() if self.num_workers else None)
         warned = self.dataset._warned
-        for imgs, skipped in dl:
-            if imgs is None:
-                raise DataError(too_many_unreadable(skipped))
-            for path, why in skipped:
-                if path not in warned:  # once per file, whichever worker met it
-                    warned.add(path)
-                    print(f"warning: skipping unreadable image {path}: {why}", file=sys.stderr)
-            if self.normalize is not None:  # uint8 over the bus, normalised where the model is
-                yield self.normalize(imgs.to(self.device, non_blocking=True)).to(self.dtype)
-            else:
-                yield imgs.to(self.dtype).to(self.device, non_blocking=True)  # cast first: a bf16 copy is half
+        it = iter(dl)
+        try:
+            for imgs, skipped in it:
+                if imgs is None:
+                    raise DataError(too_many_unreadable(skipped))
+                for path, why in skipped:
+                    if path not in warned:  # once per file, whichever worker met it
+                        warned.add(path)
+                        print(f"warning: skipping unreadable image {path}: {why}", file=sys.stderr)
+                if self.normalize is not None:  # uint8 over the bus, normalised where the model is
+                    yield self.normalize(imgs.to(self.device, non_blocking=True)).to(self.dtype)
+                else:
+                    yield imgs.to(self.dtype).to(self.device, non_blocking=True)  # cast first: a bf16 copy is half
+        finally:
+            stop_workers(it)
