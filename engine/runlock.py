@@ -38,8 +38,13 @@ def _pid_alive(pid) -> bool:
     return True
 
 
+_HELD: dict[str, list] = {}  # lock path -> [descriptor, holders]: the locks this process holds
+
+
 class RunLock:
-    """Held from `acquire()` to `release()` (or the process's end: the OS lock goes with it)."""
+    """Held from `acquire()` to `release()` (or the process's end: the OS lock goes with it). Within one process
+    the lock is shared (Trainer objects of the Python API built one after another on a directory); other processes
+    are refused."""
 
     def __init__(self, run_dir: str | os.PathLike, command: str = "mae pretrain"):
         self.path = Path(run_dir) / LOCK_NAME
@@ -49,6 +54,16 @@ class RunLock:
         """The holder named in a stale lock this run took over (None when the directory was free)."""
 
     def acquire(self) -> RunLock:
+        key = os.path.realpath(self.path)
+        if key in _HELD:
+            _HELD[key][1] += 1
+            self._fd = _HELD[key][0]
+            return self
+        self._acquire()
+        _HELD[key] = [self._fd, 1]
+        return self
+
+    def _acquire(self) -> None:
         import fcntl
 
         host = socket.gethostname()
@@ -85,7 +100,6 @@ class RunLock:
             os.close(fd)
             raise
         self._fd = fd
-        return self
 
     def _busy(self, info: dict) -> str:
         who = _holder_text(info) if info else "a process that has not written its name yet"
@@ -111,6 +125,13 @@ class RunLock:
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        key = os.path.realpath(self.path)
+        held = _HELD.get(key)
+        if held is not None:
+            held[1] -= 1
+            if held[1] > 0:
+                return
+            del _HELD[key]
         try:
             if self._read(fd).get("pid") == os.getpid():
                 self.path.unlink(missing_ok=True)

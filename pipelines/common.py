@@ -56,24 +56,45 @@ def close_streams(streams=None) -> None:
             _OPEN_STREAMS.discard(g)
 
 
-def stop_workers(it, grace_s: float = 10.0) -> None:
-    """End a DataLoader iterator's worker processes now: the orderly shutdown (each worker is told to stop and
-    joined), then SIGKILL for any still alive after `grace_s` (they ignore SIGTERM)."""
+def stop_workers(it, grace_s: float = 5.0) -> None:
+    """End a DataLoader iterator's worker processes now: each is told to stop, all are joined against one deadline,
+    and any still alive after `grace_s` (stuck in a read: they ignore SIGTERM) is killed; then the iterator's own
+    shutdown tidies its queues and threads."""
     import time
 
     workers = list(getattr(it, "_workers", None) or ())
+    if workers:
+        done = getattr(it, "_workers_done_event", None)
+        if done is not None:
+            done.set()
+        for q in getattr(it, "_index_queues", None) or ():
+            try:
+                q.put(None)
+            except (OSError, ValueError):  # a queue already closed
+                pass
+        deadline = time.monotonic() + grace_s
+        try:
+            for w in workers:
+                w.join(timeout=max(0.0, deadline - time.monotonic()))
+        finally:
+            # torch's SIGCHLD handler would raise "worker killed" in this thread for the kills below: unregister
+            # the workers first (as the iterator's own shutdown does once they are gone)
+            if getattr(it, "_worker_pids_set", False):
+                from torch.utils.data._utils import signal_handling
+
+                signal_handling._remove_worker_pids(id(it))
+                it._worker_pids_set = False
+            for w in workers:
+                if w.is_alive():
+                    w.kill()
+            for w in workers:
+                w.join(timeout=5.0)
     shutdown = getattr(it, "_shutdown_workers", None)
     if shutdown is not None:
         try:
             shutdown()
-        except Exception:  # noqa: BLE001 - a worker that already died: the kill below still applies
+        except Exception:  # noqa: BLE001 - workers already gone
             pass
-    deadline = time.monotonic() + grace_s
-    for w in workers:
-        w.join(timeout=max(0.0, deadline - time.monotonic()))
-        if w.is_alive():
-            w.kill()
-            w.join(timeout=5.0)
 
 
 def atomic_write(path, write) -> Path:
