@@ -9,6 +9,16 @@ import sys
 BENCHES = {"speedup": "benchmarks.speedup", "kernels": "benchmarks.kernels", "loader": "benchmarks.loader",
            "dali-parity": "benchmarks.dali_parity",
            "fsdp": "benchmarks.fsdp", "scaling": "benchmarks.scaling", "agreement": "benchmarks.agreement", "memory": "benchmarks.memory"}
+SUMMARY = {
+    "agreement": "fast path vs the paper's path: loss curves over the same steps, within a noise band",
+    "dali-parity": "DALI GPU vs CPU decode: statistics of the same batches",
+    "fsdp": "FSDP2 / HSDP: measured peak memory and step time beside the memory estimator's figures",
+    "kernels": "masking, unshuffle, loss and attention kernels against their torch references (GPU time)",
+    "loader": "images/s of DALI (GPU, CPU) and torchvision, from files and packed shards",
+    "memory": "a step's peak GPU memory, estimated without a GPU (and the largest batch under a budget)",
+    "scaling": "a model of FSDP2 vs HSDP at 8-1,024 GPUs from a measured step",
+    "speedup": "visible-only encoding vs the dense baseline and the paper's code, per mask ratio",
+}
 
 
 def _run_module(module: str, argv: list[str]) -> int:
@@ -43,7 +53,12 @@ def dispatch(argv: list[str]) -> int | None:
     if argv[0] == "profile":
         return _run_module("benchmarks.profile", argv[1:])
     if len(argv) < 2 or argv[1] not in BENCHES:
-        print(f"usage: mae bench {{{','.join(sorted(BENCHES))}}} [options]   (each with its own --help)",
-              file=sys.stderr)
-        return 0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2
+        asked = len(argv) > 1 and argv[1] in ("-h", "--help")
+        lines = [f"usage: mae bench {{{','.join(sorted(BENCHES))}}} [options]", "",
+                 "benchmarks (each with its own --help; reports go to ./bench-results/ unless --out says "
+                 "otherwise; the committed ones are in benchmarks/results/):", *(f"  {name:12s} {SUMMARY[name]}" for name in sorted(BENCHES))]
+        if len(argv) > 1 and not asked:
+            lines.insert(0, f"mae bench: unknown benchmark {argv[1]!r}")
+        print("\n".join(lines), file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     return _run_module(BENCHES[argv[1]], argv[2:])

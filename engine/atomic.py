@@ -69,6 +69,24 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
             os.unlink(tmp)
         if isinstance(e, OSError) and e.errno is not None:
             raise io_error(e, path.name, path.parent) from None
+        if isinstance(e, RuntimeError) and _is_stream_write_failure(str(e)):
+            raise CheckpointError(f"cannot write {path.name} in {path.parent}: {_write_failure_cause(path.parent)}; "
+                                  "the checkpoints already there are intact") from None
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _is_stream_write_failure(text: str) -> bool:
+    """torch's zip writer reports a failed write (a full disk, mostly) as a RuntimeError, not an OSError."""
+    return any(k in text for k in ("unexpected pos", "file write failed", "PytorchStreamWriter failed"))
+
+
+def _write_failure_cause(directory: Path) -> str:
+    try:
+        st = os.statvfs(directory)
+        if st.f_bavail * st.f_frsize < 64 * 2**20:
+            return "no space left on the device"
+    except OSError:
+        pass
+    return "the file system refused the write (full, or a quota)"

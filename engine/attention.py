@@ -21,7 +21,7 @@ import contextlib
 
 from torch import nn
 
-ATTENTION = ("auto", "flash", "efficient", "cudnn", "math", "encoder-math", "encoder-triton")
+from .config import ATTENTION  # noqa: E402 - the names, declared with the config that checks them
 
 
 def attention_context(name: str):

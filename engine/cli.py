@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, Config, PRESETS, apply_overrides, describe_fields, get_preset
-from .options import UserError, build_config, split_overrides  # noqa: F401 - the commands' shared parsing
+from .config import ConfigError, PRESETS, describe_fields, get_preset
+from .options import UserError, build_config, checkpoint_config, split_overrides  # noqa: F401 - the commands' shared parsing
 
 EXIT_USAGE = 2
 
@@ -25,7 +25,14 @@ COMMANDS = ("engine.data_cli", "engine.eval_cli", "engine.ablate", "benchmarks.c
 
 
 def cmd_pretrain(args, extra) -> int:
-    cfg = build_config(args.preset, extra, args.config or None)
+    config_file = args.config or None
+    if args.resume and not args.preset and not config_file and args.run_dir:
+        saved = Path(args.run_dir) / "config.toml"
+        if saved.is_file():  # the run's own settings: --resume needs no --preset; overrides still win (and a
+            # change of what the run learns is reported and recorded when it resumes)
+            config_file = str(saved)
+            print(f"resuming with the run's own settings ({saved}); options given here override them", flush=True)
+    cfg = build_config(args.preset, extra, config_file)
     if args.run_dir:
         cfg.train.run_dir = args.run_dir
     if args.data:
@@ -44,7 +51,7 @@ def cmd_visualize(args, extra) -> int:
     from .visualize import reconstruction_grid, save_grid
 
     sd = ckpt.full_model_state(args.checkpoint)
-    cfg = _config_of(_meta_or_empty(args.checkpoint), args, extra)
+    cfg = checkpoint_config(args.checkpoint, getattr(args, "preset", None), extra)
     model = build_model(cfg.model)
     ckpt.load_model_state(model, sd, args.checkpoint)
     imgs = []
@@ -82,7 +89,7 @@ def cmd_export(args, extra) -> int:
     if args.format == "hf":  # the whole model as ViTMAEForPreTraining: config.json + model.safetensors
         from .hf import export_hf
 
-        cfg = _config_of(_meta_or_empty(args.checkpoint), args, extra)
+        cfg = checkpoint_config(args.checkpoint, getattr(args, "preset", None), extra)
         out = export_hf(sd, cfg.model, args.out)
         print(f"wrote {out}/config.json and model.safetensors ({len(sd)} tensors; loads with "
               "transformers' ViTMAEForPreTraining.from_pretrained)")
@@ -97,23 +104,6 @@ def cmd_export(args, extra) -> int:
           + (" (loads into timm.create_model(..., num_classes=0) with strict=True)" if args.what == "encoder" else
              " (the reference implementation's format: {'model': state_dict})"))
     return 0
-
-
-def _meta_or_empty(path) -> dict:
-    from . import checkpoint as ckpt
-
-    try:
-        return ckpt.read_meta(path)
-    except ckpt.CheckpointError:
-        return {}
-
-
-def _config_of(state: dict, args, extra) -> Config:
-    if getattr(args, "preset", None):
-        return build_config(args.preset, extra)
-    if "config" in state:
-        return apply_overrides(Config.from_dict(state["config"]), split_overrides(extra))
-    raise UserError(f"{args.checkpoint} carries no config; name its architecture with --preset")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -136,7 +126,8 @@ def make_parser(help_preset: str = "debug") -> argparse.ArgumentParser:
                      "command-line overrides win")
     pre.add_argument("--data", default="", help="image directory (shorthand for --data.path)")
     pre.add_argument("--run-dir", default="", help="run directory (shorthand for --train.run_dir)")
-    pre.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
+    pre.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory "
+                     "(with the run's own config.toml when neither --preset nor --config is given)")
     pre.set_defaults(func=cmd_pretrain)
 
     vis = sub.add_parser("visualize", help="reconstruction grid PNG from a checkpoint and images")
@@ -213,8 +204,8 @@ def _help_preset(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     from pipelines.common import DataError
 
-    from .checkpoint import CheckpointError
-    from .trainer import DivergenceError
+    from .atomic import CheckpointError
+    from .errors import DivergenceError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough = _passthrough(argv)

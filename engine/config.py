@@ -24,6 +24,15 @@ class UnavailableError(ConfigError, RuntimeError):
 
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # train.compile_mode
+ATTENTION = ("auto", "flash", "efficient", "cudnn", "math", "encoder-math", "encoder-triton")  # train.attention
+
+
+MODEL_LIMITS = {"img_size": 16384, "patch_size": 1024, "in_chans": 1024, "embed_dim": 32768, "depth": 1024,
+                "num_heads": 1024, "decoder_embed_dim": 32768, "decoder_depth": 1024, "decoder_num_heads": 1024}
+"""The largest value each architecture field accepts (far above any published ViT: ViT-22B has width 6144, depth
+48): a typo or a hostile config file is refused at once instead of growing memory until the process is killed."""
+MAX_PATCHES = 65536
+MAX_PARAMS = 100e9
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -76,11 +85,26 @@ class ModelConfig:
     def len_keep(self) -> int:
         return int(self.num_patches * (1 - self.mask_ratio))
 
+    def param_estimate(self) -> int:
+        """Parameters of the model these settings build (encoder, decoder, pixel head; within a few per cent),
+        computed before anything is allocated."""
+        d, dd, r, c, p = self.embed_dim, self.decoder_embed_dim, self.mlp_ratio, self.in_chans, self.patch_size
+        block = lambda w: int((4 + 2 * r) * w * w + (9 + 2 * r) * w)  # noqa: E731 - qkv, proj, MLP, 2 norms
+        n = (self.img_size // p) ** 2 + 1  # patches and the cls token: the (fixed) position embeddings
+        return int(p * p * c * d + d + self.depth * block(d) + 2 * d + d * dd + dd
+                   + self.decoder_depth * block(dd) + 2 * dd + dd * (p * p * c + 1) + n * (d + dd) + d + dd)
+
     def __post_init__(self) -> None:
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
                      "decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
-            v = getattr(self, name)
-            _check(isinstance(v, int) and v >= 1, f"model.{name} must be a positive integer, got {v!r}")
+            v, hi = getattr(self, name), MODEL_LIMITS[name]
+            _check(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= hi,
+                   f"model.{name} must be an integer in [1, {hi}], got {v!r}"
+                   + (f" ({type(v).__name__})" if not isinstance(v, int) or isinstance(v, bool) else ""))
+        _check(isinstance(self.mlp_ratio, (int, float)) and not isinstance(self.mlp_ratio, bool)
+               and 0 < self.mlp_ratio <= 64, f"model.mlp_ratio must be a number in (0, 64], got {self.mlp_ratio!r}")
+        _check(isinstance(self.mask_ratio, (int, float)) and not isinstance(self.mask_ratio, bool),
+               f"model.mask_ratio must be a number, got {self.mask_ratio!r}")
         _check(self.img_size % self.patch_size == 0,
                f"model.img_size={self.img_size} is not divisible by model.patch_size={self.patch_size}")
         _check(self.embed_dim % self.num_heads == 0,
@@ -91,7 +115,13 @@ class ModelConfig:
         for name in ("embed_dim", "decoder_embed_dim"):
             _check(getattr(self, name) % 4 == 0,
                    f"model.{name}={getattr(self, name)} must be divisible by 4 (2-D sin-cos position embedding)")
-        _check(self.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        _check(self.num_patches <= MAX_PATCHES,
+               f"model.img_size={self.img_size} with model.patch_size={self.patch_size} makes {self.num_patches} "
+               f"patches per image, over the limit of {MAX_PATCHES} (a {int(MAX_PATCHES ** 0.5)}^2 grid)")
+        n = self.param_estimate()
+        _check(n <= MAX_PARAMS, f"these model settings build about {n / 1e9:.3g}B parameters, over the limit of "
+                                f"{MAX_PARAMS / 1e9:g}B (embed_dim={self.embed_dim}, depth={self.depth}, "
+                                f"decoder_embed_dim={self.decoder_embed_dim}, decoder_depth={self.decoder_depth})")
         check_mask_ratio(self.mask_ratio, self.num_patches)
         _check(self.mask_strategy in ("random", "block", "grid"),
                f"model.mask_strategy must be random, block or grid, got {self.mask_strategy!r}")
@@ -314,8 +344,6 @@ class TrainConfig:
         _check(self.fsdp in ("auto", "always", "never"), f"train.fsdp must be auto, always or never, got {self.fsdp!r}")
         _check(self.precision in ("auto", "bf16", "bf16-pure", "fp32", "fp8"),
                f"train.precision must be auto, bf16, bf16-pure, fp32 or fp8, got {self.precision!r}")
-        from .attention import ATTENTION
-
         _check(self.fp8_recipe in FP8_RECIPES,
                f"train.fp8_recipe must be {' or '.join(FP8_RECIPES)}, got {self.fp8_recipe!r}")
 
@@ -549,11 +577,19 @@ def read_toml(path) -> dict:
 
     p = Path(path)
     try:
-        return tomllib.loads(p.read_text())
+        data = p.read_bytes()
+        if len(data) > 1 << 20:
+            raise ConfigError(f"config file {p} is {len(data)} bytes; a config file is a few KB (limit 1 MiB)")
+        return tomllib.loads(data.decode("utf-8"))
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not text (byte {e.start} is not UTF-8); a config file is TOML") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {p} nests too deeply to be a config file (preset and one table per "
+                          "section)") from None
 
 
 def file_overrides(data: dict, path) -> tuple[str | None, dict[str, str]]:
@@ -562,6 +598,8 @@ def file_overrides(data: dict, path) -> tuple[str | None, dict[str, str]]:
     sections = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
                 "parallel": ParallelConfig}
     preset = data.get("preset")
+    if preset is not None and not isinstance(preset, str):
+        raise ConfigError(f"{path}: preset must be a name (a string), got {preset!r}")
     out: dict[str, str] = {}
     for sec, body in data.items():
         if sec == "preset":
@@ -575,6 +613,9 @@ def file_overrides(data: dict, path) -> tuple[str | None, dict[str, str]]:
             if k not in fields:
                 near = _nearest(k, fields)
                 raise ConfigError(f"{path}: unknown key {sec}.{k}" + (f" (did you mean {sec}.{near}?)" if near else ""))
+            if isinstance(v, dict) or (isinstance(v, list) and any(isinstance(x, (list, dict)) for x in v)):
+                raise ConfigError(f"{path}: {sec}.{k} is a {'table' if isinstance(v, dict) else 'nested list'}; "
+                                  "settings are numbers, strings, booleans or flat lists")
             if isinstance(v, bool):
                 out[f"{sec}.{k}"] = "true" if v else "false"
             elif isinstance(v, list):

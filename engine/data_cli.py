@@ -5,9 +5,34 @@ from __future__ import annotations
 from collections import Counter
 
 
+def _os_errors(fn):
+    """A file-system failure (a read-only or full directory) is one line naming the path, not a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(args, extra):
+        from pipelines.common import DataError
+
+        try:
+            return fn(args, extra)
+        except OSError as e:
+            where = e.filename or getattr(args, "out", None) or getattr(args, "dir", "")
+            raise DataError(f"cannot write or read {where}: {e.strerror or e}; files already written are "
+                            "intact") from None
+
+    return run
+
+
+@_os_errors
 def cmd_data_check(args, extra) -> int:
     from pipelines.check import MAX_PIXELS, default_quarantine_path, scan, write_quarantine
+    from pipelines.shards import find_manifest, open_shards
 
+    if find_manifest(args.dir) is not None:  # a packed dataset: its manifest and every index against its tar
+        shards = open_shards(args.dir)
+        print(f"packed dataset {args.dir}: {len(shards.shards)} shard(s), {len(shards)} samples; the manifest and "
+              "every index entry are consistent with the tars (images were checked when packed)")
+        return 0
     findings = scan(args.dir, workers=args.workers, max_pixels=args.max_pixels or MAX_PIXELS,
                     decode=not args.fast)
     counts = Counter(f.kind for f in findings)
@@ -30,6 +55,7 @@ def cmd_data_check(args, extra) -> int:
     return 0
 
 
+@_os_errors
 def cmd_data_pack(args, extra) -> int:
     from pipelines.shards import pack, parse_size
 

@@ -11,22 +11,11 @@ def _encoder(args, extra):
     import torch
 
     from . import checkpoint as ckpt
-    from .options import UserError, build_config, split_overrides
-    from .config import Config, apply_overrides
+    from .options import UserError, build_config, checkpoint_config
     from .model import build_model
 
     if args.checkpoint:
-        meta = {}
-        try:
-            meta = ckpt.read_meta(args.checkpoint)
-        except ckpt.CheckpointError:
-            pass
-        if args.preset:
-            cfg = build_config(args.preset, extra)
-        elif meta.get("config"):
-            cfg = apply_overrides(Config.from_dict(meta["config"]), split_overrides(extra))
-        else:
-            raise UserError(f"{args.checkpoint} carries no config; name its architecture with --preset")
+        cfg = checkpoint_config(args.checkpoint, args.preset, extra)
     else:
         if not args.random:
             raise UserError("give --checkpoint CKPT, or --random for a randomly initialised encoder (a baseline)")

@@ -49,9 +49,10 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
     if not (p.is_dir() and (p / "config.json").is_file()):
         return False
     try:
-        return json.loads((p / "config.json").read_text()).get("model_type") == "vit_mae"
-    except (json.JSONDecodeError, OSError):
+        c = json.loads((p / "config.json").read_text())
+    except (ValueError, OSError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return False
+    return isinstance(c, dict) and c.get("model_type") == "vit_mae"
 
 
 def hf_config(m: ModelConfig) -> dict:
@@ -72,7 +73,22 @@ def hf_config(m: ModelConfig) -> dict:
 
 
 def model_config_from_hf(c: dict, path="config.json") -> ModelConfig:
-    """Our ModelConfig of a ViTMAEConfig dict; refuses settings this model cannot reproduce."""
+    """Our ModelConfig of a ViTMAEConfig dict; refuses settings this model cannot reproduce, and values of the wrong
+    type or out of range (named with the field)."""
+    if not isinstance(c, dict):
+        raise CheckpointError(f"{path}: holds a {type(c).__name__}, not a Hugging Face config (a JSON object)")
+    for key in ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads", "intermediate_size",
+                "decoder_intermediate_size"):
+        v = c.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise CheckpointError(f"{path}: {key} must be an integer, got {v!r} ({type(v).__name__})")
+    for key in ("mask_ratio", "layer_norm_eps"):
+        v = c.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise CheckpointError(f"{path}: {key} must be a number, got {v!r} ({type(v).__name__})")
+    if c.get("hidden_size", 768) <= 0 or c.get("decoder_hidden_size", 512) <= 0:
+        raise CheckpointError(f"{path}: hidden_size and decoder_hidden_size must be positive")
     problems = []
     if c.get("hidden_act", "gelu") not in ("gelu",):
         problems.append(f"hidden_act {c.get('hidden_act')!r} (this model uses exact GELU)")
@@ -179,8 +195,11 @@ def import_hf(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
     p = Path(path)
     try:
         cfg = json.loads((p / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {p / 'config.json'}: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"cannot read {p / 'config.json'}: nested too deeply to be a model config") from None
+    model_config_from_hf(cfg, p / "config.json")  # refused before any weights are read
     files = sorted(p.glob("*.safetensors"))
     if not files:
         extra = " (only pickled weights, which are not loaded: they could run code)" if list(p.glob("*.bin")) else ""

@@ -54,3 +54,32 @@ def build_config(preset: str | None, extra: list[str], config_file: str | None =
     if file_vals:
         cfg = apply_overrides(cfg, file_vals)
     return apply_overrides(cfg, split_overrides(extra))
+
+
+def checkpoint_config(path, preset: str | None, extra: list[str]) -> Config:
+    """The config a command uses for a checkpoint: --preset (with overrides) when given, else the checkpoint's own
+    config (with overrides). A damaged or refused checkpoint is its own error, never "carries no config"."""
+    from pathlib import Path
+
+    from . import checkpoint as ckpt
+    from .config import ConfigError
+
+    if preset:
+        return build_config(preset, extra)
+    p = Path(path)
+    if not p.exists():
+        raise ckpt.CheckpointError(f"checkpoint {p} does not exist")
+    if p.is_dir() and (p / ".metadata").is_file():
+        ckpt.read_dcp_metadata(p)  # a sharded checkpoint that would run code is refused before anything else
+    meta = {} if p.is_dir() and not (p / "meta.pt").is_file() else ckpt.read_meta(p)
+    saved = meta.get("config")
+    if saved is None:
+        raise UserError(f"{path} carries no config (a bare weights file, or a Hugging Face directory); name its "
+                        "architecture with --preset")
+    try:
+        cfg = Config.from_dict(saved)
+    except (TypeError, KeyError, AttributeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise ConfigError(f"{path}: its saved config is invalid: {e}") from None
+        raise ckpt.CheckpointError(f"{path}: its saved config is damaged ({type(e).__name__}: {str(e)[:120]})") from None
+    return apply_overrides(cfg, split_overrides(extra))

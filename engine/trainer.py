@@ -24,6 +24,7 @@ from . import checkpoint as ckpt
 from . import parallel
 from .config import Config, ConfigError
 from .device import resolve_device, resolve_dtype  # noqa: F401 - re-exported for callers of the old home
+from .errors import DivergenceError
 from .health import Health, StopVote
 from .metrics import MetricsWriter, datasheet_peak, mfu, peak_allocated_gib, train_flops_per_image
 from .optim import lr_at, set_lr
@@ -36,8 +37,6 @@ from .visualize import reconstruction_grid, save_grid
 DEMO_TARGET = 0.75  # the held-out masked-patch error the README's first run reaches (see the tiny preset)
 
 
-class DivergenceError(RuntimeError):
-    """Too many consecutive bad steps (non-finite, or a loss / gradient-norm spike): the run diverged."""
 
 
 NonFiniteLossError = DivergenceError  # the name of the first version, when only non-finite losses counted
@@ -450,7 +449,9 @@ class Trainer:
                     if bar is not None:
                         bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
                     elif self.is_main:
-                        say(f"step {self.step}/{self.stop_at} loss {last_loss:.4f} lr {lr:.3e} {ips:.1f} img/s")
+                        eta = (self.stop_at - self.step) * dt / steps_since
+                        say(f"step {self.step}/{self.stop_at} loss {last_loss:.4f} lr {lr:.3e} {ips:.1f} img/s "
+                            f"eta {_clock(eta)}")
                     if sk and self.is_main:
                         say(f"warning: skipped {sk} step(s) with a non-finite loss or gradient before step "
                             f"{self.step}; parameters were not updated on those steps")
@@ -682,6 +683,13 @@ def resume_changes(saved: dict | None, cfg: Config, saved_world: int, world: int
     if old_global != new_global:
         out["global_batch"] = [old_global, new_global]
     return out
+
+
+def _clock(seconds: float) -> str:
+    """h:mm:ss (days as a prefix) for a log line's ETA."""
+    s = int(max(0.0, seconds) + 0.5)
+    d, s = divmod(s, 86400)
+    return (f"{d}d " if d else "") + f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def _fault_step(rank: int) -> int | None:

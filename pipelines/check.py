@@ -9,6 +9,7 @@ both backends decode (to RGB; PNGs on the CPU in DALI); `--strict` quarantines t
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -75,7 +76,10 @@ def check_file(path: str, max_pixels: int = MAX_PIXELS, decode: bool = True) -> 
         return Finding(path, "huge", str(e).split(".")[0])
     except Exception as e:  # noqa: BLE001 - any decoder failure is a finding
         return Finding(path, "corrupt", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    if mode in ("L", "LA", "1", "I", "I;16", "F"):
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return Finding(path, "grayscale", f"mode {mode}: {16 if mode.startswith('I;16') else 32}-bit greyscale (the "
+                                          "torchvision backend scales it to 8 bits; --strict quarantines it)")
+    if mode in ("L", "LA", "1"):
         return Finding(path, "grayscale", f"mode {mode} (decoded as RGB)")
     if fmt == "PNG":
         return Finding(path, "png", "PNG (CPU decode in DALI)")
@@ -112,7 +116,8 @@ def scan(root: str, workers: int = 0, max_pixels: int = MAX_PIXELS, decode: bool
 
 
 def write_quarantine(findings: list[Finding], path: str, strict: bool = False) -> int:
-    """Atomically write 'path<TAB>kind: detail' lines for the quarantined files; returns how many."""
+    """Atomically write one JSON line {"path", "why"} per quarantined file (names with tabs or newlines hold);
+    returns how many."""
     import tempfile
 
     bad = [f for f in findings if (f.bad or (strict and f.kind in ("grayscale", "png")))
@@ -122,9 +127,9 @@ def write_quarantine(findings: list[Finding], path: str, strict: bool = False) -
     fd, tmp = tempfile.mkstemp(prefix=".quarantine.", dir=d)
     try:
         with os.fdopen(fd, "w") as f:
-            f.write("# written by `mae data check`; both data backends skip these files\n")
+            f.write("# written by `mae data check`; both data backends skip these files (one JSON object a line)\n")
             for x in bad:
-                f.write(f"{x.path}\t{x.kind}: {x.detail}\n")
+                f.write(json.dumps({"path": x.path, "why": f"{x.kind}: {x.detail}"}) + "\n")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -159,12 +159,45 @@ def heldout_images(img_size: int, mean, std, crops=(0.5, 0.75, 1.0)):
     return torch.stack(out)
 
 
+def to_rgb(im):
+    """A PIL image as 8-bit RGB. 16- and 32-bit greyscale (16-bit PNGs) is scaled to 8 bits by its bit depth;
+    PIL's own convert("RGB") clips it, turning nearly every pixel white."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        import numpy as np
+        from PIL import Image
+
+        a = np.asarray(im).astype(np.float64)
+        top = 65535.0 if im.mode != "F" and (im.mode.startswith("I;16") or a.max(initial=0) > 255) else 255.0
+        if im.mode == "F":
+            top = max(1.0, float(a.max(initial=1.0)))
+        a = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    return im.convert("RGB")
+
+
 def read_quarantine(path: str | os.PathLike) -> set[str]:
+    """The paths of a quarantine list: one JSON object per line ({"path": ..., "why": ...}: any file name, tabs and
+    newlines included), or the older 'path<TAB>why' lines."""
+    import json
+
     p = Path(path)
     if not p.is_file():
         raise DataError(f"quarantine list {p} does not exist")
     out = set()
-    for line in p.read_text().splitlines():
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read the quarantine list {p}: {e}") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.startswith("{"):
+            try:
+                path_ = json.loads(line)["path"]
+                if not isinstance(path_, str):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                raise DataError(f"{p} line {n}: not a quarantine entry ({line[:80]!r})") from None
+            out.add(os.path.abspath(path_))
+            continue
         line = line.split("\t")[0].strip()
         if line and not line.startswith("#"):
             out.add(os.path.abspath(line))
@@ -172,11 +205,33 @@ def read_quarantine(path: str | os.PathLike) -> set[str]:
 
 
 def walk_files(root: str | os.PathLike) -> list[str]:
-    """Every non-hidden file under `root` (recursive, links followed), absolute paths in sorted order."""
-    out = []
+    """Every non-hidden file under `root` (recursive, links followed), absolute paths in sorted order. Each real
+    directory is entered once and each real file listed once (under the first path met): a link back up the tree
+    or two links to one folder do not multiply the data set."""
+    out, seen_dirs, seen_files = [], set(), set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out += [os.path.abspath(os.path.join(dirpath, f)) for f in sorted(filenames) if not f.startswith(".")]
+        for f in sorted(filenames):
+            if f.startswith("."):
+                continue
+            full = os.path.abspath(os.path.join(dirpath, f))
+            try:
+                fst = os.stat(full)
+            except OSError:  # a dangling link: listed, so that the reader names it
+                out.append(full)
+                continue
+            if (fst.st_dev, fst.st_ino) not in seen_files:
+                seen_files.add((fst.st_dev, fst.st_ino))
+                out.append(full)
     return out
 
 

@@ -156,7 +156,8 @@ def pack(src: str, out: str, shard_bytes: int | None = None, per_shard: int | No
     records, key = [], 0
     for i, shard in enumerate(shards):
         name = f"shard-{i:06d}.tar"
-        if name in done and (outdir / name).is_file() and (outdir / name).with_suffix(".idx").is_file():
+        if (name in done and (outdir / name).is_file() and (outdir / name).with_suffix(".idx").is_file()
+                and (outdir / name).stat().st_size == done[name].get("bytes")):  # a truncated shard is written again
             rec = done[name]
         else:
             nbytes, _ = _write_shard(outdir / name, shard, key)
@@ -197,7 +198,8 @@ class ShardSample:
 
 
 class ShardSet:
-    """The samples of a packed dataset, in manifest order, from the DALI index files (no tar scan)."""
+    """The samples of a packed dataset, in manifest order, from the DALI index files (no tar scan). Every member an
+    index names is checked to lie inside its tar (DALI reads past the end of a tar without a message, and crashes)."""
 
     def __init__(self, root: Path, manifest: dict):
         self.root = root
@@ -206,7 +208,7 @@ class ShardSet:
         self.indices = [root / s["index"] for s in manifest["shards"]]
         self.samples: list[ShardSample] = []
         for k, idx in enumerate(self.indices):
-            self.samples += _read_index(idx, k)
+            self.samples += _read_index(idx, k, self.shards[k].stat().st_size, self.shards[k])
         if len(self.samples) != manifest["samples"]:
             raise DataError(f"{root / MANIFEST} lists {manifest['samples']} samples but the index files hold "
                             f"{len(self.samples)}; pack again")
@@ -231,19 +233,29 @@ class ShardSet:
         return f"{self.shards[s.shard]}:{s.member}"
 
 
-def _read_index(path: Path, shard: int) -> list[ShardSample]:
+def _read_index(path: Path, shard: int, tar_bytes: int | None = None, tar: Path | None = None) -> list[ShardSample]:
     try:
         lines = path.read_text().splitlines()
     except OSError as e:
         raise DataError(f"cannot read the index {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not a DALI webdataset index (not text)") from None
     if not lines or not lines[0].startswith("v1."):
         raise DataError(f"{path} is not a DALI webdataset index (first line {lines[0][:40] if lines else ''!r})")
     out = []
     for n, line in enumerate(lines[1:], 2):
         parts = line.split()
-        if len(parts) % 4:
+        if len(parts) % 4 or not parts:
             raise DataError(f"{path} line {n}: expected (ext offset size name) groups, got {line[:80]!r}")
-        comps = {parts[j]: (int(parts[j + 1]), int(parts[j + 2]), parts[j + 3]) for j in range(0, len(parts), 4)}
+        try:
+            comps = {parts[j]: (int(parts[j + 1]), int(parts[j + 2]), parts[j + 3]) for j in range(0, len(parts), 4)}
+        except ValueError:
+            raise DataError(f"{path} line {n}: offsets and sizes must be whole numbers, got {line[:80]!r}") from None
+        for e, (off, size, member) in comps.items():
+            if off < 512 or size < 0 or (tar_bytes is not None and off + size > tar_bytes):
+                raise DataError(f"{path} line {n}: member {member} (offset {off}, {size} bytes) lies outside "
+                                f"{tar or 'its tar'} ({tar_bytes} bytes); the shard is truncated or the index is not "
+                                "its own: pack again")
         img = next((e for e in comps if "." + e in IMAGE_EXTS), None)
         if img is None:
             raise DataError(f"{path} line {n}: no image component in {sorted(comps)}")
@@ -262,16 +274,36 @@ def find_manifest(path: str | os.PathLike) -> Path | None:
     return None
 
 
+def check_manifest(manifest: dict, m: Path) -> None:
+    """Every field a reader uses, with its type; shard and index names are files of the manifest's own directory
+    (a manifest cannot make a run read files elsewhere)."""
+    if isinstance(manifest.get("samples"), bool) or not isinstance(manifest.get("samples"), int):
+        raise DataError(f"{m}: samples must be a whole number, got {manifest.get('samples')!r}")
+    for i, s in enumerate(manifest["shards"]):
+        if not isinstance(s, dict):
+            raise DataError(f"{m}: shard {i} is {s!r}, not an entry with name and index")
+        for key in ("name", "index"):
+            v = s.get(key)
+            if not isinstance(v, str) or not v:
+                raise DataError(f"{m}: shard {i} has no {key} (got {v!r})")
+            if os.path.basename(v) != v or v in (".", ".."):
+                raise DataError(f"{m}: shard {i}'s {key} {v!r} is outside the manifest's directory {m.parent}; "
+                                "a packed dataset's shards lie beside its manifest")
+
+
 def open_shards(path: str | os.PathLike) -> ShardSet:
     m = find_manifest(path)
     if m is None:
         raise DataError(f"{path} is not a packed dataset (no {MANIFEST})")
     try:
         manifest = json.loads(m.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise DataError(f"cannot read {m}: {e}") from None
-    if manifest.get("format") != "webdataset" or not manifest.get("shards"):
-        raise DataError(f"{m} is not a manifest of `mae data pack` (format webdataset, with shards)")
+    if (not isinstance(manifest, dict) or manifest.get("format") != "webdataset"
+            or not isinstance(manifest.get("shards"), list) or not manifest["shards"]):
+        raise DataError(f"{m} is not a manifest of `mae data pack` (a JSON object with format webdataset and a "
+                        "list of shards)")
+    check_manifest(manifest, m)
     missing = [s["name"] for s in manifest["shards"] if not (m.parent / s["name"]).is_file()]
     if missing:
         raise DataError(f"{m.parent}: {len(missing)} shard(s) of the manifest are missing: {', '.join(missing[:5])}")

@@ -17,7 +17,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from .common import DataError, EpochPlan, close_streams, sample_crop, sample_rng, stop_workers, tracked
+from .common import DataError, EpochPlan, close_streams, sample_crop, sample_rng, stop_workers, to_rgb, tracked
 
 
 def worker_context():
@@ -56,7 +56,7 @@ class ImageFiles(torch.utils.data.Dataset):
         if self._cache is not None and path in self._cache:
             return self._cache[path]
         with Image.open(path) as im:
-            img = im.convert("RGB")
+            img = to_rgb(im)
         if self._cache is not None:
             self._cache[path] = img
         return img
@@ -114,7 +114,7 @@ class ShardImages(ImageFiles):
         import io
 
         with Image.open(io.BytesIO(self.shards.read(i))) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
 
     def describe(self, i) -> str:
         return f"{self.shards.name(i)} (shard:member)"

@@ -365,4 +365,25 @@ def test_a_sharded_resume_restores_the_optimizer_state_exactly(tmp_path):
     for name, s in want.items():
         for k, v in s.items():
             assert torch.equal(got[name][k], v), (name, k)
+    # the param groups' values too (the lr the schedule had reached, weight decay per group)
+    assert [(g["lr"], g["weight_decay"]) for g in r.optimizer.param_groups] == \
+        [(g["lr"], g["weight_decay"]) for g in t.optimizer.param_groups]
     r.close()
+
+
+def test_resume_reads_the_runs_own_config_and_reports_an_override_that_changes_it(tmp_path, capsys):
+    from engine.cli import main
+
+    base = ["pretrain", "--train.device", "cpu", "--data.num_workers", "0", "--train.tensorboard", "false",
+            "--train.vis_every", "0", "--run-dir", str(tmp_path)]
+    assert main([*base, "--preset", "debug", "--model.mask_ratio", "0.5", "--train.max_steps", "2",
+                 "--data.backend", "auto"]) == 0
+    saved = (tmp_path / "config.toml").read_text()
+    assert 'backend = "auto"' not in saved  # what auto resolved to, so that a replay uses the same loader
+    capsys.readouterr()
+    assert main([*base, "--resume", "--train.max_steps", "3"]) == 0  # no --preset: the run's config.toml
+    out = capsys.readouterr().out
+    assert f"resuming with the run's own settings ({tmp_path / 'config.toml'})" in out
+    assert "changes the run" not in out and "resumed from" in out
+    assert main([*base, "--resume", "--train.max_steps", "4", "--model.mask_ratio", "0.6"]) == 0
+    assert "model.mask_ratio 0.5 -> 0.6" in capsys.readouterr().out
