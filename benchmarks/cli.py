@@ -13,7 +13,8 @@ SUMMARY = {
     "agreement": "fast path vs the paper's path: loss curves over the same steps, within a noise band",
     "dali-parity": "DALI GPU vs CPU decode: statistics of the same batches",
     "fsdp": "FSDP2 / HSDP: measured peak memory and step time beside the memory estimator's figures",
-    "kernels": "masking, unshuffle, loss and attention kernels against their torch references (GPU time)",
+    "kernels": "masking, unshuffle, loss and attention kernels against their torch references (GPU time); "
+               "--compile-only: compiled for sm_80 / sm_90 / sm_100 without a GPU (registers, spills, occupancy)",
     "loader": "images/s of DALI (GPU, CPU) and torchvision, from files and packed shards",
     "memory": "a step's peak GPU memory, estimated without a GPU (and the largest batch under a budget)",
     "scaling": "a model of FSDP2 vs HSDP at 8-1,024 GPUs from a measured step",

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The CPU demonstration of the README: pretrain the debug preset on scikit-learn's handwritten digits,
 # then kNN and linear-probe the pretrained encoder and a randomly initialised one.
-#   bash benchmarks/demo_digits.sh [WORK_DIR] [REPORT_DIR]
+#   bash benchmarks/demo_digits.sh [WORK_DIR] [REPORT_DIR]   (default runs/demo_digits, and the report beside it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-runs/demo_digits}
-R=${2:-benchmarks/results}
+R=${2:-$W}
 mkdir -p "$W" "$R"
 mae data digits "$W/digits"
 t0=$SECONDS

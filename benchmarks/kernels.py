@@ -299,7 +299,18 @@ def report(rows, mem_rows, env, out: Path, copy_gbs: float | None = None) -> Pat
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="mae bench kernels", description=__doc__.split("\n\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--compile-only" in argv:  # compiled ahead of time for sm_80/90/100, no GPU (benchmarks/kernels_compiled.py)
+        import os
+        import subprocess
+
+        rest = [a for a in argv if a != "--compile-only"]
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter never compiles
+        return subprocess.call([sys.executable, "-m", "benchmarks.kernels_compiled", *rest], env=env)
+    ap = argparse.ArgumentParser(prog="mae bench kernels", description=__doc__.split("\n\n")[0],
+                                 epilog="--compile-only: compile every kernel for sm_80 / sm_90 / sm_100 on this "
+                                        "machine (no GPU) and report registers, spills, shared memory and "
+                                        "occupancy; see python -m benchmarks.kernels_compiled --help")
     ap.add_argument("--shapes", default="vit-b,vit-l,vit-h", help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--impls", default="triton,eager,compiled", help="comma list of triton, eager, compiled")
     ap.add_argument("--device", default="auto")

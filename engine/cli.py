@@ -37,6 +37,10 @@ def cmd_pretrain(args, extra) -> int:
         cfg.train.run_dir = args.run_dir
     if args.data:
         cfg.data.path = args.data
+    if args.dry_run:  # rank K of an N-rank job, built and stepped on this CPU (engine/dryrun.py)
+        from .dryrun import run_dry
+
+        return run_dry(cfg, args.world_size, args.rank, args.gpu_memory_gib)
     from .launch import run_pretrain
 
     return run_pretrain(cfg, resume=args.resume)
@@ -77,7 +81,8 @@ def cmd_visualize(args, extra) -> int:
     check_mask_ratio(ratio, cfg.model.num_patches)
     grid = reconstruction_grid(model, batch, cfg.data.mean, cfg.data.std, ratio, noise,
                                scale=max(1, 224 // cfg.model.img_size))
-    out = save_grid(grid, args.out)
+    target = args.out or Path(args.checkpoint).resolve().parent / "recon" / f"visualize_{Path(args.checkpoint).stem}.png"
+    out = save_grid(grid, target)
     print(f"wrote {out} ({len(imgs)} image(s): original | masked | reconstruction | reconstruction + visible)")
     return 0
 
@@ -128,12 +133,22 @@ def make_parser(help_preset: str = "debug") -> argparse.ArgumentParser:
     pre.add_argument("--run-dir", default="", help="run directory (shorthand for --train.run_dir)")
     pre.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory "
                      "(with the run's own config.toml when neither --preset nor --config is given)")
+    pre.add_argument("--dry-run", action="store_true",
+                     help="rehearse the job on this CPU: build rank --rank of --world-size exactly as torchrun would "
+                          "(fake process group), run one step on fake tensors, print the plan (batch, mesh, bytes per "
+                          "rank, the collectives of a step, peak memory per GPU) and exit; nothing touches a GPU")
+    pre.add_argument("--world-size", type=int, default=8, help="with --dry-run: the number of ranks (GPUs)")
+    pre.add_argument("--rank", type=int, default=0, help="with --dry-run: the rank to build")
+    pre.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                     help="with --dry-run: the GPU's memory the step's peak is held to (80: H100, 141: H200)")
     pre.set_defaults(func=cmd_pretrain)
 
     vis = sub.add_parser("visualize", help="reconstruction grid PNG from a checkpoint and images")
-    vis.add_argument("checkpoint")
-    vis.add_argument("images", nargs="+")
-    vis.add_argument("--out", default="reconstruction.png")
+    vis.add_argument("checkpoint", help="a checkpoint (.pt file, sharded .dcp directory, or a Hugging Face "
+                                        "directory with --preset)")
+    vis.add_argument("images", nargs="+", help="image files to mask and reconstruct")
+    vis.add_argument("--out", default=None, help="the PNG to write (default: recon/visualize_<checkpoint>.png in the "
+                                                 "checkpoint's run directory)")
     vis.add_argument("--mask-ratio", type=float, default=None)
     vis.add_argument("--seed", type=int, default=0, help="seed of the mask")
     vis.add_argument("--preset", default=None, help="architecture, for checkpoints without a config")

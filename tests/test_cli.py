@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -55,6 +57,9 @@ def test_export_and_visualize(trained, tmp_path, capsys):
     assert code == 0, err
     g = Image.open(tmp_path / "g.png")
     assert g.width > 3 * g.height / 2  # four panels per row, two rows
+    code, out, err = run(["visualize", ck, str(img)], capsys)  # no --out: beside the checkpoint, in its run's recon/
+    default = Path(ck).parent / "recon" / f"visualize_{Path(ck).stem}.png"
+    assert code == 0 and default.is_file() and str(default) in out, (out, err)
 
 
 @pytest.mark.parametrize("argv,needle", [

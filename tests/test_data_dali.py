@@ -1,6 +1,7 @@
 """DALI backend (CPU-only pipelines here, device_id=None), `mae data check`, and parity with torchvision."""
 
 import io
+import json
 import math
 import random
 
@@ -59,7 +60,7 @@ def test_data_check_finds_each_kind_and_quarantines(tmp_path, capsys):
         assert any(name in line and kind in line and "BAD" in line for line in out.splitlines()), (name, out)
     assert "grayscale" in out and "png" in out  # noted, not quarantined
     q = (root / ".mae_quarantine.txt").read_text().splitlines()
-    listed = {line.split("\t")[0].rsplit("/", 1)[-1] for line in q if not line.startswith("#")}
+    listed = {json.loads(line)["path"].rsplit("/", 1)[-1] for line in q if not line.startswith("#")}
     assert listed == set(BAD)
     # both backends now skip them
     imgs, others = list_images(str(root))
