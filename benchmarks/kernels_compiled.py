@@ -289,11 +289,17 @@ def report(rows: list[Compiled], shape_names, target_names, seconds: float) -> s
     import torch
     import triton
 
-    from .common import md_table, today
+    from .common import today
 
     lines = [f"# Triton kernels compiled ahead of time for {', '.join(target_names)} (no GPU; {today()})", "",
              f"- produced on a CPU machine ({platform.processor() or platform.machine()}) by `mae bench kernels "
-             f"--compile-only` in {seconds:.0f} s; triton {triton.__version__}, torch {torch.__version__}",
+             f"--compile-only` in {seconds:.0f} s with Triton's compile cache as found (a cold cache runs ptxas once "
+             "per launch and target: 294 s for this matrix on 2 cores, 2026-12-02); triton "
+             f"{triton.__version__}, torch {torch.__version__}",
+             "- the attention kernel in fp32 (IEEE dot products: the parity checks' precision, not a training "
+             "precision of the kernel) is left out: about 1 MB of PTX and minutes of ptxas per configuration, and "
+             "kilobytes of spills (ViT-L, sm_90: 18.8 KB forward, 24.9 KB backward at 99 tokens); `--attention-fp32` "
+             "adds it",
              f"- shapes: {', '.join(f'{s} ({SHAPES[s][0]}, batch {SHAPES[s][1]})' for s in shape_names)}; mask ratios "
              f"{', '.join(map(str, MASK_RATIOS))}; {', '.join(DTYPES)} (attention: bf16 and fp16, see below); "
              "norm-pix on and off; with and without the "
@@ -318,7 +324,7 @@ def report(rows: list[Compiled], shape_names, target_names, seconds: float) -> s
               "- integer overflow: the interpreter computes offsets in numpy's wide integers, the GPU in the pointer "
               "arithmetic's own width; every kernel forms its row offsets in int64 (`row.to(tl.int64)`), and the "
               "largest tensors at these shapes stay under 2^31 elements anyway:", ""]
-    lines += md_table(["shape", "batch", "largest tensor (elements)", "under 2^31"],
+    lines += _table(["shape", "batch", "largest tensor (elements)", "under 2^31"],
                       [[s, SHAPES[s][1], f"{_largest(s):,}", "yes" if _largest(s) < 2**31 else "NO"]
                        for s in shape_names])
     lines.append("")
@@ -338,14 +344,19 @@ def report(rows: list[Compiled], shape_names, target_names, seconds: float) -> s
                       max((r.shared or 0) for r in ok) if ok else "-",
                       "/".join(sorted({str(r.num_warps) for r in rs})),
                       f"{min(r.occupancy for r in ok):.0%}-{max(r.occupancy for r in ok):.0%}" if ok else "-"])
-    lines += md_table(["family", "kernel", "target", "configs", "failed", "registers", "max stack B", "max local B",
+    lines += _table(["family", "kernel", "target", "configs", "failed", "registers", "max stack B", "max local B",
                        "max shared B", "warps", "occupancy"], table)
     if errors or spills:
         lines += ["", "## Failures and stack use", ""]
-        lines += md_table(["kernel", "target", "case", "shapes", "registers", "stack", "error"],
+        lines += _table(["kernel", "target", "case", "shapes", "registers", "stack", "error"],
                           [[r.kernel, r.target, r.case, ",".join(r.shapes), r.regs, r.stack, r.error or ""]
                            for r in errors + spills])
     return "\n".join(lines) + "\n"
+
+
+def _table(headers: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+            *("| " + " | ".join("-" if v is None else str(v) for v in r) + " |" for r in rows)]
 
 
 def _largest(shape_name: str) -> int:

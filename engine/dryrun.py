@@ -123,7 +123,8 @@ class Plan:
     accum_steps: int
     global_batch: int
     lr: float
-    steps_per_epoch: int | None
+    steps_per_epoch: tuple | None
+    """(optimizer steps, samples) of one epoch, when the data set is on this machine."""
     params_total: int
     param_bytes: int
     grad_bytes: int
@@ -220,7 +221,7 @@ def rehearse(cfg: Config, world: int, rank: int = 0, gpu_memory_gib: float = 80.
         pdtype = torch.bfloat16 if t.precision in ("bf16", "bf16-pure", "fp8") else torch.float32
         m = rcfg.model
         b = t.batch_size
-        counter = CollectiveCounter(groups)
+        counter = CollectiveCounter({"world": dist.group.WORLD, **groups})  # a mesh dimension names its group
         shapes_ok = True
         with FakeTensorMode(allow_non_fake_inputs=True):
             imgs = torch.randn(b, m.in_chans, m.img_size, m.img_size, dtype=getattr(torch, rcfg.data.dtype))
@@ -261,7 +262,7 @@ def rehearse(cfg: Config, world: int, rank: int = 0, gpu_memory_gib: float = 80.
     return plan
 
 
-def _steps_per_epoch(cfg: Config, world: int) -> int | None:
+def _steps_per_epoch(cfg: Config, world: int) -> tuple[int, int] | None:
     """Optimizer steps per epoch when the data set can be counted here (a folder or a packed dataset that exists on
     this machine, or the embedded photographs); None otherwise."""
     from pipelines.common import EMBEDDED_SAMPLES_PER_EPOCH, DataError, list_images
@@ -278,7 +279,7 @@ def _steps_per_epoch(cfg: Config, world: int) -> int | None:
             n *= max(1, d.repeat)
     except (DataError, OSError):
         return None
-    return n // per_step
+    return n // per_step, n
 
 
 def _peak_per_gpu(cfg: Config, sharded_resident: int, model, pdtype) -> tuple[float, str]:
@@ -310,8 +311,10 @@ def describe(plan: Plan, cfg: Config) -> str:
              f"  batch: {plan.per_rank_batch} per rank x {plan.accum_steps} accumulation x {plan.world} ranks = "
              f"global {plan.global_batch}; lr {plan.lr:.3g}"
              + ("" if cfg.optim.lr > 0 else f" (= base {cfg.optim.base_lr:g} x {plan.global_batch}/256)"),
-             "  steps per epoch: " + (str(plan.steps_per_epoch) if plan.steps_per_epoch is not None else
-                                      "unknown (the data set is not on this machine)"),
+             "  steps per epoch: " + (
+                 "unknown (the data set is not on this machine)" if plan.steps_per_epoch is None else
+                 f"{plan.steps_per_epoch[0]} ({plan.steps_per_epoch[1]} samples"
+                 + (", fewer than one global batch" if not plan.steps_per_epoch[0] else "") + ")"),
              f"  parameters: {plan.params_total / 1e6:.1f}M; this rank holds {plan.param_bytes / GIB:.3f} GiB of "
              f"parameters (fp32 shards), {plan.grad_bytes / GIB:.3f} GiB of gradients, {plan.optim_bytes / GIB:.3f} "
              f"GiB of AdamW state; computes in {plan.param_dtype}",
@@ -319,6 +322,12 @@ def describe(plan: Plan, cfg: Config) -> str:
              "  collectives of one step (this rank, as issued; a collective moves (n-1)/n of its bytes per rank):"]
     for key in sorted(c.calls):
         lines.append(f"    {key:28s} {c.calls[key]:5d} calls  {c.bytes[key] / GIB:9.3f} GiB")
+    pad = plan.padded_total - plan.params_total
+    if pad:
+        lines.append(f"  padding: FSDP2 pads each parameter's first dimension to a multiple of {plan.shard}: "
+                     f"{pad / plan.padded_total:.1%} of the gathered elements are padding ({pad / 1e6:.1f}M; a "
+                     "parameter whose first dimension is 1, such as the position embeddings [1, L, D], is padded "
+                     f"{plan.shard}-fold)")
     if plan.peak_gib is not None:
         fits = plan.peak_gib <= plan.gpu_memory_gib
         lines.append(f"  peak memory per GPU (estimate): {plan.peak_gib:.1f} GiB of {plan.gpu_memory_gib:g} GiB: "

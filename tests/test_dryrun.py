@@ -35,6 +35,7 @@ def test_fsdp2_at_world_64_counts_the_bytes_the_sharding_implies(vit_h):
     c = plan.collectives
     units = vit_h.model.depth + vit_h.model.decoder_depth + 1  # every block, then the root
     assert c.calls == {"all_gather@shard": 2 * units, "reduce_scatter@shard": units, "all_reduce@shard": 2}
+    # (on a 1-D mesh the shard group is the world; the two scalar all-reduces: the gradient norm and the skip flag)
     assert c.bytes["all_gather@shard"] == 2 * _padded(vit_h, 64) * 2  # bf16, forward and backward
     assert c.bytes["reduce_scatter@shard"] == _padded(vit_h, 64, trainable_only=True) * 4  # fp32 reduction
     # the 64 shards add up to the model, and this rank holds what the chunk rule gives it (fp32 masters)
