@@ -11,6 +11,8 @@ The collectives (ring algorithms; P trainable parameters; S ranks per shard grou
                   2 x 2P (S-1)/S bytes per rank; reduce-scatter of fp32 gradients 4P (S-1)/S
   HSDP (S = GPUs per node)  the same inside the node, plus an all-reduce of the fp32 gradient shard across the R
                   groups: 2 x 4P/S x (R-1)/R bytes per rank over the inter-node link
+The bytes are counted by default (`--bytes counted`: a rehearsal of each setup on a fake process group, FSDP2's
+padding included); `--bytes formula` uses the formulas above.
 Time: each GPU's share at the link it crosses (a ring spanning nodes runs at the inter-node bandwidth); overlap:
 FSDP2 prefetches the next block's all-gather and reduce-scatters the previous block's gradients while a block
 computes, so at most `--overlap` of the step's compute can hide communication and one block's collectives
@@ -67,10 +69,34 @@ def collective_bytes(params: int, world: int, shard: int) -> dict:
     return {"all_gather": ag, "reduce_scatter": rs, "all_reduce_across": ar}
 
 
+def counted_bytes(preset: str, world: int, shard: int, cache: dict | None = None) -> dict:
+    """Bytes each rank sends per step, from the collectives a rehearsal of the job counts (`mae pretrain --dry-run`:
+    the real sharding, FSDP2's padding included) with ring fractions: (S-1)/S of a gathered / reduce-scattered
+    buffer, 2 (R-1)/R of an all-reduced one. A shard group's bytes do not depend on the number of replicas, so one
+    rehearsal serves every world size with the same shard group (cached)."""
+    from engine.config import apply_overrides, get_preset
+    from engine.dryrun import rehearse
+
+    r = world // shard
+    key = (preset, shard, r > 1)
+    if cache is None or key not in cache:
+        cfg = apply_overrides(get_preset(preset), {"train.batch_size": "1", "parallel.replicate": str(2 if r > 1 else 1)})
+        c = rehearse(cfg, shard * (2 if r > 1 else 1), 0, estimate_memory=False).collectives
+        raw = {"all_gather": c.total("all_gather"), "reduce_scatter": c.total("reduce_scatter"),
+               "all_reduce": c.bytes.get("all_reduce@replicate", 0)}
+        if cache is not None:
+            cache[key] = raw
+    raw = cache[key] if cache is not None else raw
+    frac = (shard - 1) / shard if shard > 1 else 0.0
+    return {"all_gather": raw["all_gather"] * frac, "reduce_scatter": raw["reduce_scatter"] * frac,
+            "all_reduce_across": 2 * raw["all_reduce"] * (r - 1) / r if r > 1 else 0.0}
+
+
 def model_row(kind: str, world: int, gpus_per_node: int, params: int, units: int, step_s: float, batch: int,
-              nvlink: float, ib: float, overlap: float, efficiency: float) -> dict:
+              nvlink: float, ib: float, overlap: float, efficiency: float, counted: dict | None = None) -> dict:
+    """One row of the model; `counted`: the bytes from counted_bytes (else the formula of collective_bytes)."""
     shard = world if kind == "FSDP2" else min(world, gpus_per_node)
-    b = collective_bytes(params, world, shard)
+    b = counted if counted is not None else collective_bytes(params, world, shard)
     intra_bw = (nvlink if shard <= gpus_per_node else ib) * efficiency  # a ring over nodes runs at the slow link
     t_intra = (b["all_gather"] + b["reduce_scatter"]) / intra_bw
     t_across = b["all_reduce_across"] / (ib * efficiency)
@@ -119,6 +145,10 @@ def main(argv=None) -> int:
     ap.add_argument("--efficiency", type=float, default=EFFICIENCY, help="collective bandwidth / link peak")
     ap.add_argument("--overlap", type=float, default=0.8, help="share of the step's compute that can hide "
                     "communication")
+    ap.add_argument("--bytes", choices=("counted", "formula"), default="counted",
+                    help="counted: each setup's collectives counted by a rehearsal of the job on a fake process "
+                         "group (`mae pretrain --dry-run`; about 20 s per shard-group size for ViT-H); formula: "
+                         "2 x 2P (S-1)/S and 4P (S-1)/S from the parameter count (no padding)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     from engine.config import ALIASES
@@ -132,11 +162,14 @@ def main(argv=None) -> int:
     params, units = trainable_params(preset)
     step_s, batch = row["step_ms"] / 1000, int(row["batch"])
     nv, ib = args.nvlink_gbs * 1e9, args.ib_gbs * 1e9
-    table = []
+    table, cache = [], {}
     for b in sorted({batch, *(int(x) for x in args.batches.split(",") if x)}, reverse=True):
         sb = step_s * b / batch  # compute taken as linear in the batch (an assumption below the measured batch)
         table += [dict(batch=b, **model_row(kind, n, args.gpus_per_node, params, units, sb, b, nv, ib, args.overlap,
-                                            args.efficiency)) for n in GPUS for kind in ("FSDP2", "HSDP")]
+                                            args.efficiency, counted=None if args.bytes == "formula" else
+                                            counted_bytes(preset, n, n if kind == "FSDP2" else
+                                                          min(n, args.gpus_per_node), cache)))
+                  for n in GPUS for kind in ("FSDP2", "HSDP")]
     tag = f"scaling_{args.model}_{today()}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,7 +187,11 @@ def main(argv=None) -> int:
              f"- collectives reach {args.efficiency:.0%} of a link's peak; at most {args.overlap:.0%} of the step's "
              f"compute hides communication, and one block's share never does; {args.gpus_per_node} GPUs per node; "
              "HSDP shards within a node and replicates across nodes (`--parallel.replicate NODES`)",
-             "- the per-GPU batch stays as measured (weak scaling: the global batch grows with the GPUs)", "",
+             "- the per-GPU batch stays as measured (weak scaling: the global batch grows with the GPUs)",
+             ("- bytes per step: counted, not computed: each setup's collectives as a rehearsal of the job issues "
+              "them (`mae pretrain --dry-run` on a fake process group: the real sharding with FSDP2's dim-0 padding), "
+              "times the ring's (S-1)/S, or 2 (R-1)/R for the all-reduce across replicas" if args.bytes == "counted"
+              else "- bytes per step: from the formula above (no padding)"), "",
              md_table(table, ["batch", "setup", "gpus", "shard_group", "replicas", "gb_intra", "gb_across", "comm_ms",
                               "exposed_ms", "step_ms", "img_per_s", "efficiency", "no_overlap"]), "",
              "gb_intra: GB each GPU sends per step inside its shard group (all-gather + reduce-scatter); gb_across: GB "

@@ -30,6 +30,14 @@ def cmd_data_check(args, extra) -> int:
 
     if find_manifest(args.dir) is not None:  # a packed dataset: its manifest and every index against its tar
         shards = open_shards(args.dir)
+        if shards.outside:
+            print(f"packed dataset {args.dir}: {len(shards.shards)} shard(s), {len(shards)} samples; "
+                  f"{len(shards.outside)} index entries lie outside their tar (DALI refuses the set; torchvision "
+                  "skips them):")
+            for line in shards.outside[:20]:
+                print(f"  BAD {line}")
+            print("pack the source again (`mae data pack` rewrites a truncated shard)")
+            return 1
         print(f"packed dataset {args.dir}: {len(shards.shards)} shard(s), {len(shards)} samples; the manifest and "
               "every index entry are consistent with the tars (images were checked when packed)")
         return 0

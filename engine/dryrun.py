@@ -286,7 +286,7 @@ def _peak_per_gpu(cfg: Config, sharded_resident: int, model, pdtype) -> tuple[fl
     """The single-device eager step's activations from `mae bench memory`'s estimator at the per-rank batch, plus
     this rank's sharded parameters, gradients and optimizer state, plus two unsharded blocks in the compute dtype
     (FSDP2 gathers one unit while the next is prefetched)."""
-    from benchmarks.memory import estimate_step
+    from .memory import estimate_step
 
     t = cfg.train
     est = estimate_step(cfg.model, "mae", t.batch_size, cfg.model.mask_ratio,

@@ -199,12 +199,12 @@ def import_hf(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
         raise CheckpointError(f"cannot read {p / 'config.json'}: {e}") from None
     except RecursionError:
         raise CheckpointError(f"cannot read {p / 'config.json'}: nested too deeply to be a model config") from None
-    model_config_from_hf(cfg, p / "config.json")  # refused before any weights are read
     files = sorted(p.glob("*.safetensors"))
     if not files:
         extra = " (only pickled weights, which are not loaded: they could run code)" if list(p.glob("*.bin")) else ""
         raise CheckpointError(f"{p} holds no .safetensors weights{extra}; save them with save_pretrained "
                               "(safe_serialization, the default)")
+    model_config_from_hf(cfg, p / "config.json")  # refused before any weights are read
     hf = {}
     for f in files:
         try:

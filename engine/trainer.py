@@ -37,8 +37,6 @@ from .visualize import reconstruction_grid, save_grid
 DEMO_TARGET = 0.75  # the held-out masked-patch error the README's first run reaches (see the tiny preset)
 
 
-
-
 NonFiniteLossError = DivergenceError  # the name of the first version, when only non-finite losses counted
 
 

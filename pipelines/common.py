@@ -29,7 +29,7 @@ class DataError(RuntimeError):
 # stream a loader hands out is tracked; a run closes its loaders when it ends, however it ends, and the streams
 # still open at exit are closed before multiprocessing joins its children.
 
-_OPEN_STREAMS: "weakref.WeakSet" = None  # set below (weakref imported lazily to keep this module's imports light)
+_OPEN_STREAMS = None  # a weakref.WeakSet once a stream exists (weakref imported then: this module stays light)
 
 
 def tracked(gen):

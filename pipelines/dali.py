@@ -74,6 +74,11 @@ class DaliLoader:
         self.device = torch.device(device)
         gpu = self.device.type == "cuda"
         self.shards = shards  # a packed dataset (pipelines/shards.py): fn.readers.webdataset over its shards
+        if shards is not None and shards.outside:  # DALI reads past a tar's end without a message, and crashes
+            raise DataError(f"{shards.outside[0]}; {len(shards.outside)} index entr"
+                            f"{'y lies' if len(shards.outside) == 1 else 'ies lie'} outside their tar (a truncated "
+                            "shard, or an index of another tar): pack again, or read the set with "
+                            "--data.backend torchvision, which skips those members")
         self.files = list(files) * max(1, repeat)
         random.Random(seed).shuffle(self.files)  # contiguous shards become random subsets
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed

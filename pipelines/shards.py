@@ -207,8 +207,11 @@ class ShardSet:
         self.shards = [root / s["name"] for s in manifest["shards"]]
         self.indices = [root / s["index"] for s in manifest["shards"]]
         self.samples: list[ShardSample] = []
+        self.outside: list[str] = []
+        """Index entries that point past the end of their tar (a truncated shard, or an index of another tar): the
+        torchvision backend skips each with a warning when it meets it; DALI, which would crash, refuses the set."""
         for k, idx in enumerate(self.indices):
-            self.samples += _read_index(idx, k, self.shards[k].stat().st_size, self.shards[k])
+            self.samples += _read_index(idx, k, self.shards[k].stat().st_size, self.shards[k], self.outside)
         if len(self.samples) != manifest["samples"]:
             raise DataError(f"{root / MANIFEST} lists {manifest['samples']} samples but the index files hold "
                             f"{len(self.samples)}; pack again")
@@ -233,7 +236,9 @@ class ShardSet:
         return f"{self.shards[s.shard]}:{s.member}"
 
 
-def _read_index(path: Path, shard: int, tar_bytes: int | None = None, tar: Path | None = None) -> list[ShardSample]:
+def _read_index(path: Path, shard: int, tar_bytes: int | None = None, tar: Path | None = None,
+                outside: list | None = None) -> list[ShardSample]:
+    """The samples an index lists; entries past the end of the tar are appended to `outside` (or refused)."""
     try:
         lines = path.read_text().splitlines()
     except OSError as e:
@@ -252,10 +257,15 @@ def _read_index(path: Path, shard: int, tar_bytes: int | None = None, tar: Path 
         except ValueError:
             raise DataError(f"{path} line {n}: offsets and sizes must be whole numbers, got {line[:80]!r}") from None
         for e, (off, size, member) in comps.items():
-            if off < 512 or size < 0 or (tar_bytes is not None and off + size > tar_bytes):
-                raise DataError(f"{path} line {n}: member {member} (offset {off}, {size} bytes) lies outside "
-                                f"{tar or 'its tar'} ({tar_bytes} bytes); the shard is truncated or the index is not "
-                                "its own: pack again")
+            if off < 512 or size < 0:
+                raise DataError(f"{path} line {n}: member {member} has offset {off} and size {size}; a tar member's "
+                                "data starts after its 512-byte header: the index is damaged, pack again")
+            if tar_bytes is not None and off + size > tar_bytes:
+                what = (f"{path} line {n}: member {member} (offset {off}, {size} bytes) lies outside "
+                        f"{tar or 'its tar'} ({tar_bytes} bytes)")
+                if outside is None:
+                    raise DataError(f"{what}; the shard is truncated or the index is not its own: pack again")
+                outside.append(what)
         img = next((e for e in comps if "." + e in IMAGE_EXTS), None)
         if img is None:
             raise DataError(f"{path} line {n}: no image component in {sorted(comps)}")

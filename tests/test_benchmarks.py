@@ -532,7 +532,35 @@ def test_scaling_model_bytes_and_report(tmp_path):
     rows.write_text(json.dumps({"environment": {"device": "GPU X"}}) + "\n" + json.dumps({"row": {
         "model": "vit-b", "mode": "mae", "mask_ratio": 0.75, "batch": 128, "config": "triton+compile",
         "status": "ok", "img_per_s": 3000.0, "step_ms": 42.7}}) + "\n")
-    assert scaling.main(["--rows", str(rows), "--model", "vit-b", "--out", str(tmp_path)]) == 0
+    assert scaling.main(["--rows", str(rows), "--model", "vit-b", "--out", str(tmp_path), "--bytes", "formula"]) == 0
     md = next(tmp_path.glob("scaling_vit-b_*.md")).read_text()
     assert "Computed, not measured" in md and "on GPU X" in md and "| 128 | HSDP | 1024 |" in md
+    assert "from the formula above" in md
     assert scaling.main(["--rows", str(rows), "--model", "vit-h", "--out", str(tmp_path)]) == 2
+
+
+def test_scaling_takes_its_bytes_from_the_rehearsals_count():
+    """--bytes counted: FSDP2 over 8 ranks and HSDP 8 x 8 of the debug model, from the dry run's count: the
+    formula's volumes plus FSDP2's dim-0 padding, with the ring fractions."""
+    import torch
+
+    from benchmarks import scaling
+    from engine.config import get_preset
+    from engine.model import build_model
+
+    with torch.device("meta"):
+        m = build_model(get_preset("debug").model)
+
+    def padded(shard, trainable=False):
+        return sum(-(-p.shape[0] // shard) * shard * (p.numel() // p.shape[0]) for p in m.parameters()
+                   if p.requires_grad or not trainable)
+
+    cache = {}
+    f = scaling.counted_bytes("debug", 8, 8, cache)
+    assert f["all_gather"] == pytest.approx(2 * 2 * padded(8) * 7 / 8)
+    assert f["reduce_scatter"] == pytest.approx(4 * padded(8, True) * 7 / 8) and f["all_reduce_across"] == 0
+    h = scaling.counted_bytes("debug", 64, 8, cache)
+    assert h["all_gather"] == f["all_gather"]  # the shard group is the same
+    assert h["all_reduce_across"] == pytest.approx(2 * (4 * padded(8, True) / 8) * 7 / 8)
+    assert len(cache) == 2 and scaling.counted_bytes("debug", 256, 8, cache)["all_gather"] == f["all_gather"]
+    assert len(cache) == 2  # one rehearsal per shard group, whatever the number of replicas

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.kernels_compiled import ATTENTION_STACK_LIMIT, occupancy, resources
+from benchmarks.kernels_compiled import ATTENTION_STACK_LIMIT, occupancy
 
 ROOT = Path(__file__).resolve().parents[1]
 
