@@ -7,6 +7,9 @@ process group is torch's fake one (no other process exists: collectives return a
 training step then runs on fake tensors (shapes, dtypes and autograd; no arithmetic), so a ViT-H step at any world
 size takes seconds, and every collective it issues is counted with its bytes and the mesh dimension it runs on.
 
+The config is validated as for a launch; the checks that need the GPU itself (a lever that needs CUDA, apex or
+float8 tensor cores) are left to the launch, since this machine cannot answer them.
+
 What the rehearsal checks: the batch arithmetic, the mesh, that every parameter shards and every gradient comes
 back the shape of its shard, each rank's parameter / gradient / optimizer bytes, the collectives of one step and
 their volume, and (from `mae bench memory`'s estimator) the step's peak memory per GPU against the GPU's memory.

@@ -83,3 +83,20 @@ def test_a_rehearsal_leaves_no_process_group_behind(vit_h):
     assert not dist.is_initialized()
     with pytest.raises(ConfigError, match="replicate=3 does not divide"):
         rehearse(apply_overrides(cfg, {"parallel.replicate": "3"}), 16)
+
+
+def test_the_fp8_lever_gathers_the_encoder_linears_in_float8():
+    """train.precision fp8 (tensorwise): FSDP2 all-gathers the converted encoder linears' weights in float8, one byte
+    an element instead of bf16's two; everything else as in bf16. (Needs torchao, as the fp8 lever does.)"""
+    pytest.importorskip("torchao")
+    from engine.model import build_model
+
+    cfg = apply_overrides(get_preset("vit-h"), {"train.batch_size": "1"})
+    bf16 = rehearse(cfg, 64, estimate_memory=False).collectives
+    fp8 = rehearse(apply_overrides(cfg, {"train.precision": "fp8"}), 64, estimate_memory=False).collectives
+    with torch.device("meta"):
+        m = build_model(cfg.model)
+    linears = sum(-(-w.shape[0] // 64) * 64 * w.shape[1] for blk in m.blocks for name, w in blk.named_parameters()
+                  if name.endswith("weight") and w.dim() == 2)  # qkv, proj, fc1, fc2 of every encoder block
+    assert bf16.total("all_gather") - fp8.total("all_gather") == 2 * linears  # forward and backward, 1 byte saved
+    assert fp8.total("reduce_scatter") == bf16.total("reduce_scatter")  # gradients still reduce in fp32
