@@ -77,3 +77,16 @@ def stand_in_apex(monkeypatch):
     monkeypatch.setitem(sys.modules, "apex", apex)
     monkeypatch.setitem(sys.modules, "apex.normalization", norm)
     return StandInFusedLayerNorm
+
+
+def spike_loss(trainer, from_call: int, until_call: int, factor: float = 100.0):
+    """Scale the loss on forward calls [from_call, until_call): a finite spike the optimizer applies (divergence
+    tests)."""
+    model, calls, orig = trainer.model, {"n": 0}, trainer.model.forward_loss
+
+    def forward_loss(imgs, pred, mask, **kw):
+        calls["n"] += 1
+        loss = orig(imgs, pred, mask, **kw)
+        return loss * factor if from_call <= calls["n"] < until_call else loss
+
+    model.forward_loss = forward_loss

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import debug_cfg
+from conftest import debug_cfg, spike_loss
 
 from engine import checkpoint as ckpt
 from engine.health import Health
@@ -117,23 +117,11 @@ def test_a_diverging_run_writes_no_checkpoint_of_diverged_weights_and_names_the_
     assert max(v.abs().max().item() for v in sd.values() if v.is_floating_point()) < 10  # not ~1e28
 
 
-def _spiking(trainer, from_call: int, until_call: int, factor: float = 100.0):
-    """Scale the loss on forward calls [from_call, until_call): a finite spike the optimizer applies."""
-    model, calls, orig = trainer.model, {"n": 0}, trainer.model.forward_loss
-
-    def forward_loss(imgs, pred, mask, **kw):
-        calls["n"] += 1
-        loss = orig(imgs, pred, mask, **kw)
-        return loss * factor if from_call <= calls["n"] < until_call else loss
-
-    model.forward_loss = forward_loss
-
-
 def test_rollback_reloads_the_last_good_checkpoint_and_goes_on(tmp_path):
     t = Trainer(debug_cfg(tmp_path, **{"train.ckpt_every": 2, "train.log_every": 2, "train.max_steps": 14,
                                        "train.max_bad_steps": 3, "train.on_divergence": "rollback"}),
                 log=lambda m: None)
-    _spiking(t, 7, 11)  # steps 7-10 spike (100x the loss: far above 3x the median)
+    spike_loss(t, 7, 11)  # steps 7-10 spike (100x the loss: far above 3x the median)
     res = t.fit()
     assert res.step == 14 and res.rollbacks == 1 and math.isfinite(res.last_loss)
     saved = [_step_of(p) for p in ckpt.list_checkpoints(tmp_path)]
@@ -146,7 +134,7 @@ def test_rollback_is_bounded(tmp_path):
     t = Trainer(debug_cfg(tmp_path, **{"train.ckpt_every": 2, "train.log_every": 2, "train.max_steps": 40,
                                        "train.max_bad_steps": 2, "train.on_divergence": "rollback",
                                        "train.max_rollbacks": 2}), log=lambda m: None)
-    _spiking(t, 5, 10**9)  # never recovers
+    spike_loss(t, 5, 10**9)  # never recovers
     with pytest.raises(DivergenceError, match=r"after 2 rollback\(s\)"):
         t.fit()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import debug_cfg
+from conftest import debug_cfg, spike_loss
 
 from engine import checkpoint as ckpt
 from engine.runlock import LOCK_NAME, RunDirectoryBusy, RunLock
@@ -277,24 +277,13 @@ def test_a_resume_that_changes_the_run_says_so_and_records_it(tmp_path):
     t3.close()
 
 
-def _spiking(trainer, from_call: int, until_call: int, factor: float = 100.0):
-    model, calls, orig = trainer.model, {"n": 0}, trainer.model.forward_loss
-
-    def forward_loss(imgs, pred, mask, **kw):
-        calls["n"] += 1
-        loss = orig(imgs, pred, mask, **kw)
-        return loss * factor if from_call <= calls["n"] < until_call else loss
-
-    model.forward_loss = forward_loss
-
-
 def test_a_rollback_after_a_resume_returns_to_the_resumed_checkpoint(tmp_path):
     over = {"train.ckpt_every": 100, "train.log_every": 1, "train.max_bad_steps": 3,
             "train.on_divergence": "rollback"}
     Trainer(debug_cfg(tmp_path, **{**over, "train.max_steps": 6}), log=lambda m: None).fit()
     lines = []
     t = Trainer(debug_cfg(tmp_path, **{**over, "train.max_steps": 14}), resume=True, log=lines.append)
-    _spiking(t, 3, 7)  # steps 9-12 spike: no checkpoint written since the resume
+    spike_loss(t, 3, 7)  # steps 9-12 spike: no checkpoint written since the resume
     res = t.fit()
     assert res.rollbacks == 1 and res.step == 14
     assert any("rolling back to" in m and "ckpt_00000006.pt (step 6)" in m for m in lines), lines
@@ -303,7 +292,7 @@ def test_a_rollback_after_a_resume_returns_to_the_resumed_checkpoint(tmp_path):
 def test_a_run_that_ends_inside_a_bad_streak_fails_naming_the_last_good_checkpoint(tmp_path, capsys):
     t = Trainer(debug_cfg(tmp_path, **{"train.ckpt_every": 2, "train.log_every": 1, "train.max_steps": 8,
                                        "train.max_bad_steps": 10}), log=lambda m: None)
-    _spiking(t, 7, 10**9)  # steps 7 and 8 spike: the run ends two steps into a streak its limit would allow
+    spike_loss(t, 7, 10**9)  # steps 7 and 8 spike: the run ends two steps into a streak its limit would allow
     with pytest.raises(DivergenceError, match=r"ended inside a bad streak: 2 bad step\(s\) since step 7.*"
                                               r"last good checkpoint is .*ckpt_00000006.pt \(step 6\)"):
         t.fit()
