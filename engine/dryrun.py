@@ -147,6 +147,9 @@ class Plan:
     notes: list = field(default_factory=list)
 
 
+_REHEARSED: dict[tuple[int, int], int] = {}  # (world, replicate) -> the rank this process rehearsed
+
+
 def _cuda_config(cfg: Config) -> Config:
     """The config as the GPU job runs it, on this CPU: device cpu, the CUDA precision resolved (auto = bf16), no
     compile (not rehearsed), no CUDA graph capture."""
@@ -181,6 +184,12 @@ def rehearse(cfg: Config, world: int, rank: int = 0, gpu_memory_gib: float = 80.
                           "equal shards")
     if dist.is_initialized():
         raise ConfigError("a process group is already up in this process; the rehearsal starts its own")
+    key = (world, r)
+    if _REHEARSED.get(key, rank) != rank:  # torch keeps per-process state of a mesh of that shape (its coordinates)
+        raise ConfigError(f"this process already rehearsed rank {_REHEARSED[key]} of a {world}-rank job with "
+                          f"parallel.replicate={r}; rehearse rank {rank} in a new process (as `mae pretrain --dry-run "
+                          "--rank K` does)")
+    _REHEARSED[key] = rank
     rcfg = _cuda_config(cfg)
     t = rcfg.train
     env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank % gpus_per_node),
@@ -256,6 +265,11 @@ def rehearse(cfg: Config, world: int, rank: int = 0, gpu_memory_gib: float = 80.
         assert fsdp_replicas(model) == r or not dist.is_initialized()
     finally:
         dist.destroy_process_group()
+        # the fake groups stay registered by name after destroy: a later rehearsal in this process (another rank
+        # of the same world size) would be handed this one's group, with this rank's coordinates
+        unregister = getattr(torch._C._distributed_c10d, "_unregister_all_process_groups", None)
+        if unregister is not None:
+            unregister()
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)
