@@ -442,14 +442,15 @@ def read_dcp_metadata(path: str | os.PathLike):
     return md
 
 
-def safe_dcp_reader(path: str | os.PathLike):
-    """A DCP FileSystemReader whose `read_metadata` is read_dcp_metadata (no module of DCP is patched: a read in
-    another thread keeps DCP's own behaviour, and this reader's reads stay safe whatever other threads do)."""
+def safe_dcp_reader(path: str | os.PathLike, metadata=None):
+    """A DCP FileSystemReader whose `read_metadata` is read_dcp_metadata, or `metadata` already read with it (no
+    module of DCP is patched: a read in another thread keeps DCP's own behaviour, and this reader's reads stay safe
+    whatever other threads do)."""
     from torch.distributed.checkpoint import FileSystemReader
 
     class SafeFileSystemReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
-            md = read_dcp_metadata(path)
+            md = metadata if metadata is not None else read_dcp_metadata(path)
             try:
                 from torch.distributed.checkpoint.metadata import StorageMeta
 
@@ -486,18 +487,19 @@ def load_sharded(path: str | os.PathLike, state: dict | None = None) -> dict:
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
     path = Path(path)
-    read_dcp_metadata(path)  # refused here, before DCP runs (and logs) anything
+    md = read_dcp_metadata(path)  # refused here, before DCP runs (and logs) anything; read once
     with dcp_errors(path):
         if state is not None:
             import torch.distributed.checkpoint as dcp
 
-            dcp.load(state, storage_reader=safe_dcp_reader(path), planner=_weights_only_bytes(DefaultLoadPlanner)())
+            dcp.load(state, storage_reader=safe_dcp_reader(path, md),
+                     planner=_weights_only_bytes(DefaultLoadPlanner)())
             return state
         from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
         sd: dict = {}
-        _load_state_dict(sd, storage_reader=safe_dcp_reader(path),
+        _load_state_dict(sd, storage_reader=safe_dcp_reader(path, md),
                          planner=_weights_only_bytes(_EmptyStateDictLoadPlanner)(), no_dist=True)
         return sd
 

@@ -47,7 +47,7 @@ def tracked(gen):
 
 def close_streams(streams=None) -> None:
     """Close `streams` (default: every open one): each runs its `finally`, which stops its workers or pipelines."""
-    for g in list(_OPEN_STREAMS or () if streams is None else streams):
+    for g in list((_OPEN_STREAMS or ()) if streams is None else streams):
         try:
             g.close()
         except ValueError:  # closing from inside the generator itself (a signal handler): its own exit ends it

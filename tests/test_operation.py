@@ -376,3 +376,18 @@ def test_resume_reads_the_runs_own_config_and_reports_an_override_that_changes_i
     assert "changes the run" not in out and "resumed from" in out
     assert main([*base, "--resume", "--train.max_steps", "4", "--model.mask_ratio", "0.6"]) == 0
     assert "model.mask_ratio 0.5 -> 0.6" in capsys.readouterr().out
+
+
+def test_closing_a_loader_leaves_another_loaders_stream_open(folder):
+    from engine.config import DataConfig
+    from pipelines.torchvision import TorchvisionLoader
+
+    files = sorted(map(str, folder.iterdir()))
+    a = TorchvisionLoader(files, 1, 32, 16, DataConfig(path=str(folder), num_workers=0), 0, "cpu")
+    b = TorchvisionLoader(files, 1, 32, 16, DataConfig(path=str(folder), num_workers=0), 0, "cpu")
+    sa, sb = a.stream(0), b.stream(0)
+    next(sa), next(sb)
+    a.close()
+    assert sa.gi_frame is None and sb.gi_frame is not None
+    next(sb)
+    b.close()
