@@ -123,19 +123,9 @@ def corpus(marker: Path, real: bytes) -> dict[str, tuple[bytes, str]]:
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     """A real ckpt_XXXXXXXX.dcp/ (model + optimizer + meta.pt) of a two-step debug run."""
-    import torch.distributed.checkpoint as dcp
+    from test_checkpoint_safety import _sharded_checkpoint
 
-    from engine.trainer import Trainer
-
-    tmp = tmp_path_factory.mktemp("src")
-    t = Trainer(debug_cfg(tmp / "src", **{"train.max_steps": 2, "train.ckpt_every": 100}), log=lambda m: None)
-    t.fit()
-    d = tmp / "run" / "ckpt_00000002.dcp"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.save(ckpt.training_state(t.model, t.optimizer), checkpoint_id=str(d))
-    ckpt.atomic_torch_save(t.meta(), d / "meta.pt")
-    return d
+    return _sharded_checkpoint(tmp_path_factory.mktemp("src"), step=2)
 
 
 @pytest.fixture
