@@ -124,7 +124,10 @@ def make_parser(help_preset: str = "debug") -> argparse.ArgumentParser:
         "pretrain", help="MAE pretraining (embedded sample photographs when no data is given)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"Pretrain an MAE. Any config field can be overridden as --SECTION.FIELD VALUE (defaults of "
-                    f"the preset {help_preset}; --preset NAME --help shows another's):\n\n"
+                    f"the preset {help_preset}; --preset NAME --help shows another's). On CUDA in one process the "
+                    f"default is the fastest setting measured (train.compile and train.cuda_graph auto = on; the "
+                    f"banner names them; --train.compile false --train.cuda_graph false turns them off); on the CPU "
+                    f"and under torchrun they stay off:\n\n"
                     + describe_fields(get_preset(help_preset)))
     pre.add_argument("--preset", default=None, help=f"one of: {presets} (default: the --config file's, else debug)")
     pre.add_argument("--config", default="", help="a TOML config file (as every run writes to RUN_DIR/config.toml); "

@@ -310,18 +310,21 @@ class TrainConfig:
     checkpoint_decoder_blocks: int = 0
     """Recompute only the first N decoder blocks in backward. At mask 0.75 a decoder block saves ~1.6x the
     activations of an encoder block for about two thirds of its compute (ViT-H): the cheaper memory lever."""
-    compile: bool = False
+    compile: bool | None = None
     """torch.compile: each block compiled once and reused by every layer (train.compile_scope blocks), or the
-    whole model as a user of the paper's code would compile it (model)."""
+    whole model as a user of the paper's code would compile it (model). auto (the default): on in one CUDA
+    process (the fastest single-GPU setting measured, engine.step.resolve_auto_levers), off on the CPU and under
+    FSDP2; config.toml records what auto chose."""
     compile_scope: str = "blocks"
     """What train.compile compiles: blocks (regional: one compile per block shape) | model (the whole forward,
     the paper's code compiled; the benchmarks' reference+compile baseline)."""
     compile_mode: str = "default"
     """torch.compile mode of the blocks: default | max-autotune-no-cudagraphs (inductor benchmarks Triton GEMM
     templates against cuBLAS and fuses bias / GELU into the chosen GEMM: faster steps, minutes of compile)."""
-    cuda_graph: bool = False
+    cuda_graph: bool | None = None
     """Capture forward + backward + optimizer of a step in one CUDA graph and replay it (one GPU, no FSDP;
-    torch fused AdamW). One capture per batch shape and mask ratio."""
+    torch fused AdamW). One capture per batch shape and mask ratio. auto (the default): on in one CUDA process
+    with torch's fused AdamW, off elsewhere; config.toml records what auto chose."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "accum_steps", "epochs", "log_every", "ckpt_every", "keep_last", "max_bad_steps"):
@@ -483,8 +486,22 @@ def get_preset(name: str) -> Config:
 # Dotted overrides: --optim.lr 1e-3 --model.mask_ratio 0.9
 
 
+AUTO = "auto"
+"""How a tri-state switch (a `bool | None` field: None = decided where the run starts) is written: --train.compile
+auto, `compile = "auto"` in a config file."""
+
+
+def _optional_bool(typ) -> bool:
+    return set(typing.get_args(typ)) == {bool, type(None)}
+
+
 def _convert(text: str, typ, key: str):
     origin = typing.get_origin(typ)
+    tri = _optional_bool(typ)
+    if tri:
+        if text.lower() == AUTO:
+            return None
+        typ, origin = bool, None
     try:
         if typ is bool:
             low = text.lower()
@@ -492,7 +509,7 @@ def _convert(text: str, typ, key: str):
                 return True
             if low in ("0", "false", "no", "off"):
                 return False
-            raise ValueError(text)
+            raise ValueError("expected true or false" + (" or auto" if tri else ""))
         if origin is tuple:
             parts = [p for p in text.replace(",", " ").split() if p]
             args = typing.get_args(typ)
@@ -546,6 +563,8 @@ def _nearest(name: str, choices) -> str | None:
 def to_toml(cfg: Config) -> str:
     """The whole config as TOML: `preset`, then one table per section, every field."""
     def value(v):
+        if v is None:
+            return f'"{AUTO}"'
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, int):
@@ -635,7 +654,8 @@ def describe_fields(cfg: Config) -> str:
         sub = getattr(cfg, sec)
         docs = _field_docs(type(sub), ast, inspect)
         for f in dataclasses.fields(sub):
-            lines.append(f"  --{sec}.{f.name} (default {getattr(sub, f.name)!r}): {docs.get(f.name, '')}")
+            v = getattr(sub, f.name)
+            lines.append(f"  --{sec}.{f.name} (default {AUTO if v is None else repr(v)}): {docs.get(f.name, '')}")
     return "\n".join(lines)
 
 

@@ -232,6 +232,54 @@ def check_levers(cfg: Config, ctx: DistContext, device: torch.device, strict: bo
                           "use --train.layer_norm torch")
 
 
+MEASURED_DEFAULT = ("the fastest single-GPU setting measured: ViT-H b256 1,045 img/s eager -> 1,278 compiled -> 1,280 "
+                    "captured, H100 (benchmarks/results/speedup_h100_2026-11-26.md)")
+"""Why train.compile and train.cuda_graph default to on in one CUDA process (the `fast` lever set)."""
+
+
+def resolve_auto_levers(cfg: Config, ctx: DistContext, device: torch.device, *,
+                        fault_injection: bool = False) -> tuple[Config, str]:
+    """train.compile and train.cuda_graph left at auto (None) -> their value for this run, and one line for the
+    banner naming what is on and how to turn it off.
+
+    auto is on in one CUDA process (MEASURED_DEFAULT) and off on the CPU (compiling costs more than it saves at
+    CPU sizes) and under FSDP2 (compile and capture with FSDP2 are not measured on a GPU yet: PENDING.md). The
+    capture also stays off where it cannot run: an optimizer that cannot skip a step on the device (apex),
+    fault injection (MAE_FAULT_STEP), apex LayerNorm (compile refused too). A value given explicitly is kept."""
+    import dataclasses
+
+    from .optim import apex_fused_adam
+
+    t = cfg.train
+    one_gpu = device.type == "cuda" and not ctx.distributed and t.fsdp != "always"
+    where = None if one_gpu else ("on the CPU" if device.type != "cuda" else "under FSDP2: not measured on GPUs yet")
+    apex_adam = cfg.optim.fused == "apex" or (cfg.optim.fused == "auto" and one_gpu and apex_fused_adam() is not None)
+    why = {"compile": where or ("apex LayerNorm" if t.layer_norm != "torch" else
+                                "bf16-pure with compile_scope model" if (t.compile_scope == "model"
+                                                                         and t.precision == "bf16-pure") else None),
+           "cuda_graph": where or ("apex LayerNorm" if t.layer_norm != "torch" else "apex FusedAdam cannot skip a "
+                                   "step on the device" if apex_adam else "fault injection (MAE_FAULT_STEP)"
+                                   if fault_injection else None)}
+    given = {"compile": t.compile, "cuda_graph": t.cuda_graph}
+    value = {n: (why[n] is None if v is None else v) for n, v in given.items()}
+    resolved = dataclasses.replace(cfg, train=dataclasses.replace(t, compile=value["compile"],
+                                                                  cuda_graph=value["cuda_graph"]))
+    on = [f"train.{n}" + (" (auto)" if given[n] is None else "") for n in given if value[n]]
+    line = "levers: " + (", ".join(on) + " on" if on else "train.compile and train.cuda_graph off")
+    if any(given[n] is None and value[n] for n in given):
+        line += f"; auto = {MEASURED_DEFAULT}"
+    off = [n for n in given if given[n] is None and not value[n]]
+    if off:
+        line += "; " + "; ".join(f"train.{n} auto is off {why[n]}" if why[n].startswith(("on ", "under "))
+                                 else f"train.{n} auto is off ({why[n]})" for n in off)
+        if where:
+            line = line.replace(f"; train.compile auto is off {where}; train.cuda_graph auto is off {where}",
+                                f"; auto is off {where}")
+    if on:
+        line += f"; turn off with {' '.join(f'--train.{n} false' for n in given if value[n])}"
+    return resolved, line
+
+
 def build_training(cfg: Config, ctx: DistContext | None = None, device: torch.device | None = None, *,
                    model: torch.nn.Module | None = None, strict: bool = True, max_graphs: int = 2,
                    graph_warmup: int = 2) -> Training:

@@ -30,7 +30,7 @@ from .metrics import MetricsWriter, datasheet_peak, mfu, peak_allocated_gib, tra
 from .optim import lr_at, set_lr
 from .parallel import DistContext
 from .runlock import RunLock
-from .step import build_training
+from .step import build_training, resolve_auto_levers
 from .visualize import reconstruction_grid, save_grid
 
 
@@ -82,6 +82,10 @@ class Trainer:
             raise
 
     def _setup(self, resume: bool) -> None:
+        self._fault_step = _fault_step(self.rank)
+        # train.compile / train.cuda_graph at auto take their value for this device here, before anything reads them
+        self.cfg, self._levers_line = resolve_auto_levers(self.cfg, self.ctx, self.device,
+                                                          fault_injection=self._fault_step is not None)
         cfg, t = self.cfg, self.cfg.train
         if self.is_main:  # temporary files of saves that a kill interrupted (never a live writer's)
             gone = ckpt.remove_stale_temp_files(self.run_dir)
@@ -108,7 +112,6 @@ class Trainer:
             history = saved_meta.get("resumes")
             self._resume_history = list(history) if isinstance(history, list) else []
 
-        self._fault_step = _fault_step(self.rank)
         if t.cuda_graph and self._fault_step is not None:
             raise ConfigError("train.cuda_graph=true: MAE_FAULT_STEP fault injection raises between forward and "
                               "update; set --train.cuda_graph false")
@@ -339,6 +342,7 @@ class Trainer:
                 f"x {self.world} rank(s)" + (self._sharding() if self.ctx.distributed else "") + f"; lr {self.lr:.3g} "
                 + ("(absolute)" if self.cfg.optim.lr > 0 else
                    f"= base {self.cfg.optim.base_lr:g} x {self.effective_batch}/256")
+                + f"\n{self._levers_line}"
                 + f"\n{self.total_steps} steps ({t.epochs} epochs x {self.steps_per_epoch}), warm-up "
                 f"{self.warmup_steps}, stopping at step {self.stop_at}; run dir {self.run_dir}")
 

@@ -66,12 +66,13 @@ def test_a_run_writes_its_resolved_config_and_config_runs_it_again(tmp_path):
     from conftest import debug_cfg
 
     cfg = debug_cfg(tmp_path, **{"train.max_steps": 1, "model.mask_ratio": 0.6, "data.scale": "0.3,0.9"})
-    Trainer(cfg, log=lambda m: None)
+    tr = Trainer(cfg, log=lambda m: None)
     f = tmp_path / "config.toml"
     data = read_toml(f)
     assert data["preset"] == "debug" and data["model"]["mask_ratio"] == 0.6 and data["data"]["scale"] == [0.3, 0.9]
+    assert data["train"]["compile"] is False and cfg.train.compile is None  # what auto chose, not auto
     again = build_config(None, [], str(f))
-    assert again.to_dict() == cfg.to_dict() and isinstance(again, Config)
+    assert again.to_dict() == tr.cfg.to_dict() and isinstance(again, Config)
     assert build_config(None, ["--model.mask_ratio", "0.9"], str(f)).model.mask_ratio == 0.9
 
 

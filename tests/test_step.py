@@ -5,7 +5,7 @@ import torch
 from conftest import debug_cfg
 
 from benchmarks.step import PhaseTimer, StepRunner
-from engine.config import ConfigError, debug
+from engine.config import ConfigError, apply_overrides, debug
 from engine.step import PHASES, TrainStep, build_training, config_with_levers, levers_to_overrides
 from engine.trainer import Trainer
 
@@ -109,3 +109,66 @@ def test_whole_model_compile_is_a_config_lever(monkeypatch):
     tr = build_training(config_with_levers(debug(), {"compile": "model", "kernels": "torch"}, **{"train.device": "cpu"}))
     assert calls == [tr.model] and tr.plain.forward is tr.model
     assert not any(hasattr(b, "_compiled_call_impl") and b._compiled_call_impl for b in tr.model.blocks)
+
+
+# train.compile / train.cuda_graph at auto (issue 29: fast by default on a GPU, the CPU's default unchanged)
+from engine.parallel import DistContext  # noqa: E402
+from engine.step import resolve_auto_levers  # noqa: E402
+
+ONE = DistContext()
+TORCHRUN = DistContext(rank=0, world=2, distributed=True)
+
+
+@pytest.mark.parametrize("device, ctx, over, fault, want", [
+    ("cuda", ONE, {}, False, (True, True)),                                     # the measured `fast` set
+    ("cpu", ONE, {}, False, (False, False)),                                    # the CPU: as before
+    ("cuda", TORCHRUN, {}, False, (False, False)),                              # FSDP2: not measured yet
+    ("cuda", ONE, {"train.fsdp": "always"}, False, (False, False)),
+    ("cuda", ONE, {"train.cuda_graph": "false"}, False, (True, False)),         # what is given is kept
+    ("cuda", ONE, {"train.compile": "false"}, False, (False, True)),
+    ("cpu", ONE, {"train.compile": "true"}, False, (True, False)),
+    ("cuda", ONE, {"optim.fused": "apex"}, False, (True, False)),              # cannot skip a step on device
+    ("cuda", ONE, {}, True, (True, False)),                                     # fault injection
+    ("cuda", ONE, {"train.layer_norm": "apex"}, False, (False, False)),
+    ("cuda", ONE, {"train.compile_scope": "model", "train.precision": "bf16-pure"}, False, (False, True)),
+])
+def test_auto_levers_are_the_measured_fast_set_in_one_cuda_process(device, ctx, over, fault, want):
+    cfg = apply_overrides(debug(), over)
+    resolved, line = resolve_auto_levers(cfg, ctx, torch.device(device), fault_injection=fault)
+    assert (resolved.train.compile, resolved.train.cuda_graph) == want
+    assert resolved.train.compile is not None and resolved.train.cuda_graph is not None
+    on = [f"train.{n}" for n, v in zip(("compile", "cuda_graph"), want) if v]
+    if on:  # the banner names what is on and how to turn it off
+        assert line.endswith("turn off with " + " ".join(f"--{n} false" for n in on))
+    else:
+        assert "train.compile and train.cuda_graph off" in line
+    if want == (True, True):
+        assert "speedup_h100_2026-11-26.md" in line  # the measurement behind the default
+    resolved.train.__post_init__()  # what auto chose passes the config's own checks
+
+
+def test_a_run_records_what_auto_chose_and_names_it(tmp_path):
+    lines = []
+    cfg = debug_cfg(tmp_path, **{"train.max_steps": 1, "train.vis_every": 0})
+    assert cfg.train.compile is None and cfg.train.cuda_graph is None  # the defaults are auto
+    tr = Trainer(cfg, log=lines.append)
+    tr.fit()
+    text = (tmp_path / "config.toml").read_text()
+    assert "compile = false" in text and "cuda_graph = false" in text  # replayed as chosen, not as auto
+    assert any("auto is off on the CPU" in x for x in lines)
+    assert tr.cfg.train.compile is False
+
+
+def test_auto_is_a_config_value_that_round_trips():
+    from engine.config import file_overrides, to_toml
+
+    import tomllib
+
+    cfg = apply_overrides(debug(), {"train.compile": "true"})
+    data = tomllib.loads(to_toml(cfg))
+    assert data["train"]["compile"] is True and data["train"]["cuda_graph"] == "auto"
+    assert apply_overrides(debug(), file_overrides(data, "f")[1]) == cfg
+    with pytest.raises(ConfigError, match="--train.cuda_graph: expected true or false or auto"):
+        apply_overrides(debug(), {"train.cuda_graph": "maybe"})
+    with pytest.raises(ConfigError, match="--train.progress: expected true or false$"):
+        apply_overrides(debug(), {"train.progress": "auto"})
