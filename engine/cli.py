@@ -46,13 +46,21 @@ def cmd_pretrain(args, extra) -> int:
     return run_pretrain(cfg, resume=args.resume)
 
 
+VISUALIZE_DESCRIPTION = (
+    "Write a grid with one row per image and the columns original | masked input | untrained | trained | error, "
+    "untrained | error, trained: the same masked input predicted by the untrained model (the run's initial weights) "
+    "and by the checkpoint, each removed patch from the prediction alone, and each model's squared error on the "
+    "removed pixels with the image's masked-patch error in the corner (1.0 = predicting each patch's mean).")
+"""`mae visualize --help` (kept here so that --help imports no torch; a test holds it to engine.visualize.COLUMNS)."""
+
+
 def cmd_visualize(args, extra) -> int:
     import torch
 
     from pipelines.common import DataError
     from . import checkpoint as ckpt
     from .model import build_model
-    from .visualize import reconstruction_grid, save_grid
+    from .visualize import COLUMNS, initial_model, reconstruction_grid, save_grid
 
     sd = ckpt.full_model_state(args.checkpoint)
     cfg = checkpoint_config(args.checkpoint, getattr(args, "preset", None), extra)
@@ -80,10 +88,10 @@ def cmd_visualize(args, extra) -> int:
 
     check_mask_ratio(ratio, cfg.model.num_patches)
     grid = reconstruction_grid(model, batch, cfg.data.mean, cfg.data.std, ratio, noise,
-                               scale=max(1, 224 // cfg.model.img_size))
+                               scale=max(1, 224 // cfg.model.img_size), untrained=initial_model(cfg))
     target = args.out or Path(args.checkpoint).resolve().parent / "recon" / f"visualize_{Path(args.checkpoint).stem}.png"
     out = save_grid(grid, target)
-    print(f"wrote {out} ({len(imgs)} image(s): original | masked | reconstruction | reconstruction + visible)")
+    print(f"wrote {out} ({len(imgs)} image(s): {' | '.join(COLUMNS)})")
     return 0
 
 
@@ -146,7 +154,8 @@ def make_parser(help_preset: str = "debug") -> argparse.ArgumentParser:
                      help="with --dry-run: the GPU's memory the step's peak is held to (80: H100, 141: H200)")
     pre.set_defaults(func=cmd_pretrain)
 
-    vis = sub.add_parser("visualize", help="reconstruction grid PNG from a checkpoint and images")
+    vis = sub.add_parser("visualize", help="reconstruction grid PNG from a checkpoint and images",
+                         description=VISUALIZE_DESCRIPTION)
     vis.add_argument("checkpoint", help="a checkpoint (.pt file, sharded .dcp directory, or a Hugging Face "
                                         "directory with --preset)")
     vis.add_argument("images", nargs="+", help="image files to mask and reconstruct")

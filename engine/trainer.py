@@ -144,6 +144,7 @@ class Trainer:
         self._heldout = None  # the held-out photographs, on runs of the embedded set (scored at each grid)
         self.heldout_error: float | None = None
         self._pending_heldout: float | None = None
+        self._untrained: dict = {}  # the untrained model's predictions for the grids (_untrained_predictions)
         if not cfg.data.path and cfg.model.in_chans == 3:
             from pipelines.common import heldout_images
 
@@ -502,8 +503,10 @@ class Trainer:
             write_loss_curve(read_metrics(self.run_dir), self.run_dir / "loss.png", f"{self.cfg.preset}, {self.run_dir}")
             if self.heldout_error is not None:
                 target = f"; the tiny preset's target is <= {DEMO_TARGET}" if self.cfg.preset == "tiny" else ""
+                before = self._untrained.get("heldout_error")
                 say(f"held-out masked-patch error {self.heldout_error:.3f} on {len(self._heldout)} images never "
-                    f"trained on (1.000 = predicting each patch's mean{target}); "
+                    f"trained on (" + (f"untrained {before:.3f}, " if before is not None else "")
+                    + f"1.000 = predicting each patch's mean{target}); "
                     f"grids in {self.run_dir / 'recon'}, curve in {self.run_dir / 'loss.png'}")
         if health.in_streak and not stop_signal:
             raise DivergenceError(self._ended_in_streak_message(health))
@@ -625,19 +628,20 @@ class Trainer:
             gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 4242)
             return make_noise(m.mask_strategy, n, m.grid_size, m.mask_ratio, gen, self.device)
 
+        show = self._heldout[:: max(1, len(self._heldout) // 5)][:5] if self._heldout is not None else None
         # every rank runs the forwards (FSDP gathers weights collectively); rank 0 writes
         with self.autocast(evaluation=True):
+            before = self._untrained_predictions(imgs, show, noise_for) if self.is_main else {}
             grid = reconstruction_grid(self.model, imgs, d.mean, d.std, m.mask_ratio, noise_for(imgs.shape[0]),
-                                       scale=scale)
+                                       scale=scale, untrained=before.get("train"))
             held = None
             if self._heldout is not None:
                 from .visualize import masked_patch_error
 
                 self.heldout_error = masked_patch_error(self.model, self._heldout, m.mask_ratio,
                                                         strategy=m.mask_strategy)
-                show = self._heldout[:: max(1, len(self._heldout) // 5)][:5]
                 held = reconstruction_grid(self.model, show, d.mean, d.std, m.mask_ratio, noise_for(len(show)),
-                                           scale=scale)
+                                           scale=scale, untrained=before.get("heldout"))
         path = self.run_dir / "recon" / f"step_{self.step:08d}.png"
         if not self.is_main:
             return path
@@ -648,12 +652,31 @@ class Trainer:
             save_grid(held, self.run_dir / "recon" / f"heldout_step_{self.step:08d}.png")
             ckpt.atomic_write(self.run_dir / "recon" / "heldout.json", lambda f: f.write(json.dumps({
                 "step": self.step, "heldout_error": self.heldout_error, "baseline_patch_mean": 1.0,
+                "untrained": self._untrained.get("heldout_error"),
                 "target": DEMO_TARGET if self.cfg.preset == "tiny" else None, "images": len(self._heldout)},
                 indent=2).encode()))
             self._pending_heldout = self.heldout_error  # into this step's (or the next) log record
             if writer is not None:
                 writer.image("reconstruction/heldout", self.step, held)
         return path
+
+
+    def _untrained_predictions(self, imgs: torch.Tensor, show: torch.Tensor | None, noise_for) -> dict:
+        """The untrained model's predictions for the grids' images (the run's own initial weights, rebuilt from its
+        seed once per process and dropped: a grid costs no model copy) and its held-out error, cached."""
+        from .visualize import initial_model, masked_patch_error, predict
+
+        key = (imgs.data_ptr(), tuple(imgs.shape))
+        if self._untrained.get("key") != key:
+            m = self.cfg.model
+            model = initial_model(self.cfg, self.device)
+            self._untrained = {"key": key, "train": predict(model, imgs, m.mask_ratio, noise_for(imgs.shape[0]))}
+            if show is not None:
+                self._untrained["heldout"] = predict(model, show, m.mask_ratio, noise_for(len(show)))
+                self._untrained["heldout_error"] = round(masked_patch_error(
+                    model, self._heldout, m.mask_ratio, strategy=m.mask_strategy), 5)
+            del model
+        return self._untrained
 
 
 RESUME_WATCHED = (("model", "mask_ratio"), ("model", "mask_strategy"), ("model", "norm_pix_loss"),

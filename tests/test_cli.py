@@ -56,7 +56,7 @@ def test_export_and_visualize(trained, tmp_path, capsys):
     code, out, err = run(["visualize", ck, str(img), str(img), "--out", str(tmp_path / "g.png")], capsys)
     assert code == 0, err
     g = Image.open(tmp_path / "g.png")
-    assert g.width > 3 * g.height / 2  # four panels per row, two rows
+    assert g.width > 5 * g.height / 2  # six columns per row (engine.visualize.COLUMNS), two rows
     code, out, err = run(["visualize", ck, str(img)], capsys)  # no --out: beside the checkpoint, in its run's recon/
     default = Path(ck).parent / "recon" / f"visualize_{Path(ck).stem}.png"
     assert code == 0 and default.is_file() and str(default) in out, (out, err)
