@@ -1,4 +1,4 @@
-"""Registers `mae bench {speedup,kernels,loader,dali-parity,fsdp,scaling,agreement,memory}` and `mae profile` with the `mae` command (for its
+"""Registers `mae bench {speedup,kernels,loader,dali-parity,fsdp,scaling,agreement,memory,first-run}` and `mae profile` with the `mae` command (for its
 help; engine.cli.COMMANDS names this module); `dispatch` hands their arguments to the module untouched."""
 
 from __future__ import annotations
@@ -8,10 +8,12 @@ import sys
 
 BENCHES = {"speedup": "benchmarks.speedup", "kernels": "benchmarks.kernels", "loader": "benchmarks.loader",
            "dali-parity": "benchmarks.dali_parity",
-           "fsdp": "benchmarks.fsdp", "scaling": "benchmarks.scaling", "agreement": "benchmarks.agreement", "memory": "benchmarks.memory"}
+           "fsdp": "benchmarks.fsdp", "scaling": "benchmarks.scaling", "agreement": "benchmarks.agreement", "memory": "benchmarks.memory",
+           "first-run": "benchmarks.first_run"}
 SUMMARY = {
     "agreement": "fast path vs the paper's path: loss curves over the same steps, within a noise band",
     "dali-parity": "DALI GPU vs CPU decode: statistics of the same batches",
+    "first-run": "the README's first command timed on this machine, beside the training step alone (CPU)",
     "fsdp": "FSDP2 / HSDP: measured peak memory and step time beside the memory estimator's figures",
     "kernels": "masking, unshuffle, loss and attention kernels against their torch references (GPU time); "
                "--compile-only: compiled for sm_80 / sm_90 / sm_100 without a GPU (registers, spills, occupancy)",
@@ -37,7 +39,7 @@ def _run_module(module: str, argv: list[str]) -> int:
 def register(sub) -> None:
     b = sub.add_parser("bench", help="benchmarks: speedup (visible-only vs dense), kernels, loader, dali-parity (GPU vs CPU "
                        "decode statistics), fsdp, scaling (a model of FSDP2 / HSDP at 8-1,024 GPUs), agreement (fast vs reference loss "
-                       "curves), memory (a step's peak GPU memory, estimated without a GPU)",
+                       "curves), memory (a step's peak GPU memory, estimated without a GPU), first-run (the README's first command, timed)",
                        add_help=False)
     b.add_argument("bench", choices=sorted(BENCHES), help="which benchmark (then its own --help)")
     b.add_argument("rest", nargs=argparse.REMAINDER)

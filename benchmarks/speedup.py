@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from engine.config import ConfigError, get_preset
+from engine.report import code_digest
 
 from .common import RESULTS, environment, parse_choices, pick_device
 from .levers import (CONFIGS, DEVICE_SUITE, RATIOS, REFERENCE_CONFIGS, SHORT, SPEED_SUITES,  # noqa: F401
@@ -33,6 +34,12 @@ from .levers import (CONFIGS, DEVICE_SUITE, RATIOS, REFERENCE_CONFIGS, SHORT, SP
 from .speedup_report import merge, speedup_ceiling, speedup_rows, target_lines, write_report  # noqa: F401
 from .step import MODES, flops_for_mode  # noqa: F401
 from .sweep import build_plan, largest_batch, measure, run_sweep  # noqa: F401
+
+
+MEASURED = ("kernels", "engine/model.py", "engine/step.py", "engine/optim.py", "engine/config.py",
+            "engine/attention.py", "engine/parallel.py", "engine/graphstep.py", "engine/mixed.py", "engine/device.py",
+            "engine/layernorm.py", "engine/fp8.py", "benchmarks/step.py", "benchmarks/sweep.py", "benchmarks/levers.py")
+"""The code a row of this benchmark runs: a CPU report is stale when its digest changes (tests/test_reports_current.py)."""
 
 
 def main(argv=None) -> int:
@@ -97,6 +104,7 @@ def main(argv=None) -> int:
     plan = build_plan(models, modes, ratios, batch, args.device_suite and gpu, args.speed_suite,
                       args.config or None)
     env = environment(device)
+    env["code"] = code_digest(MEASURED)
     jsonl = Path(args.jsonl) if args.jsonl else None
     if jsonl is not None:
         jsonl.parent.mkdir(parents=True, exist_ok=True)

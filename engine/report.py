@@ -13,6 +13,37 @@ from pathlib import Path
 import torch
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def code_digest(paths) -> str:
+    """sha256 (16 hex digits) of the Python sources under `paths` (files or folders, relative to the repository
+    root), names and bytes: a committed figure records the digest of the code it measured, and a test holds the
+    CPU reports to the code as it is (tests/test_reports_current.py)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = []
+    for rel in paths:
+        p = ROOT / rel
+        files += sorted(p.rglob("*.py")) if p.is_dir() else [p]
+    for f in sorted(set(files)):
+        h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo, else the platform's word for it): a CPU figure names its machine."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device | str | None = None) -> dict:
     """GPU (or 'CPU'), versions and date: what a reported figure must carry."""
     env = {
@@ -20,7 +51,9 @@ def environment(device: torch.device | str | None = None) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "host_cpu": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
     }
     try:
         import triton
