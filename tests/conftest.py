@@ -16,7 +16,8 @@ from torch import nn
 
 from engine.config import apply_overrides, debug
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# under pytest-xdist (`-n 2`, pyproject's addopts) each worker computes on one thread: two workers share the cores
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(autouse=True)
