@@ -16,8 +16,7 @@ from torch import nn
 
 from engine.config import apply_overrides, debug
 
-# under pytest-xdist (`-n 2`, pyproject's addopts) each worker computes on one thread: two workers share the cores
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(autouse=True)
