@@ -87,3 +87,48 @@ def test_the_trainer_masks_with_the_configured_strategy(tmp_path, strategy):
         assert on_lattice == n >= 2 * t.cfg.train.batch_size  # the reconstruction grids use the strategy too
     else:
         assert on_lattice < 0.05 * n
+
+
+# Properties over any grid, ratio and seed (issue 28: one property kills a class of planted bugs at once)
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from kernels.noise import block_noise, grid_noise  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(grid=st.integers(4, 16), ratio=st.floats(0.3, 0.9), seed=st.integers(0, 2**31 - 1))
+def test_block_masks_cover_what_was_asked_with_at_most_one_block_of_overshoot(grid, ratio, seed):
+    num_masked = grid * grid - int(grid * grid * (1 - ratio))
+    m = block_mask(grid, num_masked, torch.Generator().manual_seed(seed))
+    assert m.dtype == torch.bool and m.shape == (grid, grid)
+    assert num_masked <= int(m.sum()) <= num_masked + 4  # BEiT's overshoot: at most min_block
+    noise = block_noise(3, grid, ratio, torch.Generator().manual_seed(seed))
+    assert noise.shape == (3, grid * grid) and noise.dtype == torch.float32
+    masked = noise >= 1  # masked blocks in [1, 2), the rest in [0, 1)
+    assert bool((noise < 2).all() and (noise >= 0).all())
+    assert all(num_masked <= int(k) <= num_masked + 4 for k in masked.sum(1))
+    again = block_noise(3, grid, ratio, torch.Generator().manual_seed(seed))
+    assert torch.equal(noise, again)  # a seed is one set of masks
+
+
+@settings(max_examples=60, deadline=None)
+@given(grid=st.integers(2, 16), ratio=st.floats(0.0, 0.95), seed=st.integers(0, 2**31 - 1))
+def test_grid_noise_puts_a_regular_lattice_below_one(grid, ratio, seed):
+    n = 3
+    noise = grid_noise(n, grid, ratio, torch.Generator().manual_seed(seed))
+    assert noise.shape == (n, grid * grid) and bool((noise >= 0).all() and (noise < 2).all())
+    keep = max(1, int(grid * grid * (1 - ratio)))
+    stride = max(1, int(round((grid * grid / keep) ** 0.5)))
+    for row in (noise < 1).view(n, grid, grid):
+        hs, ws = row.any(1).nonzero().flatten().tolist(), row.any(0).nonzero().flatten().tolist()
+        assert hs and ws and hs[0] < stride and ws[0] < stride  # the offset is below the stride
+        assert hs == list(range(hs[0], grid, stride)) and ws == list(range(ws[0], grid, stride))
+        assert int(row.sum()) == len(hs) * len(ws)  # every crossing of a lattice row and column, nothing else
+
+
+def test_noise_follows_its_generator():
+    for s in ("random", "block", "grid"):
+        a = make_noise(s, 2, 8, 0.75, torch.Generator().manual_seed(5))
+        assert torch.equal(a, make_noise(s, 2, 8, 0.75, torch.Generator().manual_seed(5)))
+        assert not torch.equal(a, make_noise(s, 2, 8, 0.75, torch.Generator().manual_seed(6)))
