@@ -1,7 +1,7 @@
 """Mutation testing, file by file, with mutmut 3: which planted bugs the suite catches in the code where a silent
 bug costs a training run or a checkpoint.
 
-    pip install mutmut                      # 3.x; not a test extra: the mutation run is not part of CI
+    pip install "mutmut>=3.8"               # forkserver isolation; not a test extra: not part of CI
     python tools/mutation.py                # every file of TARGETS, in order
     python tools/mutation.py kernels/noise.py engine/health.py --out benchmarks/results
 
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout-s", type=int, default=3600, help="per file")
     args = ap.parse_args(argv)
     if shutil.which("mutmut") is None:
-        print("tools/mutation.py: mutmut is not installed: pip install mutmut", file=sys.stderr)
+        print("tools/mutation.py: mutmut is not installed: pip install \"mutmut>=3.8\"", file=sys.stderr)
         return 2
     unknown = [f for f in args.files if f not in TARGETS]
     if unknown:
