@@ -132,3 +132,25 @@ def test_noise_follows_its_generator():
         a = make_noise(s, 2, 8, 0.75, torch.Generator().manual_seed(5))
         assert torch.equal(a, make_noise(s, 2, 8, 0.75, torch.Generator().manual_seed(5)))
         assert not torch.equal(a, make_noise(s, 2, 8, 0.75, torch.Generator().manual_seed(6)))
+
+
+def test_block_noise_draws_from_the_given_cpu_generator_itself():
+    """A CPU generator is used as it is (no reseeded copy): the noise is the block maps drawn from it in order,
+    then uniform noise from it; without a generator the global stream serves."""
+    grid, ratio, n = 8, 0.6, 3
+    num_masked = grid * grid - int(grid * grid * (1 - ratio))
+    got = block_noise(n, grid, ratio, torch.Generator().manual_seed(11))
+    g = torch.Generator().manual_seed(11)
+    maps = torch.stack([block_mask(grid, num_masked, g).flatten() for _ in range(n)]).float()
+    assert torch.equal(got, maps + torch.rand(n, grid * grid, generator=g))
+    torch.manual_seed(3)
+    a = make_noise("block", n, grid, ratio)
+    torch.manual_seed(3)
+    assert torch.equal(a, make_noise("block", n, grid, ratio)) and a.shape == (n, grid * grid)
+
+
+@pytest.mark.parametrize("strategy", ["random", "block", "grid"])
+def test_noise_lands_on_the_device_asked_for(strategy):
+    """The step draws masks on the training device: `meta` stands in for a GPU here (no data, the same placement)."""
+    noise = make_noise(strategy, 2, 4, 0.5, None, "meta")
+    assert noise.device.type == "meta" and noise.shape == (2, 16)
