@@ -183,3 +183,63 @@ def test_each_unreadable_file_is_named_once_with_workers(tmp_path, capfd):
         next(s)
     err = capfd.readouterr().err.splitlines()
     assert sum("broken.jpg" in line for line in err) == 1 and sum("empty.png" in line for line in err) == 1
+
+
+# Health against its rules written out plainly, on any sequence (issue 28: one property, a class of mutants)
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_LOSS = st.sampled_from([0.5, 1.0, 1.5, 3.0, 4.5, 9.0, float("inf"), float("nan")])  # exact 3x ties included
+_NORM = st.sampled_from([1.0, 2.0, 10.0, 20.0, 100.0, float("nan")])  # exact 10x ties included
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=st.lists(st.tuples(_LOSS, _NORM, st.booleans(), st.one_of(st.none(), st.sampled_from(
+    [1.0, 5.0, 10.0, 11.0, 50.0, 500.0, float("inf")]))), max_size=40), window=st.integers(1, 6))
+def test_health_follows_its_rules_on_any_sequence(steps, window):
+    import math
+    import statistics
+
+    h = Health(spike_factor=3.0, grad_spike_factor=10.0, window=window, weight_growth=10.0)
+    good_l, good_n, streak, start, longest, ref_w = [], [], 0, None, 0, None
+    for i, (loss, gn, finite, weights) in enumerate(steps, 1):
+        last_l, last_n = good_l[-window:], good_n[-window:]
+        bad = (not finite or not math.isfinite(loss) or not math.isfinite(gn)
+               or bool(last_l and loss > 3.0 * statistics.median(last_l))
+               or bool(last_n and gn > 10.0 * statistics.median(last_n)))
+        assert (h.observe(i, loss, gn, finite) is not None) == bad, (i, loss, gn, finite)
+        if bad:
+            streak, start = streak + 1, start or i
+        else:
+            good_l.append(loss)
+            good_n.append(gn)
+            streak, start = 0, None
+        longest = max(longest, streak)
+        if weights is not None:  # a check of the weights' norm after step i
+            w_bad = not math.isfinite(weights) or bool(ref_w and weights > 10.0 * ref_w)
+            assert (h.observe_weights(i, weights) is not None) == w_bad, (i, weights, ref_w)
+            if w_bad:
+                start = i if start is None or start > i else start
+                streak = max(streak, 1)
+                longest = max(longest, streak)
+            else:
+                ref_w = weights
+        assert (h.streak, h.streak_start, h.longest, h.in_streak) == (streak, start, longest, start is not None), i
+
+
+@settings(max_examples=200, deadline=None)
+@given(saved=st.lists(st.integers(1, 30), unique=True, max_size=8), start=st.one_of(st.none(), st.integers(1, 31)),
+       gone=st.sets(st.integers(1, 30)))
+def test_the_last_good_checkpoint_is_the_newest_before_the_streak_still_on_disk(tmp_path_factory, saved, start,
+                                                                                 gone):
+    d = tmp_path_factory.mktemp("ck")
+    h = Health()
+    for s in sorted(saved):
+        p = d / f"ckpt_{s:08d}.pt"
+        if s not in gone:
+            p.write_bytes(b"x")
+        h.saved(s, p)
+    h.streak_start = start
+    want = [s for s in sorted(saved) if (start is None or s < start) and s not in gone]
+    got = h.last_good_checkpoint()
+    assert got == ((want[-1], d / f"ckpt_{want[-1]:08d}.pt") if want else None)
