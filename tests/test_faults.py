@@ -243,3 +243,42 @@ def test_the_last_good_checkpoint_is_the_newest_before_the_streak_still_on_disk(
     want = [s for s in sorted(saved) if (start is None or s < start) and s not in gone]
     got = h.last_good_checkpoint()
     assert got == ((want[-1], d / f"ckpt_{want[-1]:08d}.pt") if want else None)
+
+
+def test_a_restart_forgets_the_streak_and_the_weights_reference_but_not_the_good_losses():
+    h = Health()
+    h.observe(1, 1.0, 1.0, True)
+    h.observe_weights(1, 10.0)
+    h.observe(2, float("nan"), 1.0, True)
+    h.observe(3, float("nan"), 1.0, True)
+    h.restart()
+    assert (h.streak, h.streak_start, h.longest, h.weight_norm, h.in_streak) == (0, None, 0, None, False)
+    assert h.observe_weights(4, 1000.0) is None  # the weights' reference is taken again from the checkpoint
+    assert h.observe(5, 9.0, 1.0, True) is not None  # the regime that diverged does not become the new normal
+
+
+def test_the_stop_vote_answers_one_step_late_and_the_same_on_every_rank(monkeypatch):
+    """Under a process group each rank posts its request (a one-element MAX all-reduce) and reads the previous
+    step's agreed answer; in one process the request is the answer at once. The group is torch's fake one (two
+    ranks, no data moved): what is checked is the vote's protocol, the gloo jobs of the signal tests its effect."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from engine.health import StopVote
+
+    single = StopVote(torch.device("cpu"), distributed=True)  # no group: one process
+    assert not single.distributed and [single.step(r) for r in (False, True, False)] == [False, True, False]
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        posted = []
+        real = dist.all_reduce
+        monkeypatch.setattr(dist, "all_reduce", lambda t, op=None, **k: posted.append((t.clone(), op)) or real(t, op=op, **k))
+        vote = StopVote(torch.device("cpu"), distributed=True)
+        assert vote.distributed is True
+        assert [vote.step(r) for r in (False, True, False, False)] == [False, False, True, False]
+        assert [(tuple(t.shape), float(t[0]), op) for t, op in posted] == [
+            ((1,), 0.0, dist.ReduceOp.MAX), ((1,), 1.0, dist.ReduceOp.MAX), ((1,), 0.0, dist.ReduceOp.MAX),
+            ((1,), 0.0, dist.ReduceOp.MAX)]
+        assert not StopVote(torch.device("cpu"), distributed=False).distributed
+    finally:
+        dist.destroy_process_group()

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {
     "kernels/noise.py": ["tests/test_mask_strategies.py",
                          "--deselect", "tests/test_mask_strategies.py::test_training_with_each_strategy"],
-    "engine/health.py": ["tests/test_faults.py", "-k", "health or last_good_checkpoint"],
+    "engine/health.py": ["tests/test_faults.py", "-k", "health or last_good_checkpoint or restart or stop_vote"],
     "kernels/loss.py": ["tests/test_loss_reference.py", "tests/test_kernels_triton.py"],
     "kernels/masking.py": ["tests/test_kernels_triton.py", "tests/test_model.py"],
     "engine/optim.py": ["tests/test_train.py", "tests/test_step.py"],
