@@ -282,3 +282,30 @@ def test_the_stop_vote_answers_one_step_late_and_the_same_on_every_rank(monkeypa
         assert not StopVote(torch.device("cpu"), distributed=False).distributed
     finally:
         dist.destroy_process_group()
+
+
+def test_each_bad_step_names_its_reason_and_keeps_it():
+    h = Health(window=5)
+    h.observe(1, 1.0, 1.0, True)
+    h.observe_weights(1, 2.0)
+    r = h.observe(2, float("nan"), 1.0, True)
+    assert r == "a non-finite loss or gradient (update skipped)" == h.last_reason
+    r = h.observe_weights(2, 30.0)
+    assert r == "the weights' norm grew 15x since step 1" == h.last_reason
+    r = h.observe_weights(3, float("inf"))
+    assert r == "non-finite weights" == h.last_reason
+
+
+def test_a_one_rank_group_votes_at_once():
+    """train.fsdp always starts a one-process group: its vote is its own request, with no step of delay."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from engine.health import StopVote
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=1)
+    try:
+        vote = StopVote(torch.device("cpu"), distributed=True)
+        assert vote.distributed is False and [vote.step(r) for r in (False, True)] == [False, True]
+    finally:
+        dist.destroy_process_group()

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {
     "kernels/noise.py": ["tests/test_mask_strategies.py",
                          "--deselect", "tests/test_mask_strategies.py::test_training_with_each_strategy"],
-    "engine/health.py": ["tests/test_faults.py", "-k", "health or last_good_checkpoint or restart or stop_vote"],
+    "engine/health.py": ["tests/test_faults.py", "-k", "health or last_good_checkpoint or restart or vote or reason"],
     "kernels/loss.py": ["tests/test_loss_reference.py", "tests/test_kernels_triton.py"],
     "kernels/masking.py": ["tests/test_kernels_triton.py", "tests/test_model.py"],
     "engine/optim.py": ["tests/test_train.py", "tests/test_step.py"],
@@ -65,6 +65,9 @@ EQUIVALENT: dict[str, str] = {
     "kernels.noise.x_grid_noise__mutmut_53": "the lattice offset mirrored (idx + off instead of idx - off): the offset is "
                                              "uniform over the stride, so the lattices have the same law",
     "kernels.noise.x_grid_noise__mutmut_59": "as mutmut_53, for the columns",
+    "engine.health.xǁHealthǁobserve_weights__mutmut_16": "when the streak already starts at this step, setting it to "
+                                                         "this step again changes nothing",
+    "engine.health.xǁHealthǁlast_good_checkpoint__mutmut_7": 'float("INF") is float("inf")',
 }
 """mutant name -> why it cannot change behaviour (a log message, a default that is always passed, ...)."""
 
@@ -72,6 +75,9 @@ GPU_ONLY: dict[str, str] = {  # (a seed's range is not a behaviour a test can ho
     "kernels.noise.x__cpu_generator__mutmut_": "the seed of the block masks' CPU stream when the given generator cannot "
                                               "serve (one on a GPU, or none): another seed range gives other masks of "
                                               "the same law, and only a GPU generator tells the device mutants apart",
+    "engine.health.xǁStopVoteǁstep__mutmut_": "the vote's CUDA branch (the answer copied to pinned memory behind an "
+                                             "event) and the device of its tensor: on a CPU the branch never runs; "
+                                             "the protocol itself is held by the fake-group test",
 }
 """mutant name prefix -> why only a GPU can tell (reported apart: not killed here, not equivalent)."""
 
