@@ -75,11 +75,13 @@ GPU_ONLY: dict[str, str] = {  # (a seed's range is not a behaviour a test can ho
     "kernels.noise.x__cpu_generator__mutmut_": "the seed of the block masks' CPU stream when the given generator cannot "
                                               "serve (one on a GPU, or none): another seed range gives other masks of "
                                               "the same law, and only a GPU generator tells the device mutants apart",
-    "engine.health.xǁStopVoteǁstep__mutmut_": "the vote's CUDA branch (the answer copied to pinned memory behind an "
-                                             "event) and the device of its tensor: on a CPU the branch never runs; "
-                                             "the protocol itself is held by the fake-group test",
+    **{f"engine.health.xǁStopVoteǁstep__mutmut_{k}": "the vote's CUDA branch (the answer copied to pinned memory "
+                                                      "behind an event) and the device of its tensor: on a CPU the "
+                                                      "branch never runs; the fake-group test holds the protocol"
+       for k in (5, 8, *range(17, 33))},
 }
-"""mutant name prefix -> why only a GPU can tell (reported apart: not killed here, not equivalent)."""
+"""mutant name, or a prefix ending in "_", -> why only a GPU can tell (reported apart: not killed here, not
+equivalent)."""
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
           24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", 37: "killed"}
@@ -158,7 +160,8 @@ def write_report(rows: list[dict], out: Path) -> Path:
             lines += ["", f"## Survivors in `{r['file']}`", ""]
             for name, diff in r["survivors"].items():
                 why = EQUIVALENT.get(name)
-                gpu = next((v for k, v in GPU_ONLY.items() if name.startswith(k)), None)
+                gpu = GPU_ONLY.get(name) or next((v for k, v in GPU_ONLY.items() if k.endswith("_")
+                                                  and name.startswith(k)), None)
                 verdict = f": equivalent, {why}" if why else f": GPU only, {gpu}" if gpu else ": not yet killed"
                 lines += [f"- `{name}`" + verdict, "", "```diff", diff, "```"]
     path = out / f"mutation_{day}.md"
