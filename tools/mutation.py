@@ -87,6 +87,12 @@ STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests"
           24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", 37: "killed"}
 
 
+def gpu_only(name: str) -> str | None:
+    """Why only a GPU can tell this mutant apart (GPU_ONLY), or None."""
+    return GPU_ONLY.get(name) or next((v for k, v in GPU_ONLY.items() if k.endswith("_") and name.startswith(k)),
+                                      None)
+
+
 def tracked_tree(dest: Path) -> None:
     """Copy the files git tracks (and untracked ones it does not ignore) into dest."""
     out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
@@ -133,9 +139,12 @@ def run_file(target: str, tests: list[str], max_children: int, timeout_s: int) -
               ("killed", "survived", "timeout", "no tests", "not checked", "suspicious", "skipped")}
     decided = counts["killed"] + counts["survived"] + counts["timeout"]
     equivalent = [n for n in survivors if n in EQUIVALENT]
+    gpu = [n for n in survivors if gpu_only(n)]
     rate = (counts["killed"] + counts["timeout"] + len(equivalent)) / decided if decided else None
+    cpu = (counts["killed"] + counts["timeout"] + len(equivalent)) / (decided - len(gpu)) if decided > len(gpu) else None
     return {"file": target, "tests": tests, "made": len(outcome), **counts, "equivalent": len(equivalent),
-            "kill_rate": None if rate is None else round(rate, 4), "wanted": TARGETS_WANTED.get(target, 0.85),
+            "gpu_only": len(gpu), "kill_rate": None if rate is None else round(rate, 4),
+            "kill_rate_cpu": None if cpu is None else round(cpu, 4), "wanted": TARGETS_WANTED.get(target, 0.85),
             "seconds": seconds, "finished": finished, "survivors": survivors}
 
 
@@ -146,22 +155,25 @@ def write_report(rows: list[dict], out: Path) -> Path:
     lines = [f"# Mutation testing ({day}, CPU, mutmut 3)", "",
              "Command: `python tools/mutation.py` (each file in its own scratch copy; each mutant runs the tests that "
              "executed the mutated function). A timed-out mutant counts as killed (the suite did not pass); "
-             "equivalent survivors (tools/mutation.py EQUIVALENT, with the reason) count as killed.", "",
-             "| file | tests | made | killed | survived | timeout | no tests | not checked | kill rate | wanted | "
-             "minutes | complete |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "equivalent survivors (tools/mutation.py EQUIVALENT, with the reason) count as killed; survivors only a "
+             "GPU can tell apart (GPU_ONLY) count as survivors, and the next column leaves them out.", "",
+             "| file | tests | made | killed | survived (equivalent, GPU only) | timeout | no tests | not checked | "
+             "kill rate | without GPU-only | wanted | minutes | complete |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rate = "-" if r["kill_rate"] is None else f"{r['kill_rate']:.1%}"
+        cpu = "-" if r.get("kill_rate_cpu") is None else f"{r['kill_rate_cpu']:.1%}"
         shown = ", ".join(Path(t).name for t in r["tests"] if t.startswith("tests/") and "::" not in t)
         lines.append(f"| `{r['file']}` | {shown} | {r['made']} | {r['killed']} | "
-                     f"{r['survived']} | {r['timeout']} | {r['no tests']} | {r['not checked']} | {rate} | "
+                     f"{r['survived']} ({r['equivalent']}, {r.get('gpu_only', 0)}) | {r['timeout']} | {r['no tests']} | "
+                     f"{r['not checked']} | {rate} | {cpu} | "
                      f"{r['wanted']:.0%} | {r['seconds'] / 60:.1f} | {'yes' if r['finished'] else 'no (time limit)'} |")
     for r in rows:
         if r["survivors"]:
             lines += ["", f"## Survivors in `{r['file']}`", ""]
             for name, diff in r["survivors"].items():
                 why = EQUIVALENT.get(name)
-                gpu = GPU_ONLY.get(name) or next((v for k, v in GPU_ONLY.items() if k.endswith("_")
-                                                  and name.startswith(k)), None)
+                gpu = gpu_only(name)
                 verdict = f": equivalent, {why}" if why else f": GPU only, {gpu}" if gpu else ": not yet killed"
                 lines += [f"- `{name}`" + verdict, "", "```diff", diff, "```"]
     path = out / f"mutation_{day}.md"
