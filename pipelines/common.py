@@ -32,9 +32,15 @@ class DataError(RuntimeError):
 _OPEN_STREAMS = None  # a weakref.WeakSet once a stream exists (weakref imported then: this module stays light)
 
 
-def tracked(gen):
-    """Register a loader's generator so that `close_streams` (a run's end, or interpreter exit) closes it."""
+def tracked(gen, streams=None):
+    """Register a loader's generator so that `close_streams` (a run's end, or interpreter exit) closes it, and in
+    `streams` (the loader's own `weakref.WeakSet`, for its `close()`). Both hold it weakly: a loader holding its
+    streams would form a cycle with them (a stream's frame holds its loader), and a dropped cycle is freed by the
+    garbage collector, which finalises the workers' queues before the stream's `finally` can stop the workers
+    through them (torch's own shutdown then waits 5 s per worker)."""
     global _OPEN_STREAMS
+    if streams is not None:
+        streams.add(gen)
     if _OPEN_STREAMS is None:
         import atexit
         import weakref

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 import sys
+import weakref
 
 import torch
 
@@ -169,17 +170,16 @@ class DaliLoader:
         else replays `start` batches (read and dropped) to reach the same position."""
         from .common import tracked
 
-        g = tracked(self._stream(start))
-        self._streams = [*getattr(self, "_streams", []), g]
-        return g
+        if not hasattr(self, "_streams"):
+            self._streams = weakref.WeakSet()
+        return tracked(self._stream(start), self._streams)
 
     def close(self) -> None:
         """Shut the pipeline's threads down now (its position is kept: state_dict still answers, and a new stream
         continues from it)."""
         from .common import close_streams
 
-        close_streams(getattr(self, "_streams", []))
-        self._streams = []
+        close_streams(getattr(self, "_streams", ()))
         it, self._it = self._it, None
         if it is None:
             return

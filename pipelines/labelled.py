@@ -9,6 +9,7 @@ CPU can pretrain on and probe in minutes.
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import torch
@@ -77,13 +78,12 @@ class LabelledLoader:
     def epoch(self, epoch: int = 0):
         """One pass: shuffled full batches when training, every sample in order otherwise. Leaving the pass early
         stops its workers when the generator is closed (`close()`, or the end of the run)."""
-        g = tracked(self._epoch(epoch))
-        self._passes = [p for p in getattr(self, "_passes", []) if p.gi_frame is not None] + [g]
-        return g
+        if not hasattr(self, "_passes"):
+            self._passes = weakref.WeakSet()
+        return tracked(self._epoch(epoch), self._passes)
 
     def close(self) -> None:
-        close_streams(getattr(self, "_passes", []))
-        self._passes = []
+        close_streams(getattr(self, "_passes", ()))
 
     def _epoch(self, epoch: int):
         if self.train:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import weakref
 
 import torch
 import torchvision.transforms.functional as TF
@@ -184,19 +185,16 @@ class TorchvisionLoader:
         self.dtype = getattr(torch, data_cfg.dtype)
         self.dataset.uint8 = data_cfg.transfer == "uint8"
         self.normalize = Normalize(data_cfg.mean, data_cfg.std, self.device) if self.dataset.uint8 else None
-        self._streams = []
+        self._streams = weakref.WeakSet()
 
     def stream(self, start: int = 0):
         """Batches [B, C, H, W] fp32 on the device, forever, from global micro-batch `start`; `close()` (or the
         generator's own close) stops its workers."""
-        g = tracked(self._stream(start))
-        self._streams.append(g)
-        return g
+        return tracked(self._stream(start), self._streams)
 
     def close(self) -> None:
         """Stop the workers of every stream this loader handed out (the loader can stream again afterwards)."""
         close_streams(self._streams)
-        self._streams = []
 
     def _stream(self, start: int):
         dl = torch.utils.data.DataLoader(

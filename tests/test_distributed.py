@@ -44,32 +44,41 @@ def assert_ok(r):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
 
 
-def test_two_ranks_match_one_rank_with_same_global_batch(tmp_path):
-    r = torchrun(2, tmp_path / "two", "--train.batch_size", "8", "--train.max_steps", "4")
-    assert_ok(r)
-    assert "effective batch 16 = 8 per device x 1 accumulation x 2 rank(s) (FSDP2)" in r.stdout
-    assert single(tmp_path / "one", "--train.batch_size", "16", "--train.max_steps", "4") == 0
-    two = ckpt.latest_checkpoint(tmp_path / "two")
-    one = ckpt.latest_checkpoint(tmp_path / "one")
-    assert two.name == "ckpt_00000004.dcp" and one.name == "ckpt_00000004.pt"
-    a, b = ckpt.full_model_state(two), ckpt.full_model_state(one)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The run every parity test here matches or continues: one process, global batch 16, 7 steps, a checkpoint at
+    every step (the schedule spans the preset's epochs, so a shorter run's first steps are this run's)."""
+    run = tmp_path_factory.mktemp("reference")
+    assert single(run, "--train.batch_size", "16", "--train.max_steps", "7", "--train.ckpt_every", "1",
+                  "--train.keep_last", "7") == 0
+    return run
+
+
+def reference_checkpoint(run, step: int):
+    return run / f"ckpt_{step:08d}.pt"
+
+
+def assert_same_weights(a_path, b_path):
+    a, b = ckpt.full_model_state(a_path), ckpt.full_model_state(b_path)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
-    la, lb = losses(tmp_path / "two"), losses(tmp_path / "one")
-    for s in range(1, 5):
-        assert la[s] == pytest.approx(lb[s], rel=1e-4)
 
 
-def test_resume_across_world_sizes_keeps_the_global_batch(tmp_path):
-    """2 ranks -> 1 rank and 1 -> 2 with the same per-device batch on the command line: the resumed run keeps the
-    checkpoint's global batch of 16 (accumulation 2 on one rank; 8 per rank on two), so its lr and schedule, and
-    continues the uninterrupted run's loss curve; weights and optimizer state end equal to it within fp32
+def test_two_ranks_match_one_rank_and_resume_on_one_keeping_the_global_batch(tmp_path, reference):
+    """2 ranks x 8 match one process x 16 (losses, weights); resumed on one rank with the same per-device batch on
+    the command line, the run keeps the checkpoint's global batch of 16 (accumulation 2), so its lr and schedule,
+    and continues the one-process run's loss curve; weights and optimizer state end equal to it within fp32
     reduction-order noise."""
-    straight = tmp_path / "straight"
-    assert single(straight, "--train.batch_size", "16", "--train.max_steps", "6") == 0
-    a = tmp_path / "a"  # save on 2 ranks, resume on 1
-    assert_ok(torchrun(2, a, "--train.batch_size", "8", "--train.max_steps", "3"))
+    a = tmp_path / "a"
+    r = torchrun(2, a, "--train.batch_size", "8", "--train.max_steps", "3")
+    assert_ok(r)
+    assert "effective batch 16 = 8 per device x 1 accumulation x 2 rank(s) (FSDP2)" in r.stdout
+    assert ckpt.latest_checkpoint(a).name == "ckpt_00000003.dcp"
+    assert_same_weights(ckpt.latest_checkpoint(a), reference_checkpoint(reference, 3))
+    ref = losses(reference)
+    for s in (1, 2, 3):
+        assert losses(a)[s] == pytest.approx(ref[s], rel=1e-4), s
     import contextlib
     import io
 
@@ -79,19 +88,10 @@ def test_resume_across_world_sizes_keeps_the_global_batch(tmp_path):
     assert ("resumed on 1 rank(s) from a run on 2: global batch 16 kept as 8 per device x 2 accumulation x 1 "
             "rank(s) (was 8 x 1)") in out.getvalue()
     assert "effective batch 16 = 8 per device x 2 accumulation x 1 rank(s)" in out.getvalue()
-    b = tmp_path / "b"  # save on 1, resume on 2
-    assert single(b, "--train.batch_size", "16", "--train.max_steps", "3") == 0
-    r = torchrun(2, b, "--train.batch_size", "16", "--train.max_steps", "6", "--resume")
-    assert_ok(r)
-    assert "resumed from" in r.stdout and "at step 3" in r.stdout
-    assert "global batch 16 kept as 8 per device x 1 accumulation x 2 rank(s)" in r.stdout
-    ref = losses(straight)
-    for run in (a, b):
-        got = losses(run)
-        for s in (4, 5, 6):
-            assert got[s] == pytest.approx(ref[s], rel=1e-4), (run.name, s)
-    assert ckpt.latest_checkpoint(b).suffix == ".dcp" and ckpt.latest_checkpoint(a).suffix == ".pt"
-    want = torch.load(ckpt.latest_checkpoint(straight), weights_only=True)
+    for s in (4, 5, 6):
+        assert losses(a)[s] == pytest.approx(ref[s], rel=1e-4), s
+    assert ckpt.latest_checkpoint(a).suffix == ".pt"
+    want = torch.load(reference_checkpoint(reference, 6), weights_only=True)
     got = torch.load(ckpt.latest_checkpoint(a), weights_only=True)
 
     def rel(a: dict, b: dict) -> float:  # over all tensors together: a key bias's gradient is pure rounding noise,
@@ -105,6 +105,45 @@ def test_resume_across_world_sizes_keeps_the_global_batch(tmp_path):
     for k in ("exp_avg", "exp_avg_sq"):
         assert rel({n: ws[n][k] for n in ws}, {n: gs[n][k] for n in ws}) < 1e-5, k  # measured < 1e-7
     assert want["schedule"] == got["schedule"]
+
+
+def test_one_rank_resumes_on_two_keeping_the_global_batch(tmp_path, reference):
+    b = tmp_path / "b"
+    assert single(b, "--train.batch_size", "16", "--train.max_steps", "3") == 0
+    r = torchrun(2, b, "--train.batch_size", "16", "--train.max_steps", "6", "--resume")
+    assert_ok(r)
+    assert "resumed from" in r.stdout and "at step 3" in r.stdout
+    assert "global batch 16 kept as 8 per device x 1 accumulation x 2 rank(s)" in r.stdout
+    assert ckpt.latest_checkpoint(b).suffix == ".dcp"
+    ref = losses(reference)
+    for s in (4, 5, 6):
+        assert losses(b)[s] == pytest.approx(ref[s], rel=1e-4), s
+
+
+def test_hybrid_sharding_matches_one_rank_and_reshards_both_ways(tmp_path, reference):
+    """--parallel.replicate 2 on 4 gloo ranks (2 replicas x 2 shards): the loss curve, gradient norms and weights of
+    one process with the same global batch; its DCP checkpoint resumes on one process, and a one-process checkpoint
+    resumes under HSDP, each continuing the uninterrupted run. (Plain FSDP2 is held to one process above.)"""
+    hsdp = tmp_path / "hsdp"
+    r = torchrun(4, hsdp, "--train.batch_size", "4", "--train.max_steps", "3", "--parallel.replicate", "2")
+    assert_ok(r)
+    assert "effective batch 16 = 4 per device x 1 accumulation x 4 rank(s) (HSDP: 2 replicas x 2 shards)" in r.stdout
+    ref, ref_gn = losses(reference), grad_norms(reference)
+    got, gn = losses(hsdp), grad_norms(hsdp)
+    for s in (1, 2, 3):
+        assert got[s] == pytest.approx(ref[s], rel=1e-4), s
+        assert gn[s] == pytest.approx(ref_gn[s], rel=1e-4), s  # each shard counted once, each replica not twice
+    assert_same_weights(ckpt.latest_checkpoint(hsdp), reference_checkpoint(reference, 3))
+    # HSDP -> one process (the global batch kept: 4 x 4 accumulation), then one process -> HSDP
+    assert single(hsdp, "--train.batch_size", "4", "--train.max_steps", "5", "--resume") == 0
+    back = tmp_path / "back"
+    assert single(back, "--train.batch_size", "16", "--train.max_steps", "3") == 0
+    assert_ok(torchrun(4, back, "--train.batch_size", "16", "--train.max_steps", "5", "--resume",
+                       "--parallel.replicate", "2"))
+    for run in (hsdp, back):
+        got = losses(run)
+        for s in (4, 5):
+            assert got[s] == pytest.approx(ref[s], rel=1e-4), (run.name, s)
 
 
 def test_bf16_mixed_precision_knn_monitor_and_export_from_sharded(tmp_path):
@@ -140,51 +179,12 @@ def test_failing_rank_brings_job_down_with_its_error(tmp_path):
     assert time.time() - t0 < 150
 
 
-def test_fsdp_always_in_a_single_process_matches_plain(tmp_path):
+def test_fsdp_always_in_a_single_process_matches_plain(tmp_path, reference, capsys):
     """--train.fsdp always: one process through FSDP2 (sharded checkpoint), same training as plain."""
-    r = subprocess.run([sys.executable, "-m", "engine.pretrain", *COMMON, "--run-dir", str(tmp_path / "f"),
-                        "--train.batch_size", "16", "--train.max_steps", "3", "--train.fsdp", "always"],
-                       capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert_ok(r)
-    assert "(FSDP2)" in r.stdout
-    assert single(tmp_path / "p", "--train.batch_size", "16", "--train.max_steps", "3") == 0
-    a = ckpt.full_model_state(ckpt.latest_checkpoint(tmp_path / "f"))
-    b = ckpt.full_model_state(ckpt.latest_checkpoint(tmp_path / "p"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
-
-
-def test_hybrid_sharding_matches_fsdp_and_one_rank_and_reshards_both_ways(tmp_path):
-    """--parallel.replicate 2 on 4 gloo ranks (2 replicas x 2 shards): the same loss curve and weights as plain FSDP2
-    on 4 ranks and as one process with the same global batch; its DCP checkpoint resumes on one process, and a
-    one-process checkpoint resumes under HSDP, each continuing the uninterrupted run."""
-    hsdp, fsdp, one = tmp_path / "hsdp", tmp_path / "fsdp", tmp_path / "one"
-    r = torchrun(4, hsdp, "--train.batch_size", "4", "--train.max_steps", "3", "--parallel.replicate", "2")
-    assert_ok(r)
-    assert "effective batch 16 = 4 per device x 1 accumulation x 4 rank(s) (HSDP: 2 replicas x 2 shards)" in r.stdout
-    assert_ok(torchrun(4, fsdp, "--train.batch_size", "4", "--train.max_steps", "3"))
-    assert single(one, "--train.batch_size", "16", "--train.max_steps", "5") == 0
-    ref = losses(one)
-    ref_gn = grad_norms(one)
-    for run in (hsdp, fsdp):
-        got, gn = losses(run), grad_norms(run)
-        for s in (1, 2, 3):
-            assert got[s] == pytest.approx(ref[s], rel=1e-4), (run.name, s)
-            assert gn[s] == pytest.approx(ref_gn[s], rel=1e-4), (run.name, s)  # each shard counted once
-    a = ckpt.full_model_state(ckpt.latest_checkpoint(hsdp))
-    b = ckpt.full_model_state(ckpt.latest_checkpoint(fsdp))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
-    # HSDP -> one process (the global batch kept: 4 x 4 accumulation), then one process -> HSDP
-    assert single(hsdp, "--train.batch_size", "4", "--train.max_steps", "5", "--resume") == 0
-    back = tmp_path / "back"
-    assert single(back, "--train.batch_size", "16", "--train.max_steps", "3") == 0
-    assert_ok(torchrun(4, back, "--train.batch_size", "16", "--train.max_steps", "5", "--resume",
-                       "--parallel.replicate", "2"))
-    for run in (hsdp, back):
-        got = losses(run)
-        for s in (4, 5):
-            assert got[s] == pytest.approx(ref[s], rel=1e-4), (run.name, s)
+    assert single(tmp_path / "f", "--train.batch_size", "16", "--train.max_steps", "3", "--train.fsdp", "always") == 0
+    assert "(FSDP2)" in capsys.readouterr().out
+    assert ckpt.latest_checkpoint(tmp_path / "f").suffix == ".dcp"
+    assert_same_weights(ckpt.latest_checkpoint(tmp_path / "f"), reference_checkpoint(reference, 3))
 
 
 def test_replicate_must_divide_the_world_size():

@@ -174,6 +174,25 @@ def test_a_loader_closes_its_workers_and_streams_again(folder):
     loader.close()
 
 
+def test_a_dropped_loader_stops_its_workers_at_once(folder):
+    """A loader and its stream dropped without `close()` (a stream used for one batch) stop the workers when the last
+    reference goes: the loader holds its streams weakly, so they form no cycle that only the garbage collector frees
+    (which finalises the workers' queues first: torch's shutdown then waited 5 s per worker, 20 s for two)."""
+    from engine.config import DataConfig
+    from pipelines.torchvision import TorchvisionLoader
+
+    loader = TorchvisionLoader(sorted(map(str, folder.iterdir())), 1, 32, 16, DataConfig(path=str(folder),
+                                                                                         num_workers=2), 0, "cpu")
+    s = loader.stream(0)
+    next(s)
+    workers = list(s.gi_frame.f_locals["it"]._workers)
+    assert workers and all(w.is_alive() for w in workers)
+    t0 = time.monotonic()
+    del s, loader
+    assert not any(w.is_alive() for w in workers), "the workers outlived their dropped loader"
+    assert time.monotonic() - t0 < 2.5
+
+
 # --- one run per run directory --------------------------------------------------------------------------------
 
 
