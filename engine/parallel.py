@@ -51,9 +51,11 @@ def init_distributed(device_pref: str = "auto", timeout_s: int = 600, fsdp: str 
     if not launched_by_torchrun():
         if fsdp != "always":
             return DistContext(), resolve_device(device_pref)
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        one = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        one.update({k: v for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())))
+                    if k not in os.environ})  # a rendezvous address the user set is kept
+        _ONE_PROCESS_ENV.update({k: os.environ.get(k) for k in one if k not in _ONE_PROCESS_ENV})
+        os.environ.update(one)
     elif fsdp == "never":
         raise ConfigError("train.fsdp=never, but this is a torchrun job: multi-process training here is FSDP2; "
                           "use --train.fsdp auto")
@@ -77,9 +79,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# what the environment held before a one-process group (train.fsdp always) set torchrun's variables: restored at
+# teardown, so that a later run in this process (the Python API, a test) is not taken for a torchrun job
+_ONE_PROCESS_ENV: dict[str, str | None] = {}
+
+
 def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+    for k, v in _ONE_PROCESS_ENV.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    _ONE_PROCESS_ENV.clear()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -157,7 +157,17 @@ def test_speed_suite_plan_orders_levers():
 
 
 def test_lever_rows_jsonl_merge_and_targets(tmp_path, monkeypatch):
+    """Rows appended as JSON lines, merged into one report, paired for the targets; the compiled rows labelled cold,
+    then warm. The labels are what is tested here: torch.compile is a recorder (a cold inductor compile on this CPU
+    costs 30-40 s; compiled training is held to eager in tests/test_agreement.py)."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # empty: the first compile is cold
+    compiled = []
+
+    def record(fn=None, **kw):
+        compiled.append(kw)
+        return fn if fn is not None else (lambda f: f)
+
+    monkeypatch.setattr(torch, "compile", record)
     common = ["--models", "debug", "--ratios", "0.75", "--reps", "5", "--warmup", "3", "--device", "cpu",
               "--batch", "4", "--jsonl", str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "parts"),
               "--max-spread", "100"]  # a loaded 2-core CPU: the spread bound is tested on its own below
@@ -168,6 +178,7 @@ def test_lever_rows_jsonl_merge_and_targets(tmp_path, monkeypatch):
     assert [(r["mode"], r["config"], r["status"]) for r in rows] == [
         ("mae", "fast", "ok"), ("mae_dense", "fast", "ok"), ("mae", "reference", "ok")]
     assert rows[0]["compile_cache"] == "cold" and rows[1]["compile_cache"] == "warm"
+    assert compiled and "compile_cache" not in rows[2]  # the fast rows compiled; the reference row did not
     assert rows[0]["fwd_ms"] is None and rows[2]["fwd_ms"] is not None  # a graph step has no phase split
     assert speedup.main(["--merge", str(tmp_path / "rows.jsonl"), "--out", str(tmp_path / "merged")]) == 0
     data = json.loads(next((tmp_path / "merged").glob("*.json")).read_text())

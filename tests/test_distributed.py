@@ -180,11 +180,17 @@ def test_failing_rank_brings_job_down_with_its_error(tmp_path):
 
 
 def test_fsdp_always_in_a_single_process_matches_plain(tmp_path, reference, capsys):
-    """--train.fsdp always: one process through FSDP2 (sharded checkpoint), same training as plain."""
+    """--train.fsdp always: one process through FSDP2 (sharded checkpoint), same training as plain; the run gives
+    back the environment it set for its one-process group, so a later run in this process is no torchrun job."""
+    from engine.parallel import launched_by_torchrun
+
+    before = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    assert not launched_by_torchrun()
     assert single(tmp_path / "f", "--train.batch_size", "16", "--train.max_steps", "3", "--train.fsdp", "always") == 0
     assert "(FSDP2)" in capsys.readouterr().out
     assert ckpt.latest_checkpoint(tmp_path / "f").suffix == ".dcp"
     assert_same_weights(ckpt.latest_checkpoint(tmp_path / "f"), reference_checkpoint(reference, 3))
+    assert {k: os.environ.get(k) for k in before} == before and not launched_by_torchrun()
 
 
 def test_replicate_must_divide_the_world_size():

@@ -1,9 +1,6 @@
 """train.precision=fp8 (engine/fp8.py): torchao's float8 GEMMs in the encoder's linear layers, held to the bf16 path
 on the CPU (torch's _scaled_mm runs float8 here)."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -76,21 +73,20 @@ def test_fp8_under_regional_compile_and_the_graph_body_matches_eager_fp8():
         assert float(lb) == pytest.approx(float(la), rel=1e-3), i
 
 
-def test_fp8_under_fsdp2_trains_like_fp8_alone(tmp_path):
+def test_fp8_under_fsdp2_trains_like_fp8_alone(tmp_path, capsys):
     """--train.fsdp always (FSDP2 over a one-process gloo group) with fp8: the weights gathered in float8, the same
     losses as fp8 without FSDP2."""
+    import json
+
+    from engine.cli import main
+
     common = ["--preset", "debug", "--data.num_workers", "0", "--train.tensorboard", "false", "--train.device", "cpu",
               "--data.backend", "torchvision", "--train.log_every", "1", "--train.vis_every", "0",
               "--train.precision", "fp8", "--train.batch_size", "16", "--train.max_steps", "2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     losses, outs = [], []
     for name, extra in (("fsdp", ["--train.fsdp", "always"]), ("plain", [])):
-        r = subprocess.run([sys.executable, "-m", "engine.pretrain", *common, "--run-dir", str(tmp_path / name),
-                            *extra], capture_output=True, text=True, timeout=300, env=env)
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-        outs.append(r.stdout)
-        import json
-
+        assert main(["pretrain", *common, "--run-dir", str(tmp_path / name), *extra]) == 0
+        outs.append(capsys.readouterr().out)
         recs = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         losses.append([x["loss"] for x in recs if "loss" in x])
     assert "(FSDP2)" in outs[0] and "(FSDP2)" not in outs[1]
