@@ -29,8 +29,8 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _restore_environ():
-    """A test that starts a one-process group in this process (train.fsdp always) leaves RANK, MASTER_PORT, ... in
-    os.environ; later tests' subprocesses must not inherit them (a second server on that port fails)."""
+    """Whatever a test sets in os.environ (a monkeypatch-free setenv, a run that failed before its teardown gave back
+    the torchrun variables of a one-process group) must not reach later tests or their subprocesses."""
     saved = dict(os.environ)
     yield
     os.environ.clear()
