@@ -269,12 +269,10 @@ def resolve_auto_levers(cfg: Config, ctx: DistContext, device: torch.device, *,
     if any(given[n] is None and value[n] for n in given):
         line += f"; auto = {MEASURED_DEFAULT}"
     off = [n for n in given if given[n] is None and not value[n]]
-    if off:
-        line += "; " + "; ".join(f"train.{n} auto is off {why[n]}" if why[n].startswith(("on ", "under "))
-                                 else f"train.{n} auto is off ({why[n]})" for n in off)
-        if where:
-            line = line.replace(f"; train.compile auto is off {where}; train.cuda_graph auto is off {where}",
-                                f"; auto is off {where}")
+    if off and where:  # one reason for both
+        line += f"; auto is off {where}" if len(off) == 2 else f"; train.{off[0]} auto is off {where}"
+    elif off:
+        line += "; " + "; ".join(f"train.{n} auto is off ({why[n]})" for n in off)
     if on:
         line += f"; turn off with {' '.join(f'--train.{n} false' for n in given if value[n])}"
     return resolved, line

@@ -660,17 +660,16 @@ class Trainer:
                 writer.image("reconstruction/heldout", self.step, held)
         return path
 
-
     def _untrained_predictions(self, imgs: torch.Tensor, show: torch.Tensor | None, noise_for) -> dict:
         """The untrained model's predictions for the grids' images (the run's own initial weights, rebuilt from its
         seed once per process and dropped: a grid costs no model copy) and its held-out error, cached."""
         from .visualize import initial_model, masked_patch_error, predict
 
-        key = (imgs.data_ptr(), tuple(imgs.shape))
-        if self._untrained.get("key") != key:
+        seen = self._untrained.get("imgs")  # a copy, compared by content: a new batch may reuse the old memory
+        if seen is None or seen.shape != imgs.shape or not torch.equal(seen, imgs):
             m = self.cfg.model
             model = initial_model(self.cfg, self.device)
-            self._untrained = {"key": key, "train": predict(model, imgs, m.mask_ratio, noise_for(imgs.shape[0]))}
+            self._untrained = {"imgs": imgs.detach().clone(), "train": predict(model, imgs, m.mask_ratio, noise_for(imgs.shape[0]))}
             if show is not None:
                 self._untrained["heldout"] = predict(model, show, m.mask_ratio, noise_for(len(show)))
                 self._untrained["heldout_error"] = round(masked_patch_error(

@@ -124,6 +124,27 @@ def test_the_untrained_column_is_the_runs_own_initial_model(tmp_path):
         assert torch.equal(v, start.state_dict()[k]), k
 
 
+def test_the_untrained_predictions_are_rebuilt_when_the_images_change(tmp_path, monkeypatch):
+    """Cached for the same images, rebuilt for others, even when they sit in the same memory."""
+    import engine.visualize as vis
+
+    tr = Trainer(debug_cfg(tmp_path, **{"train.max_steps": 1}), log=lambda m: None)
+    built = []
+    real = vis.initial_model
+    monkeypatch.setattr(vis, "initial_model", lambda *a, **k: built.append(1) or real(*a, **k))
+
+    def noise_for(n):
+        return torch.rand(n, tr.cfg.model.num_patches, generator=torch.Generator().manual_seed(0))
+
+    imgs = torch.randn(2, 3, 32, 32)
+    first = tr._untrained_predictions(imgs, None, noise_for)["train"]
+    tr._untrained_predictions(imgs.clone(), None, noise_for)
+    assert len(built) == 1  # the same content: cached
+    imgs.mul_(-1)  # new images in the same memory
+    again = tr._untrained_predictions(imgs, None, noise_for)["train"]
+    assert len(built) == 2 and not torch.equal(first.image, again.image)
+
+
 def test_a_run_shows_its_untrained_error_beside_the_trained_one(tmp_path):
     import json
 
