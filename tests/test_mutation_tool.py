@@ -33,3 +33,24 @@ def test_the_written_configuration_is_what_mutmut_reads(tmp_path):
     assert conf["pytest_add_cli_args_test_selection"] == ["tests/test_mask_strategies.py"]
     assert conf["process_isolation"] == "forkserver"
     assert tomllib.loads((tmp_path / "pyproject.toml").read_text())["project"]["name"] == "mae-engine"
+
+
+def test_a_run_of_some_files_keeps_the_days_rows_of_the_others(tmp_path):
+    tool = _tool()
+
+    def row(f, killed):
+        return {"file": f, "tests": [], "made": 10, "killed": killed, "survived": 10 - killed, "equivalent": 0,
+                "timeout": 0, "no tests": 0, "not checked": 0, "kill_rate": killed / 10, "kill_rate_cpu": None,
+                "wanted": 0.85, "seconds": 60, "finished": True, "survivors": {}}
+
+    tool.write_report([row("engine/health.py", 9)], tmp_path)
+    tool.write_report([row("kernels/masking.py", 8)], tmp_path)
+    tool.write_report([row("kernels/noise.py", 7), row("engine/health.py", 10)], tmp_path)
+    (day,) = tmp_path.glob("mutation_*.json")
+    import json
+
+    rows = json.loads(day.read_text())
+    assert [(r["file"], r["killed"]) for r in rows] == [("kernels/noise.py", 7), ("engine/health.py", 10),
+                                                         ("kernels/masking.py", 8)]  # TARGETS' order, newest kept
+    md = day.with_suffix(".md").read_text()
+    assert "`kernels/masking.py`" in md and "`engine/health.py`" in md

@@ -151,7 +151,13 @@ def run_file(target: str, tests: list[str], max_children: int, timeout_s: int) -
 def write_report(rows: list[dict], out: Path) -> Path:
     day = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"mutation_{day}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    earlier = out / f"mutation_{day}.json"  # the day's rows of files not run this time are kept
+    if earlier.is_file():
+        done = {r["file"] for r in rows}
+        rows = [r for r in json.loads(earlier.read_text()) if r["file"] not in done] + rows
+    order = list(TARGETS)
+    rows = sorted(rows, key=lambda r: order.index(r["file"]) if r["file"] in order else len(order))
+    earlier.write_text(json.dumps(rows, indent=2) + "\n")
     lines = [f"# Mutation testing ({day}, CPU, mutmut 3)", "",
              "Command: `python tools/mutation.py` (each file in its own scratch copy; each mutant runs the tests that "
              "executed the mutated function). A timed-out mutant counts as killed (the suite did not pass); "
