@@ -669,7 +669,8 @@ class Trainer:
         if seen is None or seen.shape != imgs.shape or not torch.equal(seen, imgs):
             m = self.cfg.model
             model = initial_model(self.cfg, self.device)
-            self._untrained = {"imgs": imgs.detach().clone(), "train": predict(model, imgs, m.mask_ratio, noise_for(imgs.shape[0]))}
+            self._untrained = {"imgs": imgs.detach().clone(),
+                               "train": predict(model, imgs, m.mask_ratio, noise_for(imgs.shape[0]))}
             if show is not None:
                 self._untrained["heldout"] = predict(model, show, m.mask_ratio, noise_for(len(show)))
                 self._untrained["heldout_error"] = round(masked_patch_error(

@@ -124,6 +124,7 @@ class DaliLoader:
         self._iter_cls, self._policy = DALIGenericIterator, LastBatchPolicy
         self._checkpoint: str | None = None
         self._it = None
+        self._streams = weakref.WeakSet()  # held weakly: see pipelines.common.tracked
         self.replayed = 0  # batches read and dropped to reach a resume position (0 when the state was used)
         self._read = set()  # indices into self.files read this epoch by this rank
         self._in_epoch = 0
@@ -170,8 +171,6 @@ class DaliLoader:
         else replays `start` batches (read and dropped) to reach the same position."""
         from .common import tracked
 
-        if not hasattr(self, "_streams"):
-            self._streams = weakref.WeakSet()
         return tracked(self._stream(start), self._streams)
 
     def close(self) -> None:
@@ -179,7 +178,7 @@ class DaliLoader:
         continues from it)."""
         from .common import close_streams
 
-        close_streams(getattr(self, "_streams", ()))
+        close_streams(self._streams)
         it, self._it = self._it, None
         if it is None:
             return

@@ -70,6 +70,7 @@ class LabelledLoader:
         self.num_workers = data_cfg.workers() if num_workers is None else num_workers
         if train:
             self.plan = EpochPlan(len(self.files), batch_size, seed)
+        self._passes = weakref.WeakSet()  # held weakly: see pipelines.common.tracked
 
     @property
     def num_classes(self) -> int:
@@ -78,12 +79,10 @@ class LabelledLoader:
     def epoch(self, epoch: int = 0):
         """One pass: shuffled full batches when training, every sample in order otherwise. Leaving the pass early
         stops its workers when the generator is closed (`close()`, or the end of the run)."""
-        if not hasattr(self, "_passes"):
-            self._passes = weakref.WeakSet()
         return tracked(self._epoch(epoch), self._passes)
 
     def close(self) -> None:
-        close_streams(getattr(self, "_passes", ()))
+        close_streams(self._passes)
 
     def _epoch(self, epoch: int):
         if self.train:

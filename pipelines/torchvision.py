@@ -185,7 +185,7 @@ class TorchvisionLoader:
         self.dtype = getattr(torch, data_cfg.dtype)
         self.dataset.uint8 = data_cfg.transfer == "uint8"
         self.normalize = Normalize(data_cfg.mean, data_cfg.std, self.device) if self.dataset.uint8 else None
-        self._streams = weakref.WeakSet()
+        self._streams = weakref.WeakSet()  # held weakly: see pipelines.common.tracked
 
     def stream(self, start: int = 0):
         """Batches [B, C, H, W] fp32 on the device, forever, from global micro-batch `start`; `close()` (or the

@@ -55,14 +55,16 @@ EQUIVALENT: dict[str, str] = {
     "kernels.noise.x_block_mask__mutmut_12": _BUDGET + " (the count of tries starts at 1)",
     "kernels.noise.x_block_mask__mutmut_20": _BUDGET + " (one more try)",
     "kernels.noise.x_block_mask__mutmut_23": _BUDGET + " (half the tries)",
-    "kernels.noise.x_block_mask__mutmut_54": "h and w swap roles: the aspect law is symmetric (log-uniform on [0.3, 1/0.3]), "
+    "kernels.noise.x_block_mask__mutmut_54": "h and w swap roles: the aspect law is symmetric (log-uniform on "
+                                             "[0.3, 1/0.3]), "
                                              "so the masks have the same distribution",
     "kernels.noise.x_block_mask__mutmut_59": "as mutmut_54 (w takes h's formula)",
     "kernels.noise.x_block_mask__mutmut_75": "torch.randint(high) is torch.randint(0, high): the same draw",
     "kernels.noise.x_block_mask__mutmut_89": "torch.randint(high) is torch.randint(0, high): the same draw",
     "kernels.noise.x_block_mask__mutmut_104": "accepting a rectangle that adds no patch (new = 0) masks nothing more",
     "kernels.noise.x_grid_noise__mutmut_39": "torch.randint(high) is torch.randint(0, high): the same draw",
-    "kernels.noise.x_grid_noise__mutmut_53": "the lattice offset mirrored (idx + off instead of idx - off): the offset is "
+    "kernels.noise.x_grid_noise__mutmut_53": "the lattice offset mirrored (idx + off instead of idx - off): the "
+                                             "offset is "
                                              "uniform over the stride, so the lattices have the same law",
     "kernels.noise.x_grid_noise__mutmut_59": "as mutmut_53, for the columns",
     "engine.health.xǁHealthǁobserve_weights__mutmut_16": "when the streak already starts at this step, setting it to "
@@ -72,7 +74,8 @@ EQUIVALENT: dict[str, str] = {
 """mutant name -> why it cannot change behaviour (a log message, a default that is always passed, ...)."""
 
 GPU_ONLY: dict[str, str] = {  # (a seed's range is not a behaviour a test can hold without fixing the masks)
-    "kernels.noise.x__cpu_generator__mutmut_": "the seed of the block masks' CPU stream when the given generator cannot "
+    "kernels.noise.x__cpu_generator__mutmut_": "the seed of the block masks' CPU stream when the given generator "
+                                              "cannot "
                                               "serve (one on a GPU, or none): another seed range gives other masks of "
                                               "the same law, and only a GPU generator tells the device mutants apart",
     **{f"engine.health.xǁStopVoteǁstep__mutmut_{k}": "the vote's CUDA branch (the answer copied to pinned memory "
@@ -140,8 +143,9 @@ def run_file(target: str, tests: list[str], max_children: int, timeout_s: int) -
     decided = counts["killed"] + counts["survived"] + counts["timeout"]
     equivalent = [n for n in survivors if n in EQUIVALENT]
     gpu = [n for n in survivors if gpu_only(n)]
-    rate = (counts["killed"] + counts["timeout"] + len(equivalent)) / decided if decided else None
-    cpu = (counts["killed"] + counts["timeout"] + len(equivalent)) / (decided - len(gpu)) if decided > len(gpu) else None
+    kept = counts["killed"] + counts["timeout"] + len(equivalent)
+    rate = kept / decided if decided else None
+    cpu = kept / (decided - len(gpu)) if decided > len(gpu) else None
     return {"file": target, "tests": tests, "made": len(outcome), **counts, "equivalent": len(equivalent),
             "gpu_only": len(gpu), "kill_rate": None if rate is None else round(rate, 4),
             "kill_rate_cpu": None if cpu is None else round(cpu, 4), "wanted": TARGETS_WANTED.get(target, 0.85),
@@ -151,13 +155,13 @@ def run_file(target: str, tests: list[str], max_children: int, timeout_s: int) -
 def write_report(rows: list[dict], out: Path) -> Path:
     day = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     out.mkdir(parents=True, exist_ok=True)
-    earlier = out / f"mutation_{day}.json"  # the day's rows of files not run this time are kept
-    if earlier.is_file():
+    table = out / f"mutation_{day}.json"
+    if table.is_file():  # the day's rows of files not run this time are kept
         done = {r["file"] for r in rows}
-        rows = [r for r in json.loads(earlier.read_text()) if r["file"] not in done] + rows
+        rows = [r for r in json.loads(table.read_text()) if r["file"] not in done] + rows
     order = list(TARGETS)
     rows = sorted(rows, key=lambda r: order.index(r["file"]) if r["file"] in order else len(order))
-    earlier.write_text(json.dumps(rows, indent=2) + "\n")
+    table.write_text(json.dumps(rows, indent=2) + "\n")
     lines = [f"# Mutation testing ({day}, CPU, mutmut 3)", "",
              "Command: `python tools/mutation.py` (each file in its own scratch copy; each mutant runs the tests that "
              "executed the mutated function). A timed-out mutant counts as killed (the suite did not pass); "
@@ -171,9 +175,9 @@ def write_report(rows: list[dict], out: Path) -> Path:
         cpu = "-" if r.get("kill_rate_cpu") is None else f"{r['kill_rate_cpu']:.1%}"
         shown = ", ".join(Path(t).name for t in r["tests"] if t.startswith("tests/") and "::" not in t)
         lines.append(f"| `{r['file']}` | {shown} | {r['made']} | {r['killed']} | "
-                     f"{r['survived']} ({r['equivalent']}, {r.get('gpu_only', 0)}) | {r['timeout']} | {r['no tests']} | "
-                     f"{r['not checked']} | {rate} | {cpu} | "
-                     f"{r['wanted']:.0%} | {r['seconds'] / 60:.1f} | {'yes' if r['finished'] else 'no (time limit)'} |")
+                     f"{r['survived']} ({r['equivalent']}, {r.get('gpu_only', 0)}) | {r['timeout']} | "
+                     f"{r['no tests']} | {r['not checked']} | {rate} | {cpu} | {r['wanted']:.0%} | "
+                     f"{r['seconds'] / 60:.1f} | {'yes' if r['finished'] else 'no (time limit)'} |")
     for r in rows:
         if r["survivors"]:
             lines += ["", f"## Survivors in `{r['file']}`", ""]
