@@ -202,8 +202,9 @@ def largest_batch(m, mode: str, mask_ratio: float, budget_gib: float, multiple: 
                   **levers) -> tuple[int, Estimate | None]:
     """The largest batch (a multiple of `multiple`, at most `cap`) whose estimated peak fits `budget_gib`, and its
     estimate; (0, None) when even `multiple` does not fit. The peak is close to linear in the batch (resident
-    bytes plus activations per image): secant steps through two estimates place the answer, a bisection
-    between the last batch that fits and the first that does not settles it."""
+    bytes plus activations per image): secant steps through two estimates place the answer, a gallop upwards finds a
+    batch over the budget when none was met yet, and a bisection between the last batch that fits and the first that
+    does not settles it (at most 6 estimates for an affine peak)."""
     cache: dict[int, Estimate] = {}
 
     def peak(b):
@@ -226,12 +227,12 @@ def largest_batch(m, mode: str, mask_ratio: float, budget_gib: float, multiple: 
     fits = [x for x in cache if peak(x) <= budget_gib]
     over = [x for x in cache if peak(x) > budget_gib]
     lo, hi = max(fits), min([x for x in over if x > max(fits)], default=None)
-    if hi is None:  # nothing estimated over the budget above lo: probe upwards
-        hi = lo
-        while hi < snap(cap) and peak(hi) <= budget_gib:
-            lo, hi = hi, snap(min(cap, 2 * hi))
-        if peak(hi) <= budget_gib:
-            return hi, cache[hi]
+    if hi is None:  # nothing estimated over the budget above lo: gallop up from it (one multiple, two, four...; a
+        step = multiple  # secant step lands on the answer or just below it)
+        hi = snap(lo + step)
+        while hi > lo and peak(hi) <= budget_gib:
+            lo, step = hi, 2 * step
+            hi = snap(lo + step)  # the cap once it fits: then hi == lo
     while hi - lo > multiple:  # bisection on multiples
         mid = snap((lo + hi) // 2)
         if peak(mid) <= budget_gib:

@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from benchmarks.memory import BLOCK, GIB, AllocTracker, estimate_step, main
 from engine.config import ModelConfig, debug
@@ -99,17 +101,48 @@ def test_command_writes_rows_and_sets_measured_ones_beside(tmp_path):
 
 
 def test_largest_batch_is_the_last_that_fits():
+    """On the real estimate: a budget that 40 fits exactly gives 40 (48 cannot fit)."""
     from benchmarks.memory import largest_batch
 
     m = debug().model
-    budget = estimate_step(m, "mae", 40, 0.75).peak_gib + 1e-9  # 40 fits exactly, 48 cannot
+    budget = estimate_step(m, "mae", 40, 0.75).peak_gib + 1e-9
     b, est = largest_batch(m, "mae", 0.75, budget)
     assert b == 40 and est.peak_gib <= budget
-    assert estimate_step(m, "mae", 48, 0.75).peak_gib > budget
-    assert largest_batch(m, "mae", 0.75, budget, cap=24)[0] == 24
-    assert largest_batch(m, "mae", 0.75, 1e-4) == (0, None)
-    # recomputing blocks fits a larger batch in the same memory
-    assert largest_batch(m, "mae", 0.75, budget, activation_checkpointing=True)[0] > 40
+
+
+@settings(max_examples=300, deadline=None)
+@given(resident=st.floats(0.0, 50.0), per_image=st.floats(1e-4, 1.0), curve=st.floats(0.0, 1e-3),
+       budget=st.floats(0.0, 200.0), exact=st.one_of(st.none(), st.integers(1, 400)),
+       multiple=st.sampled_from([1, 4, 8, 16]), cap=st.integers(16, 5000))
+def test_the_batch_search_finds_the_last_multiple_that_fits_any_increasing_peak(resident, per_image, curve, budget,
+                                                                                exact, multiple, cap):
+    """The search on a stand-in estimate (resident bytes, a cost per image, a convex term): the answer is the largest
+    multiple of `multiple` within `cap` whose peak fits, found by brute force; (0, None) when even one multiple does
+    not fit; the estimate returned is the answer's; a budget met exactly fits; an affine peak (what a step's memory
+    is, nearly) takes at most 6 estimates (each is a second or more of fake-tensor tracing)."""
+    import engine.memory as mem
+
+    def peak(b):
+        return resident + per_image * b + curve * b * b
+
+    if exact is not None:
+        budget = peak(exact * multiple)
+    calls = []
+
+    def fake(m, mode, b, ratio, **levers):
+        calls.append(b)
+        assert b % multiple == 0 and multiple <= b <= cap, b
+        return mem.Estimate(peak(b), "backward", resident, 0.0, 0.0, peak(b), 0.0, 0.0)
+
+    want = max((b for b in range(multiple, cap // multiple * multiple + 1, multiple)
+                if peak(b) <= budget), default=0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mem, "estimate_step", fake)
+        b, est = mem.largest_batch(None, "mae", 0.75, budget, multiple=multiple, cap=cap)
+    assert b == want
+    assert (est is None) if want == 0 else est.peak_gib == peak(want)
+    if curve == 0:
+        assert len(set(calls)) <= 6, calls
 
 
 def test_command_largest_batch(tmp_path):
