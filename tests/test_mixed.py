@@ -39,9 +39,14 @@ def test_bf16_compute_gradients_match_fp32_and_land_on_the_masters():
         if n in ref:
             assert p.grad.dtype == torch.float32
             # the relative error (scale-sensitive, unlike a cosine: a gradient off by a factor must fail); bf16
-            # compute was measured at up to 3% per tensor on this model
+            # compute was measured at up to 3% per tensor on this model with 2 threads and 14% with one (a small
+            # LayerNorm bias: the threads' summation order decides its rounding)
             rel = ((p.grad - ref[n]).norm() / ref[n].norm()).item()
-            assert rel < 0.06, (n, rel)
+            assert rel < 0.25, (n, rel)
+    # all gradients together: measured 0.7% (2 threads) and 1.4% (1 thread)
+    got = torch.cat([m.get_parameter(n).grad.flatten() for n in ref])
+    want = torch.cat([g.flatten() for g in ref.values()])
+    assert ((got - want).norm() / want.norm()).item() < 0.03
     assert all(c.grad is None for c in comp.copies)
     # a second micro-batch adds
     g1 = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
@@ -134,8 +139,12 @@ def test_trainer_builds_encoder_math_and_trains_like_auto(tmp_path):
     assert not any(blk.attn.fused_attn for blk in b.model.blocks)
     ra, rb = a.fit(), b.fit()
     assert abs(ra.last_loss - rb.last_loss) < 1e-4 * ra.last_loss
+    pb = params_of(b)
     for k, v in params_of(a).items():
-        torch.testing.assert_close(params_of(b)[k], v, rtol=1e-3, atol=1e-5, msg=k)
+        if k.endswith("attn.qkv.bias"):  # the key bias: softmax ignores a shift of a query's scores, so its exact
+            third = v.numel() // 3  # gradient is 0 and Adam's step follows the sign of rounding noise; q and v only
+            v, pb[k] = torch.cat([v[:third], v[2 * third:]]), torch.cat([pb[k][:third], pb[k][2 * third:]])
+        torch.testing.assert_close(pb[k], v, rtol=1e-3, atol=1e-5, msg=k)
 
 
 def test_attention_and_precision_values_are_checked():
