@@ -2,6 +2,8 @@
 (checkpoints never written in a bad streak; stop or roll back), and a resume's metrics. Real signals to real
 subprocesses."""
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -55,24 +57,55 @@ def test_a_stop_signal_to_the_process_group_checkpoints_and_exits(tmp_path, sig,
     assert p.returncode == code, out[-3000:]
     assert f"received {sig}: saved" in out and "Traceback" not in out
     (saved,) = ckpt.list_checkpoints(tmp_path)
-    assert _step_of(saved) >= 3
+    step = _step_of(saved)
+    assert step >= 3 and step % 1000  # the signal's checkpoint, not a scheduled one
+    if sig == "SIGTERM":  # a pre-empted run goes on with --resume (in this process: a second launch only re-imports)
+        from engine.cli import main
+
+        argv = [a for a in RUN if a not in ("--train.max_steps", "100000")]
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            assert main(["pretrain", *argv, "--run-dir", str(tmp_path), "--data.num_workers", "0",
+                         "--train.max_steps", str(step + 2), "--resume"]) == 0
+        assert f"at step {step}" in log.getvalue()
+        assert _step_of(ckpt.latest_checkpoint(tmp_path)) == step + 2
+
+
+SLOW_STEPS = """
+import os
+if os.environ.get("MAE_TEST_STEP_SECONDS"):
+    import time
+    from engine.trainer import Trainer
+
+    _orig = Trainer.train_step
+
+    def _slow(self, stream):
+        out = _orig(self, stream)
+        time.sleep(float(os.environ["MAE_TEST_STEP_SECONDS"]))
+        return out
+
+    Trainer.train_step = _slow
+"""
 
 
 def test_a_second_ctrl_c_stops_without_a_checkpoint(tmp_path):
-    """Slow steps (the tiny preset at batch 256, about 5 s each on two cores): the second Ctrl-C arrives before the
-    step the first one asked to checkpoint after, and stops the run at once, writing nothing."""
-    args = [a if a != "debug" else "tiny" for a in RUN]
-    p = subprocess.Popen([sys.executable, "-m", "engine.pretrain", *args, "--run-dir", str(tmp_path),
-                          "--data.num_workers", "0", "--train.log_every", "1", "--train.batch_size", "256",
-                          "--data.repeat", "96"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         cwd=ROOT)
-    _wait_for_steps(tmp_path, 1, p, timeout=240)
+    """Slow steps (4 s each, a shim loaded by the run's Python): the second Ctrl-C arrives before the step the first
+    one asked to checkpoint after, and stops the run at once, writing nothing."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SLOW_STEPS)
+    env = dict(os.environ, MAE_TEST_STEP_SECONDS="4", PYTHONPATH=os.pathsep.join([str(shim), str(ROOT)]))
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "engine.pretrain", *RUN, "--run-dir", str(run),
+                          "--data.num_workers", "0", "--train.log_every", "1"], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+    _wait_for_steps(run, 1, p, timeout=240)
     p.send_signal(signal.SIGINT)
     time.sleep(1.2)
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 130 and "interrupted" in out, out[-2000:]
-    assert not ckpt.list_checkpoints(tmp_path)
+    assert not ckpt.list_checkpoints(run)
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
