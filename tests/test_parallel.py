@@ -113,30 +113,27 @@ def test_fsdp2_computes_in_bf16_reduces_in_fp32_and_returns_no_view():
         dist.destroy_process_group()
 
 
-def test_fsdp_checks_pass_on_cpu_and_catch_a_sharding_bug(tmp_path):
-    """benchmarks/fsdp_checks.py (the CUDA FSDP2 checks) run on a CPU with gloo: they pass, and an FSDP2 model
-    whose first block's weights were altered after sharding fails the step check."""
+def test_fsdp_checks_pass_on_cpu_and_catch_a_sharding_bug(tmp_path, monkeypatch, capsys):
+    """benchmarks/fsdp_checks.py (the CUDA FSDP2 checks) run on a CPU with gloo, in this process (one-process
+    groups, torn down at the end): they pass, and an FSDP2 model whose first block's weights were altered after
+    sharding fails the step check."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "benchmarks.fsdp_checks", "--device", "cpu", "--only",
-                        "FSDP2 step,DCP", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    import engine.parallel as P
+    from benchmarks.fsdp_checks import main as checks
+
+    assert checks(["--device", "cpu", "--only", "FSDP2 step,DCP", "--out", str(tmp_path)]) == 0, capsys.readouterr()
     res = json.loads((tmp_path / "fsdp_checks.json").read_text())["results"]
     assert [x["ok"] for x in res] == [True, True] and len(res) == 2
-    planted = (
-        "import sys, torch, engine.parallel as P\n"
-        "orig_mat = P.materialize\n"
-        "def mat(model, device, seed):\n"
-        "    orig_mat(model, device, seed)\n"
-        "    if P.is_fsdp(model):\n"
-        "        with torch.no_grad():\n"
-        "            model.blocks[0].attn.qkv.weight.mul_(1.01)\n"
-        "P.materialize = mat\n"
-        "from benchmarks.fsdp_checks import main\n"
-        "sys.exit(main(['--device', 'cpu', '--only', 'FSDP2 step']))\n")
-    r = subprocess.run([sys.executable, "-c", planted], capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 1 and "FAIL FSDP2 step vs single-device step" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    orig = P.materialize
+
+    def altered(model, device, seed):
+        orig(model, device, seed)
+        if P.is_fsdp(model):
+            with torch.no_grad():
+                model.blocks[0].attn.qkv.weight.mul_(1.01)
+
+    monkeypatch.setattr(P, "materialize", altered)
+    capsys.readouterr()
+    assert checks(["--device", "cpu", "--only", "FSDP2 step"]) == 1
+    assert "FAIL FSDP2 step vs single-device step" in capsys.readouterr().out

@@ -2,7 +2,6 @@
 sharded by rank, resumable, with damaged shards named."""
 
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -199,50 +198,6 @@ def test_a_manifest_with_missing_shards_is_named(tmp_path):
     (tmp_path / "out" / "shard-000001.tar").unlink()
     with pytest.raises(DataError, match="1 shard.* missing: shard-000001.tar"):
         open_shards(tmp_path / "out" / "manifest.json")
-
-
-RANKS_SCRIPT = r"""
-import json, os, sys
-import torch.distributed as dist
-sys.path.insert(0, {tests!r})
-from test_shards import _colour_index
-from engine.config import DataConfig
-from pipelines import build_loader, dali_available
-dist.init_process_group("gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
-result = {{}}
-for backend in ["torchvision"] + (["dali"] if dali_available() else []):
-    cfg = DataConfig(path={out!r}, backend=backend, num_workers=0, scale=(1.0, 1.0), ratio=(32 / 24, 32 / 24),
-                     hflip=0.0)
-    ld = build_loader(cfg, 16, 4, "cpu", seed=0, rank=rank, world=world)
-    s = ld.stream(0)
-    mine = [i for _ in range(ld.batches_per_epoch) for i in _colour_index(next(s), cfg)]
-    got = [None] * world
-    dist.all_gather_object(got, (ld.batches_per_epoch, mine))
-    result[backend] = got
-if rank == 0:
-    open({res!r}, "w").write(json.dumps(result))
-dist.destroy_process_group()
-"""
-
-
-def test_two_gloo_ranks_see_the_manifest_once_per_epoch(tmp_path):
-    """A 2-rank job (torchrun, gloo): the union of the samples the ranks read in an epoch is the manifest's, each
-    once, with the same number of batches on each rank, in both backends."""
-    src = _tree(tmp_path / "src")
-    pack(str(src), str(tmp_path / "out"), per_shard=7, progress=False, log=lambda m: None)
-    script = tmp_path / "ranks.py"
-    script.write_text(RANKS_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "out"),
-                                          res=str(tmp_path / "res.json")))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script)], capture_output=True, text=True, timeout=240, cwd=ROOT,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads((tmp_path / "res.json").read_text())
-    for backend, per_rank in res.items():
-        (b0, s0), (b1, s1) = per_rank
-        assert b0 == b1 == 3, backend
-        assert sorted(s0 + s1) == list(range(24)), backend
 
 
 @needs_dali
