@@ -55,7 +55,7 @@ print(torch.cuda.get_device_name(), "torch", torch.__version__)
 PY
 has checks && step cuda_checks 110 $PY -m benchmarks.cuda_checks --out "$OUT"
 if has pytest && $PY -c "import pytest" 2>/dev/null; then
-  step pytest_kernels 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py
+  step pytest_kernels 120 $PY -m pytest -q -o addopts= -p no:cacheprovider tests/test_kernels_triton.py
 fi
 PARTS=${PARTS:-$OUT/parts}  # per-process reports (merged into one at the end of section speed)
 # the paths not yet run on a GPU, with a compile cache of their own (section speed measures a cold compile)

@@ -207,8 +207,8 @@ def run_mutant(m: Mutant, tree: Path, timeout: int = 900) -> tuple[str, float]:
     env = dict(os.environ, PYTHONPATH=str(tree), TRITON_INTERPRET="1")
     t0 = time.time()
     try:
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.tests], cwd=tree,
-                           env=env, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider", *m.tests],
+                           cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
         caught = r.returncode != 0
     except subprocess.TimeoutExpired:
         caught = True  # a hang is caught too (the suite has its own timeouts)

@@ -111,6 +111,7 @@ def configure(work: Path, target: str, tests: list[str]) -> None:
     py = work / "pyproject.toml"
     py.write_text(py.read_text() + "\n[tool.mutmut]\n" + f"source_paths = [{json.dumps(target)}]\n"
                   + f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
+                  + 'pytest_add_cli_args = ["-n", "0"]\n'  # one process: mutmut runs its own children
                   + 'also_copy = ["engine", "kernels", "pipelines", "benchmarks", "tests"]\n'
                   + 'process_isolation = "forkserver"\n')
 
