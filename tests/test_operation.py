@@ -147,17 +147,6 @@ def test_every_ending_of_a_run_leaves_no_process_behind(tmp_path, folder, backen
         assert "injected fault" in out, out[-2000:]
 
 
-def test_a_finished_torchrun_job_exits(tmp_path, folder):
-    """The issue's case: 2 gloo ranks, torchvision workers, TensorBoard on: `done:` and then every process gone."""
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-            "engine.pretrain", *RUN, "--data", str(folder), "--run-dir", str(tmp_path / "run"), "--data.backend",
-            "torchvision", "--data.num_workers", "2", "--train.tensorboard", "true", "--train.batch_size", "16",
-            "--train.max_steps", "2", "--train.epochs", "50"]
-    rc, out, tail_s = run_to_the_end(tmp_path, argv, stuck_after=16)
-    assert rc == 0 and "done: step 2" in out, out[-3000:]
-    assert tail_s < 15, f"the process tree outlived its last line by {tail_s:.1f} s:\n{out[-2000:]}"
-
-
 def test_a_loader_closes_its_workers_and_streams_again(folder):
     from engine.config import DataConfig
     from pipelines.torchvision import TorchvisionLoader
