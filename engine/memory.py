@@ -227,12 +227,14 @@ def largest_batch(m, mode: str, mask_ratio: float, budget_gib: float, multiple: 
     fits = [x for x in cache if peak(x) <= budget_gib]
     over = [x for x in cache if peak(x) > budget_gib]
     lo, hi = max(fits), min([x for x in over if x > max(fits)], default=None)
-    if hi is None:  # nothing estimated over the budget above lo: gallop up from it (one multiple, two, four...; a
-        step = multiple  # secant step lands on the answer or just below it)
+    if hi is None:
+        # nothing estimated over the budget above lo: gallop up from it, one multiple, two, four... (a secant step
+        # lands on the answer or just below it); once the cap fits, hi == lo
+        step = multiple
         hi = snap(lo + step)
         while hi > lo and peak(hi) <= budget_gib:
             lo, step = hi, 2 * step
-            hi = snap(lo + step)  # the cap once it fits: then hi == lo
+            hi = snap(lo + step)
     while hi - lo > multiple:  # bisection on multiples
         mid = snap((lo + hi) // 2)
         if peak(mid) <= budget_gib:

@@ -2,6 +2,7 @@ import os
 import random
 import sys
 import types
+from pathlib import Path
 
 import torch
 
@@ -94,3 +95,12 @@ def spike_loss(trainer, from_call: int, until_call: int, factor: float = 100.0):
         return loss * factor if from_call <= calls["n"] < until_call else loss
 
     model.forward_loss = forward_loss
+
+
+def sitecustomize_env(tmp_path, code: str, **env) -> dict:
+    """os.environ for a Python run that executes `code` before anything else (a sitecustomize.py in a shim directory
+    ahead of the project's root on its PYTHONPATH), plus `env`."""
+    shim = Path(tmp_path) / "shim"
+    shim.mkdir(exist_ok=True)
+    (shim / "sitecustomize.py").write_text(code)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(shim), str(Path(__file__).resolve().parents[1])]), **env)

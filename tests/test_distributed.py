@@ -75,7 +75,7 @@ def continued(reference, run, step: int):
     to that step (what a one-process run stopped there leaves behind)."""
     shutil.copytree(reference, run)
     for c in ckpt.list_checkpoints(run):
-        if int(c.name[5:13]) > step:
+        if int(ckpt.CKPT_RE.match(c.name).group(1)) > step:
             c.unlink()
     return run
 

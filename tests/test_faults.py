@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import debug_cfg, spike_loss
+from conftest import debug_cfg, sitecustomize_env, spike_loss
 
 from engine import checkpoint as ckpt
 from engine.health import Health
@@ -91,10 +91,7 @@ if os.environ.get("MAE_TEST_STEP_SECONDS"):
 def test_a_second_ctrl_c_stops_without_a_checkpoint(tmp_path):
     """Slow steps (4 s each, a shim loaded by the run's Python): the second Ctrl-C arrives before the step the first
     one asked to checkpoint after, and stops the run at once, writing nothing."""
-    shim = tmp_path / "shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(SLOW_STEPS)
-    env = dict(os.environ, MAE_TEST_STEP_SECONDS="4", PYTHONPATH=os.pathsep.join([str(shim), str(ROOT)]))
+    env = sitecustomize_env(tmp_path, SLOW_STEPS, MAE_TEST_STEP_SECONDS="4")
     run = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "engine.pretrain", *RUN, "--run-dir", str(run),
                           "--data.num_workers", "0", "--train.log_every", "1"], stdout=subprocess.PIPE,

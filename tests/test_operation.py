@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import debug_cfg, spike_loss
+from conftest import debug_cfg, sitecustomize_env, spike_loss
 
 from engine import checkpoint as ckpt
 from engine.runlock import LOCK_NAME, RunDirectoryBusy, RunLock
@@ -82,10 +82,7 @@ def _process_group_alive(pgid: int) -> list[int]:
 def run_to_the_end(tmp_path, argv, stuck_after=None, env=None, timeout=180):
     """Run a command in its own session; returns (exit code, output, seconds from its last line until the whole
     process tree was gone). A tree still alive `timeout` s after the start is killed and reported."""
-    shim = tmp_path / "shim"
-    shim.mkdir(exist_ok=True)
-    (shim / "sitecustomize.py").write_text(STUCK_WORKER)
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(shim), str(ROOT)]), **(env or {}))
+    e = sitecustomize_env(tmp_path, STUCK_WORKER, OMP_NUM_THREADS="1", **(env or {}))
     if stuck_after is not None:
         e["MAE_TEST_STUCK_AFTER"] = str(stuck_after)
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e, cwd=ROOT,

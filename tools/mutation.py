@@ -56,16 +56,14 @@ EQUIVALENT: dict[str, str] = {
     "kernels.noise.x_block_mask__mutmut_20": _BUDGET + " (one more try)",
     "kernels.noise.x_block_mask__mutmut_23": _BUDGET + " (half the tries)",
     "kernels.noise.x_block_mask__mutmut_54": "h and w swap roles: the aspect law is symmetric (log-uniform on "
-                                             "[0.3, 1/0.3]), "
-                                             "so the masks have the same distribution",
+                                             "[0.3, 1/0.3]), so the masks have the same distribution",
     "kernels.noise.x_block_mask__mutmut_59": "as mutmut_54 (w takes h's formula)",
     "kernels.noise.x_block_mask__mutmut_75": "torch.randint(high) is torch.randint(0, high): the same draw",
     "kernels.noise.x_block_mask__mutmut_89": "torch.randint(high) is torch.randint(0, high): the same draw",
     "kernels.noise.x_block_mask__mutmut_104": "accepting a rectangle that adds no patch (new = 0) masks nothing more",
     "kernels.noise.x_grid_noise__mutmut_39": "torch.randint(high) is torch.randint(0, high): the same draw",
     "kernels.noise.x_grid_noise__mutmut_53": "the lattice offset mirrored (idx + off instead of idx - off): the "
-                                             "offset is "
-                                             "uniform over the stride, so the lattices have the same law",
+                                             "offset is uniform over the stride, so the lattices have the same law",
     "kernels.noise.x_grid_noise__mutmut_59": "as mutmut_53, for the columns",
     "engine.health.xǁHealthǁobserve_weights__mutmut_16": "when the streak already starts at this step, setting it to "
                                                          "this step again changes nothing",
@@ -75,8 +73,7 @@ EQUIVALENT: dict[str, str] = {
 
 GPU_ONLY: dict[str, str] = {  # (a seed's range is not a behaviour a test can hold without fixing the masks)
     "kernels.noise.x__cpu_generator__mutmut_": "the seed of the block masks' CPU stream when the given generator "
-                                              "cannot "
-                                              "serve (one on a GPU, or none): another seed range gives other masks of "
+                                              "cannot serve (one on a GPU, or none): another seed range gives other masks of "
                                               "the same law, and only a GPU generator tells the device mutants apart",
     **{f"engine.health.xǁStopVoteǁstep__mutmut_{k}": "the vote's CUDA branch (the answer copied to pinned memory "
                                                       "behind an event) and the device of its tensor: on a CPU the "
