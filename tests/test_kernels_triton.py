@@ -337,3 +337,128 @@ def test_loss_reads_nothing_of_kept_patches():
     lb = norm_pix_mse_triton(imgs, pred, mask, p, mask_count=count)
     (gb,) = torch.autograd.grad(lb, pred)
     assert torch.equal(la, lb) and torch.equal(ga, gb)
+
+
+# --- the launchers' contracts: buffers, fallbacks, the deterministic switch, messages (found by mutation testing)
+
+
+def _unshuffle_inputs(n=3, length=49, d=24, ratio=0.75, dtype=torch.float32, has_cls=True):
+    noise = torch.rand(n, length, device=DEV)
+    _, mask, ids_restore, _ = random_masking_torch(torch.zeros(n, length, 1, device=DEV), ratio, noise)
+    k = kernels.len_keep_for(length, ratio)
+    x = torch.randn(n, k + int(has_cls), d, device=DEV).to(dtype).requires_grad_()
+    mt = torch.randn(1, 1, d, device=DEV).requires_grad_()
+    return x, ids_restore, mt, mask
+
+
+def _both_kernels(x, mt, noise, deterministic=False):
+    """Masking and unshuffle through the kernels, forward and backward: every output and gradient."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        xm = x.detach().requires_grad_()
+        kept, mask, restore, keep = random_masking_triton(xm, 0.75, noise)
+        (g_masked,) = torch.autograd.grad(kept, xm, torch.ones_like(kept))
+        xu = torch.cat([kept[:, :1], kept], 1).detach().requires_grad_()
+        mtu = mt.detach().requires_grad_()
+        out = unshuffle_triton(xu, restore, mtu)
+        g = torch.arange(out.numel(), device=DEV, dtype=torch.float32).reshape(out.shape).sin()
+        g_x, g_mt = torch.autograd.grad(out, (xu, mtu), g)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    return {"kept": kept, "mask": mask, "ids_restore": restore, "ids_keep": keep, "grad x (masking)": g_masked,
+            "unshuffled": out, "grad x (unshuffle)": g_x, "grad mask token": g_mt}
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_kernel_buffers_do_not_follow_the_default_dtype(deterministic):
+    """A script that sets torch's default dtype to float64 gets the same masks, tokens and gradients: the mask is
+    fp32 and the mask token's gradient is summed in fp32 whatever the default (the launchers name every dtype)."""
+    x = torch.randn(3, 64, 24, device=DEV)
+    mt = torch.randn(1, 1, 24, device=DEV)
+    noise = torch.rand(3, 64, device=DEV)
+    want = _both_kernels(x, mt, noise, deterministic)
+    was = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = _both_kernels(x, mt, noise, deterministic)
+    finally:
+        torch.set_default_dtype(was)
+    for name, a in got.items():
+        assert a.dtype == want[name].dtype and torch.equal(a, want[name]), name
+    assert got["mask"].dtype == torch.float32 and got["grad mask token"].dtype == torch.float32
+
+
+class _LaunchSpy:
+    """Stands in for a Triton kernel object: records each launch's keyword arguments and launches the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_unshuffle_backward_adds_atomically_by_default_and_in_a_fixed_order_when_deterministic(monkeypatch):
+    """torch.use_deterministic_algorithms(True) promises run-to-run identical gradients: the mask token's sum
+    must then not use atomics (their order varies on a GPU), and by default it is one launch with atomics."""
+    from kernels import masking
+
+    spy = _LaunchSpy(masking._unshuffle_bwd_kernel)
+    monkeypatch.setattr(masking, "_unshuffle_bwd_kernel", spy)
+    x, ids_restore, mt, _ = _unshuffle_inputs()
+    torch.autograd.grad(unshuffle_triton(x, ids_restore, mt), (x, mt), torch.ones(3, 50, 24, device=DEV))
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.autograd.grad(unshuffle_triton(x, ids_restore, mt), (x, mt), torch.ones(3, 50, 24, device=DEV))
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert [(k["ATOMIC"], k["WANT_MT"]) for k in spy.launches] == [(True, True), (False, True)]
+
+
+def test_unshuffle_falls_back_to_the_reference_exactly_where_the_kernel_cannot_serve(monkeypatch):
+    """Tokens outside the kernel dtypes (float64) or a trainable embedding (the kernel gives it no gradient) take
+    the reference with every argument passed on; every other case runs the kernel."""
+    from kernels import masking
+
+    calls = []
+    real = masking._UnshuffleFn.apply
+    monkeypatch.setattr(masking._UnshuffleFn, "apply", lambda *a: calls.append(1) or real(*a))
+    x, ids_restore, mt, _ = _unshuffle_inputs()
+    pos = torch.randn(1, 50, 24, device=DEV)
+    for x_dtype, pos_grad, kernel in [(torch.float64, False, False), (torch.float32, True, False),
+                                      (torch.float32, False, True), (torch.bfloat16, False, True)]:
+        calls.clear()
+        xx = x.detach().to(x_dtype)
+        pp = pos.detach().to(x_dtype).requires_grad_(pos_grad)
+        got = unshuffle_triton(xx, ids_restore, mt, True, pp)
+        assert torch.equal(got, unshuffle_torch(xx, ids_restore, mt, True, pp)), (x_dtype, pos_grad)
+        assert got.dtype == x_dtype and bool(calls) == kernel, (x_dtype, pos_grad)
+        if pos_grad:
+            (gp,) = torch.autograd.grad(got.sum(), pp)
+            assert gp.abs().sum() > 0
+    calls.clear()
+    got = unshuffle_triton(x.detach().double(), ids_restore, mt, False)  # no cls row: the flag is passed on
+    assert got.shape == (3, 49, 24) and not calls
+    assert torch.equal(got, unshuffle_torch(x.detach().double(), ids_restore, mt, False))
+
+
+def test_launcher_messages_name_the_problem(monkeypatch):
+    from kernels import masking
+
+    x, ids_restore, mt, _ = _unshuffle_inputs()
+    with pytest.raises(ValueError) as e:
+        unshuffle_triton(x, ids_restore, mt, True, torch.zeros(1, 49, 24, device=DEV))
+    assert str(e.value) == "pos must hold (L + cls) x D = 50 x 24 elements, got shape [1, 49, 24]"
+    with pytest.raises(ValueError) as e:
+        random_masking_triton(torch.zeros(2, 16, 8, device=DEV), 0.5, None, torch.zeros(1, 17, 8, device=DEV))
+    assert str(e.value) == "pos must hold L x D = 16 x 8 elements, got shape [1, 17, 8]"
+    monkeypatch.setattr(masking, "HAS_TRITON", False)
+    for call in (lambda: unshuffle_triton(x, ids_restore, mt), lambda: random_masking_triton(x, 0.5)):
+        with pytest.raises(RuntimeError) as e:
+            call()
+        assert str(e.value) == "triton is not importable"

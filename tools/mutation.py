@@ -50,6 +50,12 @@ TARGETS_WANTED = {"engine/checkpoint.py": 0.95, "kernels/loss.py": 0.95, "kernel
 """Kill rates asked for; every other file 0.85."""
 
 _BUDGET = "the try budget only matters when a target cannot be met, and then only how long the search goes on"
+_NEVER_GATHERED = ("more mask-token rows than L - K: ids_restore indexes [0, L) only, so the extra rows are "
+                   "never gathered")
+_AUTOGRAD_CASTS = ("a gradient buffer in the default dtype: the kernel only copies values into it, and autograd "
+                   "casts a gradient to its input's dtype (round to nearest even, as the kernel's store does)")
+_TILE = ("the tile height from L - cls instead of L + cls: the grid is cut from the same block height, so every "
+         "row is still covered once; only the tile shape changes")
 EQUIVALENT: dict[str, str] = {
     "kernels.noise.x_block_mask__mutmut_2": _BUDGET + " (default max_tries 1000 -> 1001)",
     "kernels.noise.x_block_mask__mutmut_12": _BUDGET + " (the count of tries starts at 1)",
@@ -68,9 +74,26 @@ EQUIVALENT: dict[str, str] = {
     "engine.health.xǁHealthǁobserve_weights__mutmut_16": "when the streak already starts at this step, setting it to "
                                                          "this step again changes nothing",
     "engine.health.xǁHealthǁlast_good_checkpoint__mutmut_7": 'float("INF") is float("inf")',
+    **{f"kernels.masking.x_unshuffle_torch__mutmut_{k}": _NEVER_GATHERED for k in (7, 9, 30)},
+    **{f"kernels.masking.x_unshuffle_torch__mutmut_{k}": "a [1, D] mask token broadcasts in expand() as [1, 1, D] "
+                                                         "does" for k in (25, 26)},
+    "kernels.masking.x_unshuffle_torch__mutmut_72": "a [T, D] embedding broadcasts over the batch as [1, T, D] does",
+    "kernels.masking.xǁ_RandomMaskingFnǁforward__mutmut_4": "noise kept in its own dtype: the kernel converts what it "
+                                                            "loads to fp32 itself, rounding as the host cast does",
+    **{f"kernels.masking.xǁ_RandomMaskingFnǁbackward__mutmut_{k}": _AUTOGRAD_CASTS for k in (12, 17)},
+    **{f"kernels.masking.xǁ_UnshuffleFnǁbackward__mutmut_{k}": _AUTOGRAD_CASTS for k in (24, 29)},
+    "kernels.masking.xǁ_UnshuffleFnǁbackward__mutmut_94": "the mask token's gradient left in fp32: autograd casts a "
+                                                          "gradient to its parameter's dtype, the same rounding",
+    "kernels.masking.xǁ_UnshuffleFnǁforward__mutmut_40": _TILE,
+    "kernels.masking.xǁ_UnshuffleFnǁbackward__mutmut_12": _TILE,
+    **{f"kernels.masking.xǁ_UnshuffleFnǁbackward__mutmut_{k}": "the one-element dummy for the unused sum pointer "
+                                                               "(no mask-token gradient wanted) is never read or "
+                                                               "written" for k in (38, 41, 42, 43)},
 }
 """mutant name -> why it cannot change behaviour (a log message, a default that is always passed, ...)."""
 
+_DEVICE = ("a kernel buffer allocated without the input's device: on a CPU that is the input's device, on a GPU "
+           "the kernel would be handed host memory")
 GPU_ONLY: dict[str, str] = {  # (a seed's range is not a behaviour a test can hold without fixing the masks)
     "kernels.noise.x__cpu_generator__mutmut_": "the seed of the block masks' CPU stream when the given generator "
                                               "cannot serve (one on a GPU, or none): another seed range gives other masks of "
@@ -79,6 +102,10 @@ GPU_ONLY: dict[str, str] = {  # (a seed's range is not a behaviour a test can ho
                                                       "behind an event) and the device of its tensor: on a CPU the "
                                                       "branch never runs; the fake-group test holds the protocol"
        for k in (5, 8, *range(17, 33))},
+    **{f"kernels.masking.xǁ_RandomMaskingFnǁforward__mutmut_{k}": _DEVICE for k in (9, 14, 23, 27, 32, 36, 41, 45)},
+    **{f"kernels.masking.xǁ_RandomMaskingFnǁbackward__mutmut_{k}": _DEVICE for k in (11, 16)},
+    **{f"kernels.masking.xǁ_UnshuffleFnǁforward__mutmut_{k}": _DEVICE for k in (16, 21)},
+    **{f"kernels.masking.xǁ_UnshuffleFnǁbackward__mutmut_{k}": _DEVICE for k in (23, 28, 37, 40, 46, 49, 54, 58)},
 }
 """mutant name, or a prefix ending in "_", -> why only a GPU can tell (reported apart: not killed here, not
 equivalent)."""
