@@ -288,14 +288,15 @@ def sample_crop(width: int, height: int, scale, ratio, rng: random.Random) -> tu
             top = rng.randint(0, height - h)
             left = rng.randint(0, width - w)
             return top, left, h, w
-    # fallback: central crop with the aspect clamped to the range
+    # fallback: central crop with the aspect clamped to the range (at least one pixel a side: torchvision's
+    # rounding gives a 0-pixel side for an image a few pixels across, which no resize accepts)
     in_ratio = width / height
     if in_ratio < min(ratio):
         w = width
-        h = int(round(w / min(ratio)))
+        h = max(1, int(round(w / min(ratio))))
     elif in_ratio > max(ratio):
         h = height
-        w = int(round(h * max(ratio)))
+        w = max(1, int(round(h * max(ratio))))
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w

@@ -39,7 +39,9 @@ TARGETS = {
     "kernels/masking.py": ["tests/test_kernels_triton.py", "tests/test_model.py"],
     "engine/optim.py": ["tests/test_train.py", "tests/test_step.py"],
     "engine/step.py": ["tests/test_step.py", "tests/test_graphstep.py"],
-    "engine/checkpoint.py": ["tests/test_checkpoint_safety.py", "tests/test_dcp_payloads.py", "tests/test_train.py"],
+    "engine/checkpoint.py": ["tests/test_checkpoint_units.py", "tests/test_checkpoint_safety.py",
+                             "tests/test_dcp_payloads.py", "tests/test_checkpoint_export.py", "tests/test_hf.py",
+                             "-k", "not kill_during and not strictly_into_timm"],
     "pipelines/common.py": ["tests/test_data_torchvision.py", "tests/test_shards.py"],
 }
 """The files of issue 28, smallest first, with the tests that exercise them (pytest arguments: a `--deselect` or

@@ -1,0 +1,461 @@
+"""engine/checkpoint.py function by function, in this process and in well under a second each: the newest K kept,
+the listing order, the round trip of a training checkpoint in both forms (a one-rank gloo group for the sharded one),
+the resume fields' checks and their messages, the RNG capture, the weights' origins. The end-to-end behaviour (kills,
+full disks, payloads, every command) is in test_checkpoint_safety.py and test_dcp_payloads.py; this file is what the
+mutation run (tools/mutation.py) holds each planted change of checkpoint.py against."""
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine import checkpoint as ckpt
+from engine.atomic import CheckpointError
+from engine.config import debug
+from engine.model import build_model
+
+
+def _touch_ckpt(d, step, form):
+    p = ckpt.checkpoint_path(d, step, sharded=form == "dcp")
+    if form == "dcp":
+        p.mkdir()
+        (p / "shard").write_bytes(b"x")
+    else:
+        p.write_bytes(b"x")
+    return p
+
+
+# --- names, listing, pruning
+
+
+def test_checkpoint_names_and_listing_order(tmp_path):
+    assert ckpt.checkpoint_path(tmp_path, 7) == tmp_path / "ckpt_00000007.pt"
+    assert ckpt.checkpoint_path(tmp_path, 123456789 % 10**8, sharded=True) == tmp_path / "ckpt_23456789.dcp"
+    assert ckpt.list_checkpoints(tmp_path / "absent") == [] and ckpt.latest_checkpoint(tmp_path) is None
+    for step, form in [(10, "pt"), (9, "pt"), (100, "dcp"), (10, "dcp"), (2, "pt")]:
+        _touch_ckpt(tmp_path, step, form)
+    for junk in ("ckpt_1.pt", "ckpt_00000050.pt.tmp", ".ckpt_00000060.pt", "ckpt_00000070.pth", "xckpt_00000080.pt",
+                 "ckpt_000000090.pt"):
+        (tmp_path / junk).write_bytes(b"x")
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path)]
+    assert names == ["ckpt_00000002.pt", "ckpt_00000009.pt", "ckpt_00000010.dcp", "ckpt_00000010.pt",
+                     "ckpt_00000100.dcp"]  # by step as a number, then .dcp before .pt
+    assert ckpt.latest_checkpoint(tmp_path).name == "ckpt_00000100.dcp"
+
+
+@settings(max_examples=40, deadline=None)
+@given(steps=st.lists(st.tuples(st.integers(0, 10**8 - 1), st.sampled_from(["pt", "dcp"])), unique=True,
+                      max_size=8),
+       keep=st.integers(1, 6))
+def test_pruning_keeps_exactly_the_newest_k(tmp_path_factory, steps, keep):
+    d = tmp_path_factory.mktemp("prune")
+    for step, form in steps:
+        _touch_ckpt(d, step, form)
+    (d / "metrics.jsonl").write_text("{}")
+    ckpt.prune(d, keep)
+    newest = sorted(steps, key=lambda s: (s[0], "." + s[1]))[-keep:]
+    assert sorted(p.name for p in d.iterdir()) == sorted(
+        [ckpt.checkpoint_path(d, s, f == "dcp").name for s, f in newest] + ["metrics.jsonl"])
+
+
+def test_save_checkpoint_keeps_three_by_default_and_the_file_loads(tmp_path):
+    for step in range(1, 6):
+        p = ckpt.save_checkpoint(tmp_path, step, {"step": step, "w": torch.full((2,), float(step))})
+    assert p == tmp_path / "ckpt_00000005.pt"
+    assert [q.name for q in ckpt.list_checkpoints(tmp_path)] == [f"ckpt_0000000{s}.pt" for s in (3, 4, 5)]
+    assert torch.equal(ckpt.load_checkpoint(p)["w"], torch.full((2,), 5.0))
+
+
+# --- the run directory: writable, stale temporary files
+
+
+def test_ensure_writable_creates_the_directory_and_leaves_no_probe(tmp_path):
+    d = ckpt.ensure_writable(tmp_path / "a" / "b")
+    assert d == tmp_path / "a" / "b" and d.is_dir() and list(d.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError) as e:
+        ckpt.ensure_writable(tmp_path / "file" / "run")
+    assert str(e.value) == (f"cannot write the run's files in {tmp_path / 'file' / 'run'}: a part of the path is a "
+                            "file, not a directory; the checkpoints already there are intact")
+
+
+def _aged(p, seconds):
+    t = time.time() - seconds
+    os.utime(p, (t, t))
+    return p
+
+
+def test_stale_temporary_files_by_writer_and_age(tmp_path):
+    host = socket.gethostname().replace(".", "-")
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    assert not ckpt._pid_alive(dead) and ckpt._pid_alive(os.getpid()) and ckpt._pid_alive(1)
+    files = {  # name -> (age in seconds, stale under the default hour)
+        f".ckpt_00000002.pt.{host}-{dead}.ab12.tmp": (0, True),  # this host, writer gone: at once
+        f".ckpt_00000003.pt.{host}-{os.getpid()}.cd34.tmp": (7200, False),  # writer alive: never
+        f".ckpt_00000004.pt.elsewhere-{dead}.ef56.tmp": (7200, True),  # another host: by age
+        f".ckpt_00000005.pt.elsewhere-{dead}.gh78.tmp": (1800, False),
+        ".something.tmp": (7200, True),  # untagged: by age
+        "ckpt_00000006.pt.tmp": (7200, False),  # not hidden: not ours
+        ".ckpt_00000007.pt": (7200, False),  # not .tmp
+    }
+    dirs = {  # a sharded save's temporary directory, its writer in .writer
+        ".ckpt_00000008.dcp.tmp": (f"{host} {dead}\n", 0, True),
+        ".ckpt_00000009.dcp.tmp": (f"{host} {os.getpid()}\n", 7200, False),
+        ".ckpt_00000010.dcp.tmp": ("no-pid-here\n", 0, False),  # unreadable: the age rule, and it is fresh
+    }
+    for name, (age, _) in files.items():
+        (tmp_path / name).write_bytes(b"x")
+        _aged(tmp_path / name, age)
+    for name, (writer, age, _) in dirs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ".writer").write_text(writer)
+        _aged(tmp_path / name, age)
+    want = {tmp_path / n for n, (_, stale) in files.items() if stale} | {
+        tmp_path / n for n, (_, _, stale) in dirs.items() if stale}
+    assert set(ckpt.remove_stale_temp_files(tmp_path)) == want
+    assert {p for p in tmp_path.iterdir()} == {tmp_path / n for n in [*files, *dirs]} - want
+    young = {tmp_path / f".ckpt_00000005.pt.elsewhere-{dead}.gh78.tmp", tmp_path / ".ckpt_00000010.dcp.tmp"}
+    assert set(ckpt.remove_stale_temp_files(tmp_path, min_age_s=60)) == {
+        tmp_path / f".ckpt_00000005.pt.elsewhere-{dead}.gh78.tmp"}
+    assert set(ckpt.remove_stale_temp_files(tmp_path, min_age_s=-1)) == young - {
+        tmp_path / f".ckpt_00000005.pt.elsewhere-{dead}.gh78.tmp"}
+    assert ckpt.remove_stale_temp_files(tmp_path / "absent") == []
+
+
+# --- a training checkpoint's round trip, both forms
+
+
+def _trained(seed=0):
+    torch.manual_seed(seed)
+    model = build_model(debug().model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss, _, _ = model(torch.randn(2, 3, 32, 32), 0.75)
+    loss.backward()
+    opt.step()
+    return model, opt
+
+
+def _assert_same_training_state(a, b):
+    (ma, oa), (mb, ob) = a, b
+    for (k, x), (_, y) in zip(ma.state_dict().items(), mb.state_dict().items()):
+        assert torch.equal(x, y), k
+    sa, sb = oa.state_dict()["state"], ob.state_dict()["state"]
+    assert sa.keys() == sb.keys() and sa
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), (i, k)
+
+
+def test_a_file_checkpoint_round_trips_model_optimizer_and_meta(tmp_path):
+    src = _trained(0)
+    meta = {"step": 3, "data": {"micro_batch": 3}, "config": {"model": {"depth": debug().model.depth}}}
+    p = ckpt.save_training_checkpoint(tmp_path, 3, *src, meta, keep_last=2, sharded=False)
+    assert p == tmp_path / "ckpt_00000003.pt"
+    dst = _trained(1)
+    assert ckpt.load_training_checkpoint(p, *dst, model_cfg=debug().model) == meta
+    _assert_same_training_state(src, dst)
+    assert ckpt.read_meta(p) == meta
+    other = debug().model
+    other.depth += 1
+    with pytest.raises(CheckpointError, match=rf"is of another architecture \(depth: checkpoint {other.depth - 1} vs "
+                                              rf"config {other.depth}\)"):
+        ckpt.load_training_checkpoint(p, *dst, model_cfg=other)
+    for k in range(4, 7):
+        ckpt.save_training_checkpoint(tmp_path, k, *src, {**meta, "step": k}, keep_last=2, sharded=False)
+    assert [q.name for q in ckpt.list_checkpoints(tmp_path)] == ["ckpt_00000005.pt", "ckpt_00000006.pt"]
+    weights = ckpt.atomic_torch_save({"model": src[0].state_dict(), "step": 1}, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError) as e:
+        ckpt.load_training_checkpoint(weights, *dst)
+    assert str(e.value) == (f"{weights} is not a training checkpoint (no optimizer state); to start from weights "
+                            "only, use a new run directory")
+
+
+@pytest.fixture
+def one_rank_group():
+    import torch.distributed as dist
+
+    from engine.parallel import _free_port
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_sharded_checkpoint_round_trips_and_is_renamed_in_whole(tmp_path, one_rank_group):
+    src = _trained(0)
+    meta = {"step": 2, "data": {"micro_batch": 2}}
+    p = ckpt.save_training_checkpoint(tmp_path, 2, *src, meta, keep_last=1, sharded=True)
+    assert p == tmp_path / "ckpt_00000002.dcp" and p.is_dir() and (p / ".metadata").is_file()
+    assert not (p / ".writer").exists() and sorted(x.name for x in tmp_path.iterdir()) == ["ckpt_00000002.dcp"]
+    assert ckpt.read_meta(p) == meta
+    dst = _trained(1)
+    assert ckpt.load_training_checkpoint(p, *dst) == meta
+    _assert_same_training_state(src, dst)
+    full = ckpt.full_model_state(p)
+    assert full.keys() == src[0].state_dict().keys()
+    assert all(torch.equal(full[k], v) for k, v in src[0].state_dict().items())
+    again = ckpt.save_training_checkpoint(tmp_path, 2, *dst, {"step": 2, "again": True}, keep_last=1, sharded=True)
+    assert again == p and ckpt.read_meta(p)["again"] is True  # a save over the same step replaces it whole
+    ckpt.save_training_checkpoint(tmp_path, 5, *dst, {"step": 5}, keep_last=1, sharded=True)
+    assert [q.name for q in ckpt.list_checkpoints(tmp_path)] == ["ckpt_00000005.dcp"]
+    (tmp_path / "blocked").write_text("x")
+    with pytest.raises(CheckpointError) as e:  # rank 0 cannot make the directory: every rank raises, none waits
+        ckpt.save_training_checkpoint(tmp_path / "blocked", 6, *dst, {"step": 6}, keep_last=1, sharded=True)
+    assert str(e.value) == (f"cannot write ckpt_00000006.dcp in {tmp_path / 'blocked'}: a file of that name is in "
+                            "the way; the checkpoints already there are intact")
+    with pytest.raises(CheckpointError) as e:  # a rank other than 0 learns of rank 0's failure
+        ckpt._raise_together(None, p, tmp_path) or ckpt._raise_together(CheckpointError("rank 0"), p, tmp_path)
+    assert str(e.value) == "rank 0"
+
+
+def test_the_os_error_behind_a_wrapped_failure_is_found():
+    import errno
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert ckpt._first_os_error(full) is full
+    assert ckpt._first_os_error(ValueError("x")) is None and ckpt._first_os_error(OSError("no errno")) is None
+    try:
+        try:
+            raise full
+        except OSError as e:
+            raise RuntimeError("wrapped") from e
+    except RuntimeError as e:
+        assert ckpt._first_os_error(e) is full
+    try:
+        try:
+            raise full
+        except OSError:
+            raise KeyError("during handling")  # noqa: B904 - the context, not the cause
+    except KeyError as e:
+        assert ckpt._first_os_error(e) is full
+
+    class Wrapped(BaseException):  # DCP's CheckpointException: {rank: (exception, traceback)}
+        def __init__(self, failures):
+            super().__init__("ranks failed")
+            self.failures = failures
+
+    assert ckpt._first_os_error(Wrapped({0: (ValueError("a"), None), 1: (full, None)})) is full
+    assert ckpt._first_os_error(Wrapped({3: full})) is full
+    loop = RuntimeError("loop")
+    loop.__context__ = loop
+    assert ckpt._first_os_error(loop) is None
+
+
+# --- reading: files, keys, architecture, fields
+
+
+def test_loading_names_what_is_wrong_with_the_file(tmp_path):
+    with pytest.raises(CheckpointError) as e:
+        ckpt.load_checkpoint(tmp_path / "nope.pt")
+    assert str(e.value) == f"checkpoint {tmp_path / 'nope.pt'} does not exist"
+    torch.save([torch.ones(1)], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError) as e:
+        ckpt.load_checkpoint(tmp_path / "list.pt")
+    assert str(e.value) == f"checkpoint {tmp_path / 'list.pt'} holds a list, not a dict of tensors"
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*text\.pt: not a PyTorch checkpoint, or "
+                                              r"damaged \(\w+: "):
+        ckpt.load_checkpoint(tmp_path / "text.pt")
+    (tmp_path / "empty.dcp").mkdir()
+    with pytest.raises(CheckpointError) as e:
+        ckpt.full_model_state(tmp_path / "empty.dcp")
+    assert str(e.value) == (f"{tmp_path / 'empty.dcp'} is not a checkpoint (no .pt file, no DCP .metadata, no Hugging "
+                            "Face config.json)")
+
+
+def test_model_state_is_found_in_every_layout():
+    sd = {"a": torch.ones(1)}
+    assert ckpt.model_state_from({"model": sd, "step": 1}) is sd and ckpt.model_state_from(sd) is sd
+    for bad in ({"model": {"a": 1}}, {"model": [torch.ones(1)]}, {"a": torch.ones(1), "step": 3}):
+        with pytest.raises(CheckpointError) as e:
+            ckpt.model_state_from(bad, "x.pt")
+        assert str(e.value) == "x.pt holds no model state dict"
+    assert ckpt.model_state_from({})  == {}
+
+
+def test_key_mismatches_are_listed_in_one_message():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt.load_model_state(model, sd)  # exact: loads
+    sd.pop("0.bias")
+    sd["extra"] = torch.ones(1)
+    sd["1.weight"] = torch.ones(2, 3)
+    with pytest.raises(CheckpointError) as e:
+        ckpt.load_model_state(model, sd, "m.pt")
+    assert str(e.value) == ("checkpoint m.pt does not fit this model: missing (1): 0.bias; unexpected (1): extra; "
+                            "shape mismatch (1): 1.weight: checkpoint (2, 3) vs model (1, 3)")
+    many = ckpt._mismatch_message("m.pt", [f"k{i}" for i in range(9)], [], [])
+    assert many == "checkpoint m.pt does not fit this model: missing (9): k0, k1, k2, k3, k4, k5, k6, k7 ..."
+    assert ckpt._mismatch_message("m.pt", [f"k{i}" for i in range(8)], [], []).endswith("k6, k7")
+
+
+def test_architecture_check_names_each_difference():
+    cfg = debug().model
+    ckpt.check_architecture(None, cfg, "c.pt")
+    ckpt.check_architecture({"model": "?"}, cfg, "c.pt")
+    ckpt.check_architecture({"model": {"depth": cfg.depth, "lr": 5}}, cfg, "c.pt")
+    with pytest.raises(CheckpointError) as e:
+        ckpt.check_architecture({"model": {"embed_dim": cfg.embed_dim * 2, "patch_size": cfg.patch_size,
+                                           "decoder_depth": cfg.decoder_depth + 1}}, cfg, "c.pt")
+    assert str(e.value) == (f"checkpoint c.pt is of another architecture (embed_dim: checkpoint {cfg.embed_dim * 2} "
+                            f"vs config {cfg.embed_dim}; decoder_depth: checkpoint {cfg.decoder_depth + 1} vs config "
+                            f"{cfg.decoder_depth}); use the preset and overrides it was trained with, or another run "
+                            "directory")
+
+
+def _meta(**changes):
+    meta = {"step": 4, "data": {"micro_batch": 4, "samples_seen": 32, "epoch": 0},
+            "rng": {"torch": torch.get_rng_state(), "mask": torch.Generator().get_state(), "cuda": [1, 2]},
+            "world": 1, "loader": [{}], "config": {"model": {}}}
+    meta.update(changes)
+    return meta
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"step": -1}, "step is -1 (int), expected a whole number >= 0"),
+    ({"step": True}, "step is True (bool), expected a whole number >= 0"),
+    ({"step": 2.0}, "step is 2.0 (float), expected a whole number >= 0"),
+    ({"data": []}, "data is [] (list), expected a table with micro_batch"),
+    ({"data": {"epoch": 1}}, "data is {'epoch': 1} (dict), expected a table with micro_batch"),
+    ({"data": {"micro_batch": 1, "epoch": -2}}, "data.epoch is -2 (int), expected a whole number >= 0"),
+    ({"data": {"micro_batch": 1, "samples_seen": "9"}}, "data.samples_seen is '9' (str), expected a whole number >= 0"),
+    ({"data": {"micro_batch": None}}, "data.micro_batch is None (NoneType), expected a whole number >= 0"),
+    ({"rng": {"torch": torch.zeros(3)}}, "rng is {'torch': tensor([0., 0., 0.])} (dict), expected a table of "
+                                         "generator states (uint8 tensors)"),
+    ({"rng": {"mask": torch.zeros(2, dtype=torch.uint8)}}, "rng is {'mask': tensor([0, 0], dtype=torch.uint8)} "
+                                                           "(dict), expected a table of generator states (uint8 "
+                                                           "tensors)"),
+    ({"config": "x" * 70}, "config is '" + "x" * 59 + "... (str), expected a table of settings"),
+    ({"rng": [1]}, "rng is [1] (list), expected a table of generator states (uint8 tensors)"),
+    ({"rng": {"torch": torch.get_rng_state(), "mask": [3]}}, "rng.mask is [3] (list), expected a generator state "
+                                                             "(uint8 tensor)"),
+    ({"rng": {"torch": torch.get_rng_state(), "mask": torch.zeros(2)}}, "rng.mask is tensor([0., 0.]) (Tensor), "
+                                                                        "expected a generator state (uint8 tensor)"),
+    ({"world": 0}, "world is 0 (int), expected a whole number >= 1"),
+    ({"world": True}, "world is True (bool), expected a whole number >= 1"),
+    ({"world": "2"}, "world is '2' (str), expected a whole number >= 1"),
+    ({"loader": {}}, "loader is {} (dict), expected a list of loader states"),
+    ({"config": "debug"}, "config is 'debug' (str), expected a table of settings"),
+])
+def test_each_resume_field_is_checked_with_its_name(changes, message):
+    ckpt.check_training_meta(_meta(), "c.pt")
+    ckpt.check_training_meta({**_meta(), "world": 64, "loader": None, "config": None}, "c.pt")
+    ckpt.check_training_meta({**_meta(), "data": {"micro_batch": 0}}, "c.pt")
+    with pytest.raises(CheckpointError) as e:
+        ckpt.check_training_meta(_meta(**changes), "c.pt")
+    assert str(e.value) == f"c.pt is not a usable training checkpoint: {message}"
+
+
+@pytest.mark.parametrize("key", ["step", "data", "rng"])
+def test_a_resume_without_a_field_says_which(key):
+    meta = _meta()
+    del meta[key]
+    with pytest.raises(CheckpointError) as e:
+        ckpt.check_training_meta(meta, "c.pt")
+    assert str(e.value) == (f"c.pt is not a training checkpoint (no {key!r}); to start from weights only, use a new "
+                            "run directory")
+
+
+def test_rng_capture_and_restore_cover_every_named_generator():
+    g = torch.Generator().manual_seed(5)
+    h = torch.Generator().manual_seed(6)
+    torch.manual_seed(1)
+    state = ckpt.capture_rng({"mask": g, "crop": h})
+    assert set(state) == {"torch", "mask", "crop"}  # no CUDA state without CUDA
+    want = (torch.rand(3), torch.rand(3, generator=g), torch.rand(3, generator=h))
+    torch.manual_seed(99)
+    g.manual_seed(99)
+    h.manual_seed(99)
+    ckpt.restore_rng(state, {"mask": g, "crop": h, "absent": torch.Generator()})
+    got = (torch.rand(3), torch.rand(3, generator=g), torch.rand(3, generator=h))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert ckpt.capture_rng() .keys() == {"torch"}
+    ckpt.restore_rng({"torch": state["torch"], "cuda": [torch.zeros(1, dtype=torch.uint8)] * 3})  # no CUDA: ignored
+
+
+# --- weights from elsewhere
+
+
+def _mae_sd(seed=0):
+    torch.manual_seed(seed)
+    return build_model(debug().model).state_dict()
+
+
+def test_formats_are_told_apart_by_their_keys():
+    sd = _mae_sd()
+    enc = ckpt.encoder_state_dict(sd)
+    assert ckpt.detect_format(sd) == "mae"
+    assert not any(k.startswith(("decoder_", "mask_token")) for k in enc) and "blocks.0.attn.qkv.weight" in enc
+    assert ckpt.detect_format(enc) == "timm"
+    head = {"head.weight": torch.zeros(10, 1), "fc_norm.weight": torch.ones(1), "fc_norm.bias": torch.zeros(1)}
+    finetuned = {k: v for k, v in enc.items() if not k.startswith("norm.")} | head
+    assert ckpt.detect_format(finetuned) == "finetuned"
+    assert ckpt.detect_format(enc | head) == "timm"  # fc_norm beside a final norm: a timm model with both
+    assert ckpt.detect_format({k: v for k, v in sd.items() if k != "mask_token"}) == "timm"
+    assert ckpt.detect_format({k: v for k, v in enc.items() if k != "cls_token"}) == "unknown"
+    assert ckpt.detect_format({"cls_token": sd["cls_token"]}) == "unknown"
+    assert ckpt.detect_format({"decoder_embed.weight": torch.ones(1)}) == "unknown"
+    ref = ckpt.to_reference_format(sd)
+    assert set(ref) == {"model"} and all(torch.equal(ref["model"][k], v) for k, v in sd.items())
+    ref["model"]["cls_token"].add_(1)
+    assert not torch.equal(ref["model"]["cls_token"], sd["cls_token"])  # a copy, not a view
+
+
+def test_imports_of_every_origin(tmp_path):
+    from safetensors.torch import save_file
+
+    src = _mae_sd(0)
+    enc = ckpt.encoder_state_dict(src)
+    torch.save({"model": src}, tmp_path / "mae.pth")
+    save_file({k: v.contiguous() for k, v in enc.items()}, str(tmp_path / "timm.safetensors"))
+    head = {"head.weight": torch.zeros(10, enc["norm.weight"].shape[0]), "head.bias": torch.zeros(10),
+            "fc_norm.weight": torch.ones_like(enc["norm.weight"]), "fc_norm.bias": torch.zeros_like(enc["norm.bias"])}
+    torch.save({"model": {k: v for k, v in enc.items() if not k.startswith("norm.")} | head}, tmp_path / "ft.pth")
+
+    model = build_model(debug().model)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    assert ckpt.import_weights(model, tmp_path / "mae.pth") == {"format": "mae", "loaded": len(src), "kept_init": []}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in src.items())
+
+    model = build_model(debug().model)
+    model.load_state_dict(fresh)
+    got = ckpt.import_weights(model, tmp_path / "timm.safetensors")
+    decoder = [k for k in src if k not in enc]
+    assert got == {"format": "timm", "loaded": len(enc), "kept_init": decoder}
+    after = model.state_dict()
+    assert all(torch.equal(after[k], enc[k]) for k in enc) and all(torch.equal(after[k], fresh[k]) for k in decoder)
+
+    model.load_state_dict(fresh)
+    got = ckpt.import_weights(model, tmp_path / "ft.pth")
+    assert got["format"] == "finetuned" and got["loaded"] == len(enc) - 2
+    assert set(got["kept_init"]) == set(decoder) | {"norm.weight", "norm.bias"}
+    assert torch.equal(model.state_dict()["norm.weight"], fresh["norm.weight"])
+
+    torch.save({"model": {"w": torch.ones(1)}}, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError) as e:
+        ckpt.import_weights(model, tmp_path / "odd.pth")
+    assert str(e.value) == (f"{tmp_path / 'odd.pth'}: not an MAE, MAE fine-tuned or timm ViT state dict (keys such as "
+                            "w)")
+    bad = dict(enc)
+    bad["pos_embed"] = torch.zeros(1, 5, 3)
+    bad.pop("blocks.0.norm1.weight")
+    bad["blocks.99.x"] = torch.ones(1)
+    save_file({k: v.contiguous() for k, v in bad.items()}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CheckpointError) as e:
+        ckpt.import_weights(model, tmp_path / "bad.safetensors")
+    assert str(e.value) == (f"checkpoint {tmp_path / 'bad.safetensors'} does not fit this model: missing (1): "
+                            "blocks.0.norm1.weight; unexpected (1): blocks.99.x; shape mismatch (1): pos_embed: "
+                            f"checkpoint (1, 5, 3) vs model {tuple(enc['pos_embed'].shape)}")
+    assert all(torch.equal(model.state_dict()[k], fresh[k]) for k in fresh if k.startswith("norm."))  # nothing loaded
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match=r"^cannot read safetensors file .*junk\.safetensors: "):
+        ckpt.import_weights(model, tmp_path / "junk.safetensors")
