@@ -459,3 +459,26 @@ def test_imports_of_every_origin(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match=r"^cannot read safetensors file .*junk\.safetensors: "):
         ckpt.import_weights(model, tmp_path / "junk.safetensors")
+
+
+def test_a_rank_whose_own_part_succeeded_still_raises_when_rank_0_failed(tmp_path, one_rank_group, monkeypatch):
+    """The failure flag is all-reduced with MAX: a rank with nothing to report raises too, naming the checkpoint,
+    so no rank walks on into the next collective alone (another rank's flag stands in for rank 0's here)."""
+    import torch.distributed as dist
+
+    seen = []
+
+    def other_rank_failed(t, op=None):
+        seen.append((t.clone(), op))
+        t.fill_(1.0)
+
+    ckpt._raise_together(None, tmp_path / "ckpt_00000003.dcp", tmp_path)  # nobody failed: returns
+    monkeypatch.setattr(dist, "all_reduce", other_rank_failed)
+    with pytest.raises(CheckpointError) as e:
+        ckpt._raise_together(None, tmp_path / "ckpt_00000003.dcp", tmp_path)
+    assert str(e.value) == (f"cannot write ckpt_00000003.dcp in {tmp_path}: rank 0 could not (see its message); the "
+                            "checkpoints already there are intact")
+    with pytest.raises(CheckpointError, match="^mine$"):
+        ckpt._raise_together(CheckpointError("mine"), tmp_path / "ckpt_00000003.dcp", tmp_path)
+    assert [(t.tolist(), op) for t, op in seen] == [([0.0], dist.ReduceOp.MAX), ([1.0], dist.ReduceOp.MAX)]
+    assert all(t.device.type == "cpu" for t, _ in seen)  # gloo: a CPU flag

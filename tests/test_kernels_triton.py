@@ -462,3 +462,62 @@ def test_launcher_messages_name_the_problem(monkeypatch):
         with pytest.raises(RuntimeError) as e:
             call()
         assert str(e.value) == "triton is not importable"
+
+
+def _loss_everything(imgs, pred, mask, p, **kw):
+    x = pred.detach().requires_grad_()
+    loss = norm_pix_mse_triton(imgs, x, mask, p, **kw)
+    (g,) = torch.autograd.grad(loss * 0.5, x)
+    return loss, g
+
+
+@pytest.mark.parametrize("grad_in_forward", [True, False])
+@pytest.mark.parametrize("count", [True, False])
+def test_loss_buffers_do_not_follow_the_default_dtype(grad_in_forward, count):
+    """Partial sums, the finished loss and 1 / count stay fp32 when a script sets torch's default dtype to
+    float64: the same loss and gradient, bit for bit."""
+    imgs, pred, mask, p, n_removed = _loss_inputs()
+    kw = {"grad_in_forward": grad_in_forward, "mask_count": n_removed if count else None}
+    want = _loss_everything(imgs, pred, mask, p, **kw)
+    was = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = _loss_everything(imgs, pred, mask, p, **kw)
+    finally:
+        torch.set_default_dtype(was)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's 0 / 0
+def test_loss_with_nothing_removed_is_nan_like_the_reference():
+    """A mask that removes nothing: 0 / 0, a NaN loss in both paths (a count of 0 given by the caller too)."""
+    imgs, pred, _, p, _ = _loss_inputs()
+    none = torch.zeros(pred.shape[:2], device=DEV)
+    assert norm_pix_mse_torch(imgs, pred, none, p).isnan()
+    for count in (None, 0):
+        loss, g = _loss_everything(imgs, pred, none, p, mask_count=count)
+        assert loss.isnan() and g.shape == pred.shape
+
+
+def test_loss_messages_name_the_problem(monkeypatch):
+    from kernels import loss as kloss
+
+    imgs, pred, mask, p, _ = _loss_inputs()
+    for fn in (norm_pix_mse_triton, norm_pix_mse_torch):
+        with pytest.raises(ValueError) as e:
+            fn(imgs[..., :30], pred, mask, p)
+        assert str(e.value) == "image size 32x30 is not divisible by patch size 8"
+        with pytest.raises(ValueError) as e:
+            fn(imgs, pred[:, :, :10], mask, p)
+        assert str(e.value) == "pred has shape [2, 16, 10], expected [2, 16, 192] from the images"
+    with pytest.raises(ValueError) as e:
+        kloss.unpatchify(pred[:, :15], p)
+    assert str(e.value) == "unpatchify needs a square grid, got L=15"
+    assert torch.equal(kloss.unpatchify(kloss.patchify(imgs, p), p), imgs)
+    one = imgs[:, :1]
+    assert torch.equal(kloss.unpatchify(kloss.patchify(one, p), p, c=1), one)
+    monkeypatch.setattr(kloss, "HAS_TRITON", False)
+    with pytest.raises(RuntimeError) as e:
+        norm_pix_mse_triton(imgs, pred, mask, p)
+    assert str(e.value) == "triton is not importable"
