@@ -535,7 +535,7 @@ def _root_cause(e: BaseException) -> BaseException:
     return e
 
 
-def model_state_from(obj: dict, path: str | os.PathLike = "checkpoint") -> dict:
+def model_state_from(obj: dict, path: str | os.PathLike) -> dict:
     """The model state dict in an engine checkpoint, a reference-implementation one ({'model': ...}) or a bare one."""
     sd = obj.get("model", obj)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -555,7 +555,7 @@ def check_architecture(saved_cfg: dict | None, model_cfg, path: str | os.PathLik
                               "and overrides it was trained with, or another run directory")
 
 
-def load_model_state(model: torch.nn.Module, sd: dict, path: str | os.PathLike = "checkpoint") -> None:
+def load_model_state(model: torch.nn.Module, sd: dict, path: str | os.PathLike) -> None:
     """Strict load with one readable error listing missing, unexpected and mis-shaped keys."""
     _check_keys(model, sd, path)
     model.load_state_dict(sd, strict=True)

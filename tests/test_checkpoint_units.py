@@ -274,18 +274,18 @@ def test_loading_names_what_is_wrong_with_the_file(tmp_path):
 
 def test_model_state_is_found_in_every_layout():
     sd = {"a": torch.ones(1)}
-    assert ckpt.model_state_from({"model": sd, "step": 1}) is sd and ckpt.model_state_from(sd) is sd
+    assert ckpt.model_state_from({"model": sd, "step": 1}, "c.pt") is sd and ckpt.model_state_from(sd, "c.pt") is sd
     for bad in ({"model": {"a": 1}}, {"model": [torch.ones(1)]}, {"a": torch.ones(1), "step": 3}):
         with pytest.raises(CheckpointError) as e:
             ckpt.model_state_from(bad, "x.pt")
         assert str(e.value) == "x.pt holds no model state dict"
-    assert ckpt.model_state_from({})  == {}
+    assert ckpt.model_state_from({}, "c.pt") == {}
 
 
 def test_key_mismatches_are_listed_in_one_message():
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
     sd = {k: v.clone() for k, v in model.state_dict().items()}
-    ckpt.load_model_state(model, sd)  # exact: loads
+    ckpt.load_model_state(model, sd, "m.pt")  # exact: loads
     sd.pop("0.bias")
     sd["extra"] = torch.ones(1)
     sd["1.weight"] = torch.ones(2, 3)
@@ -482,3 +482,83 @@ def test_a_rank_whose_own_part_succeeded_still_raises_when_rank_0_failed(tmp_pat
         ckpt._raise_together(CheckpointError("mine"), tmp_path / "ckpt_00000003.dcp", tmp_path)
     assert [(t.tolist(), op) for t, op in seen] == [([0.0], dist.ReduceOp.MAX), ([1.0], dist.ReduceOp.MAX)]
     assert all(t.device.type == "cpu" for t, _ in seen)  # gloo: a CPU flag
+
+
+def test_a_live_writer_is_asked_about_not_signalled():
+    """The liveness probe is signal 0 (no signal is sent): a live process survives the question; a process that
+    is not ours to signal (PermissionError) is alive."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        time.sleep(0.3)
+        assert ckpt._pid_alive(child.pid)
+        time.sleep(0.3)
+        assert child.poll() is None  # still running: nothing was delivered to it
+    finally:
+        child.kill()
+        child.wait()
+    assert not ckpt._pid_alive(child.pid)
+
+
+def test_someone_elses_process_counts_as_alive(monkeypatch):
+    def denied(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", denied)
+    assert ckpt._pid_alive(4242)
+
+
+def test_every_branch_of_a_wrapped_failure_is_searched():
+    import errno
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    caused = RuntimeError("a cause and no context")
+    caused.__cause__ = full
+    assert caused.__context__ is None and ckpt._first_os_error(caused) is full
+
+    class Wrapped(BaseException):
+        def __init__(self, failures):
+            super().__init__("ranks failed")
+            self.failures = failures
+
+    assert ckpt._first_os_error(Wrapped({0: (full, None), 1: (ValueError("b"), None)})) is full  # not the last
+    outer = Wrapped({0: (ValueError("rank 0"), None)})
+    outer.__cause__ = full
+    assert ckpt._first_os_error(outer) is full  # the cause and the ranks' failures both searched
+
+
+def test_a_persistent_id_in_metadata_is_refused_with_what_it_was():
+    import io
+    import pickle
+
+    class WithPid(pickle.Pickler):
+        def persistent_id(self, obj):
+            return "p" * 100 if obj == "ref" else None
+
+    buf = io.BytesIO()
+    WithPid(buf, protocol=2).dump(["ref"])
+    buf.seek(0)
+    with pytest.raises(pickle.UnpicklingError) as e:
+        ckpt.MetadataUnpickler(buf).load()
+    assert str(e.value) == f"a persistent id ({'p' * 60!r}) is not checkpoint metadata"
+
+
+def test_import_errors_name_the_file_and_an_mae_import_is_strict(tmp_path):
+    src = _mae_sd(0)
+    torch.save({"model": {"w": torch.ones(1), "step": 3}}, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError) as e:
+        ckpt.import_weights(build_model(debug().model), tmp_path / "odd.pth")
+    assert str(e.value) == f"{tmp_path / 'odd.pth'} holds no model state dict"
+    keys = {f"k{i}": torch.ones(1) for i in range(7)}
+    torch.save(keys, tmp_path / "many.pth")
+    with pytest.raises(CheckpointError) as e:
+        ckpt.import_weights(build_model(debug().model), tmp_path / "many.pth")
+    assert str(e.value).endswith("(keys such as k0, k1, k2, k3, k4)")
+    partial = {k: v for k, v in src.items() if k != "decoder_pred.bias"}  # still an MAE checkpoint
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(CheckpointError) as e:
+        ckpt.import_weights(build_model(debug().model), tmp_path / "partial.pth")
+    assert str(e.value) == (f"checkpoint {tmp_path / 'partial.pth'} does not fit this model: missing (1): "
+                            "decoder_pred.bias")

@@ -72,7 +72,7 @@ def test_import_of_a_save_pretrained_directory(tmp_path, capsys):
     assert "imported" in capsys.readouterr().out
     obj = ckpt.load_checkpoint(tmp_path / "o.pt")
     ours = build_model(ModelConfig(**obj["config"]["model"]))
-    ckpt.load_model_state(ours, obj["model"])
+    ckpt.load_model_state(ours, obj["model"], tmp_path / "o.pt")
     _compare(ours.eval(), hf)
 
 
