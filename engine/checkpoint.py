@@ -364,7 +364,8 @@ def _foreign_globals(path, limit: int = 64 * 2**20) -> list[str]:
     except Exception:  # noqa: BLE001 - a file too damaged to parse names nothing
         return []
     ok = ("torch.", "collections.", "_codecs.", "builtins.set", "builtins.frozenset", "builtins.slice",
-          "numpy.core.multiarray._reconstruct", "numpy.dtype", "numpy.ndarray")
+          "__builtin__.set", "__builtin__.frozenset", "__builtin__.slice",  # protocol 2's names for the same
+          "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.dtype", "numpy.ndarray")
     return [g for g in dict.fromkeys(found) if not g.startswith(ok)]
 
 

@@ -562,3 +562,80 @@ def test_import_errors_name_the_file_and_an_mae_import_is_strict(tmp_path):
         ckpt.import_weights(build_model(debug().model), tmp_path / "partial.pth")
     assert str(e.value) == (f"checkpoint {tmp_path / 'partial.pth'} does not fit this model: missing (1): "
                             "decoder_pred.bias")
+
+
+def test_a_refusal_names_the_code_a_pickle_asks_for_and_nothing_benign(tmp_path):
+    """What a refused file asks to call is read from its opcodes (never run): GLOBAL and INST (protocols 0-2, module
+    and name joined by a dot), STACK_GLOBAL (protocol 4, the two strings before it), inside a torch zip or a bare
+    pickle; torch's own rebuild functions, containers, bytes, sets, slices and numpy arrays are not named."""
+    import collections
+    import pickle
+
+    import numpy as np
+
+    class Reduce:
+        def __init__(self, fn, *args):
+            self.fn, self.args = fn, args
+
+        def __reduce__(self):
+            return self.fn, self.args
+
+    benign = {"t": torch.ones(2), "od": collections.OrderedDict(a=1), "b": b"\x00\x01", "s": {1, 2},
+              "f": frozenset({3}), "sl": slice(1, 2), "np": np.zeros(2), "np32": np.float32(1).dtype}
+    payload = {**benign, "x": Reduce(os.system, "true"), "y": Reduce(os.getcwd), "z": Reduce(os.system, "true")}
+    torch.save(payload, tmp_path / "zip.pt")
+    assert ckpt._foreign_globals(tmp_path / "zip.pt") == ["posix.system", "posix.getcwd"]  # in order, once each
+    torch.save(benign, tmp_path / "benign.pt")
+    assert ckpt._foreign_globals(tmp_path / "benign.pt") == []
+    for protocol in (0, 2, 4):
+        (tmp_path / "bare.pkl").write_bytes(pickle.dumps([Reduce(os.system, "true"), {1}, slice(1)], protocol))
+        assert ckpt._foreign_globals(tmp_path / "bare.pkl") == ["posix.system"], protocol
+    (tmp_path / "inst.pkl").write_bytes(b"(ibuiltins\neval\np0\n.")  # protocol 0's INST: build an instance
+    assert ckpt._foreign_globals(tmp_path / "inst.pkl") == ["builtins.eval"]
+    (tmp_path / "damaged.pkl").write_bytes(b"\x80\x04\x95garbage")
+    assert ckpt._foreign_globals(tmp_path / "damaged.pkl") == []
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "nodata.zip", "w") as z:
+        z.writestr("archive/version", "3")
+    assert ckpt._foreign_globals(tmp_path / "nodata.zip") == []
+    big = pickle.dumps(["x" * 100, Reduce(os.system, "true")], 4)
+    (tmp_path / "late.pkl").write_bytes(big)
+    assert ckpt._foreign_globals(tmp_path / "late.pkl", limit=len(big)) == ["posix.system"]
+    assert ckpt._foreign_globals(tmp_path / "late.pkl", limit=60) == []  # past the limit: not read
+
+
+def test_the_innermost_failure_of_a_dcp_error_is_found():
+    class Wrapped(BaseException):
+        def __init__(self, failures):
+            super().__init__("ranks failed")
+            self.failures = failures
+
+    inner = ValueError("the shard is short")
+    mid = RuntimeError("reading")
+    mid.__cause__ = inner
+    assert ckpt._root_cause(mid) is inner
+    assert ckpt._root_cause(Wrapped({0: (mid, "traceback")})) is inner
+    assert ckpt._root_cause(Wrapped({1: mid})) is inner
+    empty = Wrapped({})
+    assert ckpt._root_cause(empty) is empty
+    listed = Wrapped([inner])  # not DCP's dict: the exception itself
+    assert ckpt._root_cause(listed) is listed
+    loop = RuntimeError("loop")
+    loop.__cause__ = loop
+    assert ckpt._root_cause(loop) is loop
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda sd: sd.pop("0.bias"), "missing (1): 0.bias"),
+    (lambda sd: sd.update(extra=torch.ones(1)), "unexpected (1): extra"),
+    (lambda sd: sd.update({"1.weight": torch.ones(2, 3)}), "shape mismatch (1): 1.weight: checkpoint (2, 3) vs model "
+                                                            "(1, 3)"),
+])
+def test_each_kind_of_key_mismatch_alone_is_refused(change, message):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    change(sd)
+    with pytest.raises(CheckpointError) as e:
+        ckpt.load_model_state(model, sd, "m.pt")
+    assert str(e.value) == f"checkpoint m.pt does not fit this model: {message}"
