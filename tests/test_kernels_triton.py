@@ -89,7 +89,7 @@ def test_unshuffle_matches_reference(n, length, d, ratio, dtype, has_cls):
     torch.testing.assert_close(gm_a, gm_b, rtol=tol, atol=tol * gm_b.abs().max().item())
 
 
-LOSS_SHAPES = [(1, 3, 224, 16), (3, 3, 56, 14), (2, 3, 32, 8), (1, 1, 12, 4)]
+LOSS_SHAPES = [(1, 3, 224, 16), (3, 3, 56, 14), (2, 3, 32, 8), (1, 1, 12, 4), (2, 3, 32, 16)]  # the last: p = 16 small
 
 
 @pytest.mark.parametrize("grad_in_forward", [True, False])
