@@ -490,7 +490,11 @@ def test_a_live_writer_is_asked_about_not_signalled():
     import subprocess
     import sys
 
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    child = subprocess.Popen([sys.executable, "-c", "import signal, time\n"  # every signal back to its default,
+                              "for s in signal.valid_signals():\n"  # which ends the process (nohup ignores HUP)
+                              "    try: signal.signal(s, signal.SIG_DFL)\n"
+                              "    except (OSError, ValueError): pass\n"
+                              "time.sleep(30)"])
     try:
         time.sleep(0.3)
         assert ckpt._pid_alive(child.pid)
@@ -639,3 +643,24 @@ def test_each_kind_of_key_mismatch_alone_is_refused(change, message):
     with pytest.raises(CheckpointError) as e:
         ckpt.load_model_state(model, sd, "m.pt")
     assert str(e.value) == f"checkpoint m.pt does not fit this model: {message}"
+
+
+@pytest.mark.parametrize("case", ["timm without its final norm", "missing only", "unexpected only"])
+def test_an_encoder_import_refuses_each_kind_of_mismatch_alone(tmp_path, case):
+    """Only a fine-tuned checkpoint may lack the final norm (its fc_norm replaced it); a missing key alone, or an
+    unexpected key alone, is refused with its name."""
+    enc = ckpt.encoder_state_dict(_mae_sd(0))
+    if case == "timm without its final norm":
+        enc = {k: v for k, v in enc.items() if not k.startswith("norm.")}
+        want = "missing (2): norm.weight, norm.bias"
+    elif case == "missing only":
+        enc.pop("blocks.0.attn.proj.bias")
+        want = "missing (1): blocks.0.attn.proj.bias"
+    else:
+        enc["blocks.0.extra"] = torch.ones(1)
+        want = "unexpected (1): blocks.0.extra"
+    torch.save(enc, tmp_path / "w.pth")
+    assert ckpt.detect_format(enc) == "timm"
+    with pytest.raises(CheckpointError) as e:
+        ckpt.import_weights(build_model(debug().model), tmp_path / "w.pth")
+    assert str(e.value) == f"checkpoint {tmp_path / 'w.pth'} does not fit this model: {want}"

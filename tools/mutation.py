@@ -88,6 +88,12 @@ EQUIVALENT: dict[str, str] = {
     **{f"kernels.masking.xǁ_UnshuffleFnǁbackward__mutmut_{k}": _AUTOGRAD_CASTS for k in (24, 29)},
     "kernels.masking.xǁ_UnshuffleFnǁbackward__mutmut_94": "the mask token's gradient left in fp32: autograd casts a "
                                                           "gradient to its parameter's dtype, the same rounding",
+    **{f"engine.checkpoint.x_load_model_state__mutmut_{k}": "strict loading after _check_keys, which has already "
+                                                            "refused any missing, unexpected or mis-shaped key: "
+                                                            "strict has nothing left to refuse" for k in (8, 10, 11)},
+    **{f"engine.checkpoint.x_import_weights__mutmut_{k}": "timm's head_drop is a Dropout: no state-dict key starts "
+                                                          "with it, so dropping it or not is the same"
+       for k in (43, 44)},
     "kernels.masking.xǁ_UnshuffleFnǁforward__mutmut_40": _TILE,
     "kernels.masking.xǁ_UnshuffleFnǁbackward__mutmut_12": _TILE,
     **{f"kernels.masking.xǁ_UnshuffleFnǁbackward__mutmut_{k}": "the one-element dummy for the unused sum pointer "
@@ -106,6 +112,10 @@ GPU_ONLY: dict[str, str] = {  # (a seed's range is not a behaviour a test can ho
                                                       "behind an event) and the device of its tensor: on a CPU the "
                                                       "branch never runs; the fake-group test holds the protocol"
        for k in (5, 8, *range(17, 33))},
+    **{f"engine.checkpoint.x__raise_together__mutmut_{k}": "the failure flag's device under NCCL (a CUDA tensor; "
+                                                            "gloo, the only backend on a CPU, takes the CPU one)"
+       for k in (1, 2, 4, 5, 6, 7, 8, 9, 11, 12, 18, 20)},
+    "engine.checkpoint.x_restore_rng__mutmut_": "the CUDA generators' states: restored only where CUDA is available",
     **{f"kernels.masking.xǁ_RandomMaskingFnǁforward__mutmut_{k}": _DEVICE for k in (9, 14, 23, 27, 32, 36, 41, 45)},
     **{f"kernels.masking.xǁ_RandomMaskingFnǁbackward__mutmut_{k}": _DEVICE for k in (11, 16)},
     **{f"kernels.masking.xǁ_UnshuffleFnǁforward__mutmut_{k}": _DEVICE for k in (16, 21)},
