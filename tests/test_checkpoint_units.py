@@ -335,6 +335,8 @@ def _meta(**changes):
                                                            "(dict), expected a table of generator states (uint8 "
                                                            "tensors)"),
     ({"config": "x" * 70}, "config is '" + "x" * 59 + "... (str), expected a table of settings"),
+    ({"config": "x" * 58}, "config is '" + "x" * 58 + "' (str), expected a table of settings"),  # 60 shown: whole
+    ({"config": "x" * 59}, "config is '" + "x" * 59 + "... (str), expected a table of settings"),  # 61: cut
     ({"rng": [1]}, "rng is [1] (list), expected a table of generator states (uint8 tensors)"),
     ({"rng": {"torch": torch.get_rng_state(), "mask": [3]}}, "rng.mask is [3] (list), expected a generator state "
                                                              "(uint8 tensor)"),
@@ -664,3 +666,105 @@ def test_an_encoder_import_refuses_each_kind_of_mismatch_alone(tmp_path, case):
     with pytest.raises(CheckpointError) as e:
         ckpt.import_weights(build_model(debug().model), tmp_path / "w.pth")
     assert str(e.value) == f"checkpoint {tmp_path / 'w.pth'} does not fit this model: {want}"
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _dcp_save(state, d):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no process group: saving from one process"
+        dcp.save(state, checkpoint_id=str(d))
+    return d
+
+
+@pytest.mark.parametrize("form", ["pt", "dcp"])
+def test_an_environment_that_turns_weights_only_off_still_runs_no_code(tmp_path, monkeypatch, form):
+    """TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns off torch.load's weights-only default wherever a caller left it
+    implicit; every load here names it, so a payload in a file or in a sharded value is still refused."""
+    marker = tmp_path / "PWNED"
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    if form == "pt":
+        torch.save({"w": torch.ones(1), "x": _Payload(marker)}, tmp_path / "c.pt")
+        with pytest.raises(CheckpointError, match="it asks to call or build posix.system"):
+            ckpt.load_checkpoint(tmp_path / "c.pt")
+    else:
+        d = _dcp_save({"w": torch.ones(2), "note": _Payload(marker)}, tmp_path / "c.dcp")
+        with pytest.raises(CheckpointError, match="it asks to call or build posix.system"):
+            ckpt.load_sharded(d)
+    assert not marker.exists()
+
+
+def test_a_sharded_value_holding_a_tensor_loads_onto_the_cpu(tmp_path):
+    d = _dcp_save({"w": torch.ones(2), "pair": (torch.arange(3), "three")}, tmp_path / "c.dcp")
+    sd = ckpt.load_sharded(d)
+    assert torch.equal(sd["w"], torch.ones(2)) and sd["pair"][1] == "three"
+    assert torch.equal(sd["pair"][0], torch.arange(3)) and sd["pair"][0].device.type == "cpu"
+
+
+def test_the_sharded_reader_reads_its_metadata_once_and_stamps_the_load(tmp_path, monkeypatch):
+    d = _dcp_save({"w": torch.ones(2)}, tmp_path / "c.dcp")
+    reads = []
+    real = ckpt.read_dcp_metadata
+    monkeypatch.setattr(ckpt, "read_dcp_metadata", lambda p: reads.append(p) or real(p))
+    assert torch.equal(ckpt.load_sharded(d)["w"], torch.ones(2))
+    assert reads == [d]  # read (and checked) once, before DCP runs
+    reader = ckpt.safe_dcp_reader(d)  # no metadata given: it reads it itself, safely
+    md = reader.read_metadata()
+    assert reads == [d, d] and md.storage_meta.load_id == reader.load_id
+    given = real(d)
+    kept = given.storage_meta
+    reader = ckpt.safe_dcp_reader(d, given)
+    assert reader.read_metadata() is given and given.storage_meta is kept and kept.load_id == reader.load_id
+    given.storage_meta = None  # written by an older DCP: one is made
+    reader = ckpt.safe_dcp_reader(d, given)
+    assert reader.read_metadata().storage_meta.load_id == reader.load_id and reads == [d, d]
+
+
+def test_full_model_state_names_the_file_that_holds_none(tmp_path):
+    torch.save({"model": {"w": 1}}, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError) as e:
+        ckpt.full_model_state(tmp_path / "c.pt")
+    assert str(e.value) == f"{tmp_path / 'c.pt'} holds no model state dict"
+    d2 = _dcp_save({"w": torch.ones(1), "note": "text"}, tmp_path / "bare.dcp")
+    with pytest.raises(CheckpointError) as e:
+        ckpt.full_model_state(d2)
+    assert str(e.value) == f"{d2} holds no model state dict"
+
+
+def test_hand_made_pickles_name_their_globals_whatever_string_opcodes_they_use(tmp_path):
+    """A crafted protocol-4 pickle may push STACK_GLOBAL's two strings with any string opcode; protocol 3 names
+    builtins' set and frozenset with GLOBAL; numpy 1's reconstruct is benign like numpy 2's."""
+    import pickle
+    import struct
+
+    def short(s):
+        return b"\x8c" + bytes([len(s)]) + s.encode()
+
+    def binunicode(s):
+        return b"X" + struct.pack("<I", len(s)) + s.encode()
+
+    def binunicode8(s):
+        return b"\x8d" + struct.pack("<Q", len(s)) + s.encode()
+
+    def unicode(s):
+        return b"V" + s.encode() + b"\n"
+
+    for push in (short, binunicode, binunicode8, unicode):
+        data = b"\x80\x04" + push("posix") + b"\x94" + push("system") + b"\x94\x93." if push is not unicode else (
+            b"\x80\x04" + unicode("posix") + unicode("system") + b"\x93.")
+        (tmp_path / "p.pkl").write_bytes(data)
+        assert ckpt._foreign_globals(tmp_path / "p.pkl") == ["posix.system"], push.__name__
+    (tmp_path / "p3.pkl").write_bytes(pickle.dumps([{1}, frozenset({2}), os.system], protocol=3))
+    assert ckpt._foreign_globals(tmp_path / "p3.pkl") == ["posix.system"]
+    (tmp_path / "np1.pkl").write_bytes(b"cnumpy.core.multiarray\n_reconstruct\ncposix\nsystem\n.")
+    assert ckpt._foreign_globals(tmp_path / "np1.pkl") == ["posix.system"]
