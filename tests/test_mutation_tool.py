@@ -54,3 +54,39 @@ def test_a_run_of_some_files_keeps_the_days_rows_of_the_others(tmp_path):
                                                          ("kernels/masking.py", 8)]  # TARGETS' order, newest kept
     md = day.with_suffix(".md").read_text()
     assert "`kernels/masking.py`" in md and "`engine/health.py`" in md
+
+
+def test_a_recheck_moves_the_survivors_new_tests_kill_and_keeps_the_rest(monkeypatch):
+    tool = _tool()
+    eq = next(n for n in tool.EQUIVALENT if n.startswith("engine.checkpoint."))
+    row = tool.rates({"file": "engine/checkpoint.py", "tests": [], "made": 10, "killed": 5, "survived": 4,
+                      "timeout": 1, "no tests": 0, "not checked": 0, "seconds": 600, "finished": True,
+                      "survivors": {"a": "-x", "b": "-y", "c": "-z", eq: "-w"}})
+    assert row["kill_rate"] == 0.7  # 5 killed + 1 timed out + 1 equivalent of 10
+    asked = []
+
+    def run_file(target, tests, max_children, timeout_s, only=None):
+        asked.append(list(only))
+        return {"outcome": {"a": "killed", "b": "survived", "c": "timeout"}, "seconds": 90}
+
+    monkeypatch.setattr(tool, "run_file", run_file)
+    again = tool.recheck(row, 2, 60)
+    assert asked == [["a", "b", "c"]]  # the equivalent survivor is not run again
+    assert (again["killed"], again["timeout"], again["survived"]) == (6, 2, 2)
+    assert set(again["survivors"]) == {"b", eq} and again["kill_rate"] == 0.9
+    assert again["rechecked"] == {"mutants": 3, "killed now": 2, "seconds": 90}
+
+
+def test_a_new_days_report_carries_the_files_not_run_with_the_day_they_ran(tmp_path):
+    import json
+
+    tool = _tool()
+    old = tool.rates({"file": "engine/health.py", "tests": [], "made": 4, "killed": 4, "survived": 0, "timeout": 0,
+                      "no tests": 0, "not checked": 0, "seconds": 60, "finished": True, "survivors": {}})
+    (tmp_path / "mutation_2026-01-01.json").write_text(json.dumps([old]))
+    new = {**old, "file": "kernels/noise.py", "killed": 3, "survived": 1, "survivors": {"n": "-x"}}
+    path = tool.write_report([tool.rates(new)], tmp_path)
+    rows = json.loads(path.with_suffix(".json").read_text())
+    assert [(r["file"], r["date"]) for r in rows] == [("kernels/noise.py", path.stem.removeprefix("mutation_")),
+                                                      ("engine/health.py", "2026-01-01")]
+    assert "| `engine/health.py` | 2026-01-01 |" in path.read_text()

@@ -4,6 +4,7 @@ bug costs a training run or a checkpoint.
     pip install "mutmut>=3.8"               # forkserver isolation; not a test extra: not part of CI
     python tools/mutation.py                # every file of TARGETS, in order
     python tools/mutation.py kernels/noise.py engine/health.py --out benchmarks/results
+    python tools/mutation.py engine/checkpoint.py --recheck   # its survivors again, after new tests
 
 For each file it copies the tracked tree into a scratch directory, writes mutmut's configuration into that copy's
 pyproject.toml ([tool.mutmut]: `source_paths` = the one file, `pytest_add_cli_args_test_selection` = the tests of
@@ -161,14 +162,17 @@ def configure(work: Path, target: str, tests: list[str]) -> None:
                   + 'process_isolation = "forkserver"\n')
 
 
-def run_file(target: str, tests: list[str], max_children: int, timeout_s: int) -> dict:
+def run_file(target: str, tests: list[str], max_children: int, timeout_s: int, only: list[str] | None = None) -> dict:
+    """Mutate `target` in a scratch copy and run its mutants (or only the named ones: their outcomes, the others
+    "not checked") against `tests`; the row of the report."""
     with tempfile.TemporaryDirectory(prefix="mae-mutation-") as tmp:
         work = Path(tmp)
         tracked_tree(work)
         configure(work, target, tests)
         start = time.perf_counter()
         try:
-            subprocess.run(["mutmut", "run", "--max-children", str(max_children)], cwd=work, timeout=timeout_s,
+            subprocess.run(["mutmut", "run", "--max-children", str(max_children), *(only or [])], cwd=work,
+                           timeout=timeout_s,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             finished = True
         except subprocess.TimeoutExpired:
@@ -186,25 +190,53 @@ def run_file(target: str, tests: list[str], max_children: int, timeout_s: int) -
                                             and not x.startswith(("+++", "---")))
     counts = {s: sum(1 for v in outcome.values() if v == s) for s in
               ("killed", "survived", "timeout", "no tests", "not checked", "suspicious", "skipped")}
-    decided = counts["killed"] + counts["survived"] + counts["timeout"]
+    row = {"file": target, "tests": tests, "made": len(outcome), **counts, "seconds": seconds, "finished": finished,
+           "survivors": survivors, "outcome": {n: outcome[n] for n in only or []}}
+    return rates(row)
+
+
+def rates(row: dict) -> dict:
+    """The row's equivalent and GPU-only counts and kill rates, from its counts and survivors."""
+    survivors = row["survivors"]
+    decided = row["killed"] + row["survived"] + row["timeout"]
     equivalent = [n for n in survivors if n in EQUIVALENT]
     gpu = [n for n in survivors if gpu_only(n)]
-    kept = counts["killed"] + counts["timeout"] + len(equivalent)
+    kept = row["killed"] + row["timeout"] + len(equivalent)
     rate = kept / decided if decided else None
     cpu = kept / (decided - len(gpu)) if decided > len(gpu) else None
-    return {"file": target, "tests": tests, "made": len(outcome), **counts, "equivalent": len(equivalent),
-            "gpu_only": len(gpu), "kill_rate": None if rate is None else round(rate, 4),
-            "kill_rate_cpu": None if cpu is None else round(cpu, 4), "wanted": TARGETS_WANTED.get(target, 0.85),
-            "seconds": seconds, "finished": finished, "survivors": survivors}
+    return {**row, "equivalent": len(equivalent), "gpu_only": len(gpu),
+            "kill_rate": None if rate is None else round(rate, 4),
+            "kill_rate_cpu": None if cpu is None else round(cpu, 4), "wanted": TARGETS_WANTED.get(row["file"], 0.85)}
+
+
+def recheck(row: dict, max_children: int, timeout_s: int) -> dict:
+    """Run a report row's survivors again (the equivalent ones and those only a GPU tells apart stay as they are)
+    against today's tests: a survivor a new test kills moves to killed. Mutant names hold while the mutated file is
+    unchanged since the full run."""
+    names = [n for n in row["survivors"] if n not in EQUIVALENT and not gpu_only(n)]
+    if not names:
+        return rates(row)
+    again = run_file(row["file"], TARGETS[row["file"]], max_children, timeout_s, only=names)
+    status = again["outcome"]
+    gone = [n for n in names if status.get(n) in ("killed", "timeout")]
+    survivors = {n: d for n, d in row["survivors"].items() if n not in gone}
+    killed = sum(1 for n in gone if status[n] == "killed")
+    return rates({**row, "killed": row["killed"] + killed, "timeout": row["timeout"] + len(gone) - killed,
+                  "survived": len(survivors), "survivors": survivors, "outcome": {},
+                  "rechecked": {"mutants": len(names), "killed now": len(gone), "seconds": again["seconds"]}})
 
 
 def write_report(rows: list[dict], out: Path) -> Path:
     day = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     out.mkdir(parents=True, exist_ok=True)
     table = out / f"mutation_{day}.json"
-    if table.is_file():  # the day's rows of files not run this time are kept
+    rows = [{"date": day, **{k: v for k, v in r.items() if k != "outcome"}} for r in rows]
+    earlier = sorted(out.glob("mutation_*.json"))
+    if earlier:  # the rows of files not run this time are kept from the newest report, with the day they ran
         done = {r["file"] for r in rows}
-        rows = [r for r in json.loads(table.read_text()) if r["file"] not in done] + rows
+        prev = earlier[-1]
+        kept = [{"date": prev.stem.removeprefix("mutation_"), **r} for r in json.loads(prev.read_text())]
+        rows = [r for r in kept if r["file"] not in done] + rows
     order = list(TARGETS)
     rows = sorted(rows, key=lambda r: order.index(r["file"]) if r["file"] in order else len(order))
     table.write_text(json.dumps(rows, indent=2) + "\n")
@@ -213,17 +245,25 @@ def write_report(rows: list[dict], out: Path) -> Path:
              "executed the mutated function). A timed-out mutant counts as killed (the suite did not pass); "
              "equivalent survivors (tools/mutation.py EQUIVALENT, with the reason) count as killed; survivors only a "
              "GPU can tell apart (GPU_ONLY) count as survivors, and the next column leaves them out.", "",
-             "| file | tests | made | killed | survived (equivalent, GPU only) | timeout | no tests | not checked | "
-             "kill rate | without GPU-only | wanted | minutes | complete |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| file | run on | tests | made | killed | survived (equivalent, GPU only) | timeout | no tests | "
+             "not checked | kill rate | without GPU-only | wanted | minutes | complete |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rate = "-" if r["kill_rate"] is None else f"{r['kill_rate']:.1%}"
         cpu = "-" if r.get("kill_rate_cpu") is None else f"{r['kill_rate_cpu']:.1%}"
         shown = ", ".join(Path(t).name for t in r["tests"] if t.startswith("tests/") and "::" not in t)
-        lines.append(f"| `{r['file']}` | {shown} | {r['made']} | {r['killed']} | "
+        again = r.get("rechecked")
+        lines.append(f"| `{r['file']}` | {r['date']} | {shown} | {r['made']} | {r['killed']} | "
                      f"{r['survived']} ({r['equivalent']}, {r.get('gpu_only', 0)}) | {r['timeout']} | "
                      f"{r['no tests']} | {r['not checked']} | {rate} | {cpu} | {r['wanted']:.0%} | "
-                     f"{r['seconds'] / 60:.1f} | {'yes' if r['finished'] else 'no (time limit)'} |")
+                     f"{r['seconds'] / 60:.1f}" + (f" + {again['seconds'] / 60:.1f}" if again else "") +
+                     f" | {'yes' if r['finished'] else 'no (time limit)'} |")
+    rechecked = [r for r in rows if r.get("rechecked")]
+    if rechecked:
+        lines += ["", "Rechecked (`--recheck`: the survivors of the full run against the tests written after it; "
+                      "the second figure of minutes): " + "; ".join(
+                          f"`{r['file']}` {r['rechecked']['killed now']} of {r['rechecked']['mutants']} now killed"
+                          for r in rechecked) + "."]
     for r in rows:
         if r["survivors"]:
             lines += ["", f"## Survivors in `{r['file']}`", ""]
@@ -243,6 +283,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--max-children", type=int, default=2)
     ap.add_argument("--timeout-s", type=int, default=3600, help="per file")
+    ap.add_argument("--recheck", action="store_true",
+                    help="run only the survivors of each file's row in the newest report again (after new tests)")
     args = ap.parse_args(argv)
     if shutil.which("mutmut") is None:
         print("tools/mutation.py: mutmut is not installed: pip install \"mutmut>=3.8\"", file=sys.stderr)
@@ -253,8 +295,16 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     rows = []
+    reports = sorted(Path(args.out).glob("mutation_*.json"))
+    previous = {r["file"]: r for r in json.loads(reports[-1].read_text())} if reports else {}
     for f in args.files or list(TARGETS):
-        rows.append(run_file(f, TARGETS[f], args.max_children, args.timeout_s))
+        if args.recheck:
+            if f not in previous:
+                print(f"tools/mutation.py: no row for {f} in {Path(args.out)} to recheck", file=sys.stderr)
+                return 2
+            rows.append(recheck(previous[f], args.max_children, args.timeout_s))
+        else:
+            rows.append(run_file(f, TARGETS[f], args.max_children, args.timeout_s))
         r = rows[-1]
         print(f"{f}: {r['made']} mutants, {r['killed']} killed, {r['survived']} survived, {r['timeout']} timed out, "
               f"{r['no tests']} without a test ({r['seconds']} s)", flush=True)
