@@ -67,14 +67,16 @@ def test_a_recheck_moves_the_survivors_new_tests_kill_and_keeps_the_rest(monkeyp
 
     def run_file(target, tests, max_children, timeout_s, only=None):
         asked.append(list(only))
-        return {"outcome": {"a": "killed", "b": "survived", "c": "timeout"}, "seconds": 90}
+        return {"outcome": {"a": "killed", "b": "survived", "c": "timeout", "u1": "killed", "u2": "survived"},
+                "seconds": 90, "survivors": {"b": "-y", "u2": "-v"}}
 
     monkeypatch.setattr(tool, "run_file", run_file)
-    again = tool.recheck(row, 2, 60)
-    assert asked == [["a", "b", "c"]]  # the equivalent survivor is not run again
-    assert (again["killed"], again["timeout"], again["survived"]) == (6, 2, 2)
-    assert set(again["survivors"]) == {"b", eq} and again["kill_rate"] == 0.9
-    assert again["rechecked"] == {"mutants": 3, "killed now": 2, "seconds": 90}
+    again = tool.recheck({**row, "unchecked": ["u1", "u2", "u3"], "not checked": 3}, 2, 60)
+    assert asked == [["a", "b", "c", "u1", "u2", "u3"]]  # the equivalent survivor is not run again
+    assert (again["killed"], again["timeout"], again["survived"], again["not checked"]) == (7, 2, 3, 1)
+    assert set(again["survivors"]) == {"b", eq, "u2"} and again["survivors"]["u2"] == "-v"
+    assert again["kill_rate"] == round(10 / 12, 4) and again["unchecked"] == ["u3"] and not again["finished"]
+    assert again["rechecked"] == {"mutants": 3, "killed now": 2, "unchecked run": 2} and again["seconds"] == 690
 
 
 def test_a_new_days_report_carries_the_files_not_run_with_the_day_they_ran(tmp_path):

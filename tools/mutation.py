@@ -4,7 +4,8 @@ bug costs a training run or a checkpoint.
     pip install "mutmut>=3.8"               # forkserver isolation; not a test extra: not part of CI
     python tools/mutation.py                # every file of TARGETS, in order
     python tools/mutation.py kernels/noise.py engine/health.py --out benchmarks/results
-    python tools/mutation.py engine/checkpoint.py --recheck   # its survivors again, after new tests
+    python tools/mutation.py engine/checkpoint.py --recheck   # survivors again after new tests, and what a
+                                                              # time limit left unchecked
 
 For each file it copies the tracked tree into a scratch directory, writes mutmut's configuration into that copy's
 pyproject.toml ([tool.mutmut]: `source_paths` = the one file, `pytest_add_cli_args_test_selection` = the tests of
@@ -191,7 +192,8 @@ def run_file(target: str, tests: list[str], max_children: int, timeout_s: int, o
     counts = {s: sum(1 for v in outcome.values() if v == s) for s in
               ("killed", "survived", "timeout", "no tests", "not checked", "suspicious", "skipped")}
     row = {"file": target, "tests": tests, "made": len(outcome), **counts, "seconds": seconds, "finished": finished,
-           "survivors": survivors, "outcome": {n: outcome[n] for n in only or []}}
+           "survivors": survivors, "outcome": {n: outcome[n] for n in only or []},
+           "unchecked": sorted(n for n, v in outcome.items() if v == "not checked")}
     return rates(row)
 
 
@@ -211,19 +213,30 @@ def rates(row: dict) -> dict:
 
 def recheck(row: dict, max_children: int, timeout_s: int) -> dict:
     """Run a report row's survivors again (the equivalent ones and those only a GPU tells apart stay as they are)
-    against today's tests: a survivor a new test kills moves to killed. Mutant names hold while the mutated file is
-    unchanged since the full run."""
+    against today's tests, and the mutants a time limit left unchecked: a survivor a new test kills moves to killed,
+    an unchecked mutant to its outcome. Mutant names hold while the mutated file is unchanged since the full run."""
     names = [n for n in row["survivors"] if n not in EQUIVALENT and not gpu_only(n)]
-    if not names:
+    unchecked = list(row.get("unchecked", []))
+    if not names and not unchecked:
         return rates(row)
-    again = run_file(row["file"], TARGETS[row["file"]], max_children, timeout_s, only=names)
+    again = run_file(row["file"], TARGETS[row["file"]], max_children, timeout_s, only=names + unchecked)
     status = again["outcome"]
     gone = [n for n in names if status.get(n) in ("killed", "timeout")]
     survivors = {n: d for n, d in row["survivors"].items() if n not in gone}
-    killed = sum(1 for n in gone if status[n] == "killed")
-    return rates({**row, "killed": row["killed"] + killed, "timeout": row["timeout"] + len(gone) - killed,
-                  "survived": len(survivors), "survivors": survivors, "outcome": {},
-                  "rechecked": {"mutants": len(names), "killed now": len(gone), "seconds": again["seconds"]}})
+    survivors.update({n: again["survivors"].get(n, "") for n in unchecked if status.get(n) == "survived"})
+    counts = {k: row[k] for k in ("killed", "timeout", "no tests", "suspicious", "skipped") if k in row}
+    counts["killed"] += sum(1 for n in gone if status[n] == "killed")
+    counts["timeout"] += sum(1 for n in gone if status[n] == "timeout")
+    for n in unchecked:
+        s = status.get(n, "not checked")
+        if s in counts:
+            counts[s] += 1
+    still = [n for n in unchecked if status.get(n, "not checked") == "not checked"]
+    return rates({**row, **counts, "survived": len(survivors), "not checked": len(still), "unchecked": still,
+                  "survivors": survivors, "outcome": {}, "finished": not still,
+                  "seconds": row["seconds"] + again["seconds"],
+                  "rechecked": {"mutants": len(names), "killed now": len(gone), "unchecked run": len(unchecked)
+                                - len(still)}})
 
 
 def write_report(rows: list[dict], out: Path) -> Path:
@@ -252,17 +265,16 @@ def write_report(rows: list[dict], out: Path) -> Path:
         rate = "-" if r["kill_rate"] is None else f"{r['kill_rate']:.1%}"
         cpu = "-" if r.get("kill_rate_cpu") is None else f"{r['kill_rate_cpu']:.1%}"
         shown = ", ".join(Path(t).name for t in r["tests"] if t.startswith("tests/") and "::" not in t)
-        again = r.get("rechecked")
         lines.append(f"| `{r['file']}` | {r['date']} | {shown} | {r['made']} | {r['killed']} | "
                      f"{r['survived']} ({r['equivalent']}, {r.get('gpu_only', 0)}) | {r['timeout']} | "
                      f"{r['no tests']} | {r['not checked']} | {rate} | {cpu} | {r['wanted']:.0%} | "
-                     f"{r['seconds'] / 60:.1f}" + (f" + {again['seconds'] / 60:.1f}" if again else "") +
-                     f" | {'yes' if r['finished'] else 'no (time limit)'} |")
+                     f"{r['seconds'] / 60:.1f} | {'yes' if r['finished'] else 'no (time limit)'} |")
     rechecked = [r for r in rows if r.get("rechecked")]
     if rechecked:
-        lines += ["", "Rechecked (`--recheck`: the survivors of the full run against the tests written after it; "
-                      "the second figure of minutes): " + "; ".join(
-                          f"`{r['file']}` {r['rechecked']['killed now']} of {r['rechecked']['mutants']} now killed"
+        lines += ["", "Rechecked (`--recheck`: the survivors of the full run against the tests written after it, "
+                      "and the mutants its time limit left; minutes are both runs together): " + "; ".join(
+                          f"`{r['file']}` {r['rechecked']['killed now']} of {r['rechecked']['mutants']} survivors "
+                          f"now killed, {r['rechecked']['unchecked run']} unchecked mutants run"
                           for r in rechecked) + "."]
     for r in rows:
         if r["survivors"]:
