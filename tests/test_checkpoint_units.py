@@ -768,3 +768,50 @@ def test_hand_made_pickles_name_their_globals_whatever_string_opcodes_they_use(t
     assert ckpt._foreign_globals(tmp_path / "p3.pkl") == ["posix.system"]
     (tmp_path / "np1.pkl").write_bytes(b"cnumpy.core.multiarray\n_reconstruct\ncposix\nsystem\n.")
     assert ckpt._foreign_globals(tmp_path / "np1.pkl") == ["posix.system"]
+
+
+def test_a_file_checkpoint_resumes_into_a_sharded_model(tmp_path, one_rank_group):
+    """A single-process run's .pt continued under FSDP2 (a one-rank gloo group here): full state dicts are
+    loaded into the sharded parameters and optimizer state, equal to the file's tensors."""
+    from torch.distributed.fsdp import fully_shard
+
+    src = _trained(0)
+    p = ckpt.save_training_checkpoint(tmp_path, 1, *src, {"step": 1}, keep_last=1, sharded=False)
+    torch.manual_seed(1)
+    model = build_model(debug().model)
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 3, 32, 32), 0.75)[0].backward()
+    opt.step()
+    ckpt.load_training_checkpoint(p, model, opt)
+    full = ckpt._sd_api().get_model_state_dict(model, options=ckpt._sd_api().StateDictOptions(full_state_dict=True))
+    assert full.keys() == src[0].state_dict().keys()
+    assert all(torch.equal(full[k], v) for k, v in src[0].state_dict().items())
+    osd = ckpt._sd_api().get_optimizer_state_dict(model, opt,
+                                                  options=ckpt._sd_api().StateDictOptions(full_state_dict=True))
+    want = ckpt.load_checkpoint(p)["optim"]["state"]
+    assert osd["state"].keys() == want.keys()
+    assert all(torch.equal(osd["state"][k]["exp_avg"], want[k]["exp_avg"]) for k in want)
+
+
+def test_a_file_checkpoint_that_does_not_fit_is_named(tmp_path):
+    src = _trained(0)
+    p = ckpt.save_training_checkpoint(tmp_path, 1, *src, {"step": 1, "config": {"model": {"depth": 99}}},
+                                      keep_last=1, sharded=False)
+    dst = _trained(1)
+    with pytest.raises(CheckpointError) as e:
+        ckpt.load_training_checkpoint(p, *dst, model_cfg=debug().model)
+    assert str(e.value).startswith(f"checkpoint {p} is of another architecture (depth: checkpoint 99 vs config ")
+    obj = ckpt.load_checkpoint(p)
+    obj["model"].pop("cls_token")
+    torch.save(obj, p)
+    with pytest.raises(CheckpointError) as e:
+        ckpt.load_training_checkpoint(p, *dst)
+    assert str(e.value) == f"checkpoint {p} does not fit this model: missing (1): cls_token"
+    obj["model"] = {"w": 1}
+    torch.save(obj, p)
+    with pytest.raises(CheckpointError) as e:
+        ckpt.load_training_checkpoint(p, *dst)
+    assert str(e.value) == f"{p} holds no model state dict"

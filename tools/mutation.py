@@ -124,6 +124,11 @@ GPU_ONLY: dict[str, str] = {  # (a seed's range is not a behaviour a test can ho
     **{f"engine.checkpoint.x__weights_only_bytes__mutmut_{k}": "the map of a tensor inside a sharded non-tensor "
                                                                 "value: saved on a GPU it would load back there; "
                                                                 "on a CPU every map is the CPU" for k in (3, 6)},
+    **{f"engine.checkpoint.x_load_training_checkpoint__mutmut_{k}": "a sharded checkpoint read whole instead of "
+                                                                     "into each rank's shards: only a model sharded "
+                                                                     "over several ranks (a GPU job) tells them "
+                                                                     "apart; in one process the two are the same "
+                                                                     "tensors" for k in (18, 20)},
     "engine.checkpoint.x_restore_rng__mutmut_": "the CUDA generators' states: restored only where CUDA is available",
     **{f"kernels.masking.xǁ_RandomMaskingFnǁforward__mutmut_{k}": _DEVICE for k in (9, 14, 23, 27, 32, 36, 41, 45)},
     **{f"kernels.masking.xǁ_RandomMaskingFnǁbackward__mutmut_{k}": _DEVICE for k in (11, 16)},
