@@ -815,3 +815,20 @@ def test_a_file_checkpoint_that_does_not_fit_is_named(tmp_path):
     with pytest.raises(CheckpointError) as e:
         ckpt.load_training_checkpoint(p, *dst)
     assert str(e.value) == f"{p} holds no model state dict"
+
+
+def test_a_refusal_says_what_was_asked_for_in_one_line(tmp_path):
+    import pickle
+
+    junk = tmp_path / "c.pt"
+    junk.write_bytes(b"not a pickle")  # names no global: the message comes from the error alone
+    tail = ", which a checkpoint never needs; checkpoints are loaded as tensors and plain values and nothing in them is run"
+    e = ckpt.refusal(junk, pickle.UnpicklingError("a persistent id ('p') is not checkpoint metadata"))
+    assert str(e) == f"refused {junk}: it asks for a persistent id ('p'){tail}"
+    e = ckpt.refusal(junk, pickle.UnpicklingError("opcode 0x42 is not allowed"))
+    assert str(e) == f"refused {junk}: it holds objects other than tensors and plain values{tail}"
+    e = ckpt.refusal(junk, RuntimeError("Unsupported global: GLOBAL posix.system was not an allowed global"))
+    assert str(e) == f"refused {junk}: it asks to call or build posix.system{tail}"
+    e = ckpt.refusal(junk, RuntimeError("PytorchStreamReader failed reading zip archive\nweights_only advice\n"))
+    assert str(e) == (f"cannot read checkpoint {junk}: not a PyTorch checkpoint, or damaged (RuntimeError: "
+                      "PytorchStreamReader failed reading zip archive)")

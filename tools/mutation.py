@@ -129,6 +129,7 @@ GPU_ONLY: dict[str, str] = {  # (a seed's range is not a behaviour a test can ho
                                                                      "over several ranks (a GPU job) tells them "
                                                                      "apart; in one process the two are the same "
                                                                      "tensors" for k in (18, 20)},
+    "engine.checkpoint.x_capture_rng__mutmut_": "the CUDA generators' states: captured only once CUDA is in use",
     "engine.checkpoint.x_restore_rng__mutmut_": "the CUDA generators' states: restored only where CUDA is available",
     **{f"kernels.masking.xǁ_RandomMaskingFnǁforward__mutmut_{k}": _DEVICE for k in (9, 14, 23, 27, 32, 36, 41, 45)},
     **{f"kernels.masking.xǁ_RandomMaskingFnǁbackward__mutmut_{k}": _DEVICE for k in (11, 16)},
