@@ -829,6 +829,35 @@ def test_a_refusal_says_what_was_asked_for_in_one_line(tmp_path):
     assert str(e) == f"refused {junk}: it holds objects other than tensors and plain values{tail}"
     e = ckpt.refusal(junk, RuntimeError("Unsupported global: GLOBAL posix.system was not an allowed global"))
     assert str(e) == f"refused {junk}: it asks to call or build posix.system{tail}"
-    e = ckpt.refusal(junk, RuntimeError("PytorchStreamReader failed reading zip archive\nweights_only advice\n"))
+    e = ckpt.refusal(junk, RuntimeError("Load with weights_only=False?\n\n  PytorchStreamReader failed reading zip\n"))
     assert str(e) == (f"cannot read checkpoint {junk}: not a PyTorch checkpoint, or damaged (RuntimeError: "
-                      "PytorchStreamReader failed reading zip archive)")
+                      "PytorchStreamReader failed reading zip)")  # the first line that is not the unsafe advice
+    assert str(ckpt.refusal(junk, KeyError())).endswith("damaged (KeyError: KeyError)")  # no text: its type
+    e = ckpt.refusal(junk, ValueError("v" * 200))
+    assert str(e).endswith(f"damaged (ValueError: {'v' * 160})")
+
+
+def test_a_sharded_save_makes_its_directory_clears_a_stale_attempt_and_marks_its_writer(tmp_path, one_rank_group,
+                                                                                     monkeypatch):
+    src = _trained(0)
+    run = tmp_path / "a" / "b"  # no parent yet
+    stale = run / ".ckpt_00000002.dcp.tmp"
+    stale.mkdir(parents=True)
+    (stale / "junk").write_text("from a killed save")
+    p = ckpt.save_training_checkpoint(run, 2, *src, {"step": 2}, keep_last=2, sharded=True)
+    assert not (p / "junk").exists() and not stale.exists() and ckpt.read_meta(p) == {"step": 2}
+    fresh = tmp_path / "c" / "d"
+    assert ckpt.save_training_checkpoint(fresh, 1, *src, {"step": 1}, keep_last=2, sharded=True).is_dir()
+    monkeypatch.setattr(socket, "gethostname", lambda: "node1.cluster.example")
+    real = os.replace
+
+    def no_rename(a, b):
+        if str(a).endswith(".dcp.tmp"):
+            raise OSError(5, "Input/output error")
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    with pytest.raises(CheckpointError):
+        ckpt.save_training_checkpoint(run, 3, *src, {"step": 3}, keep_last=2, sharded=True)
+    left = run / ".ckpt_00000003.dcp.tmp"
+    assert (left / ".writer").read_text() == f"node1-cluster-example {os.getpid()}\n"  # how a later run tells
