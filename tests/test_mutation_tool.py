@@ -77,6 +77,8 @@ def test_a_recheck_moves_the_survivors_new_tests_kill_and_keeps_the_rest(monkeyp
     assert set(again["survivors"]) == {"b", eq, "u2"} and again["survivors"]["u2"] == "-v"
     assert again["kill_rate"] == round(10 / 12, 4) and again["unchecked"] == ["u3"] and not again["finished"]
     assert again["rechecked"] == {"mutants": 3, "killed now": 2, "unchecked run": 2} and again["seconds"] == 690
+    older = tool.recheck({**row, "not checked": 5}, 2, 60)  # an older row names none of its 5 unchecked mutants
+    assert older["not checked"] == 5 and not older["finished"]
 
 
 def test_a_new_days_report_carries_the_files_not_run_with_the_day_they_ran(tmp_path):

@@ -238,8 +238,9 @@ def recheck(row: dict, max_children: int, timeout_s: int) -> dict:
         if s in counts:
             counts[s] += 1
     still = [n for n in unchecked if status.get(n, "not checked") == "not checked"]
-    return rates({**row, **counts, "survived": len(survivors), "not checked": len(still), "unchecked": still,
-                  "survivors": survivors, "outcome": {}, "finished": not still,
+    left = row["not checked"] - (len(unchecked) - len(still))  # a row of an older run may not name them
+    return rates({**row, **counts, "survived": len(survivors), "not checked": left, "unchecked": still,
+                  "survivors": survivors, "outcome": {}, "finished": left == 0,
                   "seconds": row["seconds"] + again["seconds"],
                   "rechecked": {"mutants": len(names), "killed now": len(gone), "unchecked run": len(unchecked)
                                 - len(still)}})
