@@ -861,3 +861,36 @@ def test_a_sharded_save_makes_its_directory_clears_a_stale_attempt_and_marks_its
         ckpt.save_training_checkpoint(run, 3, *src, {"step": 3}, keep_last=2, sharded=True)
     left = run / ".ckpt_00000003.dcp.tmp"
     assert (left / ".writer").read_text() == f"node1-cluster-example {os.getpid()}\n"  # how a later run tells
+
+
+def test_a_full_disk_during_a_sharded_save_is_one_line_and_other_failures_pass_through(tmp_path, one_rank_group,
+                                                                                      monkeypatch):
+    """DCP wraps a rank's OSError in its own exception: the disk error behind it becomes the one-line CheckpointError
+    naming the checkpoint and the directory; an error that is not the disk's is not disguised as one."""
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+
+    src = _trained(0)
+
+    class Wrapped(BaseException):
+        def __init__(self, failures):
+            super().__init__("ranks failed")
+            self.failures = failures
+
+    def full(*a, **k):
+        raise Wrapped({0: (OSError(errno.ENOSPC, "No space left on device"), None)})
+
+    monkeypatch.setattr(dcp, "save", full)
+    with pytest.raises(CheckpointError) as e:
+        ckpt.save_training_checkpoint(tmp_path, 2, *src, {"step": 2}, keep_last=1, sharded=True)
+    assert str(e.value) == (f"cannot write ckpt_00000002.dcp in {tmp_path}: no space left on the device; the "
+                            "checkpoints already there are intact")
+    assert ckpt.list_checkpoints(tmp_path) == []
+
+    def broken(*a, **k):
+        raise Wrapped({0: (ValueError("a bug"), None)})
+
+    monkeypatch.setattr(dcp, "save", broken)
+    with pytest.raises(Wrapped):
+        ckpt.save_training_checkpoint(tmp_path, 3, *src, {"step": 3}, keep_last=1, sharded=True)
