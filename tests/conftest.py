@@ -104,3 +104,21 @@ def sitecustomize_env(tmp_path, code: str, **env) -> dict:
     shim.mkdir(exist_ok=True)
     (shim / "sitecustomize.py").write_text(code)
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(shim), str(Path(__file__).resolve().parents[1])]), **env)
+
+
+@pytest.fixture
+def one_rank_group():
+    """A one-rank gloo process group in this process (the code path of every rank of a torchrun job), torn down
+    after the test."""
+    import torch.distributed as dist
+
+    from engine.parallel import _free_port
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

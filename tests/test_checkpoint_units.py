@@ -118,12 +118,18 @@ def test_stale_temporary_files_by_writer_and_age(tmp_path):
         tmp_path / n for n, (_, _, stale) in dirs.items() if stale}
     assert set(ckpt.remove_stale_temp_files(tmp_path)) == want
     assert {p for p in tmp_path.iterdir()} == {tmp_path / n for n in [*files, *dirs]} - want
-    young = {tmp_path / f".ckpt_00000005.pt.elsewhere-{dead}.gh78.tmp", tmp_path / ".ckpt_00000010.dcp.tmp"}
     assert set(ckpt.remove_stale_temp_files(tmp_path, min_age_s=60)) == {
         tmp_path / f".ckpt_00000005.pt.elsewhere-{dead}.gh78.tmp"}
-    assert set(ckpt.remove_stale_temp_files(tmp_path, min_age_s=-1)) == young - {
-        tmp_path / f".ckpt_00000005.pt.elsewhere-{dead}.gh78.tmp"}
+    assert set(ckpt.remove_stale_temp_files(tmp_path, min_age_s=-1)) == {tmp_path / ".ckpt_00000010.dcp.tmp"}
     assert ckpt.remove_stale_temp_files(tmp_path / "absent") == []
+
+
+class _RanksFailed(BaseException):
+    """Stands in for DCP's CheckpointException: {rank: (exception, traceback)}, deriving from BaseException."""
+
+    def __init__(self, failures):
+        super().__init__("ranks failed")
+        self.failures = failures
 
 
 # --- a training checkpoint's round trip, both forms
@@ -174,22 +180,6 @@ def test_a_file_checkpoint_round_trips_model_optimizer_and_meta(tmp_path):
                             "only, use a new run directory")
 
 
-@pytest.fixture
-def one_rank_group():
-    import torch.distributed as dist
-
-    from engine.parallel import _free_port
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_a_sharded_checkpoint_round_trips_and_is_renamed_in_whole(tmp_path, one_rank_group):
     src = _trained(0)
     meta = {"step": 2, "data": {"micro_batch": 2}}
@@ -238,13 +228,8 @@ def test_the_os_error_behind_a_wrapped_failure_is_found():
     except KeyError as e:
         assert ckpt._first_os_error(e) is full
 
-    class Wrapped(BaseException):  # DCP's CheckpointException: {rank: (exception, traceback)}
-        def __init__(self, failures):
-            super().__init__("ranks failed")
-            self.failures = failures
-
-    assert ckpt._first_os_error(Wrapped({0: (ValueError("a"), None), 1: (full, None)})) is full
-    assert ckpt._first_os_error(Wrapped({3: full})) is full
+    assert ckpt._first_os_error(_RanksFailed({0: (ValueError("a"), None), 1: (full, None)})) is full
+    assert ckpt._first_os_error(_RanksFailed({3: full})) is full
     loop = RuntimeError("loop")
     loop.__context__ = loop
     assert ckpt._first_os_error(loop) is None
@@ -524,13 +509,8 @@ def test_every_branch_of_a_wrapped_failure_is_searched():
     caused.__cause__ = full
     assert caused.__context__ is None and ckpt._first_os_error(caused) is full
 
-    class Wrapped(BaseException):
-        def __init__(self, failures):
-            super().__init__("ranks failed")
-            self.failures = failures
-
-    assert ckpt._first_os_error(Wrapped({0: (full, None), 1: (ValueError("b"), None)})) is full  # not the last
-    outer = Wrapped({0: (ValueError("rank 0"), None)})
+    assert ckpt._first_os_error(_RanksFailed({0: (full, None), 1: (ValueError("b"), None)})) is full  # not the last
+    outer = _RanksFailed({0: (ValueError("rank 0"), None)})
     outer.__cause__ = full
     assert ckpt._first_os_error(outer) is full  # the cause and the ranks' failures both searched
 
@@ -612,20 +592,15 @@ def test_a_refusal_names_the_code_a_pickle_asks_for_and_nothing_benign(tmp_path)
 
 
 def test_the_innermost_failure_of_a_dcp_error_is_found():
-    class Wrapped(BaseException):
-        def __init__(self, failures):
-            super().__init__("ranks failed")
-            self.failures = failures
-
     inner = ValueError("the shard is short")
     mid = RuntimeError("reading")
     mid.__cause__ = inner
     assert ckpt._root_cause(mid) is inner
-    assert ckpt._root_cause(Wrapped({0: (mid, "traceback")})) is inner
-    assert ckpt._root_cause(Wrapped({1: mid})) is inner
-    empty = Wrapped({})
+    assert ckpt._root_cause(_RanksFailed({0: (mid, "traceback")})) is inner
+    assert ckpt._root_cause(_RanksFailed({1: mid})) is inner
+    empty = _RanksFailed({})
     assert ckpt._root_cause(empty) is empty
-    listed = Wrapped([inner])  # not DCP's dict: the exception itself
+    listed = _RanksFailed([inner])  # not DCP's dict: the exception itself
     assert ckpt._root_cause(listed) is listed
     loop = RuntimeError("loop")
     loop.__cause__ = loop
@@ -873,13 +848,8 @@ def test_a_full_disk_during_a_sharded_save_is_one_line_and_other_failures_pass_t
 
     src = _trained(0)
 
-    class Wrapped(BaseException):
-        def __init__(self, failures):
-            super().__init__("ranks failed")
-            self.failures = failures
-
     def full(*a, **k):
-        raise Wrapped({0: (OSError(errno.ENOSPC, "No space left on device"), None)})
+        raise _RanksFailed({0: (OSError(errno.ENOSPC, "No space left on device"), None)})
 
     monkeypatch.setattr(dcp, "save", full)
     with pytest.raises(CheckpointError) as e:
@@ -889,8 +859,8 @@ def test_a_full_disk_during_a_sharded_save_is_one_line_and_other_failures_pass_t
     assert ckpt.list_checkpoints(tmp_path) == []
 
     def broken(*a, **k):
-        raise Wrapped({0: (ValueError("a bug"), None)})
+        raise _RanksFailed({0: (ValueError("a bug"), None)})
 
     monkeypatch.setattr(dcp, "save", broken)
-    with pytest.raises(Wrapped):
+    with pytest.raises(_RanksFailed):
         ckpt.save_training_checkpoint(tmp_path, 3, *src, {"step": 3}, keep_last=1, sharded=True)

@@ -75,44 +75,35 @@ def test_autotuned_compile_of_the_encoder_math_path_matches_eager(monkeypatch):
         torch.testing.assert_close(ga[k], gb[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_fsdp2_computes_in_bf16_reduces_in_fp32_and_returns_no_view():
+def test_fsdp2_computes_in_bf16_reduces_in_fp32_and_returns_no_view(one_rank_group):
     """train.precision bf16 under FSDP2: the blocks see bf16 weights in forward, the sharded parameters and their
     gradients stay fp32 (reduced in fp32), the root's inputs are not cast (fp32 images for the loss target); and
     the model returns no view (FSDP2 warned that an in-place op on one would skip its pre-backward hook)."""
-    import os
     import warnings
 
-    import torch.distributed as dist
-
-    from engine.parallel import _free_port
     from engine.step import build_training, config_with_levers
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        cfg = config_with_levers(debug(), {"precision": "bf16"}, **{"train.device": "cpu", "train.batch_size": 4})
-        tr = build_training(cfg, DistContext(distributed=True), torch.device("cpu"))
-        seen = {}
-        tr.model.blocks[0].attn.qkv.register_forward_pre_hook(
-            lambda m, a: seen.update(weight=m.weight.dtype, x=a[0].dtype))
-        real_loss = tr.model.forward_loss
+    cfg = config_with_levers(debug(), {"precision": "bf16"}, **{"train.device": "cpu", "train.batch_size": 4})
+    tr = build_training(cfg, DistContext(distributed=True), torch.device("cpu"))
+    seen = {}
+    tr.model.blocks[0].attn.qkv.register_forward_pre_hook(
+        lambda m, a: seen.update(weight=m.weight.dtype, x=a[0].dtype))
+    real_loss = tr.model.forward_loss
 
-        def loss_spy(imgs, pred, mask, **kw):  # the loss target: the images as the root received them
-            seen.update(imgs=imgs.dtype)
-            return real_loss(imgs, pred, mask, **kw)
+    def loss_spy(imgs, pred, mask, **kw):  # the loss target: the images as the root received them
+        seen.update(imgs=imgs.dtype)
+        return real_loss(imgs, pred, mask, **kw)
 
-        tr.model.forward_loss = loss_spy
-        policy = tr.model.blocks[0]._get_fsdp_state()._mp_policy  # private: the policy fully_shard was given
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            loss, finite = tr.step([(torch.randn(4, 3, 32, 32), torch.rand(4, 64))])
-        assert bool(finite) and torch.isfinite(loss)
-        assert seen == {"weight": torch.bfloat16, "x": torch.bfloat16, "imgs": torch.float32}
-        assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
-        assert all(p.dtype == torch.float32 for p in tr.model.parameters())
-        assert not [w for w in caught if "view tensor" in str(w.message)], [str(w.message) for w in caught]
-    finally:
-        dist.destroy_process_group()
+    tr.model.forward_loss = loss_spy
+    policy = tr.model.blocks[0]._get_fsdp_state()._mp_policy  # private: the policy fully_shard was given
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss, finite = tr.step([(torch.randn(4, 3, 32, 32), torch.rand(4, 64))])
+    assert bool(finite) and torch.isfinite(loss)
+    assert seen == {"weight": torch.bfloat16, "x": torch.bfloat16, "imgs": torch.float32}
+    assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in tr.model.parameters())
+    assert not [w for w in caught if "view tensor" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_fsdp_checks_pass_on_cpu_and_catch_a_sharding_bug(tmp_path, monkeypatch, capsys):

@@ -303,7 +303,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-children", type=int, default=2)
     ap.add_argument("--timeout-s", type=int, default=3600, help="per file")
     ap.add_argument("--recheck", action="store_true",
-                    help="run only the survivors of each file's row in the newest report again (after new tests)")
+                    help="run each file's survivors in the newest report again (after new tests), and the mutants its "
+                         "time limit left")
     args = ap.parse_args(argv)
     if shutil.which("mutmut") is None:
         print("tools/mutation.py: mutmut is not installed: pip install \"mutmut>=3.8\"", file=sys.stderr)
