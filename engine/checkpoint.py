@@ -33,7 +33,7 @@ import torch
 
 from .atomic import CheckpointError, _fsync_dir, _writer_tag, atomic_write, io_error
 
-CKPT_RE = re.compile(r"^ckpt_(\d{8})\.(pt|dcp)$")
+CKPT_RE = re.compile(r"^ckpt_(\d{8}|[1-9]\d{8,})\.(pt|dcp)$")  # checkpoint_path's names: 8 digits, more past 10^8
 DECODER_PREFIXES = ("decoder_", "mask_token", "encoder_mask_token")
 ARCH_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
                "decoder_depth", "decoder_num_heads", "mlp_ratio", "encoder_mask_tokens")

@@ -34,7 +34,8 @@ def _touch_ckpt(d, step, form):
 
 def test_checkpoint_names_and_listing_order(tmp_path):
     assert ckpt.checkpoint_path(tmp_path, 7) == tmp_path / "ckpt_00000007.pt"
-    assert ckpt.checkpoint_path(tmp_path, 123456789 % 10**8, sharded=True) == tmp_path / "ckpt_23456789.dcp"
+    assert ckpt.checkpoint_path(tmp_path, 23456789, sharded=True) == tmp_path / "ckpt_23456789.dcp"
+    assert ckpt.checkpoint_path(tmp_path, 123456789) == tmp_path / "ckpt_123456789.pt"  # past 10^8: a ninth digit
     assert ckpt.list_checkpoints(tmp_path / "absent") == [] and ckpt.latest_checkpoint(tmp_path) is None
     for step, form in [(10, "pt"), (9, "pt"), (100, "dcp"), (10, "dcp"), (2, "pt")]:
         _touch_ckpt(tmp_path, step, form)
@@ -45,10 +46,15 @@ def test_checkpoint_names_and_listing_order(tmp_path):
     assert names == ["ckpt_00000002.pt", "ckpt_00000009.pt", "ckpt_00000010.dcp", "ckpt_00000010.pt",
                      "ckpt_00000100.dcp"]  # by step as a number, then .dcp before .pt
     assert ckpt.latest_checkpoint(tmp_path).name == "ckpt_00000100.dcp"
+    for step in (10**8, 99_999_999, 10**9):  # a ninth and tenth digit: still by number, not by name
+        _touch_ckpt(tmp_path, step, "pt")
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path)]
+    assert names[-3:] == ["ckpt_99999999.pt", "ckpt_100000000.pt", "ckpt_1000000000.pt"] and len(names) == 8
+    assert ckpt.latest_checkpoint(tmp_path).name == "ckpt_1000000000.pt"
 
 
 @settings(max_examples=40, deadline=None)
-@given(steps=st.lists(st.tuples(st.integers(0, 10**8 - 1), st.sampled_from(["pt", "dcp"])), unique=True,
+@given(steps=st.lists(st.tuples(st.integers(0, 10**10), st.sampled_from(["pt", "dcp"])), unique=True,
                       max_size=8),
        keep=st.integers(1, 6))
 def test_pruning_keeps_exactly_the_newest_k(tmp_path_factory, steps, keep):
@@ -864,3 +870,137 @@ def test_a_full_disk_during_a_sharded_save_is_one_line_and_other_failures_pass_t
     monkeypatch.setattr(dcp, "save", broken)
     with pytest.raises(_RanksFailed):
         ckpt.save_training_checkpoint(tmp_path, 3, *src, {"step": 3}, keep_last=1, sharded=True)
+
+
+# --- what other writers and pruners do meanwhile
+
+
+def _removed_first_by_another(monkeypatch, under):
+    """os.unlink of a file under `under` finds it already removed by another process (a second pruner of the same
+    directory got there a moment before): the file goes, then the call fails as it would."""
+    real = os.unlink
+
+    def raced(path, *a, dir_fd=None, **k):
+        full = os.path.join(f"/proc/self/fd/{dir_fd}", path) if dir_fd is not None else path
+        if str(os.path.realpath(full)).startswith(str(under)):
+            real(path, *a, dir_fd=dir_fd, **k)
+        return real(path, *a, dir_fd=dir_fd, **k)
+
+    monkeypatch.setattr(os, "unlink", raced)
+
+
+def test_pruning_alongside_another_pruner_removes_what_is_left_and_raises_nothing(tmp_path, monkeypatch):
+    for step, form in [(1, "pt"), (2, "dcp"), (3, "pt"), (4, "dcp"), (5, "pt")]:
+        _touch_ckpt(tmp_path, step, form)
+    _removed_first_by_another(monkeypatch, tmp_path)
+    ckpt.prune(tmp_path, 2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt_00000004.dcp", "ckpt_00000005.pt"]
+
+
+def test_stale_files_removed_meanwhile_by_another_run_raise_nothing(tmp_path, monkeypatch):
+    dead = 2**22 + 12345
+    host = socket.gethostname().replace(".", "-")
+    f = tmp_path / f".ckpt_00000002.pt.{host}-{dead}.ab12.tmp"
+    f.write_bytes(b"x")
+    d = tmp_path / ".ckpt_00000003.dcp.tmp"
+    d.mkdir()
+    (d / ".writer").write_text(f"{host} {dead}\n")
+    (d / "__0_0.distcp").write_bytes(b"x")
+    _removed_first_by_another(monkeypatch, tmp_path)
+    assert set(ckpt.remove_stale_temp_files(tmp_path)) == {f, d}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_files_on_a_host_with_dots_in_its_name(tmp_path, monkeypatch):
+    """Temporary names carry the host with "." made "-" (TEMP_RE's host has no dots): the cleaner compares the same
+    spelling, so this host's live writer stays however old its file, and its dead writer's file goes at once."""
+    monkeypatch.setattr(socket, "gethostname", lambda: "node1.cluster.example")
+    dead = 2**22 + 12345
+    live = tmp_path / f".ckpt_00000002.pt.node1-cluster-example-{os.getpid()}.ab12.tmp"
+    live.write_bytes(b"x")
+    _aged(live, 7200)
+    gone = tmp_path / f".ckpt_00000003.pt.node1-cluster-example-{dead}.cd34.tmp"
+    gone.write_bytes(b"x")
+    assert ckpt.remove_stale_temp_files(tmp_path) == [gone] and live.exists()
+
+
+def test_the_cleaner_goes_on_past_what_it_cannot_stat_and_past_a_directory_without_a_writer(tmp_path):
+    """A name that cannot be stat'ed (a dangling link; a file removed meanwhile) is skipped, not the end of the
+    scan; a sharded save's directory killed before its .writer was written is judged by age, like an untagged file."""
+    old = [tmp_path / f".old{i:02d}.tmp" for i in range(24)]
+    for i, p in enumerate(old):
+        if i % 8 == 0:  # dangling links created first, among and last: the scan meets one early in any order
+            (tmp_path / f".dangling{i}.tmp").symlink_to(tmp_path / "nowhere")
+        p.write_bytes(b"x")
+        _aged(p, 7200)
+    (tmp_path / ".dangling.tmp").symlink_to(tmp_path / "nowhere")
+    nowriter = tmp_path / ".ckpt_00000004.dcp.tmp"
+    nowriter.mkdir()
+    _aged(nowriter, 7200)
+    young = tmp_path / ".ckpt_00000005.dcp.tmp"
+    young.mkdir()
+    assert set(ckpt.remove_stale_temp_files(tmp_path)) == {*old, nowriter}
+    assert {p.name for p in tmp_path.iterdir()} == {".dangling.tmp", ".dangling0.tmp", ".dangling8.tmp",
+                                                    ".dangling16.tmp", young.name}
+
+
+def test_the_default_age_for_a_file_of_unknown_writer_is_one_hour(tmp_path):
+    p = tmp_path / ".something.tmp"
+    p.write_bytes(b"x")
+    _aged(p, 3600.5)  # past the hour by half a second
+    assert ckpt.remove_stale_temp_files(tmp_path, min_age_s=3601) == []
+    assert ckpt.remove_stale_temp_files(tmp_path) == [p]
+
+
+# --- a sharded save's failures after its shards are written, and on the ranks that did not fail
+
+
+def test_a_failed_rename_of_a_sharded_save_names_the_checkpoint_and_directory(tmp_path, one_rank_group, monkeypatch):
+    src = _trained(0)
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(5, "Input/output error"))
+                        if str(a).endswith(".dcp.tmp") else real(a, b))
+    with pytest.raises(CheckpointError) as e:
+        ckpt.save_training_checkpoint(tmp_path, 3, *src, {"step": 3}, keep_last=2, sharded=True)
+    assert str(e.value) == (f"cannot write ckpt_00000003.dcp in {tmp_path}: Input/output error; the checkpoints "
+                            "already there are intact")
+    assert ckpt.list_checkpoints(tmp_path) == []
+
+
+def test_a_sharded_save_whose_meta_cannot_be_written_fails_and_publishes_nothing(tmp_path, one_rank_group,
+                                                                                monkeypatch):
+    src = _trained(0)
+    ckpt.save_training_checkpoint(tmp_path, 1, *src, {"step": 1}, keep_last=2, sharded=True)
+
+    def full(obj, path):
+        raise CheckpointError(f"cannot write meta.pt in {tmp_path}: no space left on the device")
+
+    monkeypatch.setattr(ckpt, "atomic_torch_save", full)
+    with pytest.raises(CheckpointError, match="^cannot write meta.pt in .*: no space left on the device$"):
+        ckpt.save_training_checkpoint(tmp_path, 2, *src, {"step": 2}, keep_last=2, sharded=True)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt_00000001.dcp"]
+
+
+@pytest.mark.parametrize("which", ["before the shards", "after the shards"])
+def test_a_rank_other_than_0_raises_naming_the_checkpoint_when_rank_0_fails(tmp_path, one_rank_group, monkeypatch,
+                                                                           which):
+    """On a rank that is not rank 0 (is_main False) every part of its own succeeds; rank 0's failure, before the
+    shards (making the directory) or after them (meta, rename), reaches it through the MAX flag (stood in for here),
+    and it raises naming the checkpoint and the run directory, never walking on alone."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    src = _trained(0)
+    votes = []
+
+    def rank_0_votes(t, op=None):
+        votes.append(op)
+        t.fill_(1.0 if (len(votes) == 1) == (which == "before the shards") else 0.0)
+
+    monkeypatch.setattr(dist, "all_reduce", rank_0_votes)
+    monkeypatch.setattr(dcp, "save", lambda *a, **k: None)  # this rank's shards: written
+    with pytest.raises(CheckpointError) as e:
+        ckpt.save_training_checkpoint(tmp_path, 7, *src, {"step": 7}, keep_last=2, sharded=True, is_main=False)
+    assert str(e.value) == (f"cannot write ckpt_00000007.dcp in {tmp_path}: rank 0 could not (see its message); the "
+                            "checkpoints already there are intact")
+    assert len(votes) == (1 if which == "before the shards" else 2)

@@ -194,3 +194,19 @@ def test_grid_noise_orders_each_sample_on_its_own():
     noise = grid_noise(4, 8, 0.75, torch.Generator().manual_seed(2))
     frac = noise % 1
     assert all(not torch.equal(frac[0], frac[i]) for i in range(1, 4))
+
+
+def test_the_smallest_blocks_are_drawn_by_their_exact_law():
+    """BEiT's law at its smallest: one patch asked for, min_block 1, so every try has area exactly 1 and aspect
+    log-uniform on [0.3, 1/0.3]: a 1x1 block when the aspect is in (1/2.25, 2.25), else a 1x2 or 2x1 one (a side of
+    sqrt(aspect) or sqrt(1/aspect) rounds to 2), which overshoots by one. A 1-patch grid takes exactly the 1x1 block;
+    a 2x2 grid asked for all four patches takes one 2x2 block (no smaller block fits the budget)."""
+    import math
+
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor([int(block_mask(2, 1, g, min_block=1).sum()) for _ in range(4000)])
+    assert set(counts.unique().tolist()) == {1, 2}
+    law = (math.log(1 / 2.25 / 0.3) + math.log(1 / 0.3 / 2.25)) / math.log(1 / 0.3 / 0.3)  # about 0.33
+    assert abs(float((counts == 2).float().mean()) - law) < 0.03  # 4 standard errors
+    assert all(bool(block_mask(1, 1, g, min_block=1).all()) for _ in range(20))
+    assert all(bool(block_mask(2, 4, g).all()) for _ in range(20))

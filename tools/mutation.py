@@ -72,6 +72,8 @@ EQUIVALENT: dict[str, str] = {
     "kernels.noise.x_block_mask__mutmut_59": "as mutmut_54 (w takes h's formula)",
     "kernels.noise.x_block_mask__mutmut_75": "torch.randint(high) is torch.randint(0, high): the same draw",
     "kernels.noise.x_block_mask__mutmut_89": "torch.randint(high) is torch.randint(0, high): the same draw",
+    **{f"kernels.noise.x_block_mask__mutmut_{k}": "a rectangle with a side of 0 covers no patch, and 0 < new "
+                                                   "refuses it as it refuses any that adds nothing" for k in (63, 66)},
     "kernels.noise.x_block_mask__mutmut_104": "accepting a rectangle that adds no patch (new = 0) masks nothing more",
     "kernels.noise.x_grid_noise__mutmut_39": "torch.randint(high) is torch.randint(0, high): the same draw",
     "kernels.noise.x_grid_noise__mutmut_53": "the lattice offset mirrored (idx + off instead of idx - off): the "
@@ -100,6 +102,20 @@ EQUIVALENT: dict[str, str] = {
                                                              "next() without its default, read(None) and b\"XXXX\" "
                                                              "all raise inside the try, which returns []"
        for k in (8, 14, 16)},
+    **{f"engine.checkpoint.x_ensure_writable__mutmut_{k}": "the write probe's mode and its one byte: the probe is "
+                                                            "removed at once, its mode and bytes never read"
+       for k in (17, 20, 25, 26)},
+    "engine.checkpoint.x_save_training_checkpoint__mutmut_91": "a file opened only to be fsync'ed is never read: "
+                                                               "text or binary mode opens it the same way",
+    **{f"engine.checkpoint.x_save_training_checkpoint__mutmut_{k}": "rank 0 wrote .writer into this directory at the "
+                                                                     "start of this same save: at the rename it is "
+                                                                     "there, so missing_ok is never consulted"
+       for k in (100, 104)},
+    "engine.checkpoint.x_safe_dcp_reader__mutmut_10": "DCP's Metadata is a dataclass with a storage_meta field "
+                                                      "(None when absent): getattr without a default finds it too",
+    "engine.checkpoint.x_remove_stale_temp_files__mutmut_54": "age > limit or age >= limit: the age is a float of "
+                                                              "wall-clock time, equal to the limit only on a "
+                                                              "measure-zero instant",
     "kernels.masking.xǁ_UnshuffleFnǁforward__mutmut_40": _TILE,
     "kernels.masking.xǁ_UnshuffleFnǁbackward__mutmut_12": _TILE,
     **{f"kernels.masking.xǁ_UnshuffleFnǁbackward__mutmut_{k}": "the one-element dummy for the unused sum pointer "
@@ -129,6 +145,12 @@ GPU_ONLY: dict[str, str] = {  # (a seed's range is not a behaviour a test can ho
                                                                      "over several ranks (a GPU job) tells them "
                                                                      "apart; in one process the two are the same "
                                                                      "tensors" for k in (18, 20)},
+    **{f"engine.checkpoint.x_load_training_checkpoint__mutmut_{k}": "a file checkpoint's optimizer state loaded as a "
+                                                                     "full state dict into sharded parameters: on one "
+                                                                     "rank a shard is the whole tensor, so full and "
+                                                                     "sharded loading are the same; only a model "
+                                                                     "sharded over several ranks (a GPU job) tells "
+                                                                     "them apart" for k in (71, 75)},
     "engine.checkpoint.x_capture_rng__mutmut_": "the CUDA generators' states: captured only once CUDA is in use",
     "engine.checkpoint.x_restore_rng__mutmut_": "the CUDA generators' states: restored only where CUDA is available",
     **{f"kernels.masking.xǁ_RandomMaskingFnǁforward__mutmut_{k}": _DEVICE for k in (9, 14, 23, 27, 32, 36, 41, 45)},
