@@ -94,3 +94,21 @@ def test_a_new_days_report_carries_the_files_not_run_with_the_day_they_ran(tmp_p
     assert [(r["file"], r["date"]) for r in rows] == [("kernels/noise.py", path.stem.removeprefix("mutation_")),
                                                       ("engine/health.py", "2026-01-01")]
     assert "| `engine/health.py` | 2026-01-01 |" in path.read_text()
+
+
+def test_a_scoped_file_counts_the_mutants_of_its_named_functions_only():
+    import ast
+
+    tool = _tool()
+    assert set(tool.SCOPE) <= set(tool.TARGETS)
+    for target, patterns in tool.SCOPE.items():  # every function a pattern names is in its file
+        tree = ast.parse((ROOT / target).read_text())
+        defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))} | {
+            f"{c.name}.{f.name}" for c in tree.body if isinstance(c, ast.ClassDef) for f in c.body
+            if isinstance(f, ast.FunctionDef)}
+        assert {tool._function(p) for p in patterns} <= defined, target
+    assert tool.in_scope("pipelines/common.py", "pipelines.common.xǁEpochPlanǁbatches__mutmut_3")
+    assert tool.in_scope("pipelines/common.py", "pipelines.common.x_sample_crop__mutmut_12")
+    assert not tool.in_scope("pipelines/common.py", "pipelines.common.x_list_images__mutmut_3")
+    assert not tool.in_scope("pipelines/common.py", "pipelines.common.x_sample_crop_other__mutmut_1")
+    assert tool.in_scope("kernels/noise.py", "kernels.noise.x_anything__mutmut_1")  # not scoped: all of it

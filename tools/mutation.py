@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import fnmatch
 import json
 import shutil
 import subprocess
@@ -40,17 +41,28 @@ TARGETS = {
     "kernels/loss.py": ["tests/test_loss_reference.py", "tests/test_kernels_triton.py",
                         "-k", "not masking and not unshuffle and not shape0"],
     "kernels/masking.py": ["tests/test_kernels_triton.py", "tests/test_model.py"],
-    "engine/optim.py": ["tests/test_train.py", "tests/test_step.py"],
+    "engine/optim.py": ["tests/test_optim_units.py"],
     "engine/step.py": ["tests/test_step.py", "tests/test_graphstep.py"],
     "engine/checkpoint.py": ["tests/test_checkpoint_units.py", "tests/test_checkpoint_safety.py",
                              "tests/test_dcp_payloads.py", "tests/test_checkpoint_export.py", "tests/test_hf.py",
                              "-k", "not kill_during and not strictly_into_timm"],
     "pipelines/common.py": ["tests/test_sampling_properties.py", "tests/test_data_torchvision.py", "tests/test_shards.py"],
+    "pipelines/torchvision.py": ["tests/test_sampling_properties.py", "tests/test_data_torchvision.py"],
 }
 """The files where a silent bug costs a run or a checkpoint, smallest first, with the tests that exercise them
 (pytest arguments: a `--deselect` or `-k` leaves out slow tests that run a file's functions only end to end or in
 subprocesses, which mutmut's in-process coverage does not see anyway; the loss leaves out its 224-pixel case, 8 s
 under the interpreter, whose p = 16 tiling a 32-pixel case also runs)."""
+
+SCOPE = {
+    "pipelines/common.py": ["pipelines.common.x_sample_crop__mutmut_*", "pipelines.common.x_sample_rng__mutmut_*",
+                            "pipelines.common.xǁEpochPlanǁ*"],
+    "pipelines/torchvision.py": ["pipelines.torchvision.xǁImageFilesǁtransform__mutmut_*",
+                                 "pipelines.torchvision.xǁImageFilesǁget_with_skips__mutmut_*"],
+}
+"""Files mutated in some functions only (mutmut name patterns): of pipelines/, the augmentation (crop, flip, the
+per-sample random stream) and the sharding (the epoch plan: each rank's slice of each epoch); the rest of those files
+(file listing, quarantine, worker shutdown) decides neither a training number nor a run's safety."""
 
 TARGETS_WANTED = {"engine/checkpoint.py": 0.95, "kernels/loss.py": 0.95, "kernels/masking.py": 0.95}
 """Kill rates asked for; every other file 0.85."""
@@ -72,6 +84,10 @@ EQUIVALENT: dict[str, str] = {
     "kernels.noise.x_block_mask__mutmut_59": "as mutmut_54 (w takes h's formula)",
     "kernels.noise.x_block_mask__mutmut_75": "torch.randint(high) is torch.randint(0, high): the same draw",
     "kernels.noise.x_block_mask__mutmut_89": "torch.randint(high) is torch.randint(0, high): the same draw",
+    "engine.optim.x_lr_at__mutmut_3": "warm-up when warmup_steps >= 0 instead of > 0: with no warm-up, step < 0 "
+                                      "never holds (steps count from 0)",
+    "engine.optim.x_lr_at__mutmut_5": "the warm-up's last point taken from its line (lr * w / w) instead of the "
+                                      "cosine at t = 0 (min_lr + (lr - min_lr)): both are lr",
     **{f"kernels.noise.x_block_mask__mutmut_{k}": "a rectangle with a side of 0 covers no patch, and 0 < new "
                                                    "refuses it as it refuses any that adds nothing" for k in (63, 66)},
     "kernels.noise.x_block_mask__mutmut_104": "accepting a rectangle that adds no patch (new = 0) masks nothing more",
@@ -165,6 +181,17 @@ STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests"
           24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", 37: "killed"}
 
 
+def in_scope(target: str, name: str) -> bool:
+    """Whether mutant `name` of `target` is one the run is about (every mutant of a file without a SCOPE)."""
+    return target not in SCOPE or any(fnmatch.fnmatchcase(name, pat) for pat in SCOPE[target])
+
+
+def _function(pattern: str) -> str:
+    """The function (or class) a SCOPE pattern names: "pipelines.common.xǁEpochPlanǁ*" -> "EpochPlan"."""
+    name = pattern.split(".", 2)[2].removesuffix("__mutmut_*").removesuffix("ǁ*")
+    return name[2:].replace("ǁ", ".")
+
+
 def gpu_only(name: str) -> str | None:
     """Why only a GPU can tell this mutant apart (GPU_ONLY), or None."""
     return GPU_ONLY.get(name) or next((v for k, v in GPU_ONLY.items() if k.endswith("_") and name.startswith(k)),
@@ -199,8 +226,9 @@ def run_file(target: str, tests: list[str], max_children: int, timeout_s: int, o
         tracked_tree(work)
         configure(work, target, tests)
         start = time.perf_counter()
+        scope = SCOPE.get(target, [])
         try:
-            subprocess.run(["mutmut", "run", "--max-children", str(max_children), *(only or [])], cwd=work,
+            subprocess.run(["mutmut", "run", "--max-children", str(max_children), *(only or scope)], cwd=work,
                            timeout=timeout_s,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             finished = True
@@ -210,7 +238,7 @@ def run_file(target: str, tests: list[str], max_children: int, timeout_s: int, o
         meta = work / "mutants" / (target + ".meta")
         codes = json.loads(meta.read_text())["exit_code_by_key"] if meta.is_file() else {}
         outcome = {name: ("not checked" if code is None else STATUS.get(code, "suspicious"))
-                   for name, code in codes.items()}
+                   for name, code in codes.items() if in_scope(target, name)}
         survivors = {}
         for name, status in outcome.items():
             if status == "survived":
@@ -298,6 +326,11 @@ def write_report(rows: list[dict], out: Path) -> Path:
                      f"{r['survived']} ({r['equivalent']}, {r.get('gpu_only', 0)}) | {r['timeout']} | "
                      f"{r['no tests']} | {r['not checked']} | {rate} | {cpu} | {r['wanted']:.0%} | "
                      f"{r['seconds'] / 60:.1f} | {'yes' if r['finished'] else 'no (time limit)'} |")
+    scoped = [r["file"] for r in rows if r["file"] in SCOPE]
+    if scoped:
+        lines += ["", "Mutated in some functions only (tools/mutation.py SCOPE: the augmentation and the sharding; "
+                      "the rest of the file lists files and stops workers): " + "; ".join(
+                          f"`{f}` " + ", ".join(f"`{_function(p)}`" for p in SCOPE[f]) for f in scoped) + "."]
     rechecked = [r for r in rows if r.get("rechecked")]
     if rechecked:
         lines += ["", "Rechecked (`--recheck`: the survivors of the full run against the tests written after it, "
