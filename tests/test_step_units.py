@@ -1,0 +1,261 @@
+"""engine/step.py part by part, in this process and in about a second each: the gradient and parameter norms against
+torch's own, gradient accumulation against one batch, the skip flag, the step's autocast, every refusal of
+check_levers with its message, the auto levers' banner line, and every lever's config fields. This file is what the
+mutation run (tools/mutation.py) holds each planted change of step.py against."""
+
+import contextlib
+
+import pytest
+import torch
+
+from engine.config import ConfigError, apply_overrides, debug
+from engine.parallel import DistContext
+from engine.step import (LEVERS, TrainStep, build_training, check_levers, config_with_levers, levers_to_overrides,
+                         resolve_auto_levers)
+
+ONE = DistContext()
+TORCHRUN = DistContext(rank=0, world=4, distributed=True)
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+class Quadratic(torch.nn.Module):
+    """The MAE call signature on a model whose loss is a mean over the batch (as the MAE loss is with equal
+    mask counts): the gradient of the mean of two half batches' losses is the gradient of the whole batch's."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 3)
+        self.scale = torch.nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x, ratio, noise):
+        return ((self.lin(x) * self.scale - noise) ** 2).mean() * (1 + ratio), None, None
+
+
+def _data(n=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=g, dtype=torch.float64).float(), torch.randn(n, 3, generator=g)
+
+
+def test_the_gradient_and_parameter_norms_are_torchs_total_norms():
+    m = Quadratic()
+    step = TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.0), device=CPU)
+    assert step._grad_norm().item() == 0.0  # no gradient yet
+    x, y = _data()
+    m(x, 0.5, y)[0].backward()
+    want = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in m.parameters()]))
+    assert torch.allclose(step._grad_norm(), want, rtol=1e-6)
+    m.lin.bias.grad = None  # a parameter without a gradient is left out, not counted as zero-sized trouble
+    want = torch.linalg.vector_norm(torch.stack([m.lin.weight.grad.norm(), m.scale.grad.norm()]))
+    assert torch.allclose(step._grad_norm(), want, rtol=1e-6)
+    pn = torch.linalg.vector_norm(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    assert torch.allclose(step.param_norm(), pn, rtol=1e-6) and step.param_norm().dtype == torch.float32
+
+
+def test_the_norms_are_fp32_for_bf16_tensors():
+    m = Quadratic().to(torch.bfloat16)
+    step = TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.0), device=CPU)
+    for p in m.parameters():
+        p.grad = torch.full_like(p, 300.0)  # squares past bf16's 8 bits of mantissa
+    n = sum(p.numel() for p in m.parameters())
+    assert step._grad_norm().dtype == torch.float32 and step._grad_norm().item() == pytest.approx(300.0 * n ** 0.5)
+
+
+def test_accumulated_micro_batches_make_the_update_of_their_whole_batch():
+    x, y = _data()
+    a, b = Quadratic(), Quadratic()
+    sa = TrainStep(a, torch.optim.SGD(a.parameters(), lr=0.1), device=CPU, accum_steps=2, mask_ratio=0.5)
+    sb = TrainStep(b, torch.optim.SGD(b.parameters(), lr=0.1), device=CPU, accum_steps=1, mask_ratio=0.5)
+    la, fa = sa([(x[:4], y[:4]), (x[4:], y[4:])])
+    lb, fb = sb([(x, y)])
+    assert bool(fa) and bool(fb) and torch.allclose(la, lb, rtol=1e-6)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+        assert p.grad is None  # released after the step
+    assert torch.allclose(sa.grad_norm, sb.grad_norm, rtol=1e-5)
+    frozen = TrainStep(a, torch.optim.SGD(a.parameters(), lr=0.0), device=CPU, accum_steps=2, mask_ratio=0.5)
+    l0, _ = frozen([(x[:4], y[:4]), (x[4:], y[4:])], mask_ratio=0.0)  # a ratio given for this step only
+    l5, _ = frozen([(x[:4], y[:4]), (x[4:], y[4:])])  # the step's own
+    assert torch.allclose(l0 * 1.5, l5, rtol=1e-6)
+
+
+def test_the_loss_is_the_mean_over_micro_batches_in_fp32():
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, ratio, noise):
+            return (self.w * x.sum()).to(torch.bfloat16), None, None
+
+    m = Fixed()
+    step = TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.0), device=CPU, accum_steps=3)
+    loss, finite = step([(torch.tensor([1.0]), None), (torch.tensor([2.0]), None), (torch.tensor([6.0]), None)])
+    assert loss.dtype == torch.float32 and loss.item() == 3.0 and bool(finite)
+    with pytest.raises(ValueError, match=r"^a step takes accum_steps=3 micro-batches; got more$"):
+        step([(torch.tensor([1.0]), None)] * 4)
+    with pytest.raises(ValueError, match=r"^a step takes accum_steps=3 micro-batches; got 2$"):
+        step([(torch.tensor([1.0]), None)] * 2)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_skip_asked_for_skips_a_finite_step_and_the_flag_is_left_unset(fused):
+    m = Quadratic()
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1, fused=True) if fused else torch.optim.SGD(m.parameters(), lr=0.1)
+    step = TrainStep(m, opt, device=CPU)
+    before = [p.detach().clone() for p in m.parameters()]
+    loss, bad = step.body([_data()], 0.5, skip=torch.tensor(True))
+    assert torch.isfinite(loss) and bad.dtype == torch.float32 and bad.item() == 1.0
+    assert all(torch.equal(p, q) for p, q in zip(before, m.parameters()))
+    assert getattr(opt, "found_inf", None) is None  # not kept for the next step
+    opt.zero_grad(set_to_none=True)
+    loss, bad = step.body([_data()], 0.5, skip=torch.tensor(False))
+    assert bad.item() == 0.0 and not all(torch.equal(p, q) for p, q in zip(before, m.parameters()))
+    assert getattr(opt, "found_inf", None) is None
+
+
+def test_an_infinite_gradient_with_a_finite_loss_skips_the_step():
+    m = Quadratic()
+    step = TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.1), device=CPU)
+    m.scale.register_hook(lambda g: g * float("inf"))
+    before = [p.detach().clone() for p in m.parameters()]
+    loss, finite = step([_data()])
+    assert torch.isfinite(loss) and not bool(finite) and not torch.isfinite(step.grad_norm)
+    assert all(torch.equal(p, q) for p, q in zip(before, m.parameters()))
+
+
+def test_the_steps_autocast_follows_its_dtype_and_cache_setting():
+    m = Quadratic()
+    plain = TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.1), device=CPU)
+    assert isinstance(plain.autocast(), contextlib.nullcontext)
+    amp = TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.1), device=CPU, amp_dtype=torch.bfloat16)
+    for cache in (True, False):
+        with amp.autocast(cache):
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            assert torch.is_autocast_cache_enabled() == cache
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    assert amp.autocast().device == "cpu" and amp.autocast().fast_dtype == torch.bfloat16
+    assert amp.autocast()._cache_enabled is True and amp.autocast(False)._cache_enabled is False
+
+
+def test_a_step_writes_its_lr_and_batch_from_the_config():
+    cfg = config_with_levers(debug(), {}, **{"train.device": "cpu", "train.batch_size": 8, "train.accum_steps": 2,
+                                            "optim.base_lr": "1e-3", "model.mask_ratio": "0.6"})
+    tr = build_training(cfg, DistContext(rank=0, world=1))
+    assert tr.lr == pytest.approx(1e-3 * 16 / 256) and tr.plain.accum_steps == 2 and tr.plain.mask_ratio == 0.6
+    assert tr.step is tr.plain and tr.graphed is None and tr.amp_dtype is None and tr.compute is None
+    assert tr.optimizer.defaults["lr"] == tr.lr
+
+
+@pytest.mark.parametrize("over, ctx, device, message", [
+    ({"parallel.replicate": "2"}, ONE, CPU, "parallel.replicate=2 needs a torchrun job whose world size is a multiple "
+     "of it with at least 2 ranks per group (world size 1); use --parallel.replicate 1"),
+    ({"parallel.replicate": "3"}, TORCHRUN, CPU, "parallel.replicate=3 needs a torchrun job whose world size is a "
+     "multiple of it with at least 2 ranks per group (world size 4); use --parallel.replicate 1"),
+    ({"parallel.replicate": "4"}, TORCHRUN, CPU, "parallel.replicate=4 needs a torchrun job whose world size is a "
+     "multiple of it with at least 2 ranks per group (world size 4); use --parallel.replicate 1"),
+    ({"train.precision": "bf16-pure"}, TORCHRUN, CPU, "train.precision=bf16-pure is for one process; under FSDP2 use "
+     "bf16 (FSDP2 keeps bf16 parameters with fp32 master weights itself)"),
+    ({"train.cuda_graph": "true"}, ONE, CPU, "train.cuda_graph=true: it needs CUDA (train.device resolved to cpu); "
+     "set --train.cuda_graph false"),
+    ({"train.cuda_graph": "true"}, TORCHRUN, CUDA, "train.cuda_graph=true: FSDP2 (torchrun or train.fsdp=always) is "
+     "not captured; it overlaps its own collectives; set --train.cuda_graph false"),
+    ({"train.layer_norm": "apex"}, ONE, CPU, "train.layer_norm=apex runs in one CUDA process (the device is cpu); use "
+     "--train.layer_norm torch"),
+    ({"train.layer_norm": "apex"}, TORCHRUN, CUDA, "train.layer_norm=apex runs in one CUDA process (FSDP2 is on); "
+     "use --train.layer_norm torch"),
+])
+def test_each_refused_lever_combination_is_named_with_its_way_out(over, ctx, device, message):
+    cfg = apply_overrides(debug(), over)
+    with pytest.raises(ConfigError) as e:
+        check_levers(cfg, ctx, device)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("over, ctx, device, strict", [
+    ({"parallel.replicate": "2"}, TORCHRUN, CPU, True),  # 2 groups of 2
+    ({"train.precision": "bf16-pure"}, ONE, CPU, True),
+    ({"train.cuda_graph": "true"}, ONE, CPU, False),  # benchmarks and CPU tests: the body runs eagerly
+    ({"train.cuda_graph": "true"}, ONE, CUDA, True),
+    ({"train.layer_norm": "apex"}, ONE, CPU, False),
+    ({"train.layer_norm": "apex"}, ONE, CUDA, True),
+])
+def test_what_can_run_passes_the_lever_checks(over, ctx, device, strict):
+    check_levers(apply_overrides(debug(), over), ctx, device, strict)
+
+
+def test_a_replicate_that_is_not_strict_is_still_refused():
+    with pytest.raises(ConfigError, match="^parallel.replicate=2 needs"):
+        check_levers(apply_overrides(debug(), {"parallel.replicate": "2"}), ONE, CPU, strict=False)
+
+
+@pytest.mark.parametrize("device, ctx, over, fault, line", [
+    ("cpu", ONE, {}, False, "levers: train.compile and train.cuda_graph off; auto is off on the CPU"),
+    ("cuda", TORCHRUN, {}, False, "levers: train.compile and train.cuda_graph off; auto is off under FSDP2: not "
+     "measured on GPUs yet"),
+    ("cuda", ONE, {}, False, "levers: train.compile (auto), train.cuda_graph (auto) on; auto = {M}; turn off with "
+     "--train.compile false --train.cuda_graph false"),
+    ("cpu", ONE, {"train.compile": "true"}, False, "levers: train.compile on; train.cuda_graph auto is off on the "
+     "CPU; turn off with --train.compile false"),
+    ("cuda", ONE, {"train.cuda_graph": "false"}, False, "levers: train.compile (auto) on; auto = {M}; turn off with "
+     "--train.compile false"),
+    ("cuda", ONE, {}, True, "levers: train.compile (auto) on; auto = {M}; train.cuda_graph auto is off (fault "
+     "injection (MAE_FAULT_STEP)); turn off with --train.compile false"),
+    ("cuda", ONE, {"optim.fused": "apex"}, False, "levers: train.compile (auto) on; auto = {M}; train.cuda_graph auto "
+     "is off (apex FusedAdam cannot skip a step on the device); turn off with --train.compile false"),
+    ("cuda", ONE, {"train.layer_norm": "apex"}, False, "levers: train.compile and train.cuda_graph off; "
+     "train.compile auto is off (apex LayerNorm); train.cuda_graph auto is off (apex LayerNorm)"),
+    ("cuda", ONE, {"train.compile_scope": "model", "train.precision": "bf16-pure"}, False, "levers: train.cuda_graph "
+     "(auto) on; auto = {M}; train.compile auto is off (bf16-pure with compile_scope model); turn off with "
+     "--train.cuda_graph false"),
+    ("cuda", ONE, {"train.compile": "false", "train.cuda_graph": "false"}, False,
+     "levers: train.compile and train.cuda_graph off"),
+])
+def test_the_auto_levers_banner_line_says_what_is_on_why_and_how_to_turn_it_off(device, ctx, over, fault, line):
+    from engine.step import MEASURED_DEFAULT
+
+    _, got = resolve_auto_levers(apply_overrides(debug(), over), ctx, torch.device(device), fault_injection=fault)
+    assert got == line.replace("{M}", MEASURED_DEFAULT)
+
+
+def test_apex_found_on_cuda_turns_the_capture_off_but_not_on_the_cpu(monkeypatch):
+    import engine.optim
+
+    monkeypatch.setattr(engine.optim, "apex_fused_adam", lambda: object)
+    cfg = debug()
+    assert resolve_auto_levers(cfg, ONE, CUDA)[0].train.cuda_graph is False
+    assert resolve_auto_levers(cfg, ONE, CPU)[0].train.compile is False
+    monkeypatch.setattr(engine.optim, "apex_fused_adam", lambda: None)
+    assert resolve_auto_levers(cfg, ONE, CUDA)[0].train.cuda_graph is True
+
+
+def test_every_lever_maps_onto_its_config_fields():
+    assert levers_to_overrides({"kernels": "triton", "compile_mode": "max-autotune", "fp8_recipe": "rowwise",
+                                "attention": "flash", "checkpoint_blocks": 3, "checkpoint_decoder_blocks": 2,
+                                "layer_norm": "triton", "optimizer": "apex"}) == {
+        "model.kernels": "triton", "train.compile_mode": "max-autotune", "train.fp8_recipe": "rowwise",
+        "train.attention": "flash", "train.checkpoint_blocks": "3", "train.checkpoint_decoder_blocks": "2",
+        "train.layer_norm": "triton", "optim.fused": "apex"}
+    for value, want in [("none", ("false", "blocks")), ("regional", ("true", "blocks")), ("model", ("true", "model")),
+                        (False, ("false", "blocks")), (True, ("true", "model"))]:
+        assert levers_to_overrides({"compile": value}) == dict(zip(("train.compile", "train.compile_scope"), want))
+    for value, want in [(True, "true"), (False, "false"), (1, "true"), (0, "false")]:
+        assert levers_to_overrides({"graph": value}) == {"train.cuda_graph": want}
+        assert levers_to_overrides({"activation_checkpointing": value}) == {"train.activation_checkpointing": want}
+    for value, want in [("autocast", "auto"), ("bf16", "bf16"), ("bf16-pure", "bf16-pure"), ("fp32", "fp32"),
+                        ("auto", "auto"), ("fp8", "fp8")]:
+        assert levers_to_overrides({"precision": value}) == {"train.precision": want}
+    assert set(LEVERS) == {"kernels", "compile", "compile_mode", "graph", "precision", "fp8_recipe", "attention",
+                           "checkpoint_blocks", "checkpoint_decoder_blocks", "activation_checkpointing",
+                           "layer_norm", "optimizer"}
+    with pytest.raises(ValueError, match=r"^unknown lever 'compiled'; levers: kernels, compile, compile_mode, graph, "):
+        levers_to_overrides({"compiled": True})
+    with pytest.raises(ValueError, match=r"^lever precision must be one of autocast, bf16, bf16-pure, fp32, auto, fp8, "
+                                         r"got 'fp16'$"):
+        levers_to_overrides({"precision": "fp16"})
+
+
+def test_a_config_with_levers_takes_further_overrides_as_strings():
+    cfg = config_with_levers(debug(), {"graph": False, "kernels": "torch"}, **{"train.batch_size": 6,
+                                                                               "train.device": "cpu"})
+    assert cfg.train.cuda_graph is False and cfg.model.kernels == "torch" and cfg.train.batch_size == 6
