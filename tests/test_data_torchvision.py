@@ -145,3 +145,49 @@ def test_non_image_files_get_one_warning_naming_them(tmp_path, capfd):
     build_loader(DataConfig(path=str(tmp_path), num_workers=0, backend="torchvision"), 32, 4, "cpu", seed=0)
     err = [line for line in capfd.readouterr().err.splitlines() if "non-image" in line]
     assert len(err) == 1 and "readme.txt" in err[0] and "labels.csv" in err[0] and "2 non-image" in err[0]
+
+
+def _mirror_test_image(path):
+    """An image whose left and right halves differ, so a flip shows."""
+    t = torch.arange(32 * 32 * 3, dtype=torch.int64).reshape(32, 32, 3) % 251
+    Image.fromarray(t.to(torch.uint8).numpy()).save(path)
+    return path
+
+
+def test_the_flip_mirrors_left_to_right_at_its_probability_and_only_outside_the_deterministic_mode(tmp_path):
+    """A crop of the whole image (scale and aspect fixed at 1) at its own size: each sample is the image or its
+    left-right mirror, exactly, drawn from the sample's own stream; hflip 0 never flips, 1 always, 0.5 about half;
+    the deterministic mode (parity tests) resizes the whole image and never flips."""
+    import torchvision.transforms.functional as TF
+
+    from pipelines.torchvision import ImageFiles
+
+    path = str(_mirror_test_image(tmp_path / "m.png"))
+    plain = TF.pil_to_tensor(Image.open(path).convert("RGB"))
+    mirrored = plain.flip(-1)
+
+    def samples(hflip, n, deterministic=False):
+        ds = ImageFiles([path], 32, (1.0, 1.0), (1.0, 1.0), hflip, [0.0] * 3, [1.0] * 3, seed=5,
+                        deterministic=deterministic)
+        ds.uint8 = True
+        return [ds[(0, i)] for i in range(n)]
+
+    assert all(torch.equal(x, plain) for x in samples(0.0, 20))
+    assert all(torch.equal(x, mirrored) for x in samples(1.0, 20))
+    half = samples(0.5, 400)
+    flips = [torch.equal(x, mirrored) for x in half]
+    assert all(f or torch.equal(x, plain) for x, f in zip(half, flips))
+    assert 160 < sum(flips) < 240  # binomial(400, 1/2): 4 standard deviations
+    assert [torch.equal(x, mirrored) for x in samples(0.5, 400)] == flips  # the sample's stream decides
+    assert all(torch.equal(x, plain) for x in samples(1.0, 5, deterministic=True))
+
+
+def test_a_sample_is_normalised_with_the_given_mean_and_std(tmp_path):
+    from pipelines.torchvision import ImageFiles
+
+    path = str(_mirror_test_image(tmp_path / "m.png"))
+    ds = ImageFiles([path], 32, (1.0, 1.0), (1.0, 1.0), 0.0, [0.2, 0.4, 0.6], [0.5, 0.25, 2.0], seed=0)
+    x = ds[(0, 0)]
+    raw = torch.from_numpy(__import__("numpy").array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+    want = (raw - torch.tensor([0.2, 0.4, 0.6])[:, None, None]) / torch.tensor([0.5, 0.25, 2.0])[:, None, None]
+    assert x.dtype == torch.float32 and torch.allclose(x, want, atol=1e-6)

@@ -41,6 +41,8 @@ def test_the_schedule_at_its_corners():
     assert optim.lr_at(0, 100, 10, 2.0) == 0.0  # warm-up starts from 0
     assert optim.lr_at(9, 100, 10, 2.0) == pytest.approx(1.8) and optim.lr_at(10, 100, 10, 2.0) == 2.0  # the peak
     assert optim.lr_at(0, 100, 0, 2.0) == 2.0  # no warm-up: the peak at once
+    assert optim.lr_at(0, 100, 1, 2.0) == 0.0 and optim.lr_at(1, 100, 1, 2.0) == 2.0  # a one-step warm-up
+    assert optim.lr_at(100, 100, 10, 2.0) == 0.0  # min_lr 0 unless given
     assert optim.lr_at(55, 100, 10, 2.0, 0.2) == pytest.approx(1.1)  # half-way down the cosine
     assert optim.lr_at(100, 100, 10, 2.0, 0.2) == pytest.approx(0.2)  # min_lr at the end
     assert optim.lr_at(150, 100, 10, 2.0, 0.2) == pytest.approx(0.2)  # and after it (no second half-cycle)

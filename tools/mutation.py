@@ -85,6 +85,9 @@ EQUIVALENT: dict[str, str] = {
     "kernels.noise.x_block_mask__mutmut_59": "as mutmut_54 (w takes h's formula)",
     "kernels.noise.x_block_mask__mutmut_75": "torch.randint(high) is torch.randint(0, high): the same draw",
     "kernels.noise.x_block_mask__mutmut_89": "torch.randint(high) is torch.randint(0, high): the same draw",
+    "engine.optim.x_build_optimizer__mutmut_51": "AdamW's default weight decay: each of the two groups carries "
+                                                 "its own, which is what AdamW applies",
+    "engine.optim.x_supports_found_inf__mutmut_4": "bool(None) is bool(False)",
     "engine.optim.x_lr_at__mutmut_3": "warm-up when warmup_steps >= 0 instead of > 0: with no warm-up, step < 0 "
                                       "never holds (steps count from 0)",
     "engine.optim.x_lr_at__mutmut_5": "the warm-up's last point taken from its line (lr * w / w) instead of the "
