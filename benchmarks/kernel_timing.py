@@ -18,11 +18,12 @@ On a CPU every timing is wall clock (perf_counter), labelled so; the harness and
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from dataclasses import dataclass
 
 import torch
+
+from benchmarks.common import quantiles
 
 
 @dataclass
@@ -35,14 +36,6 @@ class GpuTime:
 
     def as_dict(self) -> dict:
         return {"median_ms": self.median_ms, "p20_ms": self.p20_ms, "p80_ms": self.p80_ms, "timing": self.method}
-
-
-def _quantiles(xs: list[float]) -> tuple[float, float, float]:
-    xs = sorted(xs)
-    if len(xs) < 2:
-        return xs[0], xs[0], xs[0]
-    q = statistics.quantiles(xs, n=10, method="inclusive")
-    return statistics.median(xs), q[1], q[7]
 
 
 def l2_bytes(device: torch.device) -> int:
@@ -75,7 +68,7 @@ def gpu_time(calls: list, device: torch.device, reps: int = 20, calls_per_graph:
             for c in calls:
                 c()
             times.append(1000 * (time.perf_counter() - t0) / len(calls))
-        return GpuTime(*_quantiles(times), "cpu wall clock")
+        return GpuTime(*quantiles(times), "cpu wall clock")
     per = max(1, calls_per_graph // len(calls)) * len(calls)
     try:
         g = torch.cuda.CUDAGraph()
@@ -99,7 +92,7 @@ def gpu_time(calls: list, device: torch.device, reps: int = 20, calls_per_graph:
         torch.cuda.synchronize(device)
         times = [a.elapsed_time(b) / per for a, b in ev]
         del g
-        return GpuTime(*_quantiles(times), f"cuda-graph x{per} ({len(calls)} input sets)")
+        return GpuTime(*quantiles(times), f"cuda-graph x{per} ({len(calls)} input sets)")
     except Exception:  # noqa: BLE001 - an op that cannot be captured: L2-flushing do_bench instead
         torch.cuda.synchronize(device)
         from triton.testing import do_bench

@@ -29,8 +29,7 @@ from pathlib import Path
 import torch
 
 from engine.config import ConfigError, get_preset
-from engine.memory import (BLOCK, GIB, MODES, AllocTracker, Estimate, cuda_autocast_policy,  # noqa: F401 - the
-                           estimate_step, fused_sdpa, largest_batch)  # estimator lives in the engine (dry run)
+from engine.memory import MODES, estimate_step, largest_batch  # noqa: F401 - the estimator lives in the engine
 
 from .common import RESULTS, environment, md_table, parse_choices, read_jsonl, today, write_json
 

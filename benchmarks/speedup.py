@@ -29,11 +29,10 @@ from engine.config import ConfigError, get_preset
 from engine.report import code_digest
 
 from .common import RESULTS, environment, parse_choices, pick_device
-from .levers import (CONFIGS, DEVICE_SUITE, RATIOS, REFERENCE_CONFIGS, SHORT, SPEED_SUITES,  # noqa: F401
-                     SWEEP_RATIOS, TARGETS)
-from .speedup_report import merge, speedup_ceiling, speedup_rows, target_lines, write_report  # noqa: F401
-from .step import MODES, flops_for_mode  # noqa: F401
-from .sweep import build_plan, largest_batch, measure, run_sweep  # noqa: F401
+from .levers import CONFIGS, RATIOS, SPEED_SUITES
+from .speedup_report import merge, speedup_rows, write_report
+from .step import MODES
+from .sweep import build_plan, run_sweep
 
 
 MEASURED = ("kernels", "engine/model.py", "engine/step.py", "engine/optim.py", "engine/config.py",

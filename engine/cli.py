@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, PRESETS, describe_fields, get_preset
-from .options import UserError, build_config, checkpoint_config, split_overrides  # noqa: F401 - the commands' shared parsing
+from .options import UserError, build_config, checkpoint_config
 
 EXIT_USAGE = 2
 

@@ -9,6 +9,7 @@ timm's VisionTransformer. This file knows nothing of torch.distributed.
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import numpy as np
@@ -21,7 +22,7 @@ from timm.models.vision_transformer import Block
 import kernels
 from kernels.loss import patchify, unpatchify
 
-from .config import ModelConfig, check_mask_ratio
+from .config import PRESETS, ModelConfig, check_mask_ratio
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -255,14 +256,30 @@ def build_model(cfg: ModelConfig, device=None, dtype=None) -> MaskedAutoencoderV
     return MaskedAutoencoderViT.from_config(cfg, device=device, dtype=dtype)
 
 
-# Factories named as in the reference implementation.
-def mae_vit_base_patch16(**kw) -> MaskedAutoencoderViT:
-    return MaskedAutoencoderViT(patch_size=16, embed_dim=768, depth=12, num_heads=12, **kw)
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """`model` in eval mode inside the block, back in the mode it was in after it (however the block ends)."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
 
 
-def mae_vit_large_patch16(**kw) -> MaskedAutoencoderViT:
-    return MaskedAutoencoderViT(patch_size=16, embed_dim=1024, depth=24, num_heads=16, **kw)
+def _paper_factory(preset: str):
+    """A factory named as in the reference implementation, its encoder's dimensions read from the preset of that
+    name (written once, in engine/config.py); keyword arguments as MaskedAutoencoderViT's."""
+
+    def make(**kw) -> MaskedAutoencoderViT:
+        m = PRESETS[preset]().model
+        return MaskedAutoencoderViT(**{"patch_size": m.patch_size, "embed_dim": m.embed_dim, "depth": m.depth,
+                                       "num_heads": m.num_heads, **kw})
+
+    make.__name__ = make.__qualname__ = preset
+    return make
 
 
-def mae_vit_huge_patch14(**kw) -> MaskedAutoencoderViT:
-    return MaskedAutoencoderViT(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **kw)
+mae_vit_base_patch16 = _paper_factory("mae_vit_base_patch16")
+mae_vit_large_patch16 = _paper_factory("mae_vit_large_patch16")
+mae_vit_huge_patch14 = _paper_factory("mae_vit_huge_patch14")

@@ -23,10 +23,11 @@ from pipelines import build_loader
 from . import checkpoint as ckpt
 from . import parallel
 from .config import Config, ConfigError
-from .device import resolve_device, resolve_dtype  # noqa: F401 - re-exported for callers of the old home
+from .device import resolve_device, resolve_dtype
 from .errors import DivergenceError
 from .health import Health, StopVote
 from .metrics import MetricsWriter, datasheet_peak, mfu, peak_allocated_gib, train_flops_per_image
+from .model import evaluating
 from .optim import lr_at, set_lr
 from .parallel import DistContext
 from .runlock import RunLock
@@ -611,12 +612,8 @@ class Trainer:
             img = self.cfg.model.img_size
             self._knn_loaders = (LabelledLoader(d.knn_train, img, 256, d, 0, self.device, train=False),
                                  LabelledLoader(d.knn_val, img, 256, d, 0, self.device, train=False))
-        was = self.model.training
-        try:
-            with self.autocast(evaluation=True):
-                return knn_eval(self.model, *self._knn_loaders, self.device).top1
-        finally:
-            self.model.train(was)
+        with evaluating(self.model), self.autocast(evaluation=True):
+            return knn_eval(self.model, *self._knn_loaders, self.device).top1
 
     def write_reconstruction(self, imgs: torch.Tensor, writer=None) -> Path:
         """The grid of `imgs` (the run's first batch) at this step; on the embedded set also the grid of the held-out

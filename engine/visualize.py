@@ -32,6 +32,8 @@ from PIL import Image, ImageDraw
 
 from kernels.loss import patchify, unpatchify
 
+from .model import evaluating
+
 COLUMNS = ("original", "masked input", "untrained", "trained", "error, untrained", "error, trained")
 FOOTNOTE = ("untrained / trained: removed patches are the prediction alone, with the mean and contrast of the visible "
             "patches around them",
@@ -97,12 +99,8 @@ def predict(model, imgs: torch.Tensor, mask_ratio: float | None = None, noise: t
             eps: float = 1e-6) -> Prediction:
     """The model's prediction of the removed patches of imgs [N, C, H, W] (normalised), in pixels, with no
     statistic of the removed patches used (see the module's docstring)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         _, pred, mask = model(imgs, mask_ratio, noise)
-    finally:
-        model.train(was_training)
     p, c = model.patch_size, model.in_chans
     pred, mask = pred.float(), mask.float()
     target = patchify(imgs.float(), p)
@@ -226,12 +224,8 @@ def masked_patch_error(model, imgs: torch.Tensor, mask_ratio: float, seed: int =
     g = torch.Generator(device=imgs.device).manual_seed(seed)
     grid = int(round(model.num_patches ** 0.5))
     noise = make_noise(strategy, imgs.shape[0], grid, mask_ratio, g, imgs.device)
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         loss, _, _ = model(imgs, mask_ratio, noise)
-    finally:
-        model.train(was)
     return float(loss)
 
 

@@ -6,7 +6,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks import speedup
+from benchmarks import speedup, speedup_report
+from benchmarks.levers import REFERENCE_CONFIGS, SHORT, SWEEP_RATIOS
+from benchmarks.step import flops_for_mode
 from engine.config import debug, mae_vit_huge_patch14, mae_vit_large_patch16
 from engine.metrics import block_macs, mae_forward_macs, mfu, train_flops_per_image, vit_train_flops_per_image
 from engine.model import build_model
@@ -51,8 +53,8 @@ def test_model_formula_matches_flop_counter_forward_and_backward(ratio, dense):
 def test_design_figures():
     h = mae_vit_huge_patch14().model
     assert train_flops_per_image(h) / 1e9 == pytest.approx(292, abs=1)
-    assert speedup.speedup_ceiling(h, 0.75) == pytest.approx(3.59, abs=0.01)
-    assert speedup.speedup_ceiling(mae_vit_large_patch16().model, 0.75) == pytest.approx(3.22, abs=0.01)
+    assert speedup_report.speedup_ceiling(h, 0.75) == pytest.approx(3.59, abs=0.01)
+    assert speedup_report.speedup_ceiling(mae_vit_large_patch16().model, 0.75) == pytest.approx(3.22, abs=0.01)
     assert vit_train_flops_per_image(h) > train_flops_per_image(h)
 
 
@@ -72,8 +74,8 @@ def test_speedup_arithmetic():
     ]
     (sp,) = speedup.speedup_rows(rows, {"d": m})
     assert sp["speedup_vs_dense"] == 3.0 and sp["speedup_vs_vit"] == 2.0
-    assert sp["flop_ceiling_vs_dense"] == pytest.approx(speedup.speedup_ceiling(m, 0.75), abs=1e-3)
-    lines = speedup.target_lines(rows, [sp])
+    assert sp["flop_ceiling_vs_dense"] == pytest.approx(speedup_report.speedup_ceiling(m, 0.75), abs=1e-3)
+    lines = speedup_report.target_lines(rows, [sp])
     assert any("not measured" in line for line in lines)
 
 
@@ -97,7 +99,7 @@ def test_speedup_sweep_writes_all_outputs(tmp_path):
     m = get_preset("debug").model
     for r in data["rows"]:  # each derived column follows from the measured step time and the FLOP formula
         assert r["img_per_s"] == pytest.approx(r["batch"] / (r["step_ms"] / 1000), rel=1e-3)
-        fl = speedup.flops_for_mode(m, r["mode"], r["mask_ratio"] or 0.0)
+        fl = flops_for_mode(m, r["mode"], r["mask_ratio"] or 0.0)
         assert r["gflops_per_img"] == pytest.approx(fl / 1e9, rel=1e-3)
         assert r["tflops_per_s"] == pytest.approx(fl * r["img_per_s"] / 1e12, rel=1e-3)
         assert r["mfu_datasheet"] is None and r["p20_ms"] <= r["step_ms"] <= r["p80_ms"]
@@ -129,9 +131,9 @@ def test_oom_is_reported_and_sweep_continues(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("suite", sorted(speedup.SPEED_SUITES))
 def test_every_speed_suite_names_models_and_lever_sets(suite):
-    assert set(speedup.SPEED_SUITES[suite]) <= set(speedup.SHORT.values()), suite
-    plan = speedup.build_plan(list(speedup.SHORT), [], [], 0, False, speed_suite=suite)
-    ratio_ok = (lambda p: p[2] in speedup.SWEEP_RATIOS) if suite == "ratios" else (lambda p: p[2] == 0.75)
+    assert set(speedup.SPEED_SUITES[suite]) <= set(SHORT.values()), suite
+    plan = speedup.build_plan(list(SHORT), [], [], 0, False, speed_suite=suite)
+    ratio_ok = (lambda p: p[2] in SWEEP_RATIOS) if suite == "ratios" else (lambda p: p[2] == 0.75)
     assert plan and all(len(p) == 6 and p[3] > 0 and (
         (p[1] in ("mae", "mae_dense") and ratio_ok(p)) or (p[1] == "vit" and p[2] is None)) and (
         p[5] in speedup.CONFIGS or p[5] == "best" or (p[5].startswith("else:") and p[5][5:] in speedup.CONFIGS))
@@ -452,7 +454,7 @@ def test_speedup_target_pairs_with_the_fastest_dense_row():
     by = {x["config"]: x for x in sp}
     assert by["fast+encmath"]["speedup_vs_dense"] == round(1300 / 350, 3)  # same levers: 3.714
     assert by["fast+encmath"]["speedup_vs_best_dense"] == 3.25 and by["fast+encmath"]["best_dense_config"] == "fast"
-    line = next(x for x in speedup.target_lines(rows, sp) if x.startswith("| vit-h speedup"))
+    line = next(x for x in speedup_report.target_lines(rows, sp) if x.startswith("| vit-h speedup"))
     assert "| 3.25 | gap 0.05 |" in line and "fast+encmath vs the dense baseline's fastest row, fast" in line
 
 
@@ -490,8 +492,8 @@ def test_claims_pair_with_the_strongest_baseline_of_the_same_run():
     assert fast["strongest_reference"] == "reference+compile" and fast["speedup_vs_strongest_reference"] == round(
         1280 / 1200, 3)
     assert fast["vit_config"] == "reference+compile" and fast["speedup_vs_vit"] == round(1280 / 400, 3)
-    assert all("speedup_vs_strongest_reference" not in x for x in sp if x["config"] in speedup.REFERENCE_CONFIGS)
-    lines = "\n".join(speedup.target_lines(rows, sp))
+    assert all("speedup_vs_strongest_reference" not in x for x in sp if x["config"] in REFERENCE_CONFIGS)
+    lines = "\n".join(speedup_report.target_lines(rows, sp))
     assert "fast 1280 vs reference+compile 1200 img/s" in lines and "| 1.067 | gap" in lines
     assert "cold compile cache, s (build + compile + first step) (reference+compile, batch 256) | 30 | 118" in lines
 

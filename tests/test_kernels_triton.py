@@ -302,7 +302,7 @@ def test_loss_second_backward_through_an_in_place_gradient_is_refused():
 def test_loss_under_no_grad_allocates_no_gradient():
     """A forward under no_grad (the kernel benchmark's fwd rows, evaluation) computes and allocates no dL/dpred:
     nothing of pred's size is allocated, and the loss equals the reference."""
-    from benchmarks.memory import AllocTracker
+    from engine.memory import AllocTracker
 
     imgs, pred, mask, p, count = _loss_inputs(n=4, h=64)
     nbytes = pred.numel() * pred.element_size()

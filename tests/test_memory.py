@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks.memory import BLOCK, GIB, AllocTracker, estimate_step, main
+from benchmarks.memory import main
+from engine.memory import BLOCK, GIB, AllocTracker, estimate_step
 from engine.config import ModelConfig, debug
 from engine.model import build_model
 

@@ -220,3 +220,29 @@ def test_checkpoint_blocks_is_checked():
         apply_overrides(debug(), {"train.checkpoint_decoder_blocks": "2"})
     ok = apply_overrides(debug(), {"train.checkpoint_decoder_blocks": "1"})
     assert ok.train.checkpoint_decoder_blocks == 1
+
+
+def test_evaluating_restores_the_mode_the_model_was_in_however_the_block_ends():
+    from engine.model import evaluating
+
+    m = torch.nn.Sequential(torch.nn.Dropout(0.5))
+    for mode in (True, False):
+        m.train(mode)
+        with evaluating(m) as inner:
+            assert inner is m and not m.training
+        assert m.training is mode
+        with pytest.raises(KeyError):
+            with evaluating(m):
+                raise KeyError("x")
+        assert m.training is mode
+
+
+def test_the_reference_factories_take_their_dimensions_from_the_presets():
+    from engine.config import PRESETS
+    from engine.model import mae_vit_base_patch16, mae_vit_huge_patch14, mae_vit_large_patch16
+
+    for make in (mae_vit_base_patch16, mae_vit_large_patch16, mae_vit_huge_patch14):
+        want = PRESETS[make.__name__]().model
+        m = make(depth=1, decoder_depth=1)
+        assert (m.patch_size, m.cls_token.shape[-1]) == (want.patch_size, want.embed_dim)
+        assert m.blocks[0].attn.num_heads == want.num_heads and len(m.blocks) == 1  # keywords still override
