@@ -12,7 +12,6 @@ By default one factor varies at a time around the preset's values (the shape of 
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -36,14 +35,17 @@ def settings(base, values: dict[str, list], grid: bool) -> list[dict]:
     return out
 
 
-def apply_setting(cfg, s: dict, run_dir: Path):
-    for f, (sec, attr, _) in FACTORS.items():
-        setattr(getattr(cfg, sec), attr, s[f])
-    if cfg.model.decoder_embed_dim % cfg.model.decoder_num_heads:
-        cfg.model.decoder_num_heads = max(h for h in (1, 2, 4, 8, 16) if cfg.model.decoder_embed_dim % h == 0)
-    cfg.model = dataclasses.replace(cfg.model)  # re-validate
-    cfg.train.run_dir = str(run_dir)
-    return cfg
+def apply_setting(cfg, s: dict, run_dir: Path, extra: dict[str, str] | None = None):
+    """A new config: `cfg` with the setting `s`, its run directory and `extra` overrides (validated as the command
+    line is; `cfg` itself is left as it was). A decoder width its head count does not divide takes the most heads
+    that do."""
+    from .config import apply_overrides
+
+    over = {f"{sec}.{attr}": str(s[f]) for f, (sec, attr, _) in FACTORS.items()}
+    width = s["decoder_width"]
+    if width % cfg.model.decoder_num_heads:
+        over["model.decoder_num_heads"] = str(max(h for h in (1, 2, 4, 8, 16) if width % h == 0))
+    return apply_overrides(cfg, {**over, "train.run_dir": str(run_dir), **(extra or {})})
 
 
 def name_of(s: dict) -> str:
@@ -68,14 +70,10 @@ def run(args, extra) -> int:
     out = Path(args.out)
     rows = []
     for s in settings(base, vals, args.grid):
-        cfg = apply_setting(build_config(args.preset, extra), s, out / "runs" / name_of(s))
-        if args.data:
-            cfg.data.path = args.data
-        if args.epochs:
-            cfg.train.epochs = args.epochs
-        cfg.train.vis_every = 0
-        cfg.train.progress = False
-        cfg.train.ckpt_every = 10**9
+        quiet = {"train.vis_every": "0", "train.progress": "false", "train.ckpt_every": str(10**9),
+                 **({"data.path": args.data} if args.data else {}),
+                 **({"train.epochs": str(args.epochs)} if args.epochs else {})}
+        cfg = apply_setting(base, s, out / "runs" / name_of(s), quiet)
         print(f"== {name_of(s)}", flush=True)
         trainer = Trainer(cfg, log=lambda *_: None)
         if trainer.device.type == "cuda":

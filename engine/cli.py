@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, PRESETS, describe_fields, get_preset
+from .config import PRESETS, ConfigError, apply_overrides, describe_fields, get_preset
 from .options import UserError, build_config, checkpoint_config
 
 EXIT_USAGE = 2
@@ -33,10 +33,10 @@ def cmd_pretrain(args, extra) -> int:
             config_file = str(saved)
             print(f"resuming with the run's own settings ({saved}); options given here override them", flush=True)
     cfg = build_config(args.preset, extra, config_file)
-    if args.run_dir:
-        cfg.train.run_dir = args.run_dir
-    if args.data:
-        cfg.data.path = args.data
+    given = {**({"train.run_dir": args.run_dir} if args.run_dir else {}), **({"data.path": args.data} if args.data
+                                                                            else {})}
+    if given:
+        cfg = apply_overrides(cfg, given)
     if args.dry_run:  # rank K of an N-rank job, built and stepped on this CPU (engine/dryrun.py)
         from .dryrun import run_dry
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -80,9 +81,7 @@ def cmd_import(args, extra) -> int:
         cfg = build_config(args.preset or "debug", extra)
         if args.preset:
             ckpt.check_architecture({"model": m.__dict__}, cfg.model, args.source)
-        cfg.model = m
-        if not args.preset:
-            cfg.preset = "custom"
+        cfg = dataclasses.replace(cfg, model=m, preset=cfg.preset if args.preset else "custom")
     elif not args.preset:
         raise UserError(f"{args.source} carries no architecture; name it with --preset")
     else:
