@@ -191,3 +191,59 @@ def test_a_sample_is_normalised_with_the_given_mean_and_std(tmp_path):
     raw = torch.from_numpy(__import__("numpy").array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
     want = (raw - torch.tensor([0.2, 0.4, 0.6])[:, None, None]) / torch.tensor([0.5, 0.25, 2.0])[:, None, None]
     assert x.dtype == torch.float32 and torch.allclose(x, want, atol=1e-6)
+
+
+def test_both_resizes_are_bicubic_at_the_sampled_box(tmp_path):
+    """The training crop is torchvision's resized_crop at the box sample_crop draws from the sample's stream, bicubic;
+    the deterministic mode is the whole image resized, bicubic (downscaled here, where the filter shows)."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    from pipelines.common import sample_rng
+    from pipelines.torchvision import ImageFiles
+
+    path = str(_mirror_test_image(tmp_path / "m.png"))
+    img = Image.open(path).convert("RGB")
+    for deterministic in (False, True):
+        ds = ImageFiles([path], 12, (0.3, 1.0), (3 / 4, 4 / 3), 0.0, [0.0] * 3, [1.0] * 3, seed=2,
+                        deterministic=deterministic)
+        ds.uint8 = True
+        for i in range(4):
+            if deterministic:
+                want = TF.resize(img, [12, 12], InterpolationMode.BICUBIC, antialias=True)
+            else:
+                top, left, h, w = sample_crop(32, 32, (0.3, 1.0), (3 / 4, 4 / 3), sample_rng(2, 1, i))
+                want = TF.resized_crop(img, top, left, h, w, [12, 12], InterpolationMode.BICUBIC, antialias=True)
+            assert torch.equal(ds[(1, i)], TF.pil_to_tensor(want)), (deterministic, i)
+
+
+def test_a_samples_stream_depends_on_the_seed_the_epoch_and_the_index(tmp_path):
+    from pipelines.torchvision import ImageFiles
+
+    path = str(_mirror_test_image(tmp_path / "m.png"))
+
+    def sample(seed, epoch, index):
+        ds = ImageFiles([path], 16, (0.2, 1.0), (3 / 4, 4 / 3), 0.5, [0.0] * 3, [1.0] * 3, seed=seed)
+        return ds[(epoch, index)]
+
+    base = sample(1, 0, 0)
+    assert torch.equal(base, sample(1, 0, 0))
+    assert not torch.equal(base, sample(2, 0, 0))
+    assert not torch.equal(base, sample(1, 1, 0))
+    assert not torch.equal(base, sample(1, 0, 1))
+
+
+def test_an_unreadable_file_is_replaced_by_the_next_one_and_named_with_its_error(tmp_path):
+    from pipelines.torchvision import ImageFiles
+
+    bad = tmp_path / "a_bad.jpg"
+    bad.write_bytes(b"not an image")
+    good = [tmp_path / "b.png", tmp_path / "c.png"]
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(good[0])
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(good[1])
+    ds = ImageFiles([str(bad), *map(str, good)], 8, (1.0, 1.0), (1.0, 1.0), 0.0, [0.0] * 3, [1.0] * 3, seed=0,
+                    deterministic=True)
+    ds.uint8 = True
+    x, skipped = ds.get_with_skips((0, 0))
+    assert torch.equal(x[:, 0, 0], torch.tensor([200, 10, 10], dtype=torch.uint8))  # the next file, b.png
+    assert skipped == [(str(bad), f"UnidentifiedImageError: cannot identify image file '{bad}'")]

@@ -93,6 +93,11 @@ EQUIVALENT: dict[str, str] = {
                                                                    "a pure function of (seed, epoch) with every "
                                                                    "property the tests hold (the recorded run pins "
                                                                    "the exact orders end to end)" for k in (3, 5)},
+    **{f"pipelines.torchvision.xǁImageFilesǁtransform__mutmut_{k}": "antialias on a PIL image: torchvision ignores "
+                                                                     "it there (PIL always antialiases)"
+       for k in (6, 10, 11, 31, 39, 40)},
+    "pipelines.torchvision.xǁImageFilesǁtransform__mutmut_41": "random() <= p instead of < p: random() is exactly p "
+                                                               "with probability 0",
     "engine.optim.x_build_optimizer__mutmut_51": "AdamW's default weight decay: each of the two groups carries "
                                                  "its own, which is what AdamW applies",
     "engine.optim.x_supports_found_inf__mutmut_4": "bool(None) is bool(False)",
