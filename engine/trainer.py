@@ -1,5 +1,7 @@
-"""The pretraining loop: micro-batches with gradient accumulation, per-step lr, a non-finite guard that
-skips bad steps on the device, metrics at the log interval, atomic checkpoints, reconstruction grids.
+"""A pretraining run: its set-up (run directory, resume checks, the model and step of engine/step.py, the loader)
+and its loop, `fit`: one training step (micro-batches with gradient accumulation, per-step lr, bad steps skipped on
+the device), then each part of engine/loop.py at its own time (the health check, the grids, the log line, the save,
+a stop signal, the kNN monitor).
 
 Host syncs happen only at the log interval (and at checkpoints): loss sums, finite flags and the
 consecutive-bad-step counter stay on the device in between.
@@ -21,12 +23,12 @@ from kernels.noise import make_noise
 from pipelines import build_loader
 
 from . import checkpoint as ckpt
-from . import parallel
 from .config import Config, ConfigError
 from .device import resolve_device, resolve_dtype
 from .errors import DivergenceError
 from .health import Health, StopVote
-from .metrics import MetricsWriter, datasheet_peak, mfu, peak_allocated_gib, train_flops_per_image
+from .loop import Checkpointer, Evaluator, Guard, StepMeter
+from .metrics import MetricsWriter, datasheet_peak, train_flops_per_image
 from .model import evaluating
 from .optim import lr_at, set_lr
 from .parallel import DistContext
@@ -369,127 +371,58 @@ class Trainer:
         return imgs, noise[self.rank * b:(self.rank + 1) * b]
 
     def fit(self) -> TrainResult:
+        """The loop: a training step, then each part at its own time (engine/loop.py): the health check (at a log
+        line or a save), the grids, the log line, the save, a stop signal, the kNN monitor."""
         t = self.cfg.train
         if self.is_main:
             self.log(self.banner())
+        self._last_loss = None
         writer = MetricsWriter(self.run_dir, tensorboard=t.tensorboard, enabled=self.is_main, resume_step=self.step)
-        bar = None
-        if self.is_main and t.progress and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            bar = tqdm(total=self.stop_at, initial=self.step, unit="step", dynamic_ncols=True)
+        bar = self._progress_bar()
         say = bar.write if bar is not None else self.log
-
-        stream = self.loader.stream(self.micro_batch)
-        vis_imgs = None
-        if self.step < self.stop_at:  # the first batch also serves the reconstruction grids; it still trains
-            first = next(stream)
-            vis_imgs = first[:4].detach().clone()
-            stream = _chain_first(first, stream)
-        zero = torch.zeros((), device=self.device)
-        loss_sum, n_good, skipped, gn_sum = zero.clone(), zero.clone(), zero.clone(), zero.clone()
-        pending = []  # per step since the last health check: [loss, grad norm, finite] (device tensors)
-        health = Health(t.spike_factor, t.grad_spike_factor)
-        health.observe_weights(self.step, float(self.training.plain.param_norm()))  # the reference for growth
-        if self._resumed_from is not None:  # the checkpoint resumed from is the last good one until the next save
-            health.saved(self.step, self._resumed_from)
-        last_loss, last_ckpt = None, None
-        t_log, steps_since, imgs_per_step = time.perf_counter(), 0, self.effective_batch // self.world
-        stop_signal, rollbacks = None, 0
-        vote = StopVote(self.device, self.ctx.distributed)
+        stream, vis_imgs = self._stream_and_grid_images()
+        health = self._health()
+        meter = StepMeter(self.device, self.world, self.effective_batch // self.world, t.log_every, self.stop_at)
+        guard = Guard(health, self.training.plain.param_norm, max_bad_steps=t.max_bad_steps,
+                      on_divergence=t.on_divergence, max_rollbacks=t.max_rollbacks,
+                      rollback=lambda h, n: self._rollback(h, say, n), diverged=self._divergence_message)
+        saver = Checkpointer(self.save, t.ckpt_every, self.stop_at, health, self.is_main)
+        evals = Evaluator(t.vis_every, t.knn_every, self.steps_per_epoch, self.stop_at, grids=vis_imgs is not None)
+        stop_signal, vote = None, StopVote(self.device, self.ctx.distributed)
         restore = self._catch_signals()
         try:
             while self.step < self.stop_at:
                 loss, finite = self.train_step(stream)
-                gn = self.training.step.grad_norm
-                loss_sum += torch.where(finite, loss, zero)
-                gn_sum += torch.where(finite, gn, zero)
-                n_good += finite
-                skipped += ~finite
-                pending.append(torch.stack([loss.float(), gn.float(), finite.float()]))
-                steps_since += 1
+                meter.add(loss, self.training.step.grad_norm, finite)
+                guard.add(loss, self.training.step.grad_norm, finite)
                 if bar is not None:
                     bar.update(1)
                 if vote.step(self._signal is not None):  # every rank agrees on the same step
                     stop_signal = self._signal or "a signal on another rank"
-                log_now = self.step % t.log_every == 0 or self.step == self.stop_at
-                save_now = self.step % t.ckpt_every == 0 or self.step == self.stop_at or stop_signal
-                if log_now or save_now:
-                    # note: with the log line, the loop's only regular host sync
-                    self._observe(health, pending)
-                    pending = []
-                    if health.streak >= t.max_bad_steps:
-                        if t.on_divergence == "rollback" and rollbacks < t.max_rollbacks:
-                            rollbacks += 1
-                            self._rollback(health, say, rollbacks)
-                            loss_sum.zero_(), n_good.zero_(), skipped.zero_(), gn_sum.zero_()
-                            t_log, steps_since = time.perf_counter(), 0
-                            continue
-                        raise DivergenceError(self._divergence_message(health, rollbacks))
-                if vis_imgs is not None and not stop_signal and (
-                        (t.vis_every and self.step % t.vis_every == 0) or self.step == self.stop_at):
-                    t0 = time.perf_counter()  # before the log line: its record carries the held-out error
-                    self.write_reconstruction(vis_imgs, writer)
-                    t_log += time.perf_counter() - t0  # not counted in the throughput
+                log_now, save_now = meter.due(self.step), saver.due(self.step, stop_signal)
+                if (log_now or save_now) and guard.check(self.step):  # note: with the log line, the only host sync
+                    meter.reset()  # rolled back: the loop goes on from the restored step
+                    continue
+                if evals.grids_due(self.step, stop_signal):
+                    with meter.paused():  # before the log line: its record carries the held-out error
+                        self.write_reconstruction(vis_imgs, writer)
                 if log_now:
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
-                    dt = time.perf_counter() - t_log
-                    stats = torch.stack([loss_sum, n_good, gn_sum])
-                    parallel.all_reduce_(stats)  # sums over ranks; skips are global already
-                    ng, sk = int(stats[1].item()) // self.world, int(skipped.item())
-                    last_loss = stats[0].item() / (ng * self.world) if ng else float("nan")
-                    ips = steps_since * imgs_per_step * self.world / dt
-                    lr = float(self.optimizer.param_groups[0]["lr"])
-                    rec = dict(epoch=round(self.step / self.steps_per_epoch, 3), loss=last_loss, lr=lr,
-                               grad_norm=round(stats[2].item() / (ng * self.world), 6) if ng else None,
-                               img_per_s=round(ips, 2), step_ms=round(1000 * dt / steps_since, 2), skipped=sk,
-                               tflops_per_s=round(self.flops_per_image * ips / 1e12, 4),
-                               mfu=mfu(self.flops_per_image, ips / self.world, self.peak),
-                               peak_mem_gib=peak_allocated_gib(self.device))
-                    if self._pending_heldout is not None:
-                        rec["heldout_error"], self._pending_heldout = round(self._pending_heldout, 5), None
-                    writer.log(self.step, **rec)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
-                    elif self.is_main:
-                        eta = (self.stop_at - self.step) * dt / steps_since
-                        say(f"step {self.step}/{self.stop_at} loss {last_loss:.4f} lr {lr:.3e} {ips:.1f} img/s "
-                            f"eta {_clock(eta)}")
-                    if sk and self.is_main:
-                        say(f"warning: skipped {sk} step(s) with a non-finite loss or gradient before step "
-                            f"{self.step}; parameters were not updated on those steps")
-                    if health.longest and self.is_main:
-                        say(f"warning: {health.longest} consecutive bad step(s) by step {self.step}: "
-                            f"{health.last_reason}")
-                    health.reset_longest()
-                    loss_sum.zero_(), n_good.zero_(), skipped.zero_(), gn_sum.zero_()
-                    t_log, steps_since = time.perf_counter(), 0
+                    self._log_line(meter, health, writer, bar, say)
                 if save_now:
-                    if health.in_streak:  # never a checkpoint of a run in a bad streak: the last good one stays
-                        if self.is_main:
-                            good = health.last_good_checkpoint()
-                            say(f"warning: not writing a checkpoint at step {self.step}: the run has had "
-                                f"{health.streak} bad step(s) since step {health.streak_start} ({health.last_reason});"
-                                f" the last good checkpoint is {good[1] if good else 'none yet'}")
-                    else:
-                        t0 = time.perf_counter()
-                        last_ckpt = self.save()
-                        health.saved(self.step, last_ckpt)
-                        t_log += time.perf_counter() - t0  # the save is not counted in the throughput
+                    with meter.paused():
+                        saver.save(self.step, say)
                 if stop_signal:
                     if self.is_main:
-                        what = f"saved {last_ckpt} at step {self.step}" if not health.in_streak else (
+                        what = f"saved {saver.last} at step {self.step}" if not health.in_streak else (
                             f"did not save (bad streak); the last good checkpoint is {health.last_good_checkpoint()}")
                         say(f"received {stop_signal}: {what}; continue with --resume")
                     break
-                if t.knn_every and self.step % (t.knn_every * self.steps_per_epoch) == 0:
-                    t0 = time.perf_counter()
-                    acc = self.knn_monitor()
-                    writer.log(self.step, knn_top1=acc)
-                    if self.is_main:
-                        say(f"kNN monitor at epoch {self.step // self.steps_per_epoch}: top-1 {acc * 100:.2f}%")
-                    t_log += time.perf_counter() - t0
+                if evals.knn_due(self.step):
+                    with meter.paused():
+                        acc = self.knn_monitor()
+                        writer.log(self.step, knn_top1=acc)
+                        if self.is_main:
+                            say(f"kNN monitor at epoch {self.step // self.steps_per_epoch}: top-1 {acc * 100:.2f}%")
         finally:
             restore()
             if bar is not None:
@@ -498,21 +431,70 @@ class Trainer:
             stream.close()
             self.close()  # every way the loop ends stops the loaders' workers and releases the run directory
         if self.is_main:
-            from .metrics import read_metrics
-            from .visualize import write_loss_curve
-
-            write_loss_curve(read_metrics(self.run_dir), self.run_dir / "loss.png", f"{self.cfg.preset}, {self.run_dir}")
-            if self.heldout_error is not None:
-                target = f"; the tiny preset's target is <= {DEMO_TARGET}" if self.cfg.preset == "tiny" else ""
-                before = self._untrained.get("heldout_error")
-                say(f"held-out masked-patch error {self.heldout_error:.3f} on {len(self._heldout)} images never "
-                    f"trained on (" + (f"untrained {before:.3f}, " if before is not None else "")
-                    + f"1.000 = predicting each patch's mean{target}); "
-                    f"grids in {self.run_dir / 'recon'}, curve in {self.run_dir / 'loss.png'}")
+            self._closing_lines(say)
         if health.in_streak and not stop_signal:
             raise DivergenceError(self._ended_in_streak_message(health))
-        return TrainResult(self.step, last_loss, last_ckpt, self.run_dir, stop_signal, rollbacks,
+        return TrainResult(self.step, self._last_loss, saver.last, self.run_dir, stop_signal, guard.rollbacks,
                            self.heldout_error)
+
+    def _progress_bar(self):
+        if self.is_main and self.cfg.train.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            return tqdm(total=self.stop_at, initial=self.step, unit="step", dynamic_ncols=True)
+        return None
+
+    def _stream_and_grid_images(self):
+        """The data stream, and the first batch's first four images for the reconstruction grids (that batch still
+        trains); no images when the run has no step left."""
+        stream = self.loader.stream(self.micro_batch)
+        if self.step >= self.stop_at:
+            return stream, None
+        first = next(stream)
+        return _chain_first(first, stream), first[:4].detach().clone()
+
+    def _health(self) -> Health:
+        health = Health(self.cfg.train.spike_factor, self.cfg.train.grad_spike_factor)
+        health.observe_weights(self.step, float(self.training.plain.param_norm()))  # the reference for growth
+        if self._resumed_from is not None:  # the checkpoint resumed from is the last good one until the next save
+            health.saved(self.step, self._resumed_from)
+        return health
+
+    def _log_line(self, meter: StepMeter, health: Health, writer, bar, say) -> None:
+        """The window's record into metrics.jsonl / TensorBoard, the progress line, the warnings of the window."""
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        rec = meter.record(self.step, self.steps_per_epoch, lr, self.flops_per_image, self.peak)
+        self._last_loss = rec["loss"]
+        if self._pending_heldout is not None:
+            rec["heldout_error"], self._pending_heldout = round(self._pending_heldout, 5), None
+        writer.log(self.step, **rec)
+        ips = meter.last_ips
+        if bar is not None:
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+        elif self.is_main:
+            eta = (self.stop_at - self.step) * meter.last_dt / meter.steps
+            say(f"step {self.step}/{self.stop_at} loss {rec['loss']:.4f} lr {lr:.3e} {ips:.1f} img/s "
+                f"eta {_clock(eta)}")
+        if rec["skipped"] and self.is_main:
+            say(f"warning: skipped {rec['skipped']} step(s) with a non-finite loss or gradient before step "
+                f"{self.step}; parameters were not updated on those steps")
+        if health.longest and self.is_main:
+            say(f"warning: {health.longest} consecutive bad step(s) by step {self.step}: {health.last_reason}")
+        health.reset_longest()
+        meter.reset()
+
+    def _closing_lines(self, say) -> None:
+        from .metrics import read_metrics
+        from .visualize import write_loss_curve
+
+        write_loss_curve(read_metrics(self.run_dir), self.run_dir / "loss.png", f"{self.cfg.preset}, {self.run_dir}")
+        if self.heldout_error is not None:
+            target = f"; the tiny preset's target is <= {DEMO_TARGET}" if self.cfg.preset == "tiny" else ""
+            before = self._untrained.get("heldout_error")
+            say(f"held-out masked-patch error {self.heldout_error:.3f} on {len(self._heldout)} images never "
+                f"trained on (" + (f"untrained {before:.3f}, " if before is not None else "")
+                + f"1.000 = predicting each patch's mean{target}); "
+                f"grids in {self.run_dir / 'recon'}, curve in {self.run_dir / 'loss.png'}")
 
     def _ended_in_streak_message(self, health: Health) -> str:
         good = health.last_good_checkpoint()
@@ -521,15 +503,6 @@ class Trainer:
                  "start again")
         return (f"the run ended inside a bad streak: {health.streak} bad step(s) since step {health.streak_start} "
                 f"({health.last_reason}); the weights at step {self.step} were not saved; {where}")
-
-    def _observe(self, health: Health, pending: list) -> None:
-        """Judge the steps since the last check (one host sync for all of them)."""
-        if not pending:
-            return
-        first = self.step - len(pending) + 1
-        for i, (loss, gn, finite) in enumerate(torch.stack(pending).tolist()):
-            health.observe(first + i, loss, gn, finite > 0)
-        health.observe_weights(self.step, float(self.training.plain.param_norm()))
 
     def _divergence_message(self, health: Health, rollbacks: int) -> str:
         good = health.last_good_checkpoint()

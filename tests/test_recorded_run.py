@@ -63,14 +63,25 @@ VARIANTS = {
 }
 
 
+RECORD_THREADS = 2
+"""The recordings were made with torch's intra-op pool at 2 threads (the suite's setting without xdist); the CPU
+kernels split their reductions by the thread count on some machines, so a run is compared at that count whatever the
+suite's workers use (one thread each)."""
+
+
 def run_variant(name: str, run_dir) -> dict:
     from engine.trainer import Trainer
 
     over = {"train.log_every": 1, "train.ckpt_every": 1000, "train.vis_every": 0, **VARIANTS[name]}
-    t = Trainer(debug_cfg(run_dir, **over), log=lambda msg: None)
-    if name == "graph_body":
-        t.enable_graph(capture=False)
-    t.fit()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(RECORD_THREADS)
+    try:
+        t = Trainer(debug_cfg(run_dir, **over), log=lambda msg: None)
+        if name == "graph_body":
+            t.enable_graph(capture=False)
+        t.fit()
+    finally:
+        torch.set_num_threads(threads)
     losses = [json.loads(x)["loss"] for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     h = hashlib.sha256()
     for k, v in sorted(t.model.state_dict().items()):
@@ -103,7 +114,7 @@ if __name__ == "__main__":
     import tempfile
 
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    torch.set_num_threads(2)
+    torch.set_num_threads(RECORD_THREADS)
     here = cpu_model()
     rec = json.loads(RECORD.read_text()) if RECORD.is_file() else {"machines": []}
     entry = {"machine": here, "torch": torch.__version__, "variants": {}}

@@ -1,0 +1,159 @@
+"""The parts of the training loop, each owning its state and its own "is it time" decision (the shape of
+torchtitan's loop: `checkpointer.save(step, last_step)`, `metrics_processor.should_log`, `validator.should_validate`).
+
+    meter = StepMeter(...)            # the sums since the last log line and the clock that times them
+    guard = Guard(health, ...)        # judges the steps since the last check; rolls back or stops a diverged run
+    saver = Checkpointer(...)         # when to save, and never a checkpoint of a run in a bad streak
+    evals = Evaluator(...)            # when the reconstruction grids and the kNN monitor run
+
+engine/trainer.py's `fit` wires them around the training step; side work (grids, saves, the kNN monitor) runs inside
+`meter.paused()`, so the throughput counts training steps only. The parts hold no model: what they do to one is the
+trainer's (a save, a rollback, a grid), handed to them as a callable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import parallel
+from .errors import DivergenceError
+from .health import Health
+from .metrics import mfu, peak_allocated_gib
+
+
+class StepMeter:
+    """The loss, gradient norm, good and skipped counts of the steps since the last log line, summed on the device
+    (no host sync until a line is written), and the wall clock of those steps with side work left out."""
+
+    def __init__(self, device: torch.device, world: int, images_per_step: int, log_every: int, stop_at: int):
+        self.device, self.world, self.images_per_step = device, world, images_per_step
+        self.log_every, self.stop_at = log_every, stop_at
+        self._zero = torch.zeros((), device=device)
+        self.loss_sum, self.good, self.skipped, self.grad_norm_sum = (self._zero.clone() for _ in range(4))
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window: zero sums, the clock from now."""
+        for t in (self.loss_sum, self.good, self.skipped, self.grad_norm_sum):
+            t.zero_()
+        self.started, self.steps = time.perf_counter(), 0
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, finite: torch.Tensor) -> None:
+        """One step: its loss and gradient norm count when it was applied (finite), the skip count otherwise."""
+        self.loss_sum += torch.where(finite, loss, self._zero)
+        self.grad_norm_sum += torch.where(finite, grad_norm, self._zero)
+        self.good += finite
+        self.skipped += ~finite
+        self.steps += 1
+
+    def due(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.stop_at
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Side work inside this block is not counted in the window's time."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.started += time.perf_counter() - t0
+
+    def record(self, step: int, steps_per_epoch: int, lr: float, flops_per_image: float, peak) -> dict:
+        """The window's log record (a host sync; the sums all-reduced over ranks; the caller starts the next window
+        once the line is written). Its loss is NaN and its gradient norm None when every step was skipped."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - self.started
+        stats = torch.stack([self.loss_sum, self.good, self.grad_norm_sum])
+        parallel.all_reduce_(stats)  # sums over ranks; skips are global already
+        good, skipped = int(stats[1].item()) // self.world, int(self.skipped.item())
+        loss = stats[0].item() / (good * self.world) if good else float("nan")
+        ips = self.steps * self.images_per_step * self.world / dt
+        rec = dict(epoch=round(step / steps_per_epoch, 3), loss=loss, lr=lr,
+                   grad_norm=round(stats[2].item() / (good * self.world), 6) if good else None,
+                   img_per_s=round(ips, 2), step_ms=round(1000 * dt / self.steps, 2), skipped=skipped,
+                   tflops_per_s=round(flops_per_image * ips / 1e12, 4),
+                   mfu=mfu(flops_per_image, ips / self.world, peak), peak_mem_gib=peak_allocated_gib(self.device))
+        self.last_dt, self.last_ips = dt, ips
+        return rec
+
+
+class Guard:
+    """The health of the run: each step's [loss, gradient norm, finite] kept on the device and judged at a check
+    (one host sync for all of them, with the weights' norm); a streak of train.max_bad_steps bad steps rolls back
+    to the last good checkpoint (train.on_divergence=rollback, at most max_rollbacks times) or stops the run."""
+
+    def __init__(self, health: Health, param_norm: Callable[[], torch.Tensor], *, max_bad_steps: int,
+                 on_divergence: str, max_rollbacks: int, rollback: Callable[[Health, int], None],
+                 diverged: Callable[[Health, int], str]):
+        self.health, self.param_norm = health, param_norm
+        self.max_bad_steps, self.on_divergence, self.max_rollbacks = max_bad_steps, on_divergence, max_rollbacks
+        self._rollback, self._diverged = rollback, diverged
+        self.pending: list[torch.Tensor] = []
+        self.rollbacks = 0
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, finite: torch.Tensor) -> None:
+        self.pending.append(torch.stack([loss.float(), grad_norm.float(), finite.float()]))
+
+    def check(self, step: int) -> bool:
+        """Judge the steps since the last check; True when the run was rolled back (the loop goes on from the
+        restored step). DivergenceError when the streak is over the limit and no rollback is left."""
+        if self.pending:
+            first = step - len(self.pending) + 1
+            for i, (loss, gn, finite) in enumerate(torch.stack(self.pending).tolist()):
+                self.health.observe(first + i, loss, gn, finite > 0)
+            self.health.observe_weights(step, float(self.param_norm()))
+        self.pending = []
+        if self.health.streak < self.max_bad_steps:
+            return False
+        if self.on_divergence == "rollback" and self.rollbacks < self.max_rollbacks:
+            self.rollbacks += 1
+            self._rollback(self.health, self.rollbacks)
+            return True
+        raise DivergenceError(self._diverged(self.health, self.rollbacks))
+
+
+class Checkpointer:
+    """When to save (every train.ckpt_every steps, at the last step, on a stop signal) and the save itself, which a
+    run in a bad streak never makes: the last good checkpoint stays the one to resume from."""
+
+    def __init__(self, save: Callable[[], Path], every: int, stop_at: int, health: Health, is_main: bool):
+        self._save, self.every, self.stop_at, self.health, self.is_main = save, every, stop_at, health, is_main
+        self.last: Path | None = None
+
+    def due(self, step: int, stop_signal) -> bool:
+        return bool(step % self.every == 0 or step == self.stop_at or stop_signal)
+
+    def save(self, step: int, say: Callable[[str], None]) -> Path | None:
+        h = self.health
+        if h.in_streak:
+            if self.is_main:
+                good = h.last_good_checkpoint()
+                say(f"warning: not writing a checkpoint at step {step}: the run has had {h.streak} bad step(s) since "
+                    f"step {h.streak_start} ({h.last_reason}); the last good checkpoint is "
+                    f"{good[1] if good else 'none yet'}")
+            return None
+        self.last = self._save()
+        h.saved(step, self.last)
+        return self.last
+
+
+class Evaluator:
+    """When the reconstruction grids (train.vis_every, and the last step; never on a stop signal; only with images to
+    show) and the kNN monitor (train.knn_every epochs) run; what they do is the trainer's."""
+
+    def __init__(self, vis_every: int, knn_every: int, steps_per_epoch: int, stop_at: int, grids: bool = True):
+        self.vis_every, self.knn_every, self.steps_per_epoch = vis_every, knn_every, steps_per_epoch
+        self.stop_at, self.grids = stop_at, grids
+
+    def grids_due(self, step: int, stop_signal) -> bool:
+        return self.grids and not stop_signal and bool((self.vis_every and step % self.vis_every == 0)
+                                                       or step == self.stop_at)
+
+    def knn_due(self, step: int) -> bool:
+        return bool(self.knn_every and step % (self.knn_every * self.steps_per_epoch) == 0)

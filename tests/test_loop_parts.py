@@ -1,0 +1,158 @@
+"""engine/loop.py: each part of the training loop alone, with its own "is it time" decision. The loop they make
+together is held by the recorded run (tests/test_recorded_run.py), the fault tests and the trainer's tests."""
+
+import math
+
+import pytest
+import torch
+
+from engine import loop
+from engine.errors import DivergenceError
+from engine.health import Health
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = Clock()
+    monkeypatch.setattr(loop.time, "perf_counter", c)
+    return c
+
+
+def _t(x):
+    return torch.tensor(x)
+
+
+def test_the_meter_sums_applied_steps_counts_skipped_ones_and_times_only_training(clock):
+    m = loop.StepMeter(torch.device("cpu"), world=1, images_per_step=8, log_every=5, stop_at=12)
+    m.add(_t(2.0), _t(1.0), _t(True))
+    clock.now += 1.0
+    m.add(_t(float("nan")), _t(float("inf")), _t(False))
+    with m.paused():
+        clock.now += 30.0  # a save: not training time
+    m.add(_t(4.0), _t(3.0), _t(True))
+    clock.now += 1.0
+    m.add(_t(6.0), _t(5.0), _t(True))
+    clock.now += 2.0
+    rec = m.record(step=10, steps_per_epoch=4, lr=0.5, flops_per_image=1e12, peak=None)
+    assert rec == {"epoch": 2.5, "loss": 4.0, "lr": 0.5, "grad_norm": 3.0, "img_per_s": 8.0, "step_ms": 1000.0,
+                   "skipped": 1, "tflops_per_s": 8.0, "mfu": None, "peak_mem_gib": None}
+    assert (m.last_dt, m.last_ips, m.steps) == (4.0, 8.0, 4)  # until the caller starts the next window
+    m.reset()
+    assert m.steps == 0 and m.started == clock.now and float(m.loss_sum + m.good + m.skipped) == 0.0
+
+
+def test_a_window_of_skipped_steps_has_no_loss_and_no_gradient_norm(clock):
+    m = loop.StepMeter(torch.device("cpu"), world=1, images_per_step=2, log_every=1, stop_at=3)
+    m.add(_t(float("nan")), _t(1.0), _t(False))
+    clock.now += 1.0
+    rec = m.record(step=1, steps_per_epoch=1, lr=0.1, flops_per_image=0.0, peak=None)
+    assert math.isnan(rec["loss"]) and rec["grad_norm"] is None and rec["skipped"] == 1
+
+
+def test_a_paused_block_that_raises_is_still_left_out(clock):
+    m = loop.StepMeter(torch.device("cpu"), world=1, images_per_step=2, log_every=1, stop_at=3)
+    start = m.started
+    with pytest.raises(OSError):
+        with m.paused():
+            clock.now += 5.0
+            raise OSError("disk")
+    assert m.started == start + 5.0
+
+
+@pytest.mark.parametrize("step, want", [(5, True), (10, True), (7, False), (12, True), (0, True)])
+def test_the_meter_is_due_every_log_every_steps_and_at_the_last(step, want):
+    assert loop.StepMeter(torch.device("cpu"), 1, 2, log_every=5, stop_at=12).due(step) is want
+
+
+def _guard(health, calls, **kw):
+    opts = dict(max_bad_steps=2, on_divergence="rollback", max_rollbacks=1)
+    opts.update(kw)
+    return loop.Guard(health, lambda: torch.tensor(1.0), **opts,
+                      rollback=lambda h, n: calls.append(("rollback", n)),
+                      diverged=lambda h, n: f"diverged after {n} rollback(s), streak {h.streak} from {h.streak_start}")
+
+
+def test_the_guard_judges_the_pending_steps_with_their_own_step_numbers():
+    health, calls = Health(), []
+    g = _guard(health, calls)
+    health.observe_weights(0, 1.0)
+    for loss in (1.0, 1.1, 0.9):
+        g.add(_t(loss), _t(1.0), _t(True))
+    assert g.check(step=3) is False and health.streak == 0 and g.pending == []
+    g.add(_t(float("nan")), _t(1.0), _t(False))
+    assert g.check(step=4) is False and (health.streak, health.streak_start) == (1, 4)
+    assert calls == []
+
+
+def test_a_streak_at_the_limit_rolls_back_then_stops_when_no_rollback_is_left():
+    health, calls = Health(), []
+    g = _guard(health, calls)
+    health.observe_weights(0, 1.0)
+    for _ in range(2):
+        g.add(_t(float("nan")), _t(1.0), _t(False))
+    assert g.check(step=2) is True and calls == [("rollback", 1)] and g.rollbacks == 1
+    g.add(_t(float("nan")), _t(1.0), _t(False))  # still in the streak (the stand-in rollback restored nothing)
+    with pytest.raises(DivergenceError, match=r"^diverged after 1 rollback\(s\), streak 3 from 1$"):
+        g.check(step=3)
+    stop = _guard(Health(), calls, on_divergence="stop")
+    for _ in range(2):
+        stop.add(_t(float("inf")), _t(1.0), _t(False))
+    with pytest.raises(DivergenceError, match=r"^diverged after 0 rollback\(s\), streak 2 from 1$"):
+        stop.check(step=2)
+
+
+def test_the_guard_with_nothing_pending_checks_the_streak_only():
+    health, calls = Health(), []
+    g = _guard(health, calls)
+    assert g.check(step=5) is False and health.weight_norm is None  # no weights' norm taken without steps
+
+
+@pytest.mark.parametrize("step, signal, want", [(4, None, True), (5, None, False), (9, None, True),
+                                                 (5, "SIGTERM", True), (8, None, True)])
+def test_the_checkpointer_is_due_every_ckpt_every_steps_at_the_last_and_on_a_signal(step, signal, want):
+    assert loop.Checkpointer(lambda: None, 4, 9, Health(), True).due(step, signal) is want
+
+
+def test_the_checkpointer_saves_a_healthy_run_and_never_one_in_a_bad_streak(tmp_path):
+    health, said, made = Health(), [], []
+
+    def save():
+        made.append(tmp_path / f"ckpt_{len(made)}")
+        made[-1].write_bytes(b"x")
+        return made[-1]
+
+    saver = loop.Checkpointer(save, 4, 9, health, is_main=True)
+    assert saver.save(4, said.append) == made[0] and saver.last == made[0]
+    assert health.last_good_checkpoint() == (4, made[0])
+    health.observe(6, float("nan"), 1.0, False)
+    assert saver.save(8, said.append) is None and len(made) == 1 and saver.last == made[0]
+    assert said == [f"warning: not writing a checkpoint at step 8: the run has had 1 bad step(s) since step 6 "
+                    f"(a non-finite loss or gradient (update skipped)); the last good checkpoint is {made[0]}"]
+    quiet = loop.Checkpointer(save, 4, 9, health, is_main=False)
+    assert quiet.save(8, said.append) is None and len(said) == 1  # only rank 0 says it
+    fresh = Health()
+    fresh.observe(1, float("nan"), 1.0, False)
+    loop.Checkpointer(save, 4, 9, fresh, is_main=True).save(2, said.append)
+    assert said[-1].endswith("the last good checkpoint is none yet")
+
+
+@pytest.mark.parametrize("step, signal, grids, want", [(5, None, True, True), (6, None, True, False),
+                                                        (12, None, True, True), (10, "SIGTERM", True, False),
+                                                        (5, None, False, False)])
+def test_the_grids_are_due_every_vis_every_steps_and_at_the_last_never_on_a_signal(step, signal, grids, want):
+    assert loop.Evaluator(5, 0, 4, 12, grids=grids).grids_due(step, signal) is want
+
+
+def test_the_grids_off_and_the_knn_monitor_by_epochs():
+    e = loop.Evaluator(0, 2, 4, 12)
+    assert not e.grids_due(5, None) and e.grids_due(12, None)  # vis_every 0: the last step only
+    assert [s for s in range(1, 25) if e.knn_due(s)] == [8, 16, 24]  # every 2 epochs of 4 steps
+    assert not any(loop.Evaluator(5, 0, 4, 12).knn_due(s) for s in range(1, 25))
