@@ -199,7 +199,7 @@ if HAS_TRITON:
             tl.store(ptr, cast(v * s, grad_ptr.dtype.element_ty, EXACT_BF16), mask=m2)
 
 
-def _loss_blocks(c: int, p: int) -> tuple[int, int]:
+def _loss_blocks(p: int) -> tuple[int, int]:
     """(BLOCK_Q, BLOCK_M): the padded patch side and patches per program (a [BLOCK_M, BLOCK_Q, BLOCK_Q] tile of
     about 1K elements per channel)."""
     bq = 1 << max(0, (p - 1).bit_length())
@@ -210,7 +210,7 @@ def _launch_loss(imgs, pred, mask, patch_size, norm_pix, eps, write_grad, coef, 
     n, c, h, w = imgs.shape
     length, p_dim = pred.shape[1], pred.shape[2]
     nl = n * length
-    bq, bm = _loss_blocks(c, patch_size)
+    bq, bm = _loss_blocks(patch_size)
     programs = triton.cdiv(nl, bm)
     part = torch.empty(programs, 2, device=pred.device, dtype=torch.float32)
     grad = torch.empty_like(pred) if write_grad else part

@@ -89,7 +89,8 @@ def test_unshuffle_matches_reference(n, length, d, ratio, dtype, has_cls):
     torch.testing.assert_close(gm_a, gm_b, rtol=tol, atol=tol * gm_b.abs().max().item())
 
 
-LOSS_SHAPES = [(1, 3, 224, 16), (3, 3, 56, 14), (2, 3, 32, 8), (1, 1, 12, 4), (2, 3, 32, 16)]  # the last: p = 16 small
+LOSS_SHAPES = [(1, 3, 224, 16), (3, 3, 56, 14), (2, 3, 32, 8), (1, 1, 12, 4), (2, 3, 32, 16),  # p = 16 small
+               (2, 2, 6, 3), (1, 3, 4, 2)]  # odd and tiny patches: the tile is the next power of two
 
 
 @pytest.mark.parametrize("grad_in_forward", [True, False])
@@ -295,8 +296,10 @@ def test_loss_second_backward_through_an_in_place_gradient_is_refused():
     imgs, pred, mask, p, _ = _loss_inputs()
     loss = norm_pix_mse_triton(imgs, pred, mask, p) * 2.0
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="scale the gradient twice"):
+    with pytest.raises(RuntimeError) as e:
         loss.backward()
+    assert str(e.value) == ("norm_pix_mse_triton: a second backward through the same loss would scale the gradient "
+                            "twice; use grad_in_forward=False with retain_graph")
 
 
 def test_loss_under_no_grad_allocates_no_gradient():
@@ -473,14 +476,15 @@ def _loss_everything(imgs, pred, mask, p, **kw):
 
 @pytest.mark.parametrize("grad_in_forward", [True, False])
 @pytest.mark.parametrize("count", [True, False])
-def test_loss_buffers_do_not_follow_the_default_dtype(grad_in_forward, count):
+@pytest.mark.parametrize("default", [torch.float64, torch.bfloat16])
+def test_loss_buffers_do_not_follow_the_default_dtype(grad_in_forward, count, default):
     """Partial sums, the finished loss and 1 / count stay fp32 when a script sets torch's default dtype to
-    float64: the same loss and gradient, bit for bit."""
+    float64 or bfloat16: the same loss and gradient, bit for bit."""
     imgs, pred, mask, p, n_removed = _loss_inputs()
     kw = {"grad_in_forward": grad_in_forward, "mask_count": n_removed if count else None}
     want = _loss_everything(imgs, pred, mask, p, **kw)
     was = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
+    torch.set_default_dtype(default)
     try:
         got = _loss_everything(imgs, pred, mask, p, **kw)
     finally:
