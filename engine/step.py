@@ -130,29 +130,18 @@ class TrainStep:
     def param_norm(self) -> torch.Tensor:
         """The L2 norm of all parameters (sharded ones over every rank), fp32 on the device; a collective under
         FSDP2, so every rank calls it at the same step."""
-        local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in self.model.parameters()]
-        try:
-            norms = torch._foreach_norm(local, 2, dtype=torch.float32)
-        except TypeError:
-            norms = [n.float() for n in torch._foreach_norm(local)]
-        sq = torch.stack(norms).square().sum()
-        if self.fsdp:
-            all_reduce_(sq, "sum")
-            sq = sq / self.replicas
-        return sq.sqrt()
+        return self._total_norm([p.detach() for p in self.model.parameters()])
 
     def _grad_norm(self) -> torch.Tensor:
-        """The L2 norm of all gradients (a sharded gradient counts its local part; the squares are summed over
-        ranks), computed in fp32 on the device."""
+        """The L2 norm of all gradients, fp32 on the device (zero before any backward)."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not grads:
-            return torch.zeros((), device=self.device)
-        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-        try:
-            norms = torch._foreach_norm(local, 2, dtype=torch.float32)
-        except TypeError:  # a torch without the dtype argument
-            norms = [n.float() for n in torch._foreach_norm(local)]
-        sq = torch.stack(norms).square().sum()
+        return self._total_norm(grads) if grads else torch.zeros((), device=self.device)
+
+    def _total_norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The L2 norm of `tensors` together, in fp32: a sharded tensor (DTensor) counts its local part and the
+        squares are summed over the ranks (FSDP2), each shard once however many ranks hold it (HSDP)."""
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+        sq = torch.stack(torch._foreach_norm(local, 2, dtype=torch.float32)).square().sum()
         if self.fsdp:
             all_reduce_(sq, "sum")
             sq = sq / self.replicas

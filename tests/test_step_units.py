@@ -210,6 +210,10 @@ def test_a_replicate_that_is_not_strict_is_still_refused():
      "--train.cuda_graph false"),
     ("cuda", ONE, {"train.compile": "false", "train.cuda_graph": "false"}, False,
      "levers: train.compile and train.cuda_graph off"),
+    ("cuda", ONE, {"train.compile_scope": "model"}, False, "levers: train.compile (auto), train.cuda_graph (auto) on; "
+     "auto = {M}; turn off with --train.compile false --train.cuda_graph false"),  # either alone is no reason
+    ("cuda", ONE, {"train.precision": "bf16-pure"}, False, "levers: train.compile (auto), train.cuda_graph (auto) "
+     "on; auto = {M}; turn off with --train.compile false --train.cuda_graph false"),
 ])
 def test_the_auto_levers_banner_line_says_what_is_on_why_and_how_to_turn_it_off(device, ctx, over, fault, line):
     from engine.step import MEASURED_DEFAULT
@@ -230,10 +234,10 @@ def test_apex_found_on_cuda_turns_the_capture_off_but_not_on_the_cpu(monkeypatch
 
 
 def test_every_lever_maps_onto_its_config_fields():
-    assert levers_to_overrides({"kernels": "triton", "compile_mode": "max-autotune", "fp8_recipe": "rowwise",
+    assert levers_to_overrides({"kernels": "triton", "compile_mode": "max-autotune-no-cudagraphs", "fp8_recipe": "rowwise",
                                 "attention": "flash", "checkpoint_blocks": 3, "checkpoint_decoder_blocks": 2,
                                 "layer_norm": "triton", "optimizer": "apex"}) == {
-        "model.kernels": "triton", "train.compile_mode": "max-autotune", "train.fp8_recipe": "rowwise",
+        "model.kernels": "triton", "train.compile_mode": "max-autotune-no-cudagraphs", "train.fp8_recipe": "rowwise",
         "train.attention": "flash", "train.checkpoint_blocks": "3", "train.checkpoint_decoder_blocks": "2",
         "train.layer_norm": "triton", "optim.fused": "apex"}
     for value, want in [("none", ("false", "blocks")), ("regional", ("true", "blocks")), ("model", ("true", "model")),
@@ -259,3 +263,129 @@ def test_a_config_with_levers_takes_further_overrides_as_strings():
     cfg = config_with_levers(debug(), {"graph": False, "kernels": "torch"}, **{"train.batch_size": 6,
                                                                                "train.device": "cpu"})
     assert cfg.train.cuda_graph is False and cfg.model.kernels == "torch" and cfg.train.batch_size == 6
+
+
+def test_the_parameter_norm_is_fp32_for_bf16_parameters():
+    m = Quadratic().to(torch.bfloat16)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(300.0)
+    step = TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.0), device=CPU)
+    n = sum(p.numel() for p in m.parameters())
+    assert step.param_norm().dtype == torch.float32 and step.param_norm().item() == pytest.approx(300.0 * n ** 0.5)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_sharded_norms_sum_their_squares_over_ranks_once_per_replica(one_rank_group, monkeypatch, replicas):
+    """Under FSDP2 each rank holds a shard (a DTensor: its local part counts) and the squares are summed over the
+    ranks; under HSDP each shard lives on `replicas` ranks and is counted once. Four ranks holding this rank's
+    shard stand in for the all-reduce here."""
+    import engine.step as step_mod
+    from torch.distributed.fsdp import fully_shard
+
+    world, seen = 4, []
+
+    def four_ranks(t, op="sum"):
+        seen.append(op)
+        t.mul_({"sum": world}[op])  # an op all_reduce_ does not know fails as it would
+        return t
+
+    class Linear(Quadratic):  # no 0-d parameter: fully_shard takes none
+        def __init__(self):
+            super().__init__()
+            del self.scale
+            self.scale = 1.5
+
+    m = Linear()
+    want_p = torch.linalg.vector_norm(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    x, y = _data()
+    m(x, 0.5, y)[0].backward()
+    want_g = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    sharded = Linear()
+    fully_shard(sharded)
+    sharded(x, 0.5, y)[0].backward()
+    step = TrainStep(sharded, torch.optim.SGD(sharded.parameters(), lr=0.0), device=CPU)
+    assert step.fsdp and step.replicas == 1
+    step.replicas = replicas
+    monkeypatch.setattr(step_mod, "all_reduce_", four_ranks)
+    scale = (world / replicas) ** 0.5
+    assert torch.allclose(step.param_norm(), want_p * scale, rtol=1e-5)
+    assert torch.allclose(step._grad_norm(), want_g * scale, rtol=1e-5)
+    assert seen == ["sum", "sum"]
+
+
+def test_a_given_device_wins_over_the_configs():
+    cfg = config_with_levers(debug(), {}, **{"train.device": "cuda"})  # no CUDA here: resolving it would refuse
+    assert build_training(cfg, device=CPU).device == CPU
+    with pytest.raises(ConfigError, match="^train.device=cuda but CUDA is not available here"):
+        build_training(cfg)
+
+
+def test_build_training_is_strict_by_default_and_checks_with_its_context():
+    cfg = config_with_levers(debug(), {"graph": True}, **{"train.device": "cpu"})
+    with pytest.raises(ConfigError, match=r"^train.cuda_graph=true: it needs CUDA \(train.device resolved to cpu\)"):
+        build_training(cfg)
+    tr = build_training(cfg, strict=False)  # the captured step's body, eagerly (benchmarks, CPU tests)
+    assert tr.graphed is tr.step and (tr.step.max_graphs, tr.step.warmup, tr.step.capture) == (2, 2, False)
+    tr = build_training(cfg, strict=False, max_graphs=5, graph_warmup=1)
+    assert (tr.step.max_graphs, tr.step.warmup) == (5, 1)
+    with pytest.raises(ConfigError, match="^parallel.replicate=2 needs a torchrun job"):
+        build_training(apply_overrides(debug(), {"parallel.replicate": "2", "train.device": "cpu"}))
+
+
+def test_the_lr_is_scaled_to_the_global_batch_over_every_rank():
+    cfg = config_with_levers(debug(), {}, **{"train.device": "cpu", "train.batch_size": 8, "train.accum_steps": 2,
+                                            "optim.base_lr": "1e-3"})
+    tr = build_training(cfg, DistContext(rank=0, world=4))
+    assert tr.lr == pytest.approx(1e-3 * 8 * 2 * 4 / 256)
+
+
+def test_an_optimizer_that_cannot_skip_on_the_device_is_refused_for_a_captured_step_only(monkeypatch):
+    import engine.step as step_mod
+
+    monkeypatch.setattr(step_mod, "build_optimizer", lambda model, cfg, lr, device: torch.optim.SGD(
+        model.parameters(), lr=lr))
+    build_training(config_with_levers(debug(), {}, **{"train.device": "cpu"}))  # no capture: any optimizer
+    monkeypatch.setattr(step_mod, "check_levers", lambda *a, **k: None)  # as on a GPU
+    with pytest.raises(ConfigError) as e:
+        build_training(config_with_levers(debug(), {"graph": True}, **{"train.device": "cpu"}))
+    assert str(e.value) == ("train.cuda_graph=true: the optimizer (SGD) cannot skip a step on the device; use "
+                            "optim.fused=torch; set --train.cuda_graph false")
+
+
+def test_each_precision_builds_its_compute_and_autocast():
+    from engine.mixed import Bf16Compute
+
+    pure = build_training(config_with_levers(debug(), {"precision": "bf16-pure"}, **{"train.device": "cpu"}))
+    assert isinstance(pure.compute, Bf16Compute) and pure.plain.compute is pure.compute and pure.amp_dtype is None
+    amp = build_training(config_with_levers(debug(), {"precision": "bf16"}, **{"train.device": "cpu"}))
+    assert amp.compute is None and amp.amp_dtype == torch.bfloat16 and amp.plain.amp_dtype == torch.bfloat16
+
+
+def test_only_compile_scope_model_compiles_the_whole_forward(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: compiled.append(fn) or fn)
+    tr = build_training(config_with_levers(debug(), {"compile": "regional"}, **{"train.device": "cpu"}))
+    assert tr.plain.forward is tr.model and tr.model not in compiled
+
+
+def test_the_levers_apply_to_a_given_model(monkeypatch):
+    """A finished model handed in (the dense baseline of the benchmarks) gets the layer-norm, attention and
+    regional-compile levers the config names, in that order; compile only when it is on and regional."""
+    import engine.attention
+    import engine.layernorm
+    import engine.parallel
+
+    calls = []
+    monkeypatch.setattr(engine.layernorm, "apply_layer_norm", lambda m, v: calls.append(("layer_norm", m, v)))
+    monkeypatch.setattr(engine.attention, "apply_attention", lambda m, v: calls.append(("attention", m, v)))
+    monkeypatch.setattr(engine.parallel, "apply_regional_compile", lambda m, v: calls.append(("compile", m, v)))
+    given = Quadratic()
+    cfg = config_with_levers(debug(), {"compile": "regional", "compile_mode": "max-autotune-no-cudagraphs",
+                                       "attention": "encoder-math"}, **{"train.device": "cpu"})
+    tr = build_training(cfg, model=given)
+    assert tr.model is given and calls == [("layer_norm", given, "torch"), ("attention", given, "encoder-math"),
+                                           ("compile", given, "max-autotune-no-cudagraphs")]
+    calls.clear()
+    build_training(config_with_levers(debug(), {"compile": "model"}, **{"train.device": "cpu"}), model=given)
+    assert [c[0] for c in calls] == ["layer_norm", "attention"]
