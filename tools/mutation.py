@@ -265,7 +265,7 @@ def run_file(target: str, tests: list[str], max_children: int, timeout_s: int, o
     counts = {s: sum(1 for v in outcome.values() if v == s) for s in
               ("killed", "survived", "timeout", "no tests", "not checked", "suspicious", "skipped")}
     row = {"file": target, "tests": tests, "made": len(outcome), **counts, "seconds": seconds, "finished": finished,
-           "survivors": survivors, "outcome": {n: outcome[n] for n in only or []},
+           "survivors": survivors, "outcome": {n: outcome.get(n, "not checked") for n in only or []},
            "unchecked": sorted(n for n, v in outcome.items() if v == "not checked")}
     return rates(row)
 
