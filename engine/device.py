@@ -18,6 +18,16 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def autocast(device: torch.device | str, dtype: torch.dtype | None, cache: bool = True):
+    """torch's autocast to `dtype` on `device`'s type, or no autocast for dtype None (fp32, bf16-pure). A captured
+    step turns the weight-cast cache off (cached casts do not survive a capture)."""
+    import contextlib
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=cache)
+
+
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of `train.precision` on `device`, or None for plain fp32 (and for bf16-pure, which
     computes on bf16 copies of the weights without autocast)."""

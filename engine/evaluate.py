@@ -12,7 +12,6 @@ and a kNN monitor.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .device import autocast
 from .model import MaskedAutoencoderViT
 
 
@@ -130,9 +130,8 @@ class EvalResult:
 
 
 def _autocast(device):
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """Evaluation's autocast: bf16 on CUDA, none on the CPU."""
+    return autocast(device, torch.bfloat16 if torch.device(device).type == "cuda" else None)
 
 
 @torch.no_grad()

@@ -23,7 +23,6 @@ config fields by `levers_to_overrides`, so a benchmark row runs what `mae pretra
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -31,7 +30,7 @@ import torch
 
 from .attention import attention_context
 from .config import Config, ConfigError, apply_overrides
-from .device import resolve_device, resolve_dtype
+from .device import autocast, resolve_device, resolve_dtype
 from .optim import build_optimizer, supports_found_inf
 from .parallel import DistContext, all_reduce_, build_parallel_model, fsdp_replicas, is_fsdp
 
@@ -75,11 +74,8 @@ class TrainStep:
         """The last step's total gradient norm (fp32, over every rank's shard), a device tensor."""
 
     def autocast(self, cache: bool = True):
-        """The step's autocast (none under fp32 and bf16-pure). A captured step turns the weight-cast cache off:
-        cached casts do not survive a capture."""
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=cache)
+        """The step's autocast (none under fp32 and bf16-pure); `cache` False for a captured step."""
+        return autocast(self.device, self.amp_dtype, cache)
 
     def body(self, micro_batches, mask_ratio: float, *, hooks: Iterable[Hook] = (), skip: torch.Tensor | None = None,
              autocast_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,6 @@ consecutive-bad-step counter stay on the device in between.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -24,7 +23,7 @@ from pipelines import build_loader
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError
-from .device import resolve_device, resolve_dtype
+from .device import autocast, resolve_device, resolve_dtype
 from .errors import DivergenceError
 from .health import Health, StopVote
 from .loop import Checkpointer, Evaluator, Guard, StepMeter
@@ -320,9 +319,7 @@ class Trainer:
         dtype = self.amp_dtype
         if evaluation and dtype is None and self.compute is not None and self.device.type == "cuda":
             dtype = torch.bfloat16
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.device, dtype)
 
     def _sharding(self) -> str:
         r = self.cfg.parallel.replicate
