@@ -1,5 +1,5 @@
 """Registers `mae bench {speedup,kernels,loader,dali-parity,fsdp,scaling,agreement,memory,first-run}` and `mae profile` with the `mae` command (for its
-help; engine.cli.COMMANDS names this module); `dispatch` hands their arguments to the module untouched."""
+help; registered as the "mae.commands" entry point in pyproject.toml); `dispatch` hands their arguments to the module untouched."""
 
 from __future__ import annotations
 

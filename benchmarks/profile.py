@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from engine.options import UserError, build_config
+from engine.cli.options import UserError, build_config
 from engine.config import ConfigError
 from engine.metrics import datasheet_peak, mfu, train_flops_per_image
 

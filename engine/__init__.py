@@ -1,0 +1,16 @@
+"""Model and training (imports kernels/ and pipelines/, never the reverse). Where a change belongs:
+
+- the training loop: engine/trainer.py sets a run up (run directory, resume checks, the model and step of
+  engine/step.py, the loader) and `Trainer.fit` wires one training step to the parts of engine/loop.py, each with its
+  own state and its own "is it time": StepMeter (the sums, the clock, the log record), Guard (health checks,
+  rollback), Checkpointer (saves, never in a bad streak), Evaluator (grids, kNN monitor). A new periodic job is a
+  part there and one line in `fit`.
+- a lever (a speed or memory switch): its field and value checks in engine/config.py, its cross-checks in
+  step.check_levers, applied where the model is built (parallel.build_parallel_model, step.build_training, or
+  step._levers_on_given_model for a given model), its short name in step.LEVERS and its benchmark sets in
+  benchmarks/levers.py.
+- the command line: engine/cli/ (the parser and command table in __init__.py; options, launch, mae-torchrun, data,
+  eval and ablate in their own modules); `python -m engine.pretrain` is the torchrun entry.
+- what a step computes in one place: engine/step.py (TrainStep; the gradient and parameter norms; autocast from
+  engine/device.py).
+"""

@@ -60,7 +60,7 @@ def test_a_run_writes_its_resolved_config_and_config_runs_it_again(tmp_path):
     """config.toml in the run directory holds every field; `--config` of it gives the same config back, and a
     dotted override on the command line still wins."""
     from engine.config import Config, read_toml
-    from engine.options import build_config
+    from engine.cli.options import build_config
     from engine.trainer import Trainer
 
     from conftest import debug_cfg

@@ -112,7 +112,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 def test_sigterm_to_torchrun_checkpoints_on_all_ranks(tmp_path, launcher):
     """SIGTERM to the launcher (torchrun forwards it to the ranks): all ranks agree on a step and write one
     complete sharded checkpoint; mae-torchrun exits 143 (pre-empted), plain torchrun 1 (its own code)."""
-    cmd = ([sys.executable, "-m", "engine.distrun", "--standalone", "--nproc_per_node=2"] if launcher == "mae-torchrun"
+    cmd = ([sys.executable, "-m", "engine.cli.distrun", "--standalone", "--nproc_per_node=2"] if launcher == "mae-torchrun"
            else TORCHRUN)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.Popen([*cmd, "-m", "engine.pretrain", *RUN, "--run-dir", str(tmp_path), "--data.num_workers", "0",

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-from .config import Config
+from ..config import Config
 
 
 def run_pretrain(cfg: Config, resume: bool = False) -> int:
-    from . import parallel
-    from .trainer import Trainer
+    from .. import parallel
+    from ..trainer import Trainer
 
     ctx, device = parallel.init_distributed(cfg.train.device, fsdp=cfg.train.fsdp)
     trainer = None

@@ -11,9 +11,9 @@ def _encoder(args, extra):
     """An MAE built from the checkpoint's config (or --preset) with its weights, or randomly initialised."""
     import torch
 
-    from . import checkpoint as ckpt
+    from .. import checkpoint as ckpt
     from .options import UserError, build_config, checkpoint_config
-    from .model import build_model
+    from ..model import build_model
 
     if args.checkpoint:
         cfg = checkpoint_config(args.checkpoint, args.preset, extra)
@@ -35,8 +35,8 @@ def cmd_eval(args, extra) -> int:
 
     from pipelines.labelled import LabelledLoader
 
-    from . import evaluate as ev
-    from .device import resolve_device
+    from .. import evaluate as ev
+    from ..device import resolve_device
 
     cfg, mae, info = _encoder(args, extra)
     device = resolve_device(args.device)
@@ -71,9 +71,9 @@ def cmd_eval(args, extra) -> int:
 
 
 def cmd_import(args, extra) -> int:
-    from . import checkpoint as ckpt
-    from .hf import import_hf, is_hf_dir
-    from .model import build_model
+    from .. import checkpoint as ckpt
+    from ..hf import import_hf, is_hf_dir
+    from ..model import build_model
     from .options import UserError, build_config
 
     if is_hf_dir(args.source):  # the architecture comes from its config.json (a preset, if given, must agree)
@@ -93,15 +93,6 @@ def cmd_import(args, extra) -> int:
     print(f"imported {args.source} ({info['format']}, {info['loaded']} tensors) as {cfg.preset} into {out}"
           + (f"; freshly initialised: {len(kept)} tensors ({', '.join(kept[:4])}{' ...' if len(kept) > 4 else ''})"
              if kept else ""))
-    return 0
-
-
-def cmd_digits(args, extra) -> int:
-    from pipelines.labelled import export_digits
-
-    n_train, n_val = export_digits(args.out, args.img_size, seed=args.seed)
-    print(f"wrote scikit-learn's digits to {args.out}/train ({n_train} images) and {args.out}/val ({n_val}), "
-          f"{args.img_size}px RGB, one folder per digit")
     return 0
 
 
@@ -139,11 +130,3 @@ def register(sub) -> None:
     i.add_argument("--preset", default="", help="architecture (not needed for a Hugging Face directory)")
     i.add_argument("--out", required=True)
     i.set_defaults(func=cmd_import, accepts_overrides=True)
-
-
-def register_data(dsub) -> None:
-    g = dsub.add_parser("digits", help="write scikit-learn's handwritten digits as a labelled image folder")
-    g.add_argument("out")
-    g.add_argument("--img-size", type=int, default=32)
-    g.add_argument("--seed", type=int, default=0)
-    g.set_defaults(func=cmd_digits)

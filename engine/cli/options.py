@@ -3,7 +3,7 @@ line, and the preset + dotted-override parsing (`--optim.lr 1e-3 --model.mask_ra
 
 from __future__ import annotations
 
-from .config import Config, apply_overrides, get_preset
+from ..config import Config, apply_overrides, get_preset
 
 
 class UserError(Exception):
@@ -44,7 +44,7 @@ def _is_number(s: str) -> bool:
 def build_config(preset: str | None, extra: list[str], config_file: str | None = None) -> Config:
     """The preset (the config file's own `preset` when none is named, else debug), then the file's values, then
     the command line's dotted overrides: the last one to set a field wins."""
-    from .config import file_overrides, read_toml
+    from ..config import file_overrides, read_toml
 
     file_vals: dict[str, str] = {}
     if config_file:
@@ -61,8 +61,8 @@ def checkpoint_config(path, preset: str | None, extra: list[str]) -> Config:
     config (with overrides). A damaged or refused checkpoint is its own error, never "carries no config"."""
     from pathlib import Path
 
-    from . import checkpoint as ckpt
-    from .config import ConfigError
+    from .. import checkpoint as ckpt
+    from ..config import ConfigError
 
     if preset:
         return build_config(preset, extra)

@@ -39,7 +39,7 @@ def apply_setting(cfg, s: dict, run_dir: Path, extra: dict[str, str] | None = No
     """A new config: `cfg` with the setting `s`, its run directory and `extra` overrides (validated as the command
     line is; `cfg` itself is left as it was). A decoder width its head count does not divide takes the most heads
     that do."""
-    from .config import apply_overrides
+    from ..config import apply_overrides
 
     over = {f"{sec}.{attr}": str(s[f]) for f, (sec, attr, _) in FACTORS.items()}
     width = s["decoder_width"]
@@ -57,10 +57,10 @@ def run(args, extra) -> int:
 
     from pipelines.labelled import LabelledLoader
 
-    from . import evaluate as ev
+    from .. import evaluate as ev
     from .options import build_config
-    from .metrics import read_metrics
-    from .trainer import Trainer
+    from ..metrics import read_metrics
+    from ..trainer import Trainer
 
     base = build_config(args.preset, extra)
     vals = {"mask_ratio": [float(x) for x in args.mask_ratio.split(",") if x],
@@ -103,7 +103,7 @@ def run(args, extra) -> int:
 
 
 def write(rows: list[dict], out: Path, preset: str) -> None:
-    from .report import md_table, write_csv
+    from ..report import md_table, write_csv
 
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "ablation.csv")

@@ -10,15 +10,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import PRESETS, ConfigError, apply_overrides, describe_fields, get_preset
+from ..config import PRESETS, ConfigError, apply_overrides, describe_fields, get_preset
 from .options import UserError, build_config, checkpoint_config
 
 EXIT_USAGE = 2
 
-# Subcommands that live in other modules, registered by name (imported when `mae` runs, never at import time):
-# each module has register(subparsers) and may have dispatch(argv) -> exit code | None, for commands that parse
-# their own options. Other distributions add commands through the entry-point group "mae.commands".
-COMMANDS = ("engine.data_cli", "engine.eval_cli", "engine.ablate", "benchmarks.cli")
+# Subcommands that live in the other modules of this wing, registered by name (imported when `mae` runs, never at
+# import time): each module has register(subparsers) and may have dispatch(argv) -> exit code | None, for commands
+# that parse their own options. Other packages add commands through the entry-point group "mae.commands"
+# (pyproject.toml): the benchmarks (`mae bench`, `mae profile`) are one, so the engine never names them.
+COMMANDS = ("engine.cli.data", "engine.cli.evaluation", "engine.cli.ablate")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -38,7 +39,7 @@ def cmd_pretrain(args, extra) -> int:
     if given:
         cfg = apply_overrides(cfg, given)
     if args.dry_run:  # rank K of an N-rank job, built and stepped on this CPU (engine/dryrun.py)
-        from .dryrun import run_dry
+        from ..dryrun import run_dry
 
         return run_dry(cfg, args.world_size, args.rank, args.gpu_memory_gib)
     from .launch import run_pretrain
@@ -58,9 +59,9 @@ def cmd_visualize(args, extra) -> int:
     import torch
 
     from pipelines.common import DataError
-    from . import checkpoint as ckpt
-    from .model import build_model
-    from .visualize import COLUMNS, initial_model, reconstruction_grid, save_grid
+    from .. import checkpoint as ckpt
+    from ..model import build_model
+    from ..visualize import COLUMNS, initial_model, reconstruction_grid, save_grid
 
     sd = ckpt.full_model_state(args.checkpoint)
     cfg = checkpoint_config(args.checkpoint, getattr(args, "preset", None), extra)
@@ -84,7 +85,7 @@ def cmd_visualize(args, extra) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.rand(batch.shape[0], cfg.model.num_patches, generator=gen)
     ratio = cfg.model.mask_ratio if args.mask_ratio is None else args.mask_ratio
-    from .config import check_mask_ratio
+    from ..config import check_mask_ratio
 
     check_mask_ratio(ratio, cfg.model.num_patches)
     grid = reconstruction_grid(model, batch, cfg.data.mean, cfg.data.std, ratio, noise,
@@ -96,11 +97,11 @@ def cmd_visualize(args, extra) -> int:
 
 
 def cmd_export(args, extra) -> int:
-    from . import checkpoint as ckpt
+    from .. import checkpoint as ckpt
 
     sd = ckpt.full_model_state(args.checkpoint)
     if args.format == "hf":  # the whole model as ViTMAEForPreTraining: config.json + model.safetensors
-        from .hf import export_hf
+        from ..hf import export_hf
 
         cfg = checkpoint_config(args.checkpoint, getattr(args, "preset", None), extra)
         out = export_hf(sd, cfg.model, args.out)
@@ -231,8 +232,8 @@ def _help_preset(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     from pipelines.common import DataError
 
-    from .atomic import CheckpointError
-    from .errors import DivergenceError
+    from ..atomic import CheckpointError
+    from ..errors import DivergenceError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough = _passthrough(argv)

@@ -84,6 +84,15 @@ def cmd_data_pack(args, extra) -> int:
     return 0
 
 
+def cmd_digits(args, extra) -> int:
+    from pipelines.labelled import export_digits
+
+    n_train, n_val = export_digits(args.out, args.img_size, seed=args.seed)
+    print(f"wrote scikit-learn's digits to {args.out}/train ({n_train} images) and {args.out}/val ({n_val}), "
+          f"{args.img_size}px RGB, one folder per digit")
+    return 0
+
+
 def register(sub) -> None:
     d = sub.add_parser("data", help="data tools: `mae data check DIR`, `mae data pack SRC OUT`, `mae data digits`")
     dsub = d.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
@@ -110,6 +119,8 @@ def register(sub) -> None:
     pk.add_argument("--workers", type=int, default=0)
     pk.add_argument("--quiet", action="store_true", help="no progress bar")
     pk.set_defaults(func=cmd_data_pack)
-    from .eval_cli import register_data
-
-    register_data(dsub)
+    g = dsub.add_parser("digits", help="write scikit-learn's handwritten digits as a labelled image folder")
+    g.add_argument("out")
+    g.add_argument("--img-size", type=int, default=32)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_digits)
