@@ -27,7 +27,8 @@ from engine.report import code_digest, env_block, environment, today, write_json
 
 MEASURED = ("kernels", "pipelines", "engine/model.py", "engine/step.py", "engine/optim.py", "engine/trainer.py",
             "engine/config.py", "engine/visualize.py", "engine/attention.py", "engine/parallel.py",
-            "engine/graphstep.py", "engine/mixed.py", "engine/device.py", "engine/health.py", "engine/metrics.py")
+            "engine/graphstep.py", "engine/mixed.py", "engine/device.py", "engine/health.py", "engine/metrics.py",
+            "engine/loop.py", "engine/cli")
 """The code a first run executes: the report is stale when its digest changes (tests/test_reports_current.py)."""
 
 

@@ -17,7 +17,7 @@ import torch
 from engine.config import get_preset
 
 from .common import fresh_peak, pick_device, RESULTS, device_tag, env_block, environment, md_table, today, write_json
-from .step import StepRunner
+from .step_runner import StepRunner
 
 
 def ensure_process_group(device: torch.device) -> None:

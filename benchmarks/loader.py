@@ -154,7 +154,7 @@ def time_training(feed, path, preset, batch, workers, device, steps: int, levers
     from engine.config import get_preset
 
     from .levers import CONFIGS as LEVER_SETS
-    from .step import StepRunner
+    from .step_runner import StepRunner
 
     m = get_preset(preset).model
     row = {"preset": preset, "feed": feed, "levers": levers, "batch": batch}

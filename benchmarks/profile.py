@@ -18,7 +18,7 @@ from engine.metrics import datasheet_peak, mfu, train_flops_per_image
 
 from .common import fresh_peak, pick_device, RESULTS, device_tag, env_block, environment, md_table, today, write_csv
 from .levers import CONFIGS
-from .step import NvmlSampler, StepRunner
+from .step_runner import NvmlSampler, StepRunner
 
 
 def _self_time_us(ev, device: torch.device) -> float:

@@ -31,13 +31,13 @@ from engine.report import code_digest
 from .common import RESULTS, environment, parse_choices, pick_device
 from .levers import CONFIGS, RATIOS, SPEED_SUITES
 from .speedup_report import merge, speedup_rows, write_report
-from .step import MODES
+from .step_runner import MODES
 from .sweep import build_plan, run_sweep
 
 
 MEASURED = ("kernels", "engine/model.py", "engine/step.py", "engine/optim.py", "engine/config.py",
             "engine/attention.py", "engine/parallel.py", "engine/graphstep.py", "engine/mixed.py", "engine/device.py",
-            "engine/layernorm.py", "engine/fp8.py", "benchmarks/step.py", "benchmarks/sweep.py", "benchmarks/levers.py")
+            "engine/layernorm.py", "engine/fp8.py", "benchmarks/step_runner.py", "benchmarks/sweep.py", "benchmarks/levers.py")
 """The code a row of this benchmark runs: a CPU report is stale when its digest changes (tests/test_reports_current.py)."""
 
 

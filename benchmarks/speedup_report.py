@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .common import device_tag, env_block, md_table, read_jsonl, today, write_csv, write_json
 from .levers import REFERENCE_CONFIGS, TARGETS
-from .step import MODE_LABELS, flops_for_mode
+from .step_runner import MODE_LABELS, flops_for_mode
 from .sweep import trusted
 
 

@@ -15,7 +15,7 @@ from engine.metrics import datasheet_peak, device_memory_used, mfu
 
 from .common import fresh_peak
 from .levers import CONFIGS, DEVICE_SUITE, SHORT, SPEED_SUITES
-from .step import NvmlSampler, StepRunner, flops_for_mode, matmul_ceiling
+from .step_runner import NvmlSampler, StepRunner, flops_for_mode, matmul_ceiling
 
 
 # A row's timing is trusted for derived claims (speedups, targets) only when it was warmed up for its state, timed

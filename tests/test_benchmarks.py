@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import speedup, speedup_report
 from benchmarks.levers import REFERENCE_CONFIGS, SHORT, SWEEP_RATIOS
-from benchmarks.step import flops_for_mode
+from benchmarks.step_runner import flops_for_mode
 from engine.config import debug, mae_vit_huge_patch14, mae_vit_large_patch16
 from engine.metrics import block_macs, mae_forward_macs, mfu, train_flops_per_image, vit_train_flops_per_image
 from engine.model import build_model
@@ -113,7 +113,7 @@ def test_speedup_bad_args(capsys):
 
 
 def test_oom_is_reported_and_sweep_continues(monkeypatch, tmp_path):
-    from benchmarks import step
+    from benchmarks import step_runner as step
 
     real = step.StepRunner.run
 
@@ -218,7 +218,7 @@ def test_timing_verdict_names_each_reason():
 
 
 def test_best_and_else_rows_resolve_from_earlier_rows(monkeypatch):
-    from benchmarks import step
+    from benchmarks import step_runner as step
 
     def fake_run(self, *a, **k):
         if self.graphed is not None:
@@ -237,7 +237,7 @@ def test_best_and_else_rows_resolve_from_earlier_rows(monkeypatch):
 
 
 def test_lever_failure_is_a_row(monkeypatch, tmp_path):
-    from benchmarks import step
+    from benchmarks import step_runner as step
 
     def broken(self, *a, **k):
         raise RuntimeError("capture failed (simulated)")
@@ -411,7 +411,7 @@ def test_top_kernels_sorted_by_device_self_time():
 def test_every_lever_set_runs_a_step_with_the_reference_loss(stand_in_apex):
     """Each lever set of `mae bench speedup` builds and steps (compile left out here: tests/test_parallel.py
     holds the compiled blocks to eager; apex is conftest's stand-in); the first step's loss is the reference way's."""
-    from benchmarks.step import StepRunner
+    from benchmarks.step_runner import StepRunner
     from engine.config import debug
 
     m = debug().model

@@ -60,7 +60,7 @@ def test_config_and_trainer_refusals(tmp_path, stand_in_apex):
 
 
 def test_step_runner_refuses_apex_with_compile_or_without_apex(monkeypatch):
-    from benchmarks.step import StepRunner
+    from benchmarks.step_runner import StepRunner
 
     with pytest.raises(ValueError, match="eager blocks"):
         StepRunner(debug().model, "mae", 2, "cpu", compile="regional", layer_norm="apex")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import debug_cfg
 
-from benchmarks.step import PhaseTimer, StepRunner
+from benchmarks.step_runner import PhaseTimer, StepRunner
 from engine.config import ConfigError, apply_overrides, debug
 from engine.step import PHASES, TrainStep, build_training, config_with_levers, levers_to_overrides
 from engine.trainer import Trainer
