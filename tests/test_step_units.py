@@ -29,7 +29,8 @@ class Quadratic(torch.nn.Module):
         self.scale = torch.nn.Parameter(torch.tensor(1.5))
 
     def forward(self, x, ratio, noise):
-        return ((self.lin(x) * self.scale - noise) ** 2).mean() * (1 + ratio), None, None
+        out = self.lin(x.to(self.lin.weight.dtype)) * self.scale  # bf16-pure: the copies' dtype
+        return ((out.float() - noise) ** 2).mean() * (1 + ratio), None, None
 
 
 def _data(n=8, seed=1):
@@ -389,3 +390,106 @@ def test_the_levers_apply_to_a_given_model(monkeypatch):
     calls.clear()
     build_training(config_with_levers(debug(), {"compile": "model"}, **{"train.device": "cpu"}), model=given)
     assert [c[0] for c in calls] == ["layer_norm", "attention"]
+
+
+def test_bf16_pure_accumulates_micro_batches_into_the_fp32_masters():
+    """bf16-pure runs the forward on bf16 copies and moves their gradients to the fp32 masters after each
+    micro-batch (the first replaces, the others add): two half batches make nearly the update of the whole."""
+    from engine.mixed import Bf16Compute
+
+    x, y = _data()
+    steps = []
+    for accum in (2, 1):
+        m = Quadratic()
+        s = TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.1), device=CPU, compute=Bf16Compute(m),
+                      accum_steps=accum, mask_ratio=0.5)
+        batches = [(x[:4], y[:4]), (x[4:], y[4:])] if accum == 2 else [(x, y)]
+        loss, finite = s(batches)
+        assert bool(finite) and all(p.dtype == torch.float32 for p in m.parameters())
+        steps.append((m, loss))
+    (a, la), (b, lb) = steps
+    assert torch.allclose(la, lb, rtol=2e-2)
+    moved = [(p - q).abs().max().item() for p, q in zip(a.parameters(), Quadratic().parameters())]
+    assert all(d > 1e-4 for d in moved)  # the update happened
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=2e-3)
+
+
+def test_the_loss_stays_fp32_under_a_float64_default_dtype():
+    m = Quadratic()
+    step = TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.0), device=CPU)
+    was = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        loss, _ = step([_data()])
+    finally:
+        torch.set_default_dtype(was)
+    assert loss.dtype == torch.float32
+
+
+def test_sharded_gradients_are_reduced_on_the_last_micro_batch_only(one_rank_group):
+    from torch.distributed.fsdp import fully_shard
+
+    class Linear(Quadratic):
+        def __init__(self):
+            super().__init__()
+            del self.scale
+            self.scale = 1.5
+
+    m = Linear()
+    fully_shard(m)
+    asked = []
+    real = m.set_requires_gradient_sync
+    m.set_requires_gradient_sync = lambda v, **k: asked.append(v) or real(v, **k)
+    x, y = _data()
+    TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.1), device=CPU, accum_steps=3)(
+        [(x[:3], y[:3]), (x[3:6], y[3:6]), (x[6:], y[6:])])
+    assert asked == [False, False, True]
+
+
+def test_a_bad_step_on_another_rank_skips_this_ranks_update(monkeypatch):
+    """The bad flag is all-reduced with MAX: when another rank's loss or gradient is not finite, this rank skips its
+    finite update too (the stand-in reduce plays that rank's vote)."""
+    import engine.step as step_mod
+
+    ops = []
+
+    def another_rank_is_bad(t, op="sum"):
+        ops.append(op)
+        if {"max": True}[op]:  # an op all_reduce_ does not know fails as it would
+            t.fill_(1.0)
+        return t
+
+    monkeypatch.setattr(step_mod, "all_reduce_", another_rank_is_bad)
+    for opt_cls in (lambda ps: torch.optim.AdamW(ps, lr=0.1, fused=True), lambda ps: torch.optim.SGD(ps, lr=0.1)):
+        m = Quadratic()
+        before = [p.detach().clone() for p in m.parameters()]
+        loss, finite = TrainStep(m, opt_cls(m.parameters()), device=CPU)([_data()])
+        assert torch.isfinite(loss) and not bool(finite)
+        assert all(torch.equal(p, q) for p, q in zip(before, m.parameters()))
+    assert ops == ["max", "max"]
+
+
+def test_a_fused_optimizer_skips_on_the_device_reading_the_flag_during_its_step():
+    m = Quadratic()
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1, fused=True)
+    seen = []
+    real = opt.step
+    opt.step = lambda *a, **k: seen.append(opt.found_inf) or real(*a, **k)
+    TrainStep(m, opt, device=CPU)([_data()])
+    assert len(seen) == 1 and isinstance(seen[0], torch.Tensor) and seen[0].item() == 0.0
+    assert opt.found_inf is None
+
+
+def test_the_captured_steps_body_takes_the_configs_mask_ratio_and_graph_limits():
+    tr = build_training(config_with_levers(debug(), {}, **{"train.device": "cpu", "model.mask_ratio": "0.6"}))
+    g = tr.enable_graph(capture=False)
+    assert tr.step is g and tr.graphed is g and (g.mask_ratio, g.max_graphs, g.warmup) == (0.6, 2, 2)
+
+
+def test_a_captured_step_with_the_default_fused_optimizer_is_built(monkeypatch):
+    import engine.step as step_mod
+
+    monkeypatch.setattr(step_mod, "check_levers", lambda *a, **k: None)  # as on a GPU
+    tr = build_training(config_with_levers(debug(), {"graph": True}, **{"train.device": "cpu"}))
+    assert tr.graphed is not None and tr.graphed.capture is False  # no CUDA here: the body runs eagerly

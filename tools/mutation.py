@@ -98,6 +98,11 @@ EQUIVALENT: dict[str, str] = {
        for k in (6, 10, 11, 31, 39, 40)},
     "pipelines.torchvision.xǁImageFilesǁtransform__mutmut_41": "random() <= p instead of < p: random() is exactly p "
                                                                "with probability 0",
+    **{f"engine.step.xǁTrainStepǁbody__mutmut_{k}": "autocast's weight-cast cache off (False or None): each weight "
+                                                    "is cast again instead of once per step, to the same values"
+       for k in (1, 29)},
+    "engine.step.xǁTrainStepǁ_total_norm__mutmut_16": "_foreach_norm's order defaults to 2",
+    "engine.step.xǁTrainStepǁ_total_norm__mutmut_22": "all_reduce_'s op defaults to sum",
     "engine.optim.x_build_optimizer__mutmut_51": "AdamW's default weight decay: each of the two groups carries "
                                                  "its own, which is what AdamW applies",
     "engine.optim.x_supports_found_inf__mutmut_4": "bool(None) is bool(False)",
@@ -184,6 +189,12 @@ GPU_ONLY: dict[str, str] = {  # (a seed's range is not a behaviour a test can ho
                                                                      "sharded loading are the same; only a model "
                                                                      "sharded over several ranks (a GPU job) tells "
                                                                      "them apart" for k in (71, 75)},
+    **{f"engine.step.xǁTrainStepǁbody__mutmut_{k}": _DEVICE.replace("a kernel buffer", "the loss accumulator")
+       for k in (8, 11)},
+    **{f"engine.step.xǁTrainStepǁ_grad_norm__mutmut_{k}": _DEVICE.replace("a kernel buffer", "the zero norm before "
+                                                                          "any backward") for k in (7, 9)},
+    "engine.step.xǁTrainingǁenable_graph__mutmut_1": "capture on by default: a capture needs CUDA, so on a CPU every "
+                                                     "caller passes capture=False",
     "engine.checkpoint.x_capture_rng__mutmut_": "the CUDA generators' states: captured only once CUDA is in use",
     "engine.checkpoint.x_restore_rng__mutmut_": "the CUDA generators' states: restored only where CUDA is available",
     **{f"kernels.masking.xǁ_RandomMaskingFnǁforward__mutmut_{k}": _DEVICE for k in (9, 14, 23, 27, 32, 36, 41, 45)},
