@@ -164,6 +164,8 @@ EQUIVALENT: dict[str, str] = {
 
 _DEVICE = ("a kernel buffer allocated without the input's device: on a CPU that is the input's device, on a GPU "
            "the kernel would be handed host memory")
+_ON_HOST = ("{} made without the step's device: on a CPU that is the default device, on a GPU it would be a host "
+            "tensor")
 GPU_ONLY: dict[str, str] = {  # (a seed's range is not a behaviour a test can hold without fixing the masks)
     "kernels.noise.x__cpu_generator__mutmut_": "the seed of the block masks' CPU stream when the given generator "
                                               "cannot serve (one on a GPU, or none): another seed range gives other masks of "
@@ -189,10 +191,9 @@ GPU_ONLY: dict[str, str] = {  # (a seed's range is not a behaviour a test can ho
                                                                      "sharded loading are the same; only a model "
                                                                      "sharded over several ranks (a GPU job) tells "
                                                                      "them apart" for k in (71, 75)},
-    **{f"engine.step.xǁTrainStepǁbody__mutmut_{k}": _DEVICE.replace("a kernel buffer", "the loss accumulator")
-       for k in (8, 11)},
-    **{f"engine.step.xǁTrainStepǁ_grad_norm__mutmut_{k}": _DEVICE.replace("a kernel buffer", "the zero norm before "
-                                                                          "any backward") for k in (7, 9)},
+    **{f"engine.step.xǁTrainStepǁbody__mutmut_{k}": _ON_HOST.format("the step's loss accumulator") for k in (8, 11)},
+    **{f"engine.step.xǁTrainStepǁ_grad_norm__mutmut_{k}": _ON_HOST.format("the zero gradient norm before any "
+                                                                          "backward") for k in (7, 9)},
     "engine.step.xǁTrainingǁenable_graph__mutmut_1": "capture on by default: a capture needs CUDA, so on a CPU every "
                                                      "caller passes capture=False",
     "engine.checkpoint.x_capture_rng__mutmut_": "the CUDA generators' states: captured only once CUDA is in use",
