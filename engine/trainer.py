@@ -410,16 +410,11 @@ class Trainer:
                         saver.save(self.step, say)
                 if stop_signal:
                     if self.is_main:
-                        what = f"saved {saver.last} at step {self.step}" if not health.in_streak else (
-                            f"did not save (bad streak); the last good checkpoint is {health.last_good_checkpoint()}")
-                        say(f"received {stop_signal}: {what}; continue with --resume")
+                        say(self._stopped_line(stop_signal, saver.last, health))
                     break
                 if evals.knn_due(self.step):
                     with meter.paused():
-                        acc = self.knn_monitor()
-                        writer.log(self.step, knn_top1=acc)
-                        if self.is_main:
-                            say(f"kNN monitor at epoch {self.step // self.steps_per_epoch}: top-1 {acc * 100:.2f}%")
+                        self._knn_line(writer, say)
         finally:
             restore()
             if bar is not None:
@@ -433,6 +428,17 @@ class Trainer:
             raise DivergenceError(self._ended_in_streak_message(health))
         return TrainResult(self.step, self._last_loss, saver.last, self.run_dir, stop_signal, guard.rollbacks,
                            self.heldout_error)
+
+    def _stopped_line(self, stop_signal: str, last: Path | None, health: Health) -> str:
+        what = f"saved {last} at step {self.step}" if not health.in_streak else (
+            f"did not save (bad streak); the last good checkpoint is {health.last_good_checkpoint()}")
+        return f"received {stop_signal}: {what}; continue with --resume"
+
+    def _knn_line(self, writer, say) -> None:
+        acc = self.knn_monitor()
+        writer.log(self.step, knn_top1=acc)
+        if self.is_main:
+            say(f"kNN monitor at epoch {self.step // self.steps_per_epoch}: top-1 {acc * 100:.2f}%")
 
     def _progress_bar(self):
         if self.is_main and self.cfg.train.progress and sys.stderr.isatty():
