@@ -493,3 +493,40 @@ def test_a_captured_step_with_the_default_fused_optimizer_is_built(monkeypatch):
     monkeypatch.setattr(step_mod, "check_levers", lambda *a, **k: None)  # as on a GPU
     tr = build_training(config_with_levers(debug(), {"graph": True}, **{"train.device": "cpu"}))
     assert tr.graphed is not None and tr.graphed.capture is False  # no CUDA here: the body runs eagerly
+
+
+def test_a_step_built_bare_masks_at_0_75_and_starts_with_a_zero_gradient_norm():
+    m = Quadratic()
+    bare = TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.0), device=CPU)
+    assert torch.equal(bare.grad_norm, torch.zeros(())) and bare.forward is m and bare.attention == "auto"
+    given = TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.0), device=CPU, mask_ratio=0.75)
+    assert torch.equal(bare([_data()])[0], given([_data()])[0])
+
+
+def test_the_step_calls_the_compiled_forward_and_the_configs_attention(monkeypatch):
+    class Compiled:  # a distinct stand-in for what torch.compile returns
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __call__(self, *a, **k):
+            return self.fn(*a, **k)
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: compiled.append(Compiled(fn)) or compiled[-1])
+    tr = build_training(config_with_levers(debug(), {"compile": "model", "attention": "encoder-math"},
+                                           **{"train.device": "cpu"}))
+    assert tr.plain.forward is compiled[0] and compiled[0].fn is tr.model
+    assert tr.plain.attention == "encoder-math"
+
+
+def test_fp8_where_it_cannot_run_is_refused_with_the_reason(monkeypatch):
+    import engine.fp8
+
+    cfg = apply_overrides(debug(), {"train.precision": "fp8"})
+    check_levers(cfg, ONE, CPU, strict=False)  # torchao's float8 runs here
+    seen = []
+    monkeypatch.setattr(engine.fp8, "supported_here", lambda d: seen.append(d) or "an A100 has no float8 GEMMs")
+    with pytest.raises(ConfigError) as e:
+        check_levers(cfg, ONE, CPU, strict=False)
+    assert str(e.value) == "train.precision=fp8: an A100 has no float8 GEMMs; use --train.precision bf16"
+    assert seen == [CPU]

@@ -101,6 +101,9 @@ EQUIVALENT: dict[str, str] = {
     **{f"engine.step.xǁTrainStepǁbody__mutmut_{k}": "autocast's weight-cast cache off (False or None): each weight "
                                                     "is cast again instead of once per step, to the same values"
        for k in (1, 29)},
+    "engine.step.x_check_levers__mutmut_13": "the world size named for a context that is not distributed: its "
+                                             "world is 1",
+    "engine.step.x_check_levers__mutmut_34": "no reason as \"\" instead of None: both are false",
     "engine.step.xǁTrainStepǁ_total_norm__mutmut_16": "_foreach_norm's order defaults to 2",
     "engine.step.xǁTrainStepǁ_total_norm__mutmut_22": "all_reduce_'s op defaults to sum",
     "engine.optim.x_build_optimizer__mutmut_51": "AdamW's default weight decay: each of the two groups carries "
@@ -194,6 +197,10 @@ GPU_ONLY: dict[str, str] = {  # (a seed's range is not a behaviour a test can ho
     **{f"engine.step.xǁTrainStepǁbody__mutmut_{k}": _ON_HOST.format("the step's loss accumulator") for k in (8, 11)},
     **{f"engine.step.xǁTrainStepǁ_grad_norm__mutmut_{k}": _ON_HOST.format("the zero gradient norm before any "
                                                                           "backward") for k in (7, 9)},
+    **{f"engine.step.x_build_training__mutmut_{k}": "the capture on when the device is CUDA: on a CPU it is off "
+                                                     "either way" for k in (118, 119)},
+    **{f"engine.step.xǁTrainStepǁ__init____mutmut_{k}": _ON_HOST.format("the gradient norm before the first step")
+       for k in (24, 26)},
     "engine.step.xǁTrainingǁenable_graph__mutmut_1": "capture on by default: a capture needs CUDA, so on a CPU every "
                                                      "caller passes capture=False",
     "engine.checkpoint.x_capture_rng__mutmut_": "the CUDA generators' states: captured only once CUDA is in use",
