@@ -530,3 +530,27 @@ def test_fp8_where_it_cannot_run_is_refused_with_the_reason(monkeypatch):
         check_levers(cfg, ONE, CPU, strict=False)
     assert str(e.value) == "train.precision=fp8: an A100 has no float8 GEMMs; use --train.precision bf16"
     assert seen == [CPU]
+
+
+def test_every_lever_is_a_config_field_and_is_benchmarked():
+    """Each short name of LEVERS sets config fields that exist and validate, and is measured: in a lever set of `mae
+    bench speedup` (benchmarks/levers.py), or, for activation checkpointing, in `mae bench fsdp` (its memory under
+    FSDP2)."""
+    import inspect
+
+    import benchmarks.fsdp
+    from benchmarks.levers import CONFIGS
+
+    values = {"kernels": "torch", "compile": "regional", "compile_mode": "default", "graph": True,
+              "precision": "bf16", "fp8_recipe": "rowwise", "attention": "math", "checkpoint_blocks": 1,
+              "checkpoint_decoder_blocks": 1, "activation_checkpointing": True, "layer_norm": "apex",
+              "optimizer": "torch"}
+    assert set(values) == set(LEVERS)
+    for name, value in values.items():
+        cfg = config_with_levers(debug(), {name: value})
+        for key, text in levers_to_overrides({name: value}).items():
+            sec, field = key.split(".")
+            assert str(getattr(getattr(cfg, sec), field)).lower() == text.lower(), (name, key)
+    in_sets = {k for levers in CONFIGS.values() for k in levers}
+    assert set(LEVERS) - in_sets == {"activation_checkpointing"}
+    assert "activation_checkpointing" in inspect.getsource(benchmarks.fsdp)
