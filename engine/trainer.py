@@ -349,7 +349,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------
 
-    def train_step(self, stream) -> tuple[torch.Tensor, torch.Tensor]:
+    def optimizer_step(self, stream) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over accum_steps micro-batches. Returns (mean loss, finite flag), on device."""
         set_lr(self.optimizer, lr_at(self.step, self.total_steps, self.warmup_steps, self.lr, self.cfg.optim.min_lr))
         micro_batches = (self._next_micro_batch(stream) for _ in range(self.cfg.train.accum_steps))
@@ -389,7 +389,7 @@ class Trainer:
         restore = self._catch_signals()
         try:
             while self.step < self.stop_at:
-                loss, finite = self.train_step(stream)
+                loss, finite = self.optimizer_step(stream)
                 meter.add(loss, self.training.step.grad_norm, finite)
                 guard.add(loss, self.training.step.grad_norm, finite)
                 if bar is not None:

@@ -77,14 +77,14 @@ if os.environ.get("MAE_TEST_STEP_SECONDS"):
     import time
     from engine.trainer import Trainer
 
-    _orig = Trainer.train_step
+    _orig = Trainer.optimizer_step
 
     def _slow(self, stream):
         out = _orig(self, stream)
         time.sleep(float(os.environ["MAE_TEST_STEP_SECONDS"]))
         return out
 
-    Trainer.train_step = _slow
+    Trainer.optimizer_step = _slow
 """
 
 

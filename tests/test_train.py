@@ -71,9 +71,9 @@ def test_run_dir_outputs_and_loss_falls(tmp_path):
 
 
 def _expect_unchanged(trainer, from_step: int, to_step: int) -> None:
-    """Wrap trainer.train_step: the parameters at step `to_step` must equal those at step `from_step`."""
+    """Wrap trainer.optimizer_step: the parameters at step `to_step` must equal those at step `from_step`."""
     before = {}
-    orig_step = trainer.train_step
+    orig_step = trainer.optimizer_step
 
     def spy(stream):
         if trainer.step == from_step:
@@ -84,7 +84,7 @@ def _expect_unchanged(trainer, from_step: int, to_step: int) -> None:
                 assert torch.equal(v, before[k]), k
         return out
 
-    trainer.train_step = spy
+    trainer.optimizer_step = spy
 
 
 def _poison(trainer, from_call: int, until_call: int = 10**9):
