@@ -1,9 +1,10 @@
-"""Parallelism applied to a finished model from outside: activation checkpointing, then regional
-torch.compile, then FSDP2 `fully_shard` per block, then the root; plus process-group set-up for torchrun.
+"""Building the model a run trains (build_parallel_model): on the meta device, then activation checkpointing, the
+attention path, regional torch.compile, FSDP2 `fully_shard` per block and the root, materialisation, the layer norm;
+plus the process-group set-up for torchrun. The model file knows nothing of any of it.
 
 The model is built on the meta device and materialised after sharding, so ViT-H and larger never exist
 whole in fp32 on one rank: each parameter's initial value is computed alone and only this rank's shard
-is kept. The model file knows nothing of torch.distributed; everything distributed lives here.
+is kept. Everything distributed lives here.
 """
 
 from __future__ import annotations

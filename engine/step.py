@@ -16,9 +16,11 @@ once per batch shape and mask ratio and replays it. Benchmarks time `training.st
 backward / optimizer) and the memory estimator's phase accounting are hooks called at the phase boundaries
 (`PHASES`), not a second implementation.
 
-Levers: a lever is a config field (model.kernels, train.compile, train.cuda_graph, train.precision, ...) read
-here and nowhere else. The benchmarks' lever sets name them by short names (`LEVERS`), mapped onto the same
-config fields by `levers_to_overrides`, so a benchmark row runs what `mae pretrain` runs with those overrides.
+Levers: a lever is a config field (model.kernels, train.compile, train.cuda_graph, train.precision, ...),
+cross-checked here (check_levers) and applied where the model and the step are built (engine/parallel.py's
+build_parallel_model, build_training here; _levers_on_given_model for a model handed in). The benchmarks' lever
+sets name them by short names (`LEVERS`), mapped onto the same config fields by `levers_to_overrides`, so a
+benchmark row runs what `mae pretrain` runs with those overrides.
 """
 
 from __future__ import annotations
