@@ -1,6 +1,6 @@
 """Building the model a run trains (build_parallel_model): on the meta device, then activation checkpointing, the
-attention path, regional torch.compile, FSDP2 `fully_shard` per block and the root, materialisation, the layer norm;
-plus the process-group set-up for torchrun. The model file knows nothing of any of it.
+attention path, the float8 GEMMs, regional torch.compile, FSDP2 `fully_shard` per block and the root,
+materialisation, the layer norm; plus the process-group set-up for torchrun. The model file knows nothing of any of it.
 
 The model is built on the meta device and materialised after sharding, so ViT-H and larger never exist
 whole in fp32 on one rank: each parameter's initial value is computed alone and only this rank's shard
