@@ -131,7 +131,7 @@ class Checkpointer:
 
     def save(self, step: int, say: Callable[[str], None]) -> Path | None:
         h = self.health
-        if h.in_streak:
+        if h.in_streak:  # never a checkpoint of a run in a bad streak
             if self.is_main:
                 good = h.last_good_checkpoint()
                 say(f"warning: not writing a checkpoint at step {step}: the run has had {h.streak} bad step(s) since "

@@ -102,8 +102,8 @@ MUTANTS = [
     Mutant("graph_inputs_not_copied", "engine/graphstep.py", "s.copy_(x, non_blocking=True)", "pass",
            ("tests/test_graphstep.py::test_capture_protocol_replays_the_plain_step_exactly",)),
     # faults: divergence, signals, workers
-    Mutant("checkpoint_written_in_a_bad_streak", "engine/trainer.py",
-           "if health.in_streak:  # never a checkpoint of a run in a bad streak", "if False:",
+    Mutant("checkpoint_written_in_a_bad_streak", "engine/loop.py",
+           "if h.in_streak:  # never a checkpoint of a run in a bad streak", "if False:",
            ("tests/test_faults.py::test_a_diverging_run_writes_no_checkpoint_of_diverged_weights_and_names_the_last_good_one",)),
     Mutant("weights_growth_unchecked", "engine/health.py", "elif self.weight_norm and norm > self.weight_growth",
            "elif False and norm > self.weight_growth",
@@ -116,7 +116,7 @@ MUTANTS = [
     Mutant("dali_no_full_decode_scan", "pipelines/dali.py", "scanned = _decode_scan(files, suspects, budget_s)",
            "scanned = 0", ("tests/test_data_dali.py::test_dali_names_a_truncated_jpeg_whose_header_is_intact",)),
     # checkpoints: atomic writes, no code from a file
-    Mutant("checkpoint_not_atomic", "engine/checkpoint.py",
+    Mutant("checkpoint_not_atomic", "engine/atomic.py",
            'fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp", dir=path.parent)',
            "fd, tmp = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), str(path)",
            ("tests/test_checkpoint_safety.py::test_a_kill_during_a_save_leaves_the_previous_checkpoint",)),
@@ -161,7 +161,7 @@ MUTANTS = [
     Mutant("symlink_loops_followed", "pipelines/common.py", "        if (st.st_dev, st.st_ino) in seen_dirs:",
            "        if False:", ("tests/test_bad_input.py::test_a_symlink_loop_does_not_multiply_the_data_set",)),
     Mutant("stale_temp_of_live_writer_removed", "engine/checkpoint.py", "stale = not _pid_alive(writer[1])",
-           "stale = True", ("tests/test_checkpoint_safety.py::test_stale_temp_files_of_dead_writers_are_removed",)),
+           "stale = True", ("tests/test_checkpoint_safety.py::test_stale_temp_files_of_dead_writers_are_removed_never_a_live_ones",)),
     Mutant("checkpoint_runs_code", "engine/checkpoint.py",
            'torch.load(path, map_location="cpu", weights_only=True)',
            'torch.load(path, map_location="cpu", weights_only=False)',

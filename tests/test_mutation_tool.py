@@ -112,3 +112,24 @@ def test_a_scoped_file_counts_the_mutants_of_its_named_functions_only():
     assert not tool.in_scope("pipelines/common.py", "pipelines.common.x_list_images__mutmut_3")
     assert not tool.in_scope("pipelines/common.py", "pipelines.common.x_sample_crop_other__mutmut_1")
     assert tool.in_scope("kernels/noise.py", "kernels.noise.x_anything__mutmut_1")  # not scoped: all of it
+
+
+def test_every_hand_planted_bug_of_tests_mutate_still_finds_its_line_and_its_tests():
+    """tests/mutate.py plants each bug by replacing an exact line: the line must still be there, and the tests
+    named to catch it must exist (a moved function would otherwise leave the entry planting nothing)."""
+    import sys
+
+    spec = importlib.util.spec_from_file_location("mutate_by_hand", ROOT / "tests" / "mutate.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["mutate_by_hand"] = mod
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        del sys.modules["mutate_by_hand"]
+    for m in mod.MUTANTS:
+        src = (ROOT / m.file).read_text()
+        assert m.old in src, (m.name, m.file)  # every occurrence is replaced
+        for t in m.tests:
+            path, _, name = t.partition("::")
+            assert (ROOT / path).is_file(), (m.name, t)
+            assert not name or f"def {name.split('[')[0]}(" in (ROOT / path).read_text(), (m.name, t)
