@@ -1047,3 +1047,23 @@ def test_a_sharded_load_into_a_state_reads_its_metadata_once(tmp_path, monkeypat
     state = {"w": torch.zeros(2)}
     assert ckpt.load_sharded(d, state) is state and torch.equal(state["w"], torch.ones(2))
     assert reads == [d]  # the checked metadata is the one DCP loads with
+
+
+@pytest.mark.parametrize("rel", [".", "..", "../x.distcp", "/etc/passwd", ""])
+def test_a_shard_file_outside_the_checkpoint_is_refused(tmp_path, rel):
+    import dataclasses
+    import pickle
+
+    d = _dcp_save({"w": torch.ones(2)}, tmp_path / "c.dcp")
+    md = pickle.loads((d / ".metadata").read_bytes())  # written by DCP itself: plain pickle is fine here
+    md.storage_data = {k: dataclasses.replace(v, relative_path=rel) for k, v in md.storage_data.items()}
+    (d / ".metadata").write_bytes(pickle.dumps(md))
+    with pytest.raises(CheckpointError) as e:
+        ckpt.read_dcp_metadata(d)
+    assert str(e.value) == f"refused {d}: its .metadata names a shard file outside the checkpoint ({rel!r})"
+
+
+def test_the_meta_of_a_file_checkpoint_leaves_out_the_weights_and_either_optimizer_key(tmp_path):
+    torch.save({"model": {"w": torch.ones(1)}, "optim": {"s": 1}, "optimizer": {"s": 2}, "epoch": 3, "step": 9},
+               tmp_path / "c.pt")
+    assert ckpt.read_meta(tmp_path / "c.pt") == {"epoch": 3, "step": 9}

