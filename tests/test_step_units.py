@@ -554,3 +554,16 @@ def test_every_lever_is_a_config_field_and_is_benchmarked():
     in_sets = {k for levers in CONFIGS.values() for k in levers}
     assert set(LEVERS) - in_sets == {"activation_checkpointing"}
     assert "activation_checkpointing" in inspect.getsource(benchmarks.fsdp)
+
+
+def test_bf16_pure_replaces_the_gradients_a_captured_body_keeps_from_its_last_step():
+    """The captured step's body leaves the gradients in place between steps (they live in the graph's memory): the
+    first micro-batch of the next step replaces them, it does not add to them."""
+    from engine.mixed import Bf16Compute
+
+    m = Quadratic()
+    step = TrainStep(m, torch.optim.SGD(m.parameters(), lr=0.0), device=CPU, compute=Bf16Compute(m))
+    step.body([_data()], 0.5)
+    first = [p.grad.clone() for p in m.parameters()]
+    step.body([_data()], 0.5)  # no zero_grad in between, as under the capture
+    assert all(torch.equal(p.grad, g) for p, g in zip(m.parameters(), first))

@@ -212,6 +212,9 @@ GPU_ONLY: dict[str, str] = {  # (a seed's range is not a behaviour a test can ho
        for k in (24, 26)},
     "engine.step.xǁTrainingǁenable_graph__mutmut_1": "capture on by default: a capture needs CUDA, so on a CPU every "
                                                      "caller passes capture=False",
+    **{f"engine.checkpoint.x_load_checkpoint__mutmut_{k}": "a file checkpoint's map to the CPU: one saved from a "
+                                                            "GPU would load back onto it; on a CPU every map is the "
+                                                            "CPU" for k in (7, 10)},
     "engine.checkpoint.x_capture_rng__mutmut_": "the CUDA generators' states: captured only once CUDA is in use",
     "engine.checkpoint.x_restore_rng__mutmut_": "the CUDA generators' states: restored only where CUDA is available",
     **{f"kernels.masking.xǁ_RandomMaskingFnǁforward__mutmut_{k}": _DEVICE for k in (9, 14, 23, 27, 32, 36, 41, 45)},
