@@ -696,5 +696,6 @@ def import_weights(model, path: str | os.PathLike) -> dict:
 
 
 def to_reference_format(sd: dict) -> dict:
-    """Our full model state dict in the paper's release format: {'model': state_dict} (same key names)."""
-    return {"model": {k: v.detach().clone() for k, v in sd.items()}}
+    """Our full model state dict in the paper's release format: {'model': state_dict} (same key names; the tensors
+    themselves, not copies)."""
+    return {"model": dict(sd)}

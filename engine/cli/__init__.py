@@ -111,7 +111,7 @@ def cmd_export(args, extra) -> int:
     if args.what == "encoder":
         out_sd = ckpt.encoder_state_dict(sd)
     else:
-        out_sd = {"model": dict(sd)}
+        out_sd = ckpt.to_reference_format(sd)
     out = ckpt.atomic_torch_save(out_sd, args.out)
     n = len(out_sd) if args.what == "encoder" else len(sd)
     print(f"wrote {out}: {args.what} state dict, {n} tensors"
