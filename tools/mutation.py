@@ -75,6 +75,11 @@ _AUTOGRAD_CASTS = ("a gradient buffer in the default dtype: the kernel only copi
                    "casts a gradient to its input's dtype (round to nearest even, as the kernel's store does)")
 _TILE = ("the tile height from L - cls instead of L + cls: the grid is cut from the same block height, so every "
          "row is still covered once; only the tile shape changes")
+_COUNT = ("mask_count is mask.sum() by contract (the same value, known on the host: it saves a reduction), so "
+          "dividing by mask.sum() instead gives the same loss")
+_LOSS_TILE = ("a larger tile or more patches per program: every patch is still covered once (lanes past the patch "
+              "are masked out of every load), the sums are the same; only the register use changes, which the AOT "
+              "compile for a named GPU target reports")
 EQUIVALENT: dict[str, str] = {
     "kernels.noise.x_block_mask__mutmut_2": _BUDGET + " (default max_tries 1000 -> 1001)",
     "kernels.noise.x_block_mask__mutmut_12": _BUDGET + " (the count of tries starts at 1)",
@@ -166,6 +171,29 @@ EQUIVALENT: dict[str, str] = {
     "engine.checkpoint.x_remove_stale_temp_files__mutmut_54": "age > limit or age >= limit: the age is a float of "
                                                               "wall-clock time, equal to the limit only on a "
                                                               "measure-zero instant",
+    **{"kernels.loss." + n: _COUNT for n in ("x_norm_pix_mse_torch__mutmut_45", "xǁ_NormPixMSEFnǁforward__mutmut_38",
+                                             "x__finish__mutmut_13", "x_norm_pix_mse_triton__mutmut_27",
+                                             "x_norm_pix_mse_triton__mutmut_39")},
+    **{f"kernels.loss.x__loss_blocks__mutmut_{k}": _LOSS_TILE for k in (3, 8, 9, 15, 22, 23)},
+    "kernels.loss.x__finish__mutmut_24": "the count argument when there is none: the kernel reads it only under "
+                                         "HAS_COUNT",
+    "kernels.loss.x__launch_loss__mutmut_23": "the partial sums' buffer a column wider: the kernels index it by the "
+                                              "same arithmetic on both sides, the extra column is never read",
+    "kernels.loss.x__finish__mutmut_8": "the result buffer one element longer: the loss and 1 / count are its first "
+                                        "two, the third is never read",
+    "kernels.loss.x__finish__mutmut_21": "a second program of the one-program finish writes the same two values",
+    "kernels.loss.x__launch_loss__mutmut_73": "the gradient-scale pointer when there is none: read only under "
+                                              "HAS_GSCALE, so None stands for the unused dummy",
+    "kernels.loss.x__launch_loss__mutmut_81": "the dummy buffer returned as the gradient when none was written: the "
+                                              "forward keeps it only when it asked for one",
+    **{f"kernels.loss.x__launch_loss__mutmut_{k}": "num_warps None or left out: Triton's default, 4, the value given"
+       for k in (49, 71)},
+    "kernels.loss.xǁ_NormPixMSEFnǁforward__mutmut_4": "the mask left in its dtype: masks reach the loss as fp32 "
+                                                      "(random_masking's output), already what the kernel loads",
+    "kernels.loss.xǁ_NormPixMSEFnǁforward__mutmut_43": "ctx.scaled None or False: both false",
+    "kernels.loss.xǁ_NormPixMSEFnǁbackward__mutmut_4": "the incoming gradient left in its dtype: the loss is fp32, so "
+                                                       "its gradient is",
+    "kernels.loss.xǁ_NormPixMSEFnǁbackward__mutmut_50": "out[1:3] of the two-element result is out[1:2]",
     "kernels.masking.xǁ_UnshuffleFnǁforward__mutmut_40": _TILE,
     "kernels.masking.xǁ_UnshuffleFnǁbackward__mutmut_12": _TILE,
     **{f"kernels.masking.xǁ_UnshuffleFnǁbackward__mutmut_{k}": "the one-element dummy for the unused sum pointer "
@@ -218,6 +246,10 @@ GPU_ONLY: dict[str, str] = {  # (a seed's range is not a behaviour a test can ho
     "engine.checkpoint.x_capture_rng__mutmut_": "the CUDA generators' states: captured only once CUDA is in use",
     "engine.checkpoint.x_restore_rng__mutmut_": "the CUDA generators' states: restored only where CUDA is available",
     **{f"kernels.masking.xǁ_RandomMaskingFnǁforward__mutmut_{k}": _DEVICE for k in (9, 14, 23, 27, 32, 36, 41, 45)},
+    **{f"kernels.loss.x__launch_loss__mutmut_{k}": _DEVICE for k in (17, 21)},
+    **{f"kernels.loss.x__finish__mutmut_{k}": _DEVICE for k in (3, 6)},
+    "kernels.loss.x__launch_loss__mutmut_79": "5 warps instead of 4: the interpreter runs a program without warps; "
+                                              "on a GPU Triton refuses a warp count that is not a power of two",
     **{f"kernels.masking.xǁ_RandomMaskingFnǁbackward__mutmut_{k}": _DEVICE for k in (11, 16)},
     **{f"kernels.masking.xǁ_UnshuffleFnǁforward__mutmut_{k}": _DEVICE for k in (16, 21)},
     **{f"kernels.masking.xǁ_UnshuffleFnǁbackward__mutmut_{k}": _DEVICE for k in (23, 28, 37, 40, 46, 49, 54, 58)},
