@@ -395,15 +395,18 @@ def write_report(rows: list[dict], out: Path) -> Path:
              "executed the mutated function). A timed-out mutant counts as killed (the suite did not pass); "
              "equivalent survivors (tools/mutation.py EQUIVALENT, with the reason) count as killed; survivors only a "
              "GPU can tell apart (GPU_ONLY) count as survivors, and the next column leaves them out.", "",
-             "| file | run on | tests | made | killed | survived (equivalent, GPU only) | timeout | no tests | "
+             "A mutant whose test process crashed (a segfault or an abort in the interpreter) is counted apart: "
+             "neither killed nor survived.", "",
+             "| file | run on | tests | made | killed | survived (equivalent, GPU only) | timeout | crashed | no tests | "
              "not checked | kill rate | without GPU-only | wanted | minutes | complete |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rate = "-" if r["kill_rate"] is None else f"{r['kill_rate']:.1%}"
         cpu = "-" if r.get("kill_rate_cpu") is None else f"{r['kill_rate_cpu']:.1%}"
         shown = ", ".join(Path(t).name for t in r["tests"] if t.startswith("tests/") and "::" not in t)
         lines.append(f"| `{r['file']}` | {r['date']} | {shown} | {r['made']} | {r['killed']} | "
                      f"{r['survived']} ({r['equivalent']}, {r.get('gpu_only', 0)}) | {r['timeout']} | "
+                     f"{r.get('suspicious', 0)} | "
                      f"{r['no tests']} | {r['not checked']} | {rate} | {cpu} | {r['wanted']:.0%} | "
                      f"{r['seconds'] / 60:.1f} | {'yes' if r['finished'] else 'no (time limit)'} |")
     scoped = [r["file"] for r in rows if r["file"] in SCOPE]
