@@ -525,3 +525,57 @@ def test_loss_messages_name_the_problem(monkeypatch):
     with pytest.raises(RuntimeError) as e:
         norm_pix_mse_triton(imgs, pred, mask, p)
     assert str(e.value) == "triton is not importable"
+
+
+# --- masking: its checks, its defaults, and where the kernel hands over to the reference (the 12-03 full run)
+
+
+def test_the_mask_ratio_and_noise_checks_name_the_value():
+    assert kernels.len_keep_for(4, 0.0) == 4 and kernels.len_keep_for(4, 0.5) == 2
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError) as e:
+            kernels.len_keep_for(4, bad)
+        assert str(e.value) == f"mask ratio must be in [0, 1), got {bad}"
+    with pytest.raises(ValueError) as e:
+        kernels.len_keep_for(4, 0.9)
+    assert str(e.value) == "mask ratio 0.9 keeps no patch out of 4"
+    with pytest.raises(ValueError) as e:
+        random_masking_torch(torch.zeros(2, 4, 1), 0.5, torch.rand(2, 5))
+    assert str(e.value) == "noise must have shape [N, L] = [2, 4], got [2, 5]"
+
+
+@pytest.mark.parametrize("masking", [random_masking_torch, random_masking_triton])
+def test_masking_without_noise_draws_it_from_torchs_generator(masking):
+    x = torch.randn(3, 16, 8, device=DEV)
+    torch.manual_seed(5)
+    a = masking(x, 0.5)
+    torch.manual_seed(5)
+    b = masking(x, 0.5, torch.rand(3, 16, device=DEV))
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_tied_noise_keeps_the_lowest_indices_in_order():
+    """argsort is stable: samples whose noise ties (a constant noise) keep their first K patches, in order."""
+    x = torch.arange(2 * 64 * 1, dtype=torch.float32).reshape(2, 64, 1)
+    kept, mask, restore, keep = random_masking_torch(x, 0.75, torch.zeros(2, 64))
+    assert torch.equal(keep, torch.arange(16).expand(2, 16)) and torch.equal(restore, torch.arange(64).expand(2, 64))
+
+
+def test_the_mask_is_fp32_and_not_differentiable_whatever_the_default_dtype():
+    x = torch.randn(2, 16, 8, device=DEV, requires_grad=True)
+    for masking in (random_masking_torch, random_masking_triton):
+        was = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            _, mask, _, _ = masking(x, 0.5, torch.rand(2, 16, device=DEV))
+        finally:
+            torch.set_default_dtype(was)
+        assert mask.dtype == torch.float32 and not mask.requires_grad, masking
+
+
+def test_the_reference_fallback_takes_the_given_noise():
+    x = torch.randn(2, 16, 8, device=DEV, dtype=torch.float64)  # not a kernel dtype: the reference serves
+    noise = torch.rand(2, 16, device=DEV)
+    got = random_masking_triton(x, 0.5, noise)
+    want = random_masking_torch(x, 0.5, noise)
+    assert all(torch.equal(u, v) for u, v in zip(got, want))

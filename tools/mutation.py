@@ -194,6 +194,15 @@ EQUIVALENT: dict[str, str] = {
     "kernels.loss.xǁ_NormPixMSEFnǁbackward__mutmut_4": "the incoming gradient left in its dtype: the loss is fp32, so "
                                                        "its gradient is",
     "kernels.loss.xǁ_NormPixMSEFnǁbackward__mutmut_50": "out[1:3] of the two-element result is out[1:2]",
+    "kernels.masking.x_random_masking_torch__mutmut_7": "a position embedding reshaped to [L, D] broadcasts over the "
+                                                        "batch as [1, L, D] does",
+    **{f"kernels.masking.x_random_masking_torch__mutmut_{k}": "argsort's dim defaults to the last, which is dim 1 of "
+                                                               "the [N, L] noise" for k in (38, 47)},
+    **{f"kernels.masking.x_random_masking_torch__mutmut_{k}": "ids_restore sorts a permutation: no ties, so a stable "
+                                                               "sort and an unstable one agree" for k in (48, 50)},
+    "kernels.masking.xǁ_RandomMaskingFnǁforward__mutmut_109": _AUTOGRAD_CASTS,
+    **{f"kernels.masking.xǁ_RandomMaskingFnǁforward__mutmut_{k}": "int64 index tensors are never differentiable: "
+                                                                   "marking them or not is the same" for k in (114, 115)},
     "kernels.masking.xǁ_UnshuffleFnǁforward__mutmut_40": _TILE,
     "kernels.masking.xǁ_UnshuffleFnǁbackward__mutmut_12": _TILE,
     **{f"kernels.masking.xǁ_UnshuffleFnǁbackward__mutmut_{k}": "the one-element dummy for the unused sum pointer "
@@ -247,6 +256,15 @@ GPU_ONLY: dict[str, str] = {  # (a seed's range is not a behaviour a test can ho
     "engine.checkpoint.x_restore_rng__mutmut_": "the CUDA generators' states: restored only where CUDA is available",
     **{f"kernels.masking.xǁ_RandomMaskingFnǁforward__mutmut_{k}": _DEVICE for k in (9, 14, 23, 27, 32, 36, 41, 45)},
     **{f"kernels.loss.x__launch_loss__mutmut_{k}": _DEVICE for k in (17, 21)},
+    **{f"kernels.masking.x_random_masking_torch__mutmut_{k}": _DEVICE for k in (23, 26, 76, 80)},
+    **{f"kernels.masking.x_random_masking_triton__mutmut_{k}": _DEVICE for k in (31, 34)},
+    **{f"kernels.masking.x__tile__mutmut_{k}": "a tile size: the interpreter takes any; on a GPU a width that is not "
+                                               "a power of two is refused at compile, and the size is a register "
+                                               "choice the AOT compile reports" for k in (1, 2, 10, 25)},
+    **{f"kernels.masking.xǁ_RandomMaskingFnǁforward__mutmut_{k}": "the masking kernel's warp count (4 up to 256 "
+                                                                   "patches, then 8): the interpreter runs a program "
+                                                                   "without warps; on a GPU it is speed, or a count "
+                                                                   "Triton refuses" for k in (83, 98, *range(101, 107))},
     **{f"kernels.loss.x__finish__mutmut_{k}": _DEVICE for k in (3, 6)},
     "kernels.loss.x__launch_loss__mutmut_79": "5 warps instead of 4: the interpreter runs a program without warps; "
                                               "on a GPU Triton refuses a warp count that is not a power of two",
