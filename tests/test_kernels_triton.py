@@ -579,3 +579,21 @@ def test_the_reference_fallback_takes_the_given_noise():
     got = random_masking_triton(x, 0.5, noise)
     want = random_masking_torch(x, 0.5, noise)
     assert all(torch.equal(u, v) for u, v in zip(got, want))
+
+
+def test_masking_hands_sequences_past_the_kernels_sort_to_the_reference(monkeypatch):
+    """The kernel sorts up to MAX_SORT_L patches in registers; longer sequences take the reference (the limit is
+    lowered here so that the interpreter's run stays small; the routing reads it at each call)."""
+    from kernels import masking
+
+    calls = []
+    real = masking._RandomMaskingFn.apply
+    monkeypatch.setattr(masking._RandomMaskingFn, "apply", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(masking, "MAX_SORT_L", 16)
+    for length, kernel in [(16, True), (17, False)]:
+        calls.clear()
+        x = torch.randn(2, length, 4, device=DEV)
+        noise = torch.rand(2, length, device=DEV)
+        got = random_masking_triton(x, 0.5, noise)
+        assert bool(calls) is kernel, length
+        assert all(torch.equal(u, v) for u, v in zip(got, random_masking_torch(x, 0.5, noise)))
