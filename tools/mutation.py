@@ -194,6 +194,13 @@ EQUIVALENT: dict[str, str] = {
     "kernels.loss.xǁ_NormPixMSEFnǁbackward__mutmut_4": "the incoming gradient left in its dtype: the loss is fp32, so "
                                                        "its gradient is",
     "kernels.loss.xǁ_NormPixMSEFnǁbackward__mutmut_50": "out[1:3] of the two-element result is out[1:2]",
+    **{f"kernels.masking.x__tile__mutmut_{k}": "a tile of other rows per program (4097 elements instead of 4096, "
+                                               "at least 2 rows): every row still covered once, the same values; "
+                                               "only speed changes" for k in (1, 25)},
+    **{f"kernels.masking.xǁ_RandomMaskingFnǁforward__mutmut_{k}": "another power-of-two warp count for the masking "
+                                                                   "kernel (Triton's default 4, or 4 / 8 at another "
+                                                                   "length): the same values, only speed changes"
+       for k in (83, 98, 101, 102, 104, 105)},
     "kernels.masking.x_random_masking_torch__mutmut_7": "a position embedding reshaped to [L, D] broadcasts over the "
                                                         "batch as [1, L, D] does",
     **{f"kernels.masking.x_random_masking_torch__mutmut_{k}": "argsort's dim defaults to the last, which is dim 1 of "
@@ -258,13 +265,11 @@ GPU_ONLY: dict[str, str] = {  # (a seed's range is not a behaviour a test can ho
     **{f"kernels.loss.x__launch_loss__mutmut_{k}": _DEVICE for k in (17, 21)},
     **{f"kernels.masking.x_random_masking_torch__mutmut_{k}": _DEVICE for k in (23, 26, 76, 80)},
     **{f"kernels.masking.x_random_masking_triton__mutmut_{k}": _DEVICE for k in (31, 34)},
-    **{f"kernels.masking.x__tile__mutmut_{k}": "a tile size: the interpreter takes any; on a GPU a width that is not "
-                                               "a power of two is refused at compile, and the size is a register "
-                                               "choice the AOT compile reports" for k in (1, 2, 10, 25)},
-    **{f"kernels.masking.xǁ_RandomMaskingFnǁforward__mutmut_{k}": "the masking kernel's warp count (4 up to 256 "
-                                                                   "patches, then 8): the interpreter runs a program "
-                                                                   "without warps; on a GPU it is speed, or a count "
-                                                                   "Triton refuses" for k in (83, 98, *range(101, 107))},
+    **{f"kernels.masking.x__tile__mutmut_{k}": "a tile width that is not a power of two (513, 129): the interpreter "
+                                               "takes it, a GPU compile refuses it" for k in (2, 10)},
+    **{f"kernels.masking.xǁ_RandomMaskingFnǁforward__mutmut_{k}": "a warp count that is not a power of two (5, 9): "
+                                                                   "the interpreter runs a program without warps, "
+                                                                   "Triton refuses it on a GPU" for k in (103, 106)},
     **{f"kernels.loss.x__finish__mutmut_{k}": _DEVICE for k in (3, 6)},
     "kernels.loss.x__launch_loss__mutmut_79": "5 warps instead of 4: the interpreter runs a program without warps; "
                                               "on a GPU Triton refuses a warp count that is not a power of two",
