@@ -33,6 +33,15 @@ class Quadratic(torch.nn.Module):
         return ((out.float() - noise) ** 2).mean() * (1 + ratio), None, None
 
 
+class Linear(Quadratic):
+    """Quadratic without its 0-d parameter (fully_shard takes none)."""
+
+    def __init__(self):
+        super().__init__()
+        del self.scale
+        self.scale = 1.5
+
+
 def _data(n=8, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 4, generator=g, dtype=torch.float64).float(), torch.randn(n, 3, generator=g)
@@ -291,12 +300,6 @@ def test_sharded_norms_sum_their_squares_over_ranks_once_per_replica(one_rank_gr
         t.mul_({"sum": world}[op])  # an op all_reduce_ does not know fails as it would
         return t
 
-    class Linear(Quadratic):  # no 0-d parameter: fully_shard takes none
-        def __init__(self):
-            super().__init__()
-            del self.scale
-            self.scale = 1.5
-
     m = Linear()
     want_p = torch.linalg.vector_norm(torch.cat([p.detach().flatten() for p in m.parameters()]))
     x, y = _data()
@@ -429,12 +432,6 @@ def test_the_loss_stays_fp32_under_a_float64_default_dtype():
 
 def test_sharded_gradients_are_reduced_on_the_last_micro_batch_only(one_rank_group):
     from torch.distributed.fsdp import fully_shard
-
-    class Linear(Quadratic):
-        def __init__(self):
-            super().__init__()
-            del self.scale
-            self.scale = 1.5
 
     m = Linear()
     fully_shard(m)
