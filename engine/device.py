@@ -3,6 +3,8 @@ for the trainer, the parallel set-up, the training step and the evaluation comma
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .config import ConfigError
@@ -21,8 +23,6 @@ def resolve_device(name: str) -> torch.device:
 def autocast(device: torch.device | str, dtype: torch.dtype | None, cache: bool = True):
     """torch's autocast to `dtype` on `device`'s type, or no autocast for dtype None (fp32, bf16-pure). A captured
     step turns the weight-cast cache off (cached casts do not survive a capture)."""
-    import contextlib
-
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=cache)

@@ -30,8 +30,8 @@ class StepMeter:
     """The loss, gradient norm, good and skipped counts of the steps since the last log line, summed on the device
     (no host sync until a line is written), and the wall clock of those steps with side work left out."""
 
-    def __init__(self, device: torch.device, world: int, images_per_step: int, log_every: int, stop_at: int):
-        self.device, self.world, self.images_per_step = device, world, images_per_step
+    def __init__(self, device: torch.device, world: int, global_batch: int, log_every: int, stop_at: int):
+        self.device, self.world, self.global_batch = device, world, global_batch  # images per step, every rank
         self.log_every, self.stop_at = log_every, stop_at
         self._zero = torch.zeros((), device=device)
         self.loss_sum, self.good, self.skipped, self.grad_norm_sum = (self._zero.clone() for _ in range(4))
@@ -73,7 +73,7 @@ class StepMeter:
         parallel.all_reduce_(stats)  # sums over ranks; skips are global already
         good, skipped = int(stats[1].item()) // self.world, int(self.skipped.item())
         loss = stats[0].item() / (good * self.world) if good else float("nan")
-        ips = self.steps * self.images_per_step * self.world / dt
+        ips = self.steps * self.global_batch / dt
         rec = dict(epoch=round(step / steps_per_epoch, 3), loss=loss, lr=lr,
                    grad_norm=round(stats[2].item() / (good * self.world), 6) if good else None,
                    img_per_s=round(ips, 2), step_ms=round(1000 * dt / self.steps, 2), skipped=skipped,

@@ -379,7 +379,7 @@ class Trainer:
         say = bar.write if bar is not None else self.log
         stream, vis_imgs = self._stream_and_grid_images()
         health = self._health()
-        meter = StepMeter(self.device, self.world, self.effective_batch // self.world, t.log_every, self.stop_at)
+        meter = StepMeter(self.device, self.world, self.effective_batch, t.log_every, self.stop_at)
         guard = Guard(health, self.training.plain.param_norm, max_bad_steps=t.max_bad_steps,
                       on_divergence=t.on_divergence, max_rollbacks=t.max_rollbacks,
                       rollback=lambda h, n: self._rollback(h, say, n), diverged=self._divergence_message)

@@ -31,7 +31,7 @@ def _t(x):
 
 
 def test_the_meter_sums_applied_steps_counts_skipped_ones_and_times_only_training(clock):
-    m = loop.StepMeter(torch.device("cpu"), world=1, images_per_step=8, log_every=5, stop_at=12)
+    m = loop.StepMeter(torch.device("cpu"), world=1, global_batch=8, log_every=5, stop_at=12)
     m.add(_t(2.0), _t(1.0), _t(True))
     clock.now += 1.0
     m.add(_t(float("nan")), _t(float("inf")), _t(False))
@@ -50,7 +50,7 @@ def test_the_meter_sums_applied_steps_counts_skipped_ones_and_times_only_trainin
 
 
 def test_a_window_of_skipped_steps_has_no_loss_and_no_gradient_norm(clock):
-    m = loop.StepMeter(torch.device("cpu"), world=1, images_per_step=2, log_every=1, stop_at=3)
+    m = loop.StepMeter(torch.device("cpu"), world=1, global_batch=2, log_every=1, stop_at=3)
     m.add(_t(float("nan")), _t(1.0), _t(False))
     clock.now += 1.0
     rec = m.record(step=1, steps_per_epoch=1, lr=0.1, flops_per_image=0.0, peak=None)
@@ -58,7 +58,7 @@ def test_a_window_of_skipped_steps_has_no_loss_and_no_gradient_norm(clock):
 
 
 def test_a_paused_block_that_raises_is_still_left_out(clock):
-    m = loop.StepMeter(torch.device("cpu"), world=1, images_per_step=2, log_every=1, stop_at=3)
+    m = loop.StepMeter(torch.device("cpu"), world=1, global_batch=2, log_every=1, stop_at=3)
     start = m.started
     with pytest.raises(OSError):
         with m.paused():

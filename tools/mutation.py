@@ -220,6 +220,7 @@ EQUIVALENT: dict[str, str] = {
 
 _DEVICE = ("a kernel buffer allocated without the input's device: on a CPU that is the input's device, on a GPU "
            "the kernel would be handed host memory")
+_CPU_MAP = "the map to the CPU of {}: saved on a GPU it would load back there; on a CPU every map is the CPU"
 _ON_HOST = ("{} made without the step's device: on a CPU that is the default device, on a GPU it would be a host "
             "tensor")
 GPU_ONLY: dict[str, str] = {  # (a seed's range is not a behaviour a test can hold without fixing the masks)
@@ -233,9 +234,8 @@ GPU_ONLY: dict[str, str] = {  # (a seed's range is not a behaviour a test can ho
     **{f"engine.checkpoint.x__raise_together__mutmut_{k}": "the failure flag's device under NCCL (a CUDA tensor; "
                                                             "gloo, the only backend on a CPU, takes the CPU one)"
        for k in (1, 2, 4, 5, 6, 7, 8, 9, 11, 12, 18, 20)},
-    **{f"engine.checkpoint.x__weights_only_bytes__mutmut_{k}": "the map of a tensor inside a sharded non-tensor "
-                                                                "value: saved on a GPU it would load back there; "
-                                                                "on a CPU every map is the CPU" for k in (3, 6)},
+    **{f"engine.checkpoint.x__weights_only_bytes__mutmut_{k}": _CPU_MAP.format("a tensor inside a sharded "
+                                                                                "non-tensor value") for k in (3, 6)},
     **{f"engine.checkpoint.x_load_training_checkpoint__mutmut_{k}": "a sharded checkpoint read whole instead of "
                                                                      "into each rank's shards: only a model sharded "
                                                                      "over several ranks (a GPU job) tells them "
@@ -256,9 +256,7 @@ GPU_ONLY: dict[str, str] = {  # (a seed's range is not a behaviour a test can ho
        for k in (24, 26)},
     "engine.step.xǁTrainingǁenable_graph__mutmut_1": "capture on by default: a capture needs CUDA, so on a CPU every "
                                                      "caller passes capture=False",
-    **{f"engine.checkpoint.x_load_checkpoint__mutmut_{k}": "a file checkpoint's map to the CPU: one saved from a "
-                                                            "GPU would load back onto it; on a CPU every map is the "
-                                                            "CPU" for k in (7, 10)},
+    **{f"engine.checkpoint.x_load_checkpoint__mutmut_{k}": _CPU_MAP.format("a file checkpoint") for k in (7, 10)},
     "engine.checkpoint.x_capture_rng__mutmut_": "the CUDA generators' states: captured only once CUDA is in use",
     "engine.checkpoint.x_restore_rng__mutmut_": "the CUDA generators' states: restored only where CUDA is available",
     **{f"kernels.masking.xǁ_RandomMaskingFnǁforward__mutmut_{k}": _DEVICE for k in (9, 14, 23, 27, 32, 36, 41, 45)},

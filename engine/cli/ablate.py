@@ -12,6 +12,7 @@ By default one factor varies at a time around the preset's values (the shape of 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -63,16 +64,13 @@ def run(args, extra) -> int:
     from ..trainer import Trainer
 
     base = build_config(args.preset, extra)
-    vals = {"mask_ratio": [float(x) for x in args.mask_ratio.split(",") if x],
-            "decoder_depth": [int(x) for x in args.decoder_depth.split(",") if x],
-            "decoder_width": [int(x) for x in args.decoder_width.split(",") if x],
-            "mask_strategy": [x for x in args.mask_strategy.split(",") if x]}
+    vals = {f: [typ(x) for x in getattr(args, f).split(",") if x] for f, (_, _, typ) in FACTORS.items()}
     out = Path(args.out)
     rows = []
+    quiet = {"train.vis_every": "0", "train.progress": "false", "train.ckpt_every": str(10**9),
+             **({"data.path": args.data} if args.data else {}),
+             **({"train.epochs": str(args.epochs)} if args.epochs else {})}
     for s in settings(base, vals, args.grid):
-        quiet = {"train.vis_every": "0", "train.progress": "false", "train.ckpt_every": str(10**9),
-                 **({"data.path": args.data} if args.data else {}),
-                 **({"train.epochs": str(args.epochs)} if args.epochs else {})}
         cfg = apply_setting(base, s, out / "runs" / name_of(s), quiet)
         print(f"== {name_of(s)}", flush=True)
         trainer = Trainer(cfg, log=lambda *_: None)
@@ -85,8 +83,7 @@ def run(args, extra) -> int:
                    peak_mem_gib=round(torch.cuda.max_memory_allocated(trainer.device) / 2**30, 2)
                    if trainer.device.type == "cuda" else None)
         if args.probe_train and args.probe_val:
-            d = cfg.data
-            d.num_workers = args.workers
+            d = dataclasses.replace(cfg.data, num_workers=args.workers)  # the probe's loaders only
             mae = trainer.model
             tr = LabelledLoader(args.probe_train, cfg.model.img_size, 256, d, 0, trainer.device, train=False)
             va = LabelledLoader(args.probe_val, cfg.model.img_size, 256, d, 0, trainer.device, train=False)
