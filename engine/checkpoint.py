@@ -672,9 +672,10 @@ def import_weights(model, path: str | os.PathLike) -> dict:
     sd = full_model_state(path) if path.is_dir() else model_state_from(_load_any(path), path)
     fmt = detect_format(sd)
     own = model.state_dict()
+    sd, resized = fit_pos_embeds(sd, own)
     if fmt == "mae":
         load_model_state(model, sd, path)
-        return {"format": fmt, "loaded": len(sd), "kept_init": []}
+        return {"format": fmt, "loaded": len(sd), "kept_init": [], "resized": resized}
     if fmt == "unknown":
         raise CheckpointError(f"{path}: not an MAE, MAE fine-tuned or timm ViT state dict (keys such as "
                               f"{', '.join(list(sd)[:5])})")
@@ -692,7 +693,29 @@ def import_weights(model, path: str | os.PathLike) -> dict:
         for k, v in enc.items():
             own[k].copy_(v)
     kept = [k for k in own if k not in enc]
-    return {"format": fmt, "loaded": len(enc), "kept_init": kept}
+    return {"format": fmt, "loaded": len(enc), "kept_init": kept, "resized": resized}
+
+
+def fit_pos_embeds(sd: dict, own: dict) -> tuple[dict, list[str]]:
+    """`sd` with its position embeddings (pos_embed, decoder_pos_embed) bicubically resampled to the grid of the
+    model's (`own`) where only the number of patches differs: weights of another resolution load (224 -> 448).
+    Returns the state dict and the names resampled, as 'name: 14x14 -> 28x28'."""
+    from .model import resample_pos_embed
+
+    out, resized = dict(sd), []
+    for key in ("pos_embed", "decoder_pos_embed"):
+        if key not in sd or key not in own:
+            continue
+        src, dst = sd[key], own[key]
+        if src.shape == dst.shape or src.ndim != 3 or dst.ndim != 3 or src.shape[-1] != dst.shape[-1]:
+            continue
+        n_src, n_dst = src.shape[1] - 1, dst.shape[1] - 1
+        a, b = int(round(n_src ** 0.5)), int(round(n_dst ** 0.5))
+        if a * a != n_src or b * b != n_dst:
+            continue  # not square grids: left to the shape check, which names both
+        out[key] = resample_pos_embed(src, (b, b))
+        resized.append(f"{key}: {a}x{a} -> {b}x{b}")
+    return out, resized
 
 
 def to_reference_format(sd: dict) -> dict:

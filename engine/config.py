@@ -255,7 +255,9 @@ class TrainConfig:
     precision: str = "auto"
     """auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 (autocast) | bf16-pure (bf16 copies of the weights and
     bf16 activations, fp32 master weights and optimizer; no autocast; one process) | fp32 | fp8 (the encoder's
-    linear layers as float8 GEMMs through torchao, bf16 autocast elsewhere; engine/fp8.py)."""
+    linear layers as float8 GEMMs through torchao, bf16 autocast elsewhere; engine/fp8.py) | fp16 (fp16 autocast with
+    dynamic loss scaling, for GPUs without bf16 such as V100 and T4, as the paper's own code trains; the loss and
+    softmax in fp32; an overflow step is skipped, counted in the log's `skipped` and `loss_scale`)."""
     fp8_recipe: str = "tensorwise"
     """train.precision=fp8: torchao's scaling recipe, tensorwise (fastest) or rowwise (closer to bf16)."""
     fp8_decoder: bool = False
@@ -345,8 +347,8 @@ class TrainConfig:
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 0, f"train.{name} must be an integer >= 0, got {v!r}")
         _check(self.fsdp in ("auto", "always", "never"), f"train.fsdp must be auto, always or never, got {self.fsdp!r}")
-        _check(self.precision in ("auto", "bf16", "bf16-pure", "fp32", "fp8"),
-               f"train.precision must be auto, bf16, bf16-pure, fp32 or fp8, got {self.precision!r}")
+        _check(self.precision in ("auto", "bf16", "bf16-pure", "fp32", "fp8", "fp16"),
+               f"train.precision must be auto, bf16, bf16-pure, fp32, fp8 or fp16, got {self.precision!r}")
         _check(self.fp8_recipe in FP8_RECIPES,
                f"train.fp8_recipe must be {' or '.join(FP8_RECIPES)}, got {self.fp8_recipe!r}")
 
@@ -483,6 +485,189 @@ def get_preset(name: str) -> Config:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Fine-tuning and linear probing (`mae finetune`, `mae linprobe`; engine/classify.py): the same sections as
+# pretraining (model: the encoder's architecture at the fine-tuning resolution; data: normalisation, workers, the
+# probe's crop; optim; train: batch, epochs, precision, run directory, checkpoints, levers; parallel) plus `task`.
+
+
+ARCH_KEYS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
+"""The fields that make an encoder's architecture (its weights' shapes, the position embeddings aside): what a
+fine-tuning preset is matched to a pretrained checkpoint by."""
+
+AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
+"""The reference fine-tuning recipe's RandAugment (timm's auto_augment string)."""
+
+
+@dataclass
+class TaskConfig:
+    protocol: str = "finetune"
+    """finetune (every block trains, or the last task.last_blocks: the paper's partial fine-tuning) | linprobe
+    (frozen encoder, BatchNorm without affine + linear head, LARS)."""
+    checkpoint: str = ""
+    """The pretrained encoder: an engine checkpoint, the paper's release, timm ViT weights or a Hugging Face
+    directory; empty = a randomly initialised encoder (the baseline a pretraining is judged against)."""
+    train: str = ""
+    """Labelled training images: a folder with one subfolder per class."""
+    val: str = ""
+    """Labelled validation images (one subfolder per class, the same classes)."""
+    pool: str = "gap"
+    """Features: gap (the mean of the patch tokens, then fc_norm: the paper's fine-tuning) | cls (the cls token after
+    the encoder's final norm: the paper's linear probe)."""
+    last_blocks: int = -1
+    """finetune: train only the last k blocks and the head (the paper's Figure 9); -1 = every block."""
+    drop_path: float = 0.1
+    """Stochastic depth, rising linearly with depth to this rate (finetune)."""
+    layer_decay: float = 0.75
+    """Layer-wise lr decay: block i trains at layer_decay ** (depth + 1 - (i + 1)) of the lr (finetune)."""
+    smoothing: float = 0.1
+    """Label smoothing."""
+    mixup: float = 0.8
+    """Mixup alpha (0 = off)."""
+    cutmix: float = 1.0
+    """CutMix alpha (0 = off)."""
+    auto_augment: str = AUTO_AUGMENT
+    """Training augmentation: a timm auto_augment string (RandAugment) through timm's create_transform, with bicubic
+    RandomResizedCrop, flip and random erasing; empty = the linear probe's RandomResizedCrop + flip only."""
+    reprob: float = 0.25
+    """Random erasing probability (with task.auto_augment)."""
+    crop_pct: float = 0.875
+    """Evaluation: resize the shorter side to img_size / crop_pct (256 for 224), then a center crop of img_size."""
+    optimizer: str = "adamw"
+    """adamw (betas optim.betas, layer-wise decay) | lars (the linear probe's: momentum 0.9, trust 0.001)."""
+    eval_every: int = 1
+    """Epochs between validations (top-1 / top-5 in metrics.jsonl, and the best checkpoint); the last epoch always."""
+
+    def __post_init__(self) -> None:
+        _check(self.protocol in ("finetune", "linprobe"),
+               f"task.protocol must be finetune or linprobe, got {self.protocol!r}")
+        _check(self.pool in ("gap", "cls"), f"task.pool must be gap or cls, got {self.pool!r}")
+        _check(self.optimizer in ("adamw", "lars"), f"task.optimizer must be adamw or lars, got {self.optimizer!r}")
+        _check(isinstance(self.last_blocks, int) and self.last_blocks >= -1,
+               f"task.last_blocks must be -1 (every block) or a number of blocks >= 0, got {self.last_blocks!r}")
+        for name in ("drop_path", "smoothing", "reprob"):
+            v = getattr(self, name)
+            _check(0.0 <= v < 1.0, f"task.{name} must be in [0, 1), got {v}")
+        _check(0.0 < self.layer_decay <= 1.0, f"task.layer_decay must be in (0, 1], got {self.layer_decay}")
+        _check(self.mixup >= 0 and self.cutmix >= 0,
+               f"task.mixup and task.cutmix must be >= 0, got {self.mixup}, {self.cutmix}")
+        _check(0.0 < self.crop_pct <= 1.0, f"task.crop_pct must be in (0, 1], got {self.crop_pct}")
+        _check(self.eval_every >= 1, f"task.eval_every must be a positive number of epochs, got {self.eval_every}")
+
+
+@dataclass
+class ClassifyConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    preset: str = "custom"
+    """Name of the preset this config started from."""
+
+    COMMAND = "finetune"  # what to_toml's header names (`mae linprobe` reads the same files)
+
+    def __post_init__(self) -> None:
+        _check(self.task.last_blocks <= self.model.depth,
+               f"task.last_blocks={self.task.last_blocks} is more than the encoder's {self.model.depth} blocks "
+               "(model.depth)")
+        t = self.train
+        for name, default in CLASSIFY_FIXED.items():  # pretraining's levers that a classifier run does not have
+            _check(getattr(t, name) in default, f"train.{name}={getattr(t, name)!r} does not apply to fine-tuning or "
+                                                f"linear probing; leave it at {default[0]!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClassifyConfig":
+        return cls(model=ModelConfig(**d["model"]), data=DataConfig(**d["data"]), optim=OptimConfig(**d["optim"]),
+                   train=TrainConfig(**d["train"]), parallel=ParallelConfig(**d.get("parallel", {})),
+                   task=TaskConfig(**d["task"]), preset=d.get("preset", "custom"))
+
+
+CLASSIFY_FIXED = {"precision": ("auto", "bf16", "fp32", "fp16"), "cuda_graph": (None, False), "attention": ("auto",),
+                  "layer_norm": ("torch",), "fp8_decoder": (False,), "on_divergence": ("stop",),
+                  "compile_scope": ("blocks",), "checkpoint_blocks": (0,), "checkpoint_decoder_blocks": (0,),
+                  "knn_every": (0,)}
+"""The train fields of pretraining that fine-tuning and probing do not take, with the values they accept."""
+
+PAPER_DIFFERS = {"finetune_vit_b16": {"optim.base_lr": 1e-3, "task.layer_decay": 0.75}}
+"""Where the paper's text (Table 9) and the reference code's FINETUNE.md differ: the presets follow the code (the
+README's 83.6 was reproduced with it, facebookresearch/mae#7, #80, #130); --help names the paper's value."""
+
+
+def _classify(protocol: str, arch: ModelConfig, name: str, *, epochs: int, base_lr: float, batch_size: int,
+              accum_steps: int = 1, layer_decay: float = 0.75, drop_path: float = 0.1, **train) -> ClassifyConfig:
+    if protocol == "finetune":
+        task = TaskConfig(protocol="finetune", pool="gap", drop_path=drop_path, layer_decay=layer_decay)
+        optim = OptimConfig(base_lr=base_lr, min_lr=1e-6, weight_decay=0.05, betas=(0.9, 0.999), warmup_epochs=5)
+        data = DataConfig(scale=(0.08, 1.0))
+    else:  # linprobe: the paper's Table 10 and the reference code's LINPROBE.md agree
+        task = TaskConfig(protocol="linprobe", pool="cls", drop_path=0.0, layer_decay=1.0, smoothing=0.0, mixup=0.0,
+                          cutmix=0.0, auto_augment="", reprob=0.0, optimizer="lars")
+        optim = OptimConfig(base_lr=base_lr, weight_decay=0.0, warmup_epochs=10)
+        data = DataConfig(scale=(0.08, 1.0))
+    return ClassifyConfig(model=arch, data=data, optim=optim, task=task, preset=name,
+                          train=TrainConfig(batch_size=batch_size, accum_steps=accum_steps, epochs=epochs,
+                                            run_dir=f"runs/{name}", **train))
+
+
+def _arch(preset: str, img_size: int | None = None) -> ModelConfig:
+    m = PRESETS[preset]().model
+    return m if img_size is None else dataclasses.replace(m, img_size=img_size)
+
+
+CLASSIFY_PRESETS = {
+    # the reference code's FINETUNE.md recipes: global batch 1024 (the per-device batch here is for 8 GPUs),
+    # warm-up 5, AdamW (0.9, 0.999), weight decay 0.05, RandAugment m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8,
+    # cutmix 1.0, label smoothing 0.1, global-pool head, evaluation resize 256 / center crop 224
+    "finetune_vit_b16": lambda: _classify("finetune", _arch("mae_vit_base_patch16"), "finetune_vit_b16", epochs=100,
+                                          base_lr=5e-4, batch_size=128, layer_decay=0.65, drop_path=0.1,
+                                          log_every=50, ckpt_every=1000),
+    "finetune_vit_l16": lambda: _classify("finetune", _arch("mae_vit_large_patch16"), "finetune_vit_l16", epochs=50,
+                                          base_lr=1e-3, batch_size=64, accum_steps=2, layer_decay=0.75, drop_path=0.2,
+                                          log_every=50, ckpt_every=1000),
+    "finetune_vit_h14": lambda: _classify("finetune", _arch("mae_vit_huge_patch14"), "finetune_vit_h14", epochs=50,
+                                          base_lr=1e-3, batch_size=32, accum_steps=4, layer_decay=0.75, drop_path=0.3,
+                                          log_every=50, ckpt_every=1000),
+    # the paper's 87.8% row: ViT-H/14 fine-tuned at 448 pixels (position embeddings interpolated at load)
+    "finetune_vit_h14_448": lambda: _classify("finetune", _arch("mae_vit_huge_patch14", 448), "finetune_vit_h14_448",
+                                              epochs=50, base_lr=1e-3, batch_size=8, accum_steps=16, layer_decay=0.75,
+                                              drop_path=0.3, log_every=50, ckpt_every=1000, activation_checkpointing=True),
+    # LINPROBE.md: LARS, base lr 0.1, global batch 16384 (8 GPUs x 512 x accumulation 4), 90 epochs, warm-up 10
+    "linprobe_vit_b16": lambda: _classify("linprobe", _arch("mae_vit_base_patch16"), "linprobe_vit_b16", epochs=90,
+                                          base_lr=0.1, batch_size=512, accum_steps=4, log_every=20, ckpt_every=500),
+    "linprobe_vit_l16": lambda: _classify("linprobe", _arch("mae_vit_large_patch16"), "linprobe_vit_l16", epochs=90,
+                                          base_lr=0.1, batch_size=512, accum_steps=4, log_every=20, ckpt_every=500),
+    "linprobe_vit_h14": lambda: _classify("linprobe", _arch("mae_vit_huge_patch14"), "linprobe_vit_h14", epochs=90,
+                                          base_lr=0.1, batch_size=512, accum_steps=4, log_every=20, ckpt_every=500),
+    # the debug encoder on a small labelled set (digits, `mae data digits`), on a CPU in about a minute
+    "finetune_debug": lambda: _classify("finetune", _arch("debug"), "finetune_debug", epochs=20, base_lr=1e-3,
+                                        batch_size=32, layer_decay=0.75, drop_path=0.1, log_every=20, ckpt_every=200,
+                                        device="auto"),
+    "linprobe_debug": lambda: _classify("linprobe", _arch("debug"), "linprobe_debug", epochs=20, base_lr=40.0,
+                                        batch_size=32, log_every=20, ckpt_every=200, device="auto"),
+}
+CLASSIFY_ALIASES = {f"{p}_{a}": f"{p}_vit_{b}" for p in ("finetune", "linprobe")
+                    for a, b in (("vit-b", "b16"), ("vit-l", "l16"), ("vit-h", "h14"))}
+
+
+def get_classify_preset(name: str, protocol: str | None = None) -> ClassifyConfig:
+    """A fine-tuning / probing preset by name; with `protocol`, the short architecture names (debug, vit-b, vit-l,
+    vit-h, b16, ...) are read as that protocol's preset."""
+    key = CLASSIFY_ALIASES.get(name, name)
+    if protocol and key not in CLASSIFY_PRESETS:
+        short = {"vit-b": "vit_b16", "vit-l": "vit_l16", "vit-h": "vit_h14", "b16": "vit_b16", "l16": "vit_l16",
+                 "h14": "vit_h14"}.get(name, name)
+        key = f"{protocol}_{short}"
+    if key not in CLASSIFY_PRESETS:
+        names = [n for n in CLASSIFY_PRESETS if protocol is None or n.startswith(protocol)]
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(names)}")
+    return CLASSIFY_PRESETS[key]()
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Dotted overrides: --optim.lr 1e-3 --model.mask_ratio 0.9
 
 
@@ -560,7 +745,12 @@ def _nearest(name: str, choices) -> str | None:
 # Config files (TOML): every run writes its resolved config; `mae pretrain --config FILE` reads one
 
 
-def to_toml(cfg: Config) -> str:
+def sections_of(cfg) -> list[str]:
+    """The section names of a config (Config, ClassifyConfig), in declaration order."""
+    return [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
+
+
+def to_toml(cfg) -> str:
     """The whole config as TOML: `preset`, then one table per section, every field."""
     def value(v):
         if v is None:
@@ -577,9 +767,10 @@ def to_toml(cfg: Config) -> str:
 
         return json.dumps(str(v))
 
-    lines = ["# resolved configuration of this run: `mae pretrain --config FILE` runs it again (dotted overrides",
+    command = getattr(cfg, "COMMAND", "pretrain")
+    lines = [f"# resolved configuration of this run: `mae {command} --config FILE` runs it again (dotted overrides",
              "# on the command line still win)", f"preset = {value(cfg.preset)}"]
-    for sec in SECTIONS:
+    for sec in sections_of(cfg):
         lines += ["", f"[{sec}]"]
         sub = getattr(cfg, sec)
         lines += [f"{f.name} = {value(getattr(sub, f.name))}" for f in dataclasses.fields(sub)]
@@ -611,11 +802,11 @@ def read_toml(path) -> dict:
                           "section)") from None
 
 
-def file_overrides(data: dict, path) -> tuple[str | None, dict[str, str]]:
-    """(preset, dotted overrides) of a config file's dict; unknown sections and keys are errors naming the key
-    and the nearest valid one."""
-    sections = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
-                "parallel": ParallelConfig}
+def file_overrides(data: dict, path, kind=None) -> tuple[str | None, dict[str, str]]:
+    """(preset, dotted overrides) of a config file's dict for a config of class `kind` (default Config); unknown
+    sections and keys are errors naming the key and the nearest valid one."""
+    example = (kind or Config)()
+    sections = {name: type(getattr(example, name)) for name in sections_of(example)}
     preset = data.get("preset")
     if preset is not None and not isinstance(preset, str):
         raise ConfigError(f"{path}: preset must be a name (a string), got {preset!r}")
@@ -650,7 +841,7 @@ def describe_fields(cfg: Config) -> str:
     import inspect
 
     lines = []
-    for sec in SECTIONS:
+    for sec in sections_of(cfg):
         sub = getattr(cfg, sec)
         docs = _field_docs(type(sub), ast, inspect)
         for f in dataclasses.fields(sub):

@@ -33,4 +33,6 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     computes on bf16 copies of the weights without autocast)."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
+    if precision == "fp16":  # with dynamic loss scaling (engine.mixed.LossScaler)
+        return torch.float16
     return torch.bfloat16 if precision in ("bf16", "fp8") else None

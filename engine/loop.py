@@ -5,8 +5,10 @@ torchtitan's loop: `checkpointer.save(step, last_step)`, `metrics_processor.shou
     guard = Guard(health, ...)        # judges the steps since the last check; rolls back or stops a diverged run
     saver = Checkpointer(...)         # when to save, and never a checkpoint of a run in a bad streak
     evals = Evaluator(...)            # when the reconstruction grids and the kNN monitor run
+    signals = StopSignals(...)        # a scheduler's SIGTERM / SIGUSR1 or a Ctrl-C: save and stop after the step
 
-engine/trainer.py's `fit` wires them around the training step; side work (grids, saves, the kNN monitor) runs inside
+engine/trainer.py's `fit` (pretraining) and engine/classify.py's (fine-tuning, linear probing) wire them around the
+training step; side work (grids, saves, the kNN monitor) runs inside
 `meter.paused()`, so the throughput counts training steps only. The parts hold no model: what they do to one is the
 trainer's (a save, a rollback, a grid), handed to them as a callable.
 """
@@ -14,6 +16,7 @@ trainer's (a save, a rollback, a grid), handed to them as a callable.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -157,3 +160,49 @@ class Evaluator:
 
     def knn_due(self, step: int) -> bool:
         return bool(self.knn_every and step % (self.knn_every * self.steps_per_epoch) == 0)
+
+
+class StopSignals:
+    """SIGTERM / SIGUSR1 (a scheduler's pre-emption notice) and a first Ctrl-C (SIGINT) ask the loop to write a
+    checkpoint and stop after the next step (under torchrun: after the step all ranks agree on, one later): the
+    signal's name is in `requested`. A second Ctrl-C, a moment after the first, stops at once without one."""
+
+    def __init__(self, is_main: bool):
+        self.is_main = is_main
+        self.requested: str | None = None
+
+    def install(self) -> Callable[[], None]:
+        """Catch the signals (in the main thread; elsewhere nothing is caught); returns the undo."""
+        import signal
+        import threading
+
+        self.requested = None
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        names = [n for n in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, n)]
+        old = {n: signal.getsignal(getattr(signal, n)) for n in names}
+        first_int = [None]
+
+        def handler(signum, frame):
+            name = signal.Signals(signum).name
+            if name == "SIGINT":
+                # a second Ctrl-C aborts; one that comes within a second of the first is the same press relayed
+                # (torchrun forwards the terminal's SIGINT to ranks that already received it)
+                if first_int[0] is not None and time.monotonic() - first_int[0] > 1.0:
+                    raise KeyboardInterrupt
+                if first_int[0] is None:
+                    first_int[0] = time.monotonic()
+                    if self.is_main:
+                        print("interrupted: writing a checkpoint after the next step (Ctrl-C again to stop without "
+                              "one)", file=sys.stderr, flush=True)
+            if self.requested is None:
+                self.requested = name
+
+        for n in names:
+            signal.signal(getattr(signal, n), handler)
+
+        def restore():
+            for n, h in old.items():
+                signal.signal(getattr(signal, n), h)
+
+        return restore

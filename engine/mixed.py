@@ -62,3 +62,44 @@ class Bf16Compute:
                 torch._foreach_add_([self.masters[i].grad for i in add], [self.copies[i].grad for i in add])
         for i in idx:
             self.copies[i].grad = None
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 autocast (`train.precision=fp16`, for GPUs without bf16: V100, T4), on the
+    device: no host sync. The loss is multiplied by `scale` before backward; `unscale(grads)` divides the gradients
+    back and returns 1.0 when any of them is inf / NaN (an overflow: the step skips its update); `update(bad)` halves
+    the scale after a bad step and doubles it after `growth_interval` good ones in a row (torch's GradScaler rule,
+    through the same kernels, with the skip decided by the step's own flag, all-reduced over ranks)."""
+
+    def __init__(self, device: torch.device, init_scale: float = 2.0**16, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000):
+        self.scale = torch.full((), init_scale, dtype=torch.float32, device=device)
+        self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
+        self.overflows = torch.zeros((), dtype=torch.int64, device=device)
+        """Steps skipped for an overflow so far (device counter; in the checkpoint)."""
+
+    def unscale(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        found_inf = torch.zeros((), dtype=torch.float32, device=self.scale.device)
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        by_dtype: dict = {}
+        for g in local:
+            by_dtype.setdefault((g.device, g.dtype), []).append(g)
+        inv = self.scale.double().reciprocal().float()
+        for (dev, _), gs in by_dtype.items():
+            torch._amp_foreach_non_finite_check_and_unscale_(gs, found_inf, inv.to(dev))
+        return found_inf
+
+    def update(self, bad: torch.Tensor) -> None:
+        self.overflows += (bad > 0).to(torch.int64)
+        torch._amp_update_scale_(self.scale, self.growth_tracker, bad.to(torch.float32), self.growth_factor,
+                                 self.backoff_factor, self.growth_interval)
+
+    def state_dict(self) -> dict:
+        return {"scale": float(self.scale), "growth_tracker": int(self.growth_tracker),
+                "overflows": int(self.overflows)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale.fill_(float(state["scale"]))
+        self.growth_tracker.fill_(int(state["growth_tracker"]))
+        self.overflows.fill_(int(state.get("overflows", 0)))

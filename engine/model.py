@@ -49,6 +49,26 @@ def sincos_2d_pos_embed(dim: int, grid_size: int, cls_token: bool = True) -> tor
     return torch.from_numpy(emb).float()
 
 
+def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], prefix: int = 1) -> torch.Tensor:
+    """Position embeddings [1, prefix + h*w, D] of a square h x h grid, bicubically resampled to `grid` (rows,
+    columns; a change of resolution, e.g. fine-tuning at 448 an encoder pretrained at 224); the cls token's row is
+    kept. The reference implementation's `interpolate_pos_embed` (fp32, align_corners=False, no antialias), equal
+    to timm's resample_abs_pos_embed with antialias=False."""
+    import torch.nn.functional as F
+
+    n = pos_embed.shape[1] - prefix
+    side = int(round(n ** 0.5))
+    if side * side != n:
+        raise ValueError(f"position embeddings of {n} patches are not a square grid")
+    if (side, side) == tuple(grid):
+        return pos_embed
+    dim = pos_embed.shape[-1]
+    patches = pos_embed[:, prefix:].float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=tuple(grid), mode="bicubic", align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim).to(pos_embed.dtype)
+    return torch.cat([pos_embed[:, :prefix], patches], dim=1)
+
+
 class MaskedAutoencoderViT(nn.Module):
     """MAE with a ViT encoder and a light ViT decoder.
 

@@ -52,7 +52,9 @@ class TrainStep:
     """step(micro_batches[, mask_ratio]) -> (mean loss, finite flag): 0-d device tensors, no host sync.
 
     micro_batches: an iterable of (imgs [B, C, H, W], noise [B, L]) pairs, exactly accum_steps of them; it is
-    consumed lazily (each micro-batch is drawn just before its forward).
+    consumed lazily (each micro-batch is drawn just before its forward). The second item is whatever `forward`
+    takes after the mask ratio: the MAE's mask noise, or a classifier's targets (engine/classify.py).
+    scaler: engine.mixed.LossScaler under train.precision=fp16 (dynamic loss scaling; an overflow is a bad step).
     model: the module whose parameters the optimizer updates; forward: what the step calls (the model, or the
     model compiled whole); compute: engine.mixed.Bf16Compute under bf16-pure (then it is called instead).
     hooks: callables called with each phase name of PHASES (phase timing, fault injection, memory accounting).
@@ -60,8 +62,9 @@ class TrainStep:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device,
                  amp_dtype: torch.dtype | None = None, attention: str = "auto", compute=None, forward=None,
-                 accum_steps: int = 1, mask_ratio: float = 0.75):
+                 accum_steps: int = 1, mask_ratio: float = 0.75, scaler=None):
         self.model, self.optimizer = model, optimizer
+        self.scaler = scaler  # engine.mixed.LossScaler under train.precision=fp16
         self.device = torch.device(device)
         self.amp_dtype = amp_dtype
         self.attention = attention
@@ -101,7 +104,7 @@ class TrainStep:
                 with self.autocast(autocast_cache):
                     loss, _, _ = fwd(imgs, mask_ratio, noise)
                 _mark(hooks, "backward")
-                (loss / k).backward()
+                ((loss / k) * self.scaler.scale if self.scaler is not None else loss / k).backward()
             if self.compute is not None:
                 self.compute.collect(first=i == 0)
             acc += loss.detach().float()
@@ -109,12 +112,16 @@ class TrainStep:
         if n != k:
             raise ValueError(f"a step takes accum_steps={k} micro-batches; got {n}")
         acc /= k
+        if self.scaler is not None:  # fp16: the gradients back to their true size; an overflow makes the norm inf
+            self.scaler.unscale([p.grad for p in self.model.parameters() if p.grad is not None])
         self.grad_norm = self._grad_norm()
         bad = ~torch.isfinite(acc) | ~torch.isfinite(self.grad_norm)
         if skip is not None:
             bad = bad | skip
         bad = bad.to(torch.float32)
         all_reduce_(bad, "max")  # every rank skips together (async on NCCL: no host sync)
+        if self.scaler is not None:
+            self.scaler.update(bad)  # halve the scale after an overflow, grow it after a run of good steps
         _mark(hooks, "optimizer")
         if supports_found_inf(self.optimizer):
             # the fused optimizer reads found_inf on the device and skips the whole update when it is 1
@@ -203,6 +210,9 @@ def check_levers(cfg: Config, ctx: DistContext, device: torch.device, strict: bo
         why = supported_here(device)
         if why:
             raise ConfigError(f"train.precision=fp8: {why}; use --train.precision bf16")
+    if t.precision == "fp16" and t.cuda_graph:
+        raise ConfigError("train.precision=fp16: its loss scaler is not captured in a CUDA graph; set "
+                          "--train.cuda_graph false (or use bf16 on a GPU that has it)")
     if not strict:
         return
     if t.cuda_graph:
@@ -244,7 +254,8 @@ def resolve_auto_levers(cfg: Config, ctx: DistContext, device: torch.device, *,
     why = {"compile": where or ("apex LayerNorm" if t.layer_norm != "torch" else
                                 "bf16-pure with compile_scope model" if (t.compile_scope == "model"
                                                                          and t.precision == "bf16-pure") else None),
-           "cuda_graph": where or ("apex LayerNorm" if t.layer_norm != "torch" else "apex FusedAdam cannot skip a "
+           "cuda_graph": where or ("apex LayerNorm" if t.layer_norm != "torch" else "fp16 loss scaling" if
+                                   t.precision == "fp16" else "apex FusedAdam cannot skip a "
                                    "step on the device" if apex_adam else "fault injection (MAE_FAULT_STEP)"
                                    if fault_injection else None)}
     given = {"compile": t.compile, "cuda_graph": t.cuda_graph}
@@ -295,11 +306,21 @@ def build_training(cfg: Config, ctx: DistContext | None = None, device: torch.de
     forward = torch.compile(model) if t.compile and t.compile_scope == "model" else model
     amp_dtype = resolve_dtype(t.precision, device)
     plain = TrainStep(model, optimizer, device=device, amp_dtype=amp_dtype, attention=t.attention, compute=compute,
-                      forward=forward, accum_steps=t.accum_steps, mask_ratio=cfg.model.mask_ratio)
+                      forward=forward, accum_steps=t.accum_steps, mask_ratio=cfg.model.mask_ratio,
+                      scaler=loss_scaler(t.precision, device))
     tr = Training(cfg, model, optimizer, plain, plain, compute, lr, device, amp_dtype)
     if t.cuda_graph:
         tr.enable_graph(capture=device.type == "cuda", max_graphs=max_graphs, warmup=graph_warmup)
     return tr
+
+
+def loss_scaler(precision: str, device: torch.device):
+    """A LossScaler for train.precision=fp16, else None."""
+    if precision != "fp16":
+        return None
+    from .mixed import LossScaler
+
+    return LossScaler(device)
 
 
 def _levers_on_given_model(model: torch.nn.Module, cfg: Config) -> None:
@@ -325,7 +346,7 @@ LEVERS = {
     "compile_mode": ("train.compile_mode", str),
     "graph": ("train.cuda_graph", lambda v: "true" if v else "false"),
     "precision": ("train.precision", {"autocast": "auto", "bf16": "bf16", "bf16-pure": "bf16-pure",
-                                      "fp32": "fp32", "auto": "auto", "fp8": "fp8"}),
+                                      "fp32": "fp32", "auto": "auto", "fp8": "fp8", "fp16": "fp16"}),
     "fp8_recipe": ("train.fp8_recipe", str),
     "attention": ("train.attention", str),
     "checkpoint_blocks": ("train.checkpoint_blocks", str),

@@ -26,7 +26,7 @@ from .config import Config, ConfigError
 from .device import autocast, resolve_device, resolve_dtype
 from .errors import DivergenceError
 from .health import Health, StopVote
-from .loop import Checkpointer, Evaluator, Guard, StepMeter
+from .loop import Checkpointer, Evaluator, Guard, StepMeter, StopSignals
 from .metrics import MetricsWriter, datasheet_peak, train_flops_per_image
 from .model import evaluating
 from .optim import lr_at, set_lr
@@ -151,7 +151,6 @@ class Trainer:
             from pipelines.common import heldout_images
 
             self._heldout = heldout_images(cfg.model.img_size, cfg.data.mean, cfg.data.std).to(self.device)
-        self._signal: str | None = None
         self.flops_per_image = train_flops_per_image(cfg.model)
         self.peak = datasheet_peak(self.device) if self.device.type == "cuda" else None
         self._resumed_from: Path | None = None
@@ -271,6 +270,7 @@ class Trainer:
             "data_backend": self.loader.name,
             "config": self.cfg.to_dict(),
             "resumes": self._resume_history,
+            **({"loss_scale": self.training.plain.scaler.state_dict()} if self.training.plain.scaler else {}),
         }
 
     def _loader_states(self) -> list | None:
@@ -301,6 +301,8 @@ class Trainer:
         except (RuntimeError, TypeError, ValueError) as e:
             raise ckpt.CheckpointError(f"{path}: its random-generator states cannot be restored "
                                        f"({type(e).__name__}: {str(e)[:120]})") from None
+        if self.training.plain.scaler is not None and isinstance(meta.get("loss_scale"), dict):
+            self.training.plain.scaler.load_state_dict(meta["loss_scale"])  # fp16: the scale the run had reached
         states = meta.get("loader")
         if states and len(states) == self.world and hasattr(self.loader, "load_state_dict"):
             self.loader.load_state_dict(states[self.rank])
@@ -386,7 +388,8 @@ class Trainer:
         saver = Checkpointer(self.save, t.ckpt_every, self.stop_at, health, self.is_main)
         evals = Evaluator(t.vis_every, t.knn_every, self.steps_per_epoch, self.stop_at, grids=vis_imgs is not None)
         stop_signal, vote = None, StopVote(self.device, self.ctx.distributed)
-        restore = self._catch_signals()
+        signals = StopSignals(self.is_main)
+        restore = signals.install()
         try:
             while self.step < self.stop_at:
                 loss, finite = self.optimizer_step(stream)
@@ -394,8 +397,8 @@ class Trainer:
                 guard.add(loss, self.training.step.grad_norm, finite)
                 if bar is not None:
                     bar.update(1)
-                if vote.step(self._signal is not None):  # every rank agrees on the same step
-                    stop_signal = self._signal or "a signal on another rank"
+                if vote.step(signals.requested is not None):  # every rank agrees on the same step
+                    stop_signal = signals.requested or "a signal on another rank"
                 log_now, save_now = meter.due(self.step), saver.due(self.step, stop_signal)
                 if (log_now or save_now) and guard.check(self.step):  # note: with the log line, the only host sync
                     meter.reset()  # rolled back: the loop goes on from the restored step
@@ -467,6 +470,9 @@ class Trainer:
         """The window's record into metrics.jsonl / TensorBoard, the progress line, the warnings of the window."""
         lr = float(self.optimizer.param_groups[0]["lr"])
         rec = meter.record(self.step, self.steps_per_epoch, lr, self.flops_per_image, self.peak)
+        if self.training.plain.scaler is not None:  # fp16: the loss scale and the overflow steps so far
+            rec.update(loss_scale=float(self.training.plain.scaler.scale),
+                       overflows=int(self.training.plain.scaler.overflows))
         self._last_loss = rec["loss"]
         if self._pending_heldout is not None:
             rec["heldout_error"], self._pending_heldout = round(self._pending_heldout, 5), None
@@ -537,44 +543,6 @@ class Trainer:
         self.step = step
         health.restart()
         health.observe_weights(step, float(self.training.plain.param_norm()))
-
-    def _catch_signals(self):
-        """SIGTERM / SIGUSR1 (a scheduler's pre-emption notice) and a first Ctrl-C (SIGINT) ask the loop to write a
-        checkpoint and stop after the next step (under torchrun: after the step all ranks agree on, one later). A
-        second Ctrl-C, a moment after the first, stops at once without one. Returns the undo."""
-        import signal
-        import threading
-
-        self._signal = None
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        names = [n for n in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, n)]
-        old = {n: signal.getsignal(getattr(signal, n)) for n in names}
-        first_int = [None]
-
-        def handler(signum, frame):
-            name = signal.Signals(signum).name
-            if name == "SIGINT":
-                # a second Ctrl-C aborts; one that comes within a second of the first is the same press relayed
-                # (torchrun forwards the terminal's SIGINT to ranks that already received it)
-                if first_int[0] is not None and time.monotonic() - first_int[0] > 1.0:
-                    raise KeyboardInterrupt
-                if first_int[0] is None:
-                    first_int[0] = time.monotonic()
-                    if self.is_main:
-                        print("interrupted: writing a checkpoint after the next step (Ctrl-C again to stop without "
-                              "one)", file=sys.stderr, flush=True)
-            if self._signal is None:
-                self._signal = name
-
-        for n in names:
-            signal.signal(getattr(signal, n), handler)
-
-        def restore():
-            for n, h in old.items():
-                signal.signal(getattr(signal, n), h)
-
-        return restore
 
     def knn_monitor(self) -> float:
         """kNN top-1 (k=20, cosine, T=0.07) of the current encoder on data.knn_val against data.knn_train.

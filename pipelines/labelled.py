@@ -17,7 +17,7 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
 from .common import IMAGE_EXTS, DataError, EpochPlan, close_streams, sample_rng, stop_workers, tracked, walk_files
-from .torchvision import ImageFiles, ignore_stop_signals, worker_context
+from .torchvision import ImageFiles, ignore_stop_signals, too_many_unreadable, worker_context
 
 
 def list_labelled(path: str) -> tuple[list[str], list[int], list[str]]:
@@ -40,12 +40,28 @@ def list_labelled(path: str) -> tuple[list[str], list[int], list[str]]:
 
 
 class LabelledFiles(ImageFiles):
-    def __init__(self, files, labels, img_size, data_cfg, seed, train: bool, crop_pct: float = 0.875):
+    """(image, label) by (epoch, sample). Training: the probe's RandomResizedCrop + flip, or with `auto_augment`
+    timm's create_transform (bicubic RandomResizedCrop, flip, RandAugment, random erasing: the fine-tuning recipe),
+    seeded per sample so that a resumed run draws the same augmentation. Evaluation: resize + center crop."""
+
+    def __init__(self, files, labels, img_size, data_cfg, seed, train: bool, crop_pct: float = 0.875,
+                 auto_augment: str = "", reprob: float = 0.0):
         super().__init__(files, img_size, data_cfg.scale, data_cfg.ratio, data_cfg.hflip if train else 0.0,
                          data_cfg.mean, data_cfg.std, seed, deterministic=not train)
         self.labels, self.train, self.crop_pct = list(labels), train, crop_pct
+        self.timm_transform = None
+        if train and auto_augment:
+            from timm.data import create_transform
+
+            self.timm_transform = create_transform(
+                img_size, is_training=True, scale=tuple(data_cfg.scale), ratio=tuple(data_cfg.ratio),
+                hflip=data_cfg.hflip, auto_augment=auto_augment, interpolation="bicubic", re_prob=reprob,
+                re_mode="pixel", re_count=1, mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
+            _posterize_to_zero_bits(self.timm_transform)
 
     def transform(self, img, rng):
+        if self.timm_transform is not None:
+            return seeded(self.timm_transform, img, rng.getrandbits(63))
         if self.train:
             return super().transform(img, rng)
         size = int(round(self.img_size / self.crop_pct))
@@ -54,43 +70,124 @@ class LabelledFiles(ImageFiles):
         return TF.normalize(TF.to_tensor(img), self.mean, self.std)
 
     def __getitem__(self, key):
+        """(image, label); an unreadable file is replaced by the next readable one, with that file's label."""
         epoch, index = key
-        return super().__getitem__(key), self.labels[index % len(self.labels)]
+        if index < 0:  # padding of a rank's validation share (see LabelledLoader.val_batches): weight 0
+            x, _ = self.get_with_skips((epoch, 0))
+            return x, -1
+        x, skipped = self.get_with_skips(key)
+        if x is None:
+            raise DataError(too_many_unreadable(skipped))
+        return x, self.labels[(index + len(skipped)) % len(self.labels)]
+
+
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize, also at 0 bits (a black image, as Pillow before 11 gave; RandAugment's increasing
+    posterize reaches 0 at magnitude 10, which Pillow 11+ refuses)."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _posterize_to_zero_bits(transform) -> None:
+    """Give the posterize ops of a timm RandAugment inside `transform` the 0-bit-safe version."""
+    for t in getattr(transform, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if "Posterize" in getattr(op, "name", ""):
+                op.aug_fn = _posterize
+
+
+def seeded(transform, img, seed: int):
+    """`transform(img)` with Python's, NumPy's and torch's global generators seeded from `seed` (timm's transforms
+    draw from all three) and restored afterwards: the sample's augmentation is a function of the seed alone."""
+    import random
+
+    import numpy as np
+
+    py, npy = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+            return transform(img)
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+
+
+def shard_for_eval(n: int, rank: int, world: int) -> list[int]:
+    """Rank `rank`'s share of n evaluation samples: every world-th sample from `rank`, padded with -1 to the same
+    length on every rank (ceil(n / world)), so that every rank runs the same number of forwards (FSDP's
+    collectives) and the shares together hold each sample exactly once."""
+    share = list(range(rank, n, world))
+    return share + [-1] * (-(-n // world) - len(share))
 
 
 class LabelledLoader:
-    """Batches (images [B, C, H, W] on the device, labels [B]); training order reshuffled per epoch."""
+    """Batches (images [B, C, H, W] on the device, labels [B]). Training: this rank's rows of each global batch
+    (pipelines.common.EpochPlan), reshuffled per epoch, from any global micro-batch (`stream(start)`: a resumed
+    run continues where it stopped). Evaluation: every sample once over the ranks (`epoch()` on one process,
+    `val_batches()` padded for several)."""
 
     def __init__(self, path: str, img_size: int, batch_size: int, data_cfg, seed: int, device, train: bool,
-                 num_workers: int | None = None):
+                 num_workers: int | None = None, *, rank: int = 0, world: int = 1, crop_pct: float = 0.875,
+                 auto_augment: str = "", reprob: float = 0.0):
         self.files, self.labels, self.classes = list_labelled(path)
-        self.dataset = LabelledFiles(self.files, self.labels, img_size, data_cfg, seed, train)
-        self.train, self.batch_size, self.seed = train, batch_size, seed
+        self.path = path
+        self.dataset = LabelledFiles(self.files, self.labels, img_size, data_cfg, seed, train, crop_pct,
+                                     auto_augment, reprob)
+        self.train, self.batch_size, self.seed, self.rank, self.world = train, batch_size, seed, rank, world
         self.device = torch.device(device)
         self.num_workers = data_cfg.workers() if num_workers is None else num_workers
         if train:
-            self.plan = EpochPlan(len(self.files), batch_size, seed)
+            self.plan = EpochPlan(len(self.files), batch_size, seed, rank, world)
         self._passes = weakref.WeakSet()  # held weakly: see pipelines.common.tracked
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.plan.batches_per_epoch
+
     def epoch(self, epoch: int = 0):
         """One pass: shuffled full batches when training, every sample in order otherwise. Leaving the pass early
         stops its workers when the generator is closed (`close()`, or the end of the run)."""
-        return tracked(self._epoch(epoch), self._passes)
+        if self.train:
+            plan = self.plan.batches(epoch * self.plan.batches_per_epoch)
+            return self._pass([next(plan) for _ in range(self.plan.batches_per_epoch)])
+        idx = list(range(len(self.files)))
+        return self._pass([[(0, i) for i in idx[j:j + self.batch_size]] for j in range(0, len(idx), self.batch_size)])
+
+    def stream(self, start: int = 0):
+        """Training batches forever from global micro-batch `start` (epoch = start // batches_per_epoch)."""
+        def gen():
+            epoch, b = divmod(start, self.plan.batches_per_epoch)
+            while True:
+                plan = self.plan.batches(epoch * self.plan.batches_per_epoch + b)
+                yield from self._pass([next(plan) for _ in range(self.plan.batches_per_epoch - b)])
+                epoch, b = epoch + 1, 0
+        return tracked(gen(), self._passes)
+
+    def val_batches(self):
+        """This rank's share of the evaluation set (shard_for_eval) in batches of (images, labels); padding
+        carries label -1 (not counted)."""
+        share = shard_for_eval(len(self.files), self.rank, self.world)
+        return self._pass([[(0, i) for i in share[j:j + self.batch_size]] for j in range(0, len(share), self.batch_size)])
 
     def close(self) -> None:
         close_streams(self._passes)
 
-    def _epoch(self, epoch: int):
-        if self.train:
-            plan = self.plan.batches(epoch * self.plan.batches_per_epoch)
-            sampler = [next(plan) for _ in range(self.plan.batches_per_epoch)]
-        else:
-            idx = list(range(len(self.files)))
-            sampler = [[(0, i) for i in idx[j:j + self.batch_size]] for j in range(0, len(idx), self.batch_size)]
+    def _pass(self, sampler):
+        return tracked(self._batches(sampler), self._passes)
+
+    def _batches(self, sampler):
         dl = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                                          pin_memory=self.device.type == "cuda",
                                          worker_init_fn=ignore_stop_signals if self.num_workers else None,

@@ -19,7 +19,14 @@ EXIT_USAGE = 2
 # import time): each module has register(subparsers) and may have dispatch(argv) -> exit code | None, for commands
 # that parse their own options. Other packages add commands through the entry-point group "mae.commands"
 # (pyproject.toml): the benchmarks (`mae bench`, `mae profile`) are one, so the engine never names them.
-COMMANDS = ("engine.cli.data", "engine.cli.evaluation", "engine.cli.ablate")
+COMMANDS = ("engine.cli.data", "engine.cli.classify", "engine.cli.evaluation", "engine.cli.ablate")
+
+_ARGV: list[str] = []
+
+
+def current_argv() -> list[str]:
+    """The command line `main` is parsing (a command's register() reads it for `--preset NAME --help`)."""
+    return list(_ARGV)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -236,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..errors import DivergenceError
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    _ARGV[:] = argv
     passthrough = _passthrough(argv)
     if passthrough is not None:  # `mae bench X ...` / `mae profile ...`: the module parses its own options
         return passthrough

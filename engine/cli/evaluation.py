@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -21,9 +22,9 @@ def _encoder(args, extra):
         if not args.random:
             raise UserError("give --checkpoint CKPT, or --random for a randomly initialised encoder (a baseline)")
         cfg = build_config(args.preset or "debug", extra)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed or 0)
     model = build_model(cfg.model)
-    model.init_weights(args.seed)
+    model.init_weights(args.seed or 0)
     info = {"format": "random init"}
     if args.checkpoint:
         info = ckpt.import_weights(model, args.checkpoint)
@@ -31,6 +32,11 @@ def _encoder(args, extra):
 
 
 def cmd_eval(args, extra) -> int:
+    """`mae eval knn` here; `mae eval finetune | linprobe` are the `mae finetune | linprobe` runs (classify.py)."""
+    if args.protocol != "knn":
+        from .classify import cmd_eval_run
+
+        return cmd_eval_run(args, extra)
     import torch
 
     from pipelines.labelled import LabelledLoader
@@ -39,25 +45,14 @@ def cmd_eval(args, extra) -> int:
     from ..device import resolve_device
 
     cfg, mae, info = _encoder(args, extra)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device or "auto")
     mae = mae.to(device)
     img = cfg.model.img_size
-    d = cfg.data
-    d.num_workers = args.workers
-    train = LabelledLoader(args.train, img, args.batch_size, d, args.seed, device, train=args.protocol != "knn")
-    val = LabelledLoader(args.val, img, args.batch_size, d, args.seed, device, train=False)
-    if args.protocol == "knn":
-        train = LabelledLoader(args.train, img, args.batch_size, d, args.seed, device, train=False)
-        res = ev.knn_eval(mae, train, val, device, k=args.k, temperature=args.temperature, pool=args.pool or "gap")
-    elif args.protocol == "linprobe":
-        res = ev.linear_probe(mae, train, val, device, epochs=args.epochs or 90, base_lr=args.lr or 0.1,
-                              batch_size=args.batch_size, warmup=args.warmup if args.warmup >= 0 else 10,
-                              pool=args.pool or "cls")
-    else:
-        res = ev.finetune(mae, train, val, device, epochs=args.epochs or 100, base_lr=args.lr or 5e-4,
-                          batch_size=args.batch_size, warmup=args.warmup if args.warmup >= 0 else 5,
-                          layer_decay=args.layer_decay, drop_path=args.drop_path, smoothing=args.smoothing,
-                          mixup=args.mixup, cutmix=args.cutmix, last_blocks=args.last_blocks, pool=args.pool or "gap")
+    d = replace(cfg.data, num_workers=2 if args.workers is None else args.workers)
+    bs = args.batch_size or 256
+    train = LabelledLoader(args.train, img, bs, d, args.seed or 0, device, train=False)
+    val = LabelledLoader(args.val, img, bs, d, args.seed or 0, device, train=False)
+    res = ev.knn_eval(mae, train, val, device, k=args.k, temperature=args.temperature, pool=args.pool or "gap")
     out = {"protocol": res.protocol, "top1": res.top1, "checkpoint": args.checkpoint or "random init",
            "weights": info.get("format"), "preset": cfg.preset, "train": args.train, "val": args.val,
            "train_samples": res.train_samples, "val_samples": res.val_samples, "epochs": res.epochs,
@@ -97,29 +92,33 @@ def cmd_import(args, extra) -> int:
 
 
 def register(sub) -> None:
-    e = sub.add_parser("eval", help="linear probe, (partial) fine-tuning or kNN of a pretrained encoder")
+    e = sub.add_parser("eval", help="kNN of a pretrained encoder; linprobe / finetune: the `mae linprobe` / "
+                                    "`mae finetune` runs under this command's first option names")
     e.add_argument("protocol", choices=("linprobe", "finetune", "knn"))
     e.add_argument("--checkpoint", default="", help="engine checkpoint, the paper's release, or timm weights")
     e.add_argument("--random", action="store_true", help="evaluate a randomly initialised encoder instead")
     e.add_argument("--preset", default="", help="architecture (default: the checkpoint's config)")
     e.add_argument("--train", required=True, help="labelled image folder (one subfolder per class)")
     e.add_argument("--val", required=True, help="labelled image folder for evaluation")
-    e.add_argument("--epochs", type=int, default=0, help="default 90 (linprobe), 100 (finetune)")
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--lr", type=float, default=0.0, help="base lr per 256 images (default 0.1 LARS / 5e-4 AdamW)")
-    e.add_argument("--warmup", type=float, default=-1, help="warm-up epochs (default 10 linprobe / 5 finetune)")
-    e.add_argument("--pool", choices=("cls", "gap"), default=None, help="default cls (linprobe, as the paper), gap (knn, finetune)")
+    e.add_argument("--epochs", type=int, default=None, help="train.epochs (default: the preset's)")
+    e.add_argument("--batch-size", type=int, default=None, help="train.batch_size (kNN: 256)")
+    e.add_argument("--lr", type=float, default=None, help="optim.base_lr: lr per 256 images")
+    e.add_argument("--warmup", type=float, default=None, help="optim.warmup_epochs")
+    e.add_argument("--pool", choices=("cls", "gap"), default=None, help="task.pool (default cls for linprobe, as "
+                   "the paper; gap for knn and finetune)")
     e.add_argument("--last-blocks", type=int, default=None, help="finetune: train only the last k blocks (0 = probe)")
-    e.add_argument("--layer-decay", type=float, default=0.75)
-    e.add_argument("--drop-path", type=float, default=0.1)
-    e.add_argument("--smoothing", type=float, default=0.1)
-    e.add_argument("--mixup", type=float, default=0.8)
-    e.add_argument("--cutmix", type=float, default=1.0)
+    e.add_argument("--layer-decay", type=float, default=None)
+    e.add_argument("--drop-path", type=float, default=None)
+    e.add_argument("--smoothing", type=float, default=None)
+    e.add_argument("--mixup", type=float, default=None)
+    e.add_argument("--cutmix", type=float, default=None)
     e.add_argument("--k", type=int, default=20)
     e.add_argument("--temperature", type=float, default=0.07)
-    e.add_argument("--workers", type=int, default=2)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--workers", type=int, default=None)
+    e.add_argument("--device", default=None)
+    e.add_argument("--seed", type=int, default=None)
+    e.add_argument("--run-dir", default="", help="linprobe / finetune: keep the run here (default: a temporary "
+                   "directory, removed afterwards)")
     e.add_argument("--out", default="", help="write the result as JSON")
     e.set_defaults(func=cmd_eval, accepts_overrides=True)
 

@@ -1,0 +1,423 @@
+"""Fine-tuning and linear probing as runs (engine/classify.py, `mae finetune | linprobe`): resume bit for bit,
+best.pt, validation over ranks exactly once, the recipes' presets, a change of resolution, fp16 loss scaling."""
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine import checkpoint as ckpt
+from engine.cli import main
+from engine.config import (CLASSIFY_PRESETS, PAPER_DIFFERS, ClassifyConfig, ConfigError, apply_overrides,
+                           get_classify_preset)
+
+FAST = ["--data.num_workers", "0", "--train.tensorboard", "false", "--train.progress", "false", "--train.device",
+        "cpu", "--train.precision", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from pipelines.labelled import export_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    export_digits(str(root), 32)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pretrained(digits, tmp_path_factory):
+    """A debug MAE pretrained briefly on the digits (its weights, not its quality, are what the runs start from)."""
+    run = tmp_path_factory.mktemp("pretrain")
+    assert main(["pretrain", "--preset", "debug", "--data", str(digits / "train"), "--run-dir", str(run),
+                 "--data.backend", "torchvision", "--train.max_steps", "20", "--train.vis_every", "0",
+                 "--train.log_every", "20", *FAST]) == 0
+    return ckpt.latest_checkpoint(run)
+
+
+def classify(protocol, digits, run_dir, *extra, checkpoint=None):
+    src = ["--checkpoint", str(checkpoint)] if checkpoint else ["--random"]
+    return main([protocol, *src, "--train", str(digits / "train"), "--val", str(digits / "val"), "--run-dir",
+                 str(run_dir), *FAST, *extra])
+
+
+def records(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_model(run_dir):
+    return torch.load(ckpt.latest_checkpoint(run_dir), map_location="cpu", weights_only=True)["model"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# resume: the same run, stopped and continued, ends bit for bit where the uninterrupted one does
+
+
+@pytest.mark.parametrize("protocol,extra", [
+    ("finetune", ["--task.auto_augment", "rand-m9-mstd0.5-inc1", "--task.reprob", "0.25", "--task.mixup", "0.8",
+                  "--task.cutmix", "1.0", "--task.drop_path", "0.1"]),
+    ("linprobe", ["--optim.base_lr", "1.0"]),
+])
+def test_a_run_stopped_at_an_epoch_and_resumed_ends_bit_for_bit_as_the_uninterrupted_one(
+        protocol, extra, digits, pretrained, tmp_path):
+    common = ["--train.epochs", "2", "--train.batch_size", "64", "--train.log_every", "5", "--train.ckpt_every",
+              "100", *extra]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert classify(protocol, digits, whole, *common, checkpoint=pretrained) == 0
+    assert classify(protocol, digits, parts, *common, "--train.max_steps", "19", checkpoint=pretrained) == 0
+    assert ckpt.latest_checkpoint(parts).name == "ckpt_00000019.pt"
+    assert main([protocol, "--run-dir", str(parts), "--resume", "--train.max_steps", "0", *FAST]) == 0
+    a, b = final_model(whole), final_model(parts)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((d / "result.json").read_text()) for d in (whole, parts))
+    assert (ra["top1"], ra["top5"], ra["history"]) == (rb["top1"], rb["top5"], rb["history"])
+    # the training records after the resume are the uninterrupted run's, value for value
+    after = lambda recs: {r["step"]: (r["loss"], r["grad_norm"]) for r in recs if "loss" in r and r["step"] > 20}
+    assert after(records(whole)) == after(records(parts)) and after(records(whole))
+
+
+def test_best_pt_holds_the_best_validation_and_loads_into_the_classifier(digits, pretrained, tmp_path):
+    from engine.classify import ClassifyRun
+
+    assert classify("finetune", digits, tmp_path, "--train.epochs", "3", "--train.batch_size", "64",
+                    checkpoint=pretrained) == 0
+    res = json.loads((tmp_path / "result.json").read_text())
+    best = torch.load(tmp_path / "best.pt", map_location="cpu", weights_only=True)
+    assert best["best"]["top1"] == max(h["val_top1"] for h in res["history"]) == res["best_top1"]
+    assert [h["epoch"] for h in res["history"]] == [1, 2, 3]
+    assert best["classes"] == [str(i) for i in range(10)]
+    vals = [r for r in records(tmp_path) if "val_top1" in r]
+    assert [round(r["val_top1"], 6) for r in vals] == [round(h["val_top1"], 6) for h in res["history"]]
+    assert all(r["val_top5"] >= r["val_top1"] for r in vals)
+    cfg = ClassifyConfig.from_dict(best["config"])
+    run = ClassifyRun(apply_overrides(cfg, {"train.run_dir": str(tmp_path / "again"), "task.checkpoint": ""}))
+    run.model.load_state_dict(best["model"])  # strict: the same classifier
+    run.close()
+
+
+def test_the_linear_probe_trains_the_head_only_and_a_pretrained_encoder_is_untouched(digits, pretrained, tmp_path):
+    assert classify("linprobe", digits, tmp_path, "--train.epochs", "1", "--train.batch_size", "64",
+                    checkpoint=pretrained) == 0
+    after = final_model(tmp_path)
+    before = ckpt.full_model_state(pretrained)
+    for k, v in after.items():
+        if k.startswith(("blocks.", "patch_embed.", "cls_token", "pos_embed")):
+            assert torch.equal(v, before[k]), k
+    assert not torch.equal(after["head.1.weight"], torch.zeros_like(after["head.1.weight"]))
+
+
+def test_resuming_with_the_other_protocol_or_another_architecture_is_refused(digits, pretrained, tmp_path, capsys):
+    assert classify("finetune", digits, tmp_path, "--train.max_steps", "2", checkpoint=pretrained) == 0
+    args = ["--run-dir", str(tmp_path), "--resume", "--checkpoint", str(pretrained), "--train", str(digits / "train"),
+            "--val", str(digits / "val"), *FAST]
+    assert main(["linprobe", *args]) == 2
+    assert "config.toml is the configuration of a `mae finetune` run; this is `mae linprobe`" in capsys.readouterr().err
+    assert main(["linprobe", "--preset", "debug", *args]) == 2  # past the run's config: its checkpoint refuses
+    assert "ckpt_00000002.pt is a finetune checkpoint; this is mae linprobe" in capsys.readouterr().err
+    assert main(["finetune", "--run-dir", str(tmp_path), "--resume", "--model.embed_dim", "128", *FAST]) == 2
+    assert "another architecture" in capsys.readouterr().err
+
+
+def test_bad_input_is_one_line_naming_it(digits, tmp_path, capsys):
+    assert main(["finetune", "--random", "--run-dir", str(tmp_path / "a"), *FAST]) == 2
+    assert "needs labelled images: --train DIR and --val DIR" in capsys.readouterr().err
+    assert main(["finetune", "--train", str(digits / "train"), "--val", str(digits / "val"), "--run-dir",
+                 str(tmp_path / "b"), *FAST]) == 2
+    assert "give --checkpoint CKPT" in capsys.readouterr().err
+    other = tmp_path / "other"
+    for c in ("cat", "dog"):
+        (other / c).mkdir(parents=True)
+        (other / c / "x.png").write_bytes((digits / "val" / "0" / next(iter(sorted(
+            p.name for p in (digits / "val" / "0").iterdir())))).read_bytes())
+    assert main(["finetune", "--random", "--train", str(digits / "train"), "--val", str(other), "--run-dir",
+                 str(tmp_path / "c"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "has the classes [cat, dog]" in err and "must be the same folders" in err
+    assert main(["finetune", "--random", "--train", str(digits / "train"), "--val", str(digits / "val"), "--run-dir",
+                 str(tmp_path / "d"), "--train.batch_size", "33", "--train.max_steps", "1", *FAST]) == 2
+    assert "train.batch_size=33 must be even" in capsys.readouterr().err
+    assert main(["finetune", "--random", "--run-dir", str(tmp_path / "e"), "--train.cuda_graph", "true", *FAST]) == 2
+    assert "train.cuda_graph=True does not apply to fine-tuning" in capsys.readouterr().err
+
+
+def test_mae_eval_linprobe_is_the_run_under_its_first_option_names(digits, pretrained, tmp_path):
+    out = tmp_path / "lin.json"
+    assert main(["eval", "linprobe", "--checkpoint", str(pretrained), "--train", str(digits / "train"), "--val",
+                 str(digits / "val"), "--epochs", "1", "--batch-size", "64", "--lr", "1.0", "--pool", "gap",
+                 "--workers", "0", "--device", "cpu", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["protocol"] == "linprobe" and res["epochs"] == 1 and 0 <= res["top1"] <= 1
+    assert res["val_samples"] == 539 and res["weights"] == "mae"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation over ranks: each sample exactly once, every rank the same number of batches
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 300), world=st.integers(1, 9))
+def test_the_ranks_validation_shares_hold_every_sample_once_and_are_equally_long(n, world):
+    from pipelines.labelled import shard_for_eval
+
+    shares = [shard_for_eval(n, r, world) for r in range(world)]
+    assert len({len(s) for s in shares}) == 1 and len(shares[0]) == -(-n // world)
+    real = sorted(i for s in shares for i in s if i >= 0)
+    assert real == list(range(n))
+    assert all(i == -1 for s in shares for i in s if i < 0)
+
+
+def test_padding_of_a_validation_share_is_not_counted(digits, tmp_path):
+    """Two ranks' shares, each validated alone and summed, count the 539 digits once (padding has label -1)."""
+    from engine.classify import ClassifyRun
+    from engine.config import get_classify_preset
+
+    cfg = apply_overrides(get_classify_preset("debug", "linprobe"), {
+        "task.train": str(digits / "train"), "task.val": str(digits / "val"), "data.num_workers": "0",
+        "train.device": "cpu", "train.batch_size": "100", "train.run_dir": str(tmp_path)})
+    run = ClassifyRun(cfg)
+    try:
+        whole = [(x, y) for x, y in run.val_loader.val_batches()]
+        n_whole = sum(int((y >= 0).sum()) for _, y in whole)
+        halves = []
+        for rank in range(2):
+            run.val_loader.rank, run.val_loader.world = rank, 2
+            halves += [y for _, y in run.val_loader.val_batches()]
+        labels = torch.cat(halves)
+        assert n_whole == 539 and int((labels >= 0).sum()) == 539 and int((labels < 0).sum()) == 1
+    finally:
+        run.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the recipes
+
+
+RECIPES = {  # the reference code's FINETUNE.md / LINPROBE.md, as the issue lists them
+    "finetune_vit_b16": dict(base_lr=5e-4, layer_decay=0.65, epochs=100, drop_path=0.1),
+    "finetune_vit_l16": dict(base_lr=1e-3, layer_decay=0.75, epochs=50, drop_path=0.2),
+    "finetune_vit_h14": dict(base_lr=1e-3, layer_decay=0.75, epochs=50, drop_path=0.3),
+}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_the_finetuning_presets_are_the_published_recipes(name):
+    c, want = get_classify_preset(name), RECIPES[name]
+    assert (c.optim.base_lr, c.task.layer_decay, c.train.epochs, c.task.drop_path) == (
+        want["base_lr"], want["layer_decay"], want["epochs"], want["drop_path"])
+    assert c.train.batch_size * c.train.accum_steps * 8 == 1024  # on 8 GPUs
+    assert (c.optim.warmup_epochs, c.optim.betas, c.optim.weight_decay) == (5, (0.9, 0.999), 0.05)
+    t = c.task
+    assert (t.auto_augment, t.reprob, t.mixup, t.cutmix, t.smoothing, t.pool, t.optimizer, t.crop_pct) == (
+        "rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, 0.1, "gap", "adamw", 0.875)
+    assert round(c.model.img_size / t.crop_pct) == 256 and c.model.img_size == 224
+
+
+@pytest.mark.parametrize("name", ["linprobe_vit_b16", "linprobe_vit_l16", "linprobe_vit_h14"])
+def test_the_linear_probe_presets_are_the_published_recipe(name):
+    c = get_classify_preset(name)
+    assert (c.task.optimizer, c.optim.base_lr, c.train.epochs, c.optim.warmup_epochs, c.optim.weight_decay) == (
+        "lars", 0.1, 90, 10, 0.0)
+    assert c.train.batch_size * c.train.accum_steps * 8 == 16384 and c.task.pool == "cls"
+    assert (c.task.mixup, c.task.cutmix, c.task.auto_augment, c.task.smoothing) == (0, 0, "", 0)
+
+
+def test_every_classify_preset_builds_and_names_its_architecture():
+    from engine.config import PRESETS
+
+    for name, make in CLASSIFY_PRESETS.items():
+        c = make()
+        assert c.preset == name and c.task.protocol == name.split("_")[0]
+        arch = {"b16": "mae_vit_base_patch16", "l16": "mae_vit_large_patch16", "h14": "mae_vit_huge_patch14",
+                "debug": "debug"}[name.split("_")[-1] if not name.endswith("448") else "h14"]
+        assert c.model.embed_dim == PRESETS[arch]().model.embed_dim
+    assert get_classify_preset("finetune_vit_h14_448").model.img_size == 448
+
+
+def test_help_names_the_papers_value_where_the_code_differs(capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--preset", "vit-b", "--help"])
+    out = capsys.readouterr().out
+    assert "optim.base_lr paper 0.001" in out and "task.layer_decay paper 0.75" in out
+    assert "--task.layer_decay (default 0.65)" in out
+    assert set(PAPER_DIFFERS) <= set(CLASSIFY_PRESETS)
+
+
+def test_the_architecture_of_a_checkpoint_picks_the_preset(pretrained):
+    from engine.cli.classify import preset_for_checkpoint
+
+    assert preset_for_checkpoint("finetune", str(pretrained)) == ("finetune_debug", None)
+    assert preset_for_checkpoint("linprobe", str(pretrained)) == ("linprobe_debug", None)
+
+
+def test_pretrainings_levers_that_a_classifier_lacks_are_refused():
+    with pytest.raises(ConfigError, match="train.attention='flash' does not apply"):
+        apply_overrides(get_classify_preset("finetune_debug"), {"train.attention": "flash"})
+    with pytest.raises(ConfigError, match="task.last_blocks=3 is more than the encoder's 2 blocks"):
+        apply_overrides(get_classify_preset("finetune_debug"), {"task.last_blocks": "3"})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# resolution
+
+
+def test_position_embeddings_resample_as_timms_resample_abs_pos_embed():
+    from timm.layers import resample_abs_pos_embed
+
+    from engine.model import resample_pos_embed
+
+    pe = torch.randn(1, 1 + 14 * 14, 32)
+    for grid in [(28, 28), (16, 16), (7, 7), (12, 20)]:
+        assert torch.equal(resample_pos_embed(pe, grid),
+                           resample_abs_pos_embed(pe, list(grid), num_prefix_tokens=1, antialias=False))
+    assert resample_pos_embed(pe, (14, 14)) is pe
+
+
+def test_weights_of_another_resolution_load_with_resampled_position_embeddings(pretrained):
+    from engine.config import debug
+    from engine.model import build_model, resample_pos_embed
+
+    import dataclasses
+
+    mae = build_model(dataclasses.replace(debug().model, img_size=48))
+    info = ckpt.import_weights(mae, pretrained)
+    assert info["resized"] == ["pos_embed: 8x8 -> 12x12", "decoder_pos_embed: 8x8 -> 12x12"]
+    src = ckpt.full_model_state(pretrained)
+    assert torch.equal(mae.pos_embed.detach(), resample_pos_embed(src["pos_embed"], (12, 12)))
+    assert torch.equal(mae.blocks[0].attn.qkv.weight.detach(), src["blocks.0.attn.qkv.weight"])
+
+
+def test_a_32_to_48_pixel_finetune_runs_through_the_resampled_embedding(digits, pretrained, tmp_path, capsys):
+    assert classify("finetune", digits, tmp_path, "--model.img_size", "48", "--train.max_steps", "3",
+                    checkpoint=pretrained) == 0
+    out = capsys.readouterr().out
+    assert "position embeddings pos_embed: 8x8 -> 12x12" in out and "48px" in out
+    assert final_model(tmp_path)["pos_embed"].shape == (1, 145, 64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fp16 with dynamic loss scaling
+
+
+def _fp16_step(loss_at):
+    from engine.mixed import LossScaler
+    from engine.step import TrainStep
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    calls = iter(loss_at)
+
+    def forward(x, _ratio, y):
+        scale = next(calls)
+        return ((model(x) - y) ** 2).mean() * scale, None, None
+
+    scaler = LossScaler(torch.device("cpu"), init_scale=2.0**10, growth_interval=2)
+    step = TrainStep(model, opt, device=torch.device("cpu"), amp_dtype=torch.float16, forward=forward, scaler=scaler)
+    return model, step, scaler
+
+
+def test_an_fp16_overflow_skips_the_update_halves_the_scale_and_is_counted():
+    model, step, scaler = _fp16_step([1.0, float("inf"), 1.0, 1.0, 1.0])
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    flags, scales = [], []
+    for i in range(5):
+        before = [p.detach().clone() for p in model.parameters()]
+        _, finite = step([(x, y)])
+        flags.append(bool(finite))
+        scales.append(float(scaler.scale))
+        changed = any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        assert changed == flags[-1], i
+    assert flags == [True, False, True, True, True]
+    assert scales == [2.0**10, 2.0**9, 2.0**9, 2.0**10, 2.0**10]  # halved, then doubled after 2 good steps
+    assert int(scaler.overflows) == 1
+    state = scaler.state_dict()
+    other = _fp16_step([1.0])[2]
+    other.load_state_dict(state)
+    assert other.state_dict() == state
+
+
+def test_fp16_gradients_reach_the_optimizer_at_their_true_size():
+    """The scaled backward, unscaled: the same update as an unscaled fp32 step."""
+    from engine.step import TrainStep
+
+    model, step, _ = _fp16_step([1.0])
+    ref = torch.nn.Linear(4, 1)
+    ref.load_state_dict(model.state_dict())
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.1)
+    ref_step = TrainStep(ref, ref_opt, device=torch.device("cpu"),
+                         forward=lambda x, _r, y: (((ref(x) - y) ** 2).mean(), None, None))
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    step([(x, y)])
+    ref_step([(x, y)])
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_fp16_pretraining_logs_its_scale_and_resumes_with_it(tmp_path):
+    common = ["--preset", "debug", "--train.precision", "fp16", "--train.device", "cpu", "--data.num_workers", "0",
+              "--train.tensorboard", "false", "--train.progress", "false", "--train.vis_every", "0",
+              "--train.log_every", "2", "--data.backend", "torchvision", "--run-dir", str(tmp_path)]
+    assert main(["pretrain", *common, "--train.max_steps", "4"]) == 0
+    meta = ckpt.read_meta(ckpt.latest_checkpoint(tmp_path))
+    assert meta["loss_scale"]["scale"] == 2.0**16 and meta["loss_scale"]["overflows"] == 0
+    recs = records(tmp_path)
+    assert recs[-1]["loss_scale"] == 2.0**16 and recs[-1]["overflows"] == 0
+    assert main(["pretrain", *common, "--resume", "--train.max_steps", "6"]) == 0
+    assert records(tmp_path)[-1]["step"] == 6
+
+
+def test_fp16_is_refused_with_the_captured_step():
+    from engine.parallel import DistContext
+    from engine.step import check_levers
+    from engine.config import debug
+
+    cfg = apply_overrides(debug(), {"train.precision": "fp16", "train.cuda_graph": "true"})
+    with pytest.raises(ConfigError, match="fp16: its loss scaler is not captured"):
+        check_levers(cfg, DistContext(), torch.device("cpu"), strict=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+
+
+def test_an_unreadable_file_is_replaced_by_the_next_one_with_that_files_label(tmp_path, digits):
+    from engine.config import DataConfig
+    from pipelines.labelled import LabelledFiles
+
+    good = sorted((digits / "val" / "3").iterdir())[0]
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    ds = LabelledFiles([str(bad), str(good)], [7, 3], 32, DataConfig(), 0, train=False)
+    x, label = ds[(0, 0)]
+    assert label == 3 and x.shape == (3, 32, 32)
+
+
+def test_the_recipe_augmentation_is_a_function_of_the_sample_and_leaves_the_global_generators_alone(digits):
+    import random
+
+    import numpy as np
+
+    from engine.config import DataConfig
+    from pipelines.labelled import LabelledFiles
+
+    files = [str(p) for p in sorted((digits / "val" / "5").iterdir())[:2]]
+    ds = LabelledFiles(files, [5, 5], 32, DataConfig(scale=(0.08, 1.0)), 0, train=True,
+                       auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25)
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    states = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    a, b, c = ds[(0, 0)][0], ds[(0, 0)][0], ds[(1, 0)][0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert random.getstate() == states[0] and np.array_equal(np.random.get_state()[1], states[1])
+    assert torch.equal(torch.get_rng_state(), states[2])
+
+
+def test_randaugment_posterize_at_zero_bits_gives_a_black_image():
+    from PIL import Image
+
+    from pipelines.labelled import _posterize
+
+    img = Image.new("RGB", (4, 4), (200, 100, 50))
+    assert _posterize(img, 0).tobytes() == bytes(4 * 4 * 3)
+    assert _posterize(img, 8) is img
+    assert _posterize(img, 1).tobytes() == bytes([128, 0, 0] * 16)
