@@ -1,4 +1,4 @@
-"""Registers `mae bench {speedup,kernels,loader,dali-parity,fsdp,scaling,agreement,memory,first-run}` and `mae profile` with the `mae` command (for its
+"""Registers `mae bench {speedup,kernels,loader,dali-parity,fsdp,scaling,agreement,memory,first-run,finetune}` and `mae profile` with the `mae` command (for its
 help; registered as the "mae.commands" entry point in pyproject.toml); `dispatch` hands their arguments to the module untouched."""
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ import sys
 BENCHES = {"speedup": "benchmarks.speedup", "kernels": "benchmarks.kernels", "loader": "benchmarks.loader",
            "dali-parity": "benchmarks.dali_parity",
            "fsdp": "benchmarks.fsdp", "scaling": "benchmarks.scaling", "agreement": "benchmarks.agreement", "memory": "benchmarks.memory",
-           "first-run": "benchmarks.first_run"}
+           "first-run": "benchmarks.first_run", "finetune": "benchmarks.finetune_speed"}
 SUMMARY = {
     "agreement": "fast path vs the paper's path: loss curves over the same steps, within a noise band",
     "dali-parity": "DALI GPU vs CPU decode: statistics of the same batches",
+    "finetune": "fine-tuning / linear-probe steps of the published recipes: the engine vs the reference code's way",
     "first-run": "the README's first command timed on this machine, beside the training step alone (CPU)",
     "fsdp": "FSDP2 / HSDP: measured peak memory and step time beside the memory estimator's figures",
     "kernels": "masking, unshuffle, loss and attention kernels against their torch references (GPU time); "
@@ -39,7 +40,8 @@ def _run_module(module: str, argv: list[str]) -> int:
 def register(sub) -> None:
     b = sub.add_parser("bench", help="benchmarks: speedup (visible-only vs dense), kernels, loader, dali-parity (GPU vs CPU "
                        "decode statistics), fsdp, scaling (a model of FSDP2 / HSDP at 8-1,024 GPUs), agreement (fast vs reference loss "
-                       "curves), memory (a step's peak GPU memory, estimated without a GPU), first-run (the README's first command, timed)",
+                       "curves), memory (a step's peak GPU memory, estimated without a GPU), first-run (the README's first command, timed), "
+                       "finetune (fine-tuning / probe steps vs the reference code's)",
                        add_help=False)
     b.add_argument("bench", choices=sorted(BENCHES), help="which benchmark (then its own --help)")
     b.add_argument("rest", nargs=argparse.REMAINDER)

@@ -69,7 +69,7 @@ def check_fsdp_step(preset: str, device, compile: bool = False, ac: bool = False
     for i in range(STEPS):
         imgs = torch.randn(cfg.train.batch_size, m.in_chans, m.img_size, m.img_size, device=device, generator=g)
         noise = torch.rand(cfg.train.batch_size, m.num_patches, device=device, generator=g)
-        la, lb = (float(runs[s].step([(imgs, noise)], m.mask_ratio)[0]) for s in (False, True))
+        la, lb = (float(runs[s].step_fn([(imgs, noise)], m.mask_ratio)[0]) for s in (False, True))
         assert abs(la - lb) <= loss_tol * abs(la) + 1e-6, f"step {i}: loss {la} (single device) vs {lb} (FSDP2)"
     a, b = full_params(runs[False].model), full_params(runs[True].model)
     assert a.keys() == b.keys(), sorted(set(a) ^ set(b))[:5]
@@ -98,7 +98,7 @@ def check_dcp_roundtrip(preset: str, device) -> None:
     for _ in range(2):
         imgs = torch.randn(cfg.train.batch_size, m.in_chans, m.img_size, m.img_size, device=device, generator=g)
         noise = torch.rand(cfg.train.batch_size, m.num_patches, device=device, generator=g)
-        tr.step([(imgs, noise)], m.mask_ratio)
+        tr.step_fn([(imgs, noise)], m.mask_ratio)
     with tempfile.TemporaryDirectory() as d:
         path = ckpt.save_training_checkpoint(d, 2, tr.model, tr.optimizer, {"step": 2}, keep_last=2, sharded=True)
         fresh = build_training(cfg, ctx, device, strict=False)

@@ -253,8 +253,8 @@ class StepRunner:
         """One training step (the trainer's, engine.step); returns the loss (a device tensor)."""
         batch = [self._inputs()]
         if self.graphed is not None:
-            return self.training.step(batch, self.mask_ratio)[0]
-        return self.training.step(batch, self.mask_ratio, hooks=hooks)[0]
+            return self.training.step_fn(batch, self.mask_ratio)[0]
+        return self.training.step_fn(batch, self.mask_ratio, hooks=hooks)[0]
 
     def _sync(self):
         if self.device.type == "cuda":

@@ -9,8 +9,12 @@
   step.check_levers, applied where the model is built (parallel.build_parallel_model, step.build_training, or
   step._levers_on_given_model for a given model), its short name in step.LEVERS and its benchmark sets in
   benchmarks/levers.py.
+- fine-tuning and linear probing (`mae finetune`, `mae linprobe`): engine/classify.py, the same step (TrainStep with
+  the classifier's forward and loss) and the same loop parts (StepMeter, Guard, Checkpointer, StopSignals) with a
+  validation each task.eval_every epochs and best.pt; its config is engine/config.py's ClassifyConfig (the
+  pretraining sections plus `task`) and its recipes CLASSIFY_PRESETS.
 - the command line: engine/cli/ (the parser and command table in __init__.py; options, launch, mae-torchrun, data,
-  eval and ablate in their own modules); `python -m engine.pretrain` is the torchrun entry.
+  finetune / linprobe (classify.py), eval and ablate in their own modules); `python -m engine.pretrain` is the torchrun entry.
 - what a step computes in one place: engine/step.py (TrainStep; the gradient and parameter norms; autocast from
   engine/device.py).
 """

@@ -32,7 +32,7 @@ from .config import ClassifyConfig, ConfigError, to_toml
 from .device import autocast, resolve_device, resolve_dtype
 from .evaluate import EncoderClassifier, layer_decay_groups, lars
 from .health import Health, StopVote
-from .loop import Checkpointer, Guard, StepMeter, StopSignals
+from .loop import Checkpointer, Guard, StepMeter, StopSignals, Validation
 from .metrics import MetricsWriter, datasheet_peak, vit_train_flops_per_image
 from .model import build_model, evaluating
 from .optim import lr_at, set_lr
@@ -105,6 +105,10 @@ class ClassifyRun:
         if not task.train or not task.val:
             raise ConfigError(f"{self.command} needs labelled images: --train DIR and --val DIR (task.train, task.val: "
                               "one subfolder per class; `mae data digits OUT` writes a small set)")
+        if cfg.data.backend in ("dali", "synthetic"):
+            raise ConfigError(f"data.backend={cfg.data.backend}: {self.command} reads labelled folders through the "
+                              "torchvision pipeline (the recipe's RandAugment and random erasing are timm's, with no "
+                              "DALI equivalent here); use --data.backend torchvision (or auto)")
         if self.is_main:
             gone = ckpt.remove_stale_temp_files(self.run_dir)
             if gone:
@@ -142,18 +146,19 @@ class ClassifyRun:
             self.log(f"warning: a warm-up of {cfg.optim.warmup_epochs:g} epochs does not fit a {t.epochs}-epoch run; "
                      f"using {t.epochs / 2:g} (half of it)")
 
-        self.model, self.weights = self._build_model(saved_meta is None)
+        self.model, self.weights = build_classifier(cfg, self.num_classes, self.ctx, self.device,
+                                                    load_pretrained=saved_meta is None)
         self.global_batch = t.batch_size * t.accum_steps * self.world
         self.lr = cfg.optim.scaled_lr(self.global_batch)
-        self.optimizer = self._build_optimizer()
-        self.mixup, self.criterion = self._build_loss()
+        self.optimizer = build_classifier_optimizer(cfg, self.model, self.lr, self.device)
+        self.mixup, self.criterion = build_loss(cfg, self.num_classes)
         self.training = TrainStep(self.model, self.optimizer, device=self.device, amp_dtype=self.amp_dtype,
                                   forward=self._forward, accum_steps=t.accum_steps,
                                   scaler=loss_scaler(t.precision, self.device))
         self.step = 0
         self.micro_batch = 0
-        self.best: dict | None = None  # {"top1", "top5", "epoch", "step"} of the best validation so far
-        self.history: list[dict] = []
+        self.parts: dict = {}  # the loop's parts with resume state (fit builds them; meta gathers their state)
+        self._parts_state: dict = {}  # what a resumed checkpoint saved of them
         self.flops_per_image = vit_train_flops_per_image(cfg.model, self.num_classes)
         self.peak = datasheet_peak(self.device) if self.device.type == "cuda" else None
         self._resumed_from = None
@@ -173,60 +178,6 @@ class ClassifyRun:
             raise ckpt.CheckpointError(f"{path} is a {task.get('protocol')} checkpoint; this is {self.command}: use "
                                        "another run directory")
         ckpt.check_architecture(saved, self.cfg.model, path)
-
-    def _build_model(self, load_pretrained: bool) -> tuple[nn.Module, dict]:
-        """The encoder (pretrained weights at this resolution, or a random init) under its head, frozen per the
-        protocol, with the levers that apply (activation checkpointing, regional compile, FSDP2)."""
-        cfg, t, task = self.cfg, self.cfg.train, self.cfg.task
-        torch.manual_seed(t.seed)
-        mae = build_model(cfg.model)
-        mae.init_weights(t.seed)
-        info = {"format": "random init"}
-        if task.checkpoint and load_pretrained:  # a resumed run has its own weights in the checkpoint
-            info = ckpt.import_weights(mae, task.checkpoint)
-        elif task.checkpoint:
-            info = {"format": "resumed"}
-        probe = task.protocol == "linprobe"
-        model = EncoderClassifier(mae, self.num_classes, pool=task.pool, head="bn_linear" if probe else "linear",
-                                  drop_path=0.0 if probe else task.drop_path)
-        k = 0 if probe else (len(model.blocks) if task.last_blocks < 0 else task.last_blocks)
-        model.freeze_all_but_last(k)
-        if k == len(model.blocks):  # full fine-tuning: every parameter trains, as in the reference code
-            for p in model.parameters():
-                p.requires_grad = True
-        if task.pool == "gap":  # the encoder's final norm is not on the path (fc_norm is): nothing to train
-            for p in model.norm.parameters():
-                p.requires_grad = False
-        if t.activation_checkpointing:
-            apply_activation_checkpointing(mae)
-        if t.compile:
-            apply_regional_compile(model, t.compile_mode)
-        model = model.to(self.device)
-        if self.ctx.distributed:
-            from .parallel import device_mesh
-
-            mesh = device_mesh(self.device, self.world, cfg.parallel.replicate) if cfg.parallel.replicate > 1 else None
-            shard_classifier(model, self.amp_dtype, mesh)
-        return model, info
-
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        task, o = self.cfg.task, self.cfg.optim
-        if task.optimizer == "lars":
-            return lars([p for p in self.model.parameters() if p.requires_grad], lr=self.lr)
-        groups = layer_decay_groups(self.model, o.weight_decay, task.layer_decay)
-        fused = {"fused": True} if self.device.type == "cuda" else {}
-        return torch.optim.AdamW(groups, lr=self.lr, betas=o.betas, **fused)
-
-    def _build_loss(self):
-        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
-        task = self.cfg.task
-        if task.protocol == "finetune" and (task.mixup > 0 or task.cutmix > 0):
-            from timm.data import Mixup
-
-            return (Mixup(mixup_alpha=task.mixup, cutmix_alpha=task.cutmix, label_smoothing=task.smoothing,
-                          num_classes=self.num_classes), SoftTargetCrossEntropy())
-        return None, LabelSmoothingCrossEntropy(task.smoothing) if task.smoothing > 0 else nn.CrossEntropyLoss()
 
     def close(self) -> None:
         for loader in (getattr(self, "train_loader", None), getattr(self, "val_loader", None)):
@@ -295,8 +246,7 @@ class ClassifyRun:
             "rng": ckpt.capture_rng(),  # (every draw is seeded by position; kept for the format)
             "world": self.world,
             "config": self.cfg.to_dict(),
-            "best": self.best,
-            "history": self.history,
+            "parts": {name: part.state_dict() for name, part in self.parts.items()},
             "weights": self.weights.get("format"),
             **({"loss_scale": self.training.scaler.state_dict()} if self.training.scaler else {}),
         }
@@ -314,7 +264,7 @@ class ClassifyRun:
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         path = self.run_dir / "best.pt"
         if self.is_main:
-            ckpt.atomic_torch_save({"model": sd, "config": self.cfg.to_dict(), "best": self.best,
+            ckpt.atomic_torch_save({"model": sd, "config": self.cfg.to_dict(), "best": self.parts["validation"].best,
                                     "classes": list(self.train_loader.classes)}, path)
         return path
 
@@ -327,8 +277,7 @@ class ClassifyRun:
             raise ckpt.CheckpointError(f"{path}: {seen} samples seen is not a whole number of global micro-batches of "
                                        f"{per_micro}; resume with the batch size and world size it was saved with")
         self.micro_batch = seen // per_micro
-        self.best = meta.get("best") if isinstance(meta.get("best"), dict) else None
-        self.history = list(meta.get("history") or [])
+        self._parts_state = meta.get("parts") if isinstance(meta.get("parts"), dict) else {}
         if self.training.scaler is not None and isinstance(meta.get("loss_scale"), dict):
             self.training.scaler.load_state_dict(meta["loss_scale"])
         if self.is_main:
@@ -348,7 +297,8 @@ class ClassifyRun:
         return (f"{self.command}, preset {self.cfg.preset}: {what}\n"
                 f"encoder {task.checkpoint or 'random init'} ({self.weights.get('format')}){resized}; "
                 f"{m.img_size}px, patch {m.patch_size}; {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train\n"
-                f"data {task.train} ({len(self.train_loader.files)} images, {self.num_classes} classes), val "
+                f"data {task.train} ({len(self.train_loader.files)} images, {self.num_classes} classes; torchvision "
+                f"loader, {self.train_loader.num_workers} workers), val "
                 f"{task.val} ({len(self.val_loader.files)}); augmentation "
                 f"{task.auto_augment + f', random erasing {task.reprob:g}' if task.auto_augment and task.protocol == 'finetune' else 'crop + flip'}"
                 + (f", mixup {task.mixup:g} / cutmix {task.cutmix:g}" if self.mixup is not None else "")
@@ -380,6 +330,11 @@ class ClassifyRun:
         guard = Guard(health, self.training.param_norm, max_bad_steps=t.max_bad_steps, on_divergence="stop",
                       max_rollbacks=0, rollback=None, diverged=self._divergence_message)
         saver = Checkpointer(self.save, t.ckpt_every, self.stop_at, health, self.is_main)
+        val = Validation(self.cfg.task.eval_every, self.steps_per_epoch, self.stop_at)
+        self.parts = {"guard": guard, "validation": val}  # resume state: gathered from them, handed back to them
+        for name, part in self.parts.items():
+            if isinstance(self._parts_state.get(name), dict):
+                part.load_state_dict(self._parts_state[name])
         stop_signal, vote, signals = None, StopVote(self.device, self.ctx.distributed), StopSignals(self.is_main)
         restore = signals.install()
         last = None
@@ -390,9 +345,9 @@ class ClassifyRun:
                 guard.add(loss, self.training.grad_norm, finite)
                 if bar is not None:
                     bar.update(1)
-                if vote.step(signals.requested is not None):
+                if vote.agree(signals.requested is not None):
                     stop_signal = signals.requested or "a signal on another rank"
-                eval_now = self.validation_due(self.step) and not stop_signal
+                eval_now = val.due(self.step, stop_signal)
                 log_now = meter.due(self.step)
                 save_now = saver.due(self.step, stop_signal) or eval_now
                 if log_now or save_now:
@@ -401,7 +356,7 @@ class ClassifyRun:
                     self._log_line(meter, writer, bar, say)
                 if eval_now:
                     with meter.paused():
-                        last = self._validation_line(writer, say)
+                        last = self._validation_line(val, writer, say)
                 if save_now:
                     with meter.paused():
                         saver.save(self.step, say)
@@ -417,33 +372,24 @@ class ClassifyRun:
             stream.close()
             self.close()
         top1, top5 = (last["val_top1"], last["val_top5"]) if last else (None, None)
-        result = ClassifyResult(self.step, top1, top5, self.best["top1"] if self.best else None,
-                                self.best["epoch"] if self.best else None, saver.last, self.run_dir, stop_signal,
-                                self.history)
+        best = val.best
+        result = ClassifyResult(self.step, top1, top5, best["top1"] if best else None, best["epoch"] if best else None,
+                                saver.last, self.run_dir, stop_signal, val.history)
         if self.is_main and not stop_signal:
             self._write_result(result)
         return result
 
-    def validation_due(self, step: int) -> bool:
-        """At the end of every task.eval_every-th epoch, and at the last step."""
-        return step == self.stop_at or (step % self.steps_per_epoch == 0
-                                        and (step // self.steps_per_epoch) % self.cfg.task.eval_every == 0)
-
-    def _validation_line(self, writer, say) -> dict:
+    def _validation_line(self, val: Validation, writer, say) -> dict:
         top1, top5 = self.validate()
-        epoch = round(self.step / self.steps_per_epoch, 3)
-        rec = {"epoch": epoch, "step": self.step, "val_top1": top1, "val_top5": top5}
-        self.history.append(rec)
-        better = self.best is None or top1 > self.best["top1"]
+        better = val.record(self.step, top1, top5)
         if better:
-            self.best = {"top1": top1, "top5": top5, "epoch": epoch, "step": self.step}
             self.save_best()
-        writer.log(self.step, epoch=epoch, val_top1=round(top1, 6), val_top5=round(top5, 6),
-                   best_top1=round(self.best["top1"], 6))
+        rec, best = val.history[-1], val.best
+        writer.log(self.step, epoch=rec["epoch"], val_top1=round(top1, 6), val_top5=round(top5, 6),
+                   best_top1=round(best["top1"], 6))
         if self.is_main:
-            say(f"epoch {epoch:g}: val top-1 {top1 * 100:.2f}%, top-5 {top5 * 100:.2f}% "
-                f"(best {self.best['top1'] * 100:.2f}% at epoch {self.best['epoch']:g}"
-                + (", saved best.pt)" if better else ")"))
+            say(f"epoch {rec['epoch']:g}: val top-1 {top1 * 100:.2f}%, top-5 {top5 * 100:.2f}% "
+                f"(best {best['top1'] * 100:.2f}% at epoch {best['epoch']:g}" + (", saved best.pt)" if better else ")"))
         return rec
 
     def _log_line(self, meter: StepMeter, writer, bar, say) -> None:
@@ -483,6 +429,68 @@ class ClassifyRun:
 
             return tqdm(total=self.stop_at, initial=self.step, unit="step", dynamic_ncols=True)
         return None
+
+
+def build_classifier(cfg: ClassifyConfig, num_classes: int, ctx: DistContext, device: torch.device, *,
+                     load_pretrained: bool = True) -> tuple[nn.Module, dict]:
+    """The encoder (task.checkpoint's weights at this resolution, or a random init) under its head, frozen per the
+    protocol, with the levers that apply (activation checkpointing, regional compile, FSDP2 under torchrun).
+    Returns the model and what was loaded ({"format", "resized", ...})."""
+    t, task = cfg.train, cfg.task
+    torch.manual_seed(t.seed)
+    mae = build_model(cfg.model)
+    mae.init_weights(t.seed)
+    info = {"format": "random init"}
+    if task.checkpoint and load_pretrained:  # a resumed run has its own weights in its checkpoint
+        info = ckpt.import_weights(mae, task.checkpoint)
+    elif task.checkpoint:
+        info = {"format": "resumed"}
+    probe = task.protocol == "linprobe"
+    model = EncoderClassifier(mae, num_classes, pool=task.pool, head="bn_linear" if probe else "linear",
+                              drop_path=0.0 if probe else task.drop_path)
+    k = 0 if probe else (len(model.blocks) if task.last_blocks < 0 else task.last_blocks)
+    model.freeze_all_but_last(k)
+    if k == len(model.blocks):  # full fine-tuning: every parameter trains, as in the reference code
+        for p in model.parameters():
+            p.requires_grad = True
+    if task.pool == "gap":  # the encoder's final norm is not on the path (fc_norm is): nothing to train
+        for p in model.norm.parameters():
+            p.requires_grad = False
+    if t.activation_checkpointing:
+        apply_activation_checkpointing(mae)
+    if t.compile:
+        apply_regional_compile(model, t.compile_mode)
+    model = model.to(device)
+    if ctx.distributed:
+        from .parallel import device_mesh
+
+        mesh = device_mesh(device, ctx.world, cfg.parallel.replicate) if cfg.parallel.replicate > 1 else None
+        shard_classifier(model, resolve_dtype(t.precision, device), mesh)
+    return model, info
+
+
+def build_classifier_optimizer(cfg: ClassifyConfig, model: nn.Module, lr: float, device: torch.device):
+    """AdamW over timm's layer-wise lr-decay groups (task.optimizer adamw; fused on CUDA), or the probe's LARS."""
+    task, o = cfg.task, cfg.optim
+    if task.optimizer == "lars":
+        return lars([p for p in model.parameters() if p.requires_grad], lr=lr)
+    groups = layer_decay_groups(model, o.weight_decay, task.layer_decay)
+    fused = {"fused": True} if torch.device(device).type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=o.betas, **fused)
+
+
+def build_loss(cfg: ClassifyConfig, num_classes: int):
+    """(mixup / cutmix or None, the criterion): soft-target cross-entropy under mixup (its label smoothing inside),
+    else label smoothing, else plain cross-entropy."""
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    task = cfg.task
+    if task.protocol == "finetune" and (task.mixup > 0 or task.cutmix > 0):
+        from timm.data import Mixup
+
+        return (Mixup(mixup_alpha=task.mixup, cutmix_alpha=task.cutmix, label_smoothing=task.smoothing,
+                      num_classes=num_classes), SoftTargetCrossEntropy())
+    return None, LabelSmoothingCrossEntropy(task.smoothing) if task.smoothing > 0 else nn.CrossEntropyLoss()
 
 
 def shard_classifier(model: EncoderClassifier, param_dtype: torch.dtype | None, mesh=None) -> EncoderClassifier:

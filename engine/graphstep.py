@@ -99,7 +99,7 @@ class GraphedStep:
         if not supports_found_inf(optimizer):
             raise ValueError("a graphed step needs an optimizer that skips on the device (torch fused AdamW); "
                              f"got {type(optimizer).__name__}")
-        self.step, self.optimizer = step, optimizer
+        self.plain, self.optimizer = step, optimizer  # the TrainStep recorded
         self.mask_ratio = mask_ratio
         self.capture = capture
         self.warmup = warmup
@@ -116,13 +116,13 @@ class GraphedStep:
 
     @property
     def model(self):
-        return self.step.model
+        return self.plain.model
 
     def _body(self, c: _Captured) -> None:
-        loss, bad = self.step.body(list(zip(c.imgs, c.noise)), c.mask_ratio, skip=c.skip, autocast_cache=False)
+        loss, bad = self.plain.body(list(zip(c.imgs, c.noise)), c.mask_ratio, skip=c.skip, autocast_cache=False)
         c.loss.copy_(loss)
         c.finite.copy_(bad == 0)
-        c.grad_norm.copy_(self.step.grad_norm)
+        c.grad_norm.copy_(self.plain.grad_norm)
 
     def _new(self, micro_batches, mask_ratio: float) -> _Captured:
         imgs_list, noise_list = [x for x, _ in micro_batches], [n for _, n in micro_batches]

@@ -108,6 +108,23 @@ class Health:
                 return step, Path(path)
         return None
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to judge its next steps as this one would: the recent good losses and norms,
+        the weights' reference norm and the good checkpoints (a checkpoint is never written inside a streak, so
+        there is none to keep)."""
+        return {"losses": list(self.losses), "norms": list(self.norms), "weight_norm": self.weight_norm,
+                "weight_step": self.weight_step,
+                "good_checkpoints": [[step, str(path)] for step, path in self.good_checkpoints]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses = deque(float(x) for x in state.get("losses", [])[-self.window:])
+        self.norms = deque(float(x) for x in state.get("norms", [])[-self.window:])
+        if state.get("weight_norm") is not None:
+            self.weight_norm, self.weight_step = float(state["weight_norm"]), int(state.get("weight_step", 0))
+        known = {(s, str(p)) for s, p in self.good_checkpoints}
+        older = [(int(s), Path(p)) for s, p in state.get("good_checkpoints", []) if (int(s), str(p)) not in known]
+        self.good_checkpoints = sorted(older + list(self.good_checkpoints), key=lambda sp: sp[0])
+
     def restart(self) -> None:
         """After a rollback: no streak; the good losses and norms stay the reference (the regime that diverged
         must not become the new normal), the weights' reference is taken again from the checkpoint."""
@@ -126,7 +143,7 @@ class StopVote:
         self.distributed = distributed and dist.is_initialized() and dist.get_world_size() > 1
         self._pending = None
 
-    def step(self, request: bool) -> bool:
+    def agree(self, request: bool) -> bool:
         if not self.distributed:
             return request
         from .parallel import all_reduce_

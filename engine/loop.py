@@ -5,12 +5,15 @@ torchtitan's loop: `checkpointer.save(step, last_step)`, `metrics_processor.shou
     guard = Guard(health, ...)        # judges the steps since the last check; rolls back or stops a diverged run
     saver = Checkpointer(...)         # when to save, and never a checkpoint of a run in a bad streak
     evals = Evaluator(...)            # when the reconstruction grids and the kNN monitor run
+    val = Validation(...)             # fine-tuning / probing: when the validation runs, and the best so far
     signals = StopSignals(...)        # a scheduler's SIGTERM / SIGUSR1 or a Ctrl-C: save and stop after the step
 
 engine/trainer.py's `fit` (pretraining) and engine/classify.py's (fine-tuning, linear probing) wire them around the
 training step; side work (grids, saves, the kNN monitor) runs inside
 `meter.paused()`, so the throughput counts training steps only. The parts hold no model: what they do to one is the
-trainer's (a save, a rollback, a grid), handed to them as a callable.
+trainer's (a save, a rollback, a grid), handed to them as a callable. A part with state a resumed run needs has
+state_dict() / load_state_dict(): the run gathers them into its checkpoint's meta ("parts") and hands them back on
+--resume.
 """
 
 from __future__ import annotations
@@ -120,6 +123,14 @@ class Guard:
             return True
         raise DivergenceError(self._diverged(self.health, self.rollbacks))
 
+    def state_dict(self) -> dict:
+        """Resume state: the rollbacks spent and the health's reference windows (see Health.state_dict)."""
+        return {"rollbacks": self.rollbacks, "health": self.health.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rollbacks = int(state.get("rollbacks", 0))
+        self.health.load_state_dict(state.get("health") or {})
+
 
 class Checkpointer:
     """When to save (every train.ckpt_every steps, at the last step, on a stop signal) and the save itself, which a
@@ -160,6 +171,39 @@ class Evaluator:
 
     def knn_due(self, step: int) -> bool:
         return bool(self.knn_every and step % (self.knn_every * self.steps_per_epoch) == 0)
+
+
+class Validation:
+    """Fine-tuning and probing: when the validation set is scored (every `every` epochs and at the last step; never
+    on a stop signal), and the best top-1 so far with the history of scores (resume state)."""
+
+    def __init__(self, every: int, steps_per_epoch: int, stop_at: int):
+        self.every, self.steps_per_epoch, self.stop_at = every, steps_per_epoch, stop_at
+        self.best: dict | None = None
+        """{"top1", "top5", "epoch", "step"} of the best validation so far."""
+        self.history: list[dict] = []
+
+    def due(self, step: int, stop_signal=None) -> bool:
+        if stop_signal:
+            return False
+        return step == self.stop_at or (step % self.steps_per_epoch == 0
+                                        and (step // self.steps_per_epoch) % self.every == 0)
+
+    def record(self, step: int, top1: float, top5: float) -> bool:
+        """Add a score; True when it is the best so far (strictly better top-1: the first of equals stays)."""
+        epoch = round(step / self.steps_per_epoch, 3)
+        self.history.append({"epoch": epoch, "step": step, "val_top1": top1, "val_top5": top5})
+        if self.best is not None and top1 <= self.best["top1"]:
+            return False
+        self.best = {"top1": top1, "top5": top5, "epoch": epoch, "step": step}
+        return True
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = state.get("best") if isinstance(state.get("best"), dict) else None
+        self.history = list(state.get("history") or [])
 
 
 class StopSignals:

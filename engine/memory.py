@@ -188,7 +188,7 @@ def estimate_step(m, mode: str = "mae", batch: int = 256, mask_ratio: float = 0.
                     tracker.phase_peak.clear()
                     tracker.peak = 0
                 noise = torch.rand(batch, m.num_patches, device=dev)
-                training.step([(imgs, noise)], mask_ratio, hooks=[phases])
+                training.step_fn([(imgs, noise)], mask_ratio, hooks=[phases])
                 del noise
     activations = activations[0]
     pp = tracker.phase_peak

@@ -2,7 +2,7 @@
 estimator all run `TrainStep`, built from a Config by `build_training`.
 
     training = build_training(cfg, ctx, device)        # model, optimizer, step: every lever applied here
-    loss, finite = training.step([(imgs, noise), ...]) # one optimizer step over accum_steps micro-batches
+    loss, finite = training.step_fn([(imgs, noise), ...])  # one optimizer step over accum_steps micro-batches
 
 One step: refresh the bf16 weight copies (bf16-pure), then per micro-batch the attention context, autocast,
 the forward with its mask noise, the backward of loss / accum_steps (FSDP2 reduces gradients on the last
@@ -12,7 +12,7 @@ the fused optimizer skips on the device when the flag is set (`found_inf`). Loss
 device: no host sync.
 
 `train.cuda_graph` wraps the same TrainStep in engine.graphstep.GraphedStep, which records `TrainStep.body`
-once per batch shape and mask ratio and replays it. Benchmarks time `training.step`; phase timing (forward /
+once per batch shape and mask ratio and replays it. Benchmarks time `training.step_fn`; phase timing (forward /
 backward / optimizer) and the memory estimator's phase accounting are hooks called at the phase boundaries
 (`PHASES`), not a second implementation.
 
@@ -163,14 +163,14 @@ class TrainStep:
 @dataclass
 class Training:
     """What build_training returns: the model (the module checkpoints and evaluation use), its optimizer, the
-    step to call per optimizer step (`step`: the TrainStep, or its captured form under train.cuda_graph) and
-    the TrainStep itself (`plain`)."""
+    callable to run per optimizer step (`step_fn`: the TrainStep, or its captured form under train.cuda_graph) and
+    the TrainStep itself (`plain`). (`step`, elsewhere, is always a count of optimizer steps.)"""
 
     cfg: Config
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     plain: TrainStep
-    step: Callable
+    step_fn: Callable
     compute: object
     lr: float
     device: torch.device
@@ -178,16 +178,16 @@ class Training:
 
     @property
     def graphed(self):
-        return self.step if self.step is not self.plain else None
+        return self.step_fn if self.step_fn is not self.plain else None
 
     def enable_graph(self, capture: bool = True, max_graphs: int = 2, warmup: int = 2):
         """Route the step through engine.graphstep (capture=False runs the graph's body eagerly: what the CPU
         tests and `mae bench agreement` hold to the plain step)."""
         from .graphstep import GraphedStep
 
-        self.step = GraphedStep(self.plain, self.cfg.model.mask_ratio, capture=capture, max_graphs=max_graphs,
+        self.step_fn = GraphedStep(self.plain, self.cfg.model.mask_ratio, capture=capture, max_graphs=max_graphs,
                                 warmup=warmup)
-        return self.step
+        return self.step_fn
 
 
 def check_levers(cfg: Config, ctx: DistContext, device: torch.device, strict: bool = True) -> None:

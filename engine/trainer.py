@@ -142,6 +142,8 @@ class Trainer:
         self.mask_gen = torch.Generator(device=self.device).manual_seed(t.seed * 7919 + 17)
         self.step = 0
         self.micro_batch = 0  # global micro-batch position of the data stream
+        self.parts: dict = {}  # the loop's parts with resume state (fit builds them; meta gathers their state)
+        self._parts_state: dict = {}  # what a resumed checkpoint saved of them
         self._knn_loaders = None
         self._heldout = None  # the held-out photographs, on runs of the embedded set (scored at each grid)
         self.heldout_error: float | None = None
@@ -270,6 +272,7 @@ class Trainer:
             "data_backend": self.loader.name,
             "config": self.cfg.to_dict(),
             "resumes": self._resume_history,
+            "parts": {name: part.state_dict() for name, part in self.parts.items()},
             **({"loss_scale": self.training.plain.scaler.state_dict()} if self.training.plain.scaler else {}),
         }
 
@@ -301,6 +304,7 @@ class Trainer:
         except (RuntimeError, TypeError, ValueError) as e:
             raise ckpt.CheckpointError(f"{path}: its random-generator states cannot be restored "
                                        f"({type(e).__name__}: {str(e)[:120]})") from None
+        self._parts_state = meta.get("parts") if isinstance(meta.get("parts"), dict) else {}
         if self.training.plain.scaler is not None and isinstance(meta.get("loss_scale"), dict):
             self.training.plain.scaler.load_state_dict(meta["loss_scale"])  # fp16: the scale the run had reached
         states = meta.get("loader")
@@ -355,7 +359,7 @@ class Trainer:
         """One optimizer step over accum_steps micro-batches. Returns (mean loss, finite flag), on device."""
         set_lr(self.optimizer, lr_at(self.step, self.total_steps, self.warmup_steps, self.lr, self.cfg.optim.min_lr))
         micro_batches = (self._next_micro_batch(stream) for _ in range(self.cfg.train.accum_steps))
-        loss, finite = self.training.step(micro_batches)  # plain or captured: the same body (engine/step.py)
+        loss, finite = self.training.step_fn(micro_batches)  # plain or captured: the same body (engine/step.py)
         self.step += 1
         return loss, finite  # a captured step's static outputs: fit() reads them before the next step
 
@@ -386,6 +390,10 @@ class Trainer:
                       on_divergence=t.on_divergence, max_rollbacks=t.max_rollbacks,
                       rollback=lambda h, n: self._rollback(h, say, n), diverged=self._divergence_message)
         saver = Checkpointer(self.save, t.ckpt_every, self.stop_at, health, self.is_main)
+        self.parts = {"guard": guard}  # resume state: gathered from them into meta(), handed back on --resume
+        for name, part in self.parts.items():
+            if isinstance(self._parts_state.get(name), dict):
+                part.load_state_dict(self._parts_state[name])
         evals = Evaluator(t.vis_every, t.knn_every, self.steps_per_epoch, self.stop_at, grids=vis_imgs is not None)
         stop_signal, vote = None, StopVote(self.device, self.ctx.distributed)
         signals = StopSignals(self.is_main)
@@ -393,11 +401,11 @@ class Trainer:
         try:
             while self.step < self.stop_at:
                 loss, finite = self.optimizer_step(stream)
-                meter.add(loss, self.training.step.grad_norm, finite)
-                guard.add(loss, self.training.step.grad_norm, finite)
+                meter.add(loss, self.training.step_fn.grad_norm, finite)
+                guard.add(loss, self.training.step_fn.grad_norm, finite)
                 if bar is not None:
                     bar.update(1)
-                if vote.step(signals.requested is not None):  # every rank agrees on the same step
+                if vote.agree(signals.requested is not None):  # every rank agrees on the same step
                     stop_signal = signals.requested or "a signal on another rank"
                 log_now, save_now = meter.due(self.step), saver.due(self.step, stop_signal)
                 if (log_now or save_now) and guard.check(self.step):  # note: with the log line, the only host sync

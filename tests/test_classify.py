@@ -137,6 +137,10 @@ def test_bad_input_is_one_line_naming_it(digits, tmp_path, capsys):
     assert main(["finetune", "--random", "--train", str(digits / "train"), "--val", str(digits / "val"), "--run-dir",
                  str(tmp_path / "d"), "--train.batch_size", "33", "--train.max_steps", "1", *FAST]) == 2
     assert "train.batch_size=33 must be even" in capsys.readouterr().err
+    assert main(["finetune", "--random", "--train", str(digits / "train"), "--val", str(digits / "val"), "--run-dir",
+                 str(tmp_path / "f"), "--data.backend", "dali", *FAST]) == 2
+    assert "data.backend=dali: mae finetune reads labelled folders through the torchvision pipeline" in \
+        capsys.readouterr().err
     assert main(["finetune", "--random", "--run-dir", str(tmp_path / "e"), "--train.cuda_graph", "true", *FAST]) == 2
     assert "train.cuda_graph=True does not apply to fine-tuning" in capsys.readouterr().err
 
@@ -185,6 +189,20 @@ def test_padding_of_a_validation_share_is_not_counted(digits, tmp_path):
             halves += [y for _, y in run.val_loader.val_batches()]
         labels = torch.cat(halves)
         assert n_whole == 539 and int((labels >= 0).sum()) == 539 and int((labels < 0).sum()) == 1
+        # validate(): each rank's share scored alone; the hits add up to the whole set's, over 270 + 269 samples
+        run.val_loader.rank, run.val_loader.world = 0, 1
+        whole_top1, whole_top5 = run.validate()
+        hits = []
+        for rank, n in ((0, 270), (1, 269)):
+            run.val_loader.rank, run.val_loader.world = rank, 2
+            top1, top5 = run.validate()
+            assert top1 * n == pytest.approx(round(top1 * n), abs=1e-6)
+            hits.append((round(top1 * n), round(top5 * n)))
+        assert sum(h[0] for h in hits) == round(whole_top1 * 539) and sum(h[1] for h in hits) == round(whole_top5 * 539)
+        with torch.no_grad():  # and the whole set's top-1 is the model's, sample by sample
+            run.model.eval()
+            right = sum(int((run.model(x).argmax(-1) == y).sum()) for x, y in run.val_loader.epoch(0))
+        assert round(whole_top1 * 539) == right
     finally:
         run.close()
 
@@ -299,13 +317,13 @@ def test_a_32_to_48_pixel_finetune_runs_through_the_resampled_embedding(digits, 
 # fp16 with dynamic loss scaling
 
 
-def _fp16_step(loss_at):
+def _fp16_step(loss_at, opt=torch.optim.AdamW):
     from engine.mixed import LossScaler
     from engine.step import TrainStep
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    opt = opt(model.parameters(), lr=0.1)
     calls = iter(loss_at)
 
     def forward(x, _ratio, y):
@@ -338,20 +356,20 @@ def test_an_fp16_overflow_skips_the_update_halves_the_scale_and_is_counted():
 
 
 def test_fp16_gradients_reach_the_optimizer_at_their_true_size():
-    """The scaled backward, unscaled: the same update as an unscaled fp32 step."""
+    """The scaled backward, unscaled: the same update as an unscaled fp32 step (SGD: Adam would hide a scale)."""
     from engine.step import TrainStep
 
-    model, step, _ = _fp16_step([1.0])
+    model, step, _ = _fp16_step([1.0], torch.optim.SGD)
     ref = torch.nn.Linear(4, 1)
     ref.load_state_dict(model.state_dict())
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.1)
-    ref_step = TrainStep(ref, ref_opt, device=torch.device("cpu"),
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    ref_step = TrainStep(ref, ref_opt, device=torch.device("cpu"), amp_dtype=torch.float16,
                          forward=lambda x, _r, y: (((ref(x) - y) ** 2).mean(), None, None))
     x, y = torch.randn(8, 4), torch.randn(8, 1)
     step([(x, y)])
     ref_step([(x, y)])
     for a, b in zip(model.parameters(), ref.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert torch.equal(a, b)  # a power-of-two scale, undone: the same bits
 
 
 def test_fp16_pretraining_logs_its_scale_and_resumes_with_it(tmp_path):
@@ -363,8 +381,13 @@ def test_fp16_pretraining_logs_its_scale_and_resumes_with_it(tmp_path):
     assert meta["loss_scale"]["scale"] == 2.0**16 and meta["loss_scale"]["overflows"] == 0
     recs = records(tmp_path)
     assert recs[-1]["loss_scale"] == 2.0**16 and recs[-1]["overflows"] == 0
+    path = ckpt.latest_checkpoint(tmp_path)  # the scale a run had reached (set by hand here) is the one it resumes with
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj["loss_scale"] = {"scale": 1024.0, "growth_tracker": 3, "overflows": 5}
+    torch.save(obj, path)
     assert main(["pretrain", *common, "--resume", "--train.max_steps", "6"]) == 0
-    assert records(tmp_path)[-1]["step"] == 6
+    last = records(tmp_path)[-1]
+    assert (last["step"], last["loss_scale"], last["overflows"]) == (6, 1024.0, 5)
 
 
 def test_fp16_is_refused_with_the_captured_step():
@@ -421,3 +444,57 @@ def test_randaugment_posterize_at_zero_bits_gives_a_black_image():
     assert _posterize(img, 0).tobytes() == bytes(4 * 4 * 3)
     assert _posterize(img, 8) is img
     assert _posterize(img, 1).tobytes() == bytes([128, 0, 0] * 16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torchrun: two gloo ranks fine-tune as one process does with the same global batch
+
+
+def test_a_two_rank_finetune_equals_a_one_rank_one_with_the_same_global_batch(digits, pretrained, tmp_path):
+    """FSDP2 on 2 CPU processes, 16 images each, against one process with 32: the same losses (to float rounding: the
+    gradients are averaged in another order) and the same validation (each digit counted once over the ranks).
+    Mixup and drop path draw per rank, so they are off here; the per-sample crop and flip are the same either way."""
+    import os
+    import subprocess
+    import sys
+
+    same = ["--checkpoint", str(pretrained), "--train", str(digits / "train"), "--val", str(digits / "val"), *FAST,
+            "--train.max_steps", "6", "--train.log_every", "1", "--task.mixup", "0", "--task.cutmix", "0",
+            "--task.drop_path", "0", "--task.auto_augment", "", "--task.eval_every", "1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["finetune", *same, "--train.batch_size", "32", "--run-dir", str(one)]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "engine.cli",
+           "finetune", *same, "--train.batch_size", "16", "--run-dir", str(two)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "FSDP2 over 2 ranks" in r.stdout
+    a, b = records(one), records(two)
+    la = {x["step"]: x["loss"] for x in a if "loss" in x}
+    lb = {x["step"]: x["loss"] for x in b if "loss" in x}
+    assert la.keys() == lb.keys() == set(range(1, 7))
+    for s in la:
+        assert lb[s] == pytest.approx(la[s], rel=1e-5), s
+    ra, rb = (json.loads((d / "result.json").read_text()) for d in (one, two))
+    assert ra["top1"] == pytest.approx(rb["top1"], abs=1 / 539 + 1e-9) and rb["world"] == 2
+    assert rb["val_samples"] == 539
+    assert (two / "ckpt_00000006.dcp").is_dir()
+
+
+def test_the_finetune_benchmark_runs_both_steps_and_writes_its_report(tmp_path):
+    from benchmarks import finetune_speed
+
+    assert finetune_speed.main(["--models", "debug", "--configs", "engine,reference", "--steps", "1", "--warmup", "1",
+                                "--batch", "4", "--classes", "10", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    report = json.loads(next(tmp_path.glob("finetune_cpu_*.json")).read_text())
+    rows = {(r["protocol"], r["config"]): r for r in report["rows"]}
+    assert set(rows) == {(p, c) for p in ("finetune", "linprobe") for c in ("engine", "reference")}
+    assert all(r["status"] == "ok" and r["img_s"] > 0 and r["batch"] == 4 for r in rows.values())
+    assert "CPU" in next(tmp_path.glob("finetune_cpu_*.md")).read_text()
+
+
+def test_mae_import_at_another_resolution_resamples_the_position_embeddings(pretrained, tmp_path, capsys):
+    out = tmp_path / "at48.pt"
+    assert main(["import", str(pretrained), "--preset", "debug", "--model.img_size", "48", "--out", str(out)]) == 0
+    obj = torch.load(out, map_location="cpu", weights_only=True)
+    assert obj["model"]["pos_embed"].shape == (1, 145, 64) and obj["config"]["model"]["img_size"] == 48
+    assert obj["model"]["decoder_pos_embed"].shape == (1, 145, 32)

@@ -297,7 +297,7 @@ def test_the_stop_vote_answers_one_step_late_and_the_same_on_every_rank(monkeypa
     from engine.health import StopVote
 
     single = StopVote(torch.device("cpu"), distributed=True)  # no group: one process
-    assert not single.distributed and [single.step(r) for r in (False, True, False)] == [False, True, False]
+    assert not single.distributed and [single.agree(r) for r in (False, True, False)] == [False, True, False]
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     try:
         posted = []
@@ -305,7 +305,7 @@ def test_the_stop_vote_answers_one_step_late_and_the_same_on_every_rank(monkeypa
         monkeypatch.setattr(dist, "all_reduce", lambda t, op=None, **k: posted.append((t.clone(), op)) or real(t, op=op, **k))
         vote = StopVote(torch.device("cpu"), distributed=True)
         assert vote.distributed is True
-        assert [vote.step(r) for r in (False, True, False, False)] == [False, False, True, False]
+        assert [vote.agree(r) for r in (False, True, False, False)] == [False, False, True, False]
         assert [(tuple(t.shape), float(t[0]), op) for t, op in posted] == [
             ((1,), 0.0, dist.ReduceOp.MAX), ((1,), 1.0, dist.ReduceOp.MAX), ((1,), 0.0, dist.ReduceOp.MAX),
             ((1,), 0.0, dist.ReduceOp.MAX)]
@@ -336,6 +336,6 @@ def test_a_one_rank_group_votes_at_once():
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=1)
     try:
         vote = StopVote(torch.device("cpu"), distributed=True)
-        assert vote.distributed is False and [vote.step(r) for r in (False, True)] == [False, True]
+        assert vote.distributed is False and [vote.agree(r) for r in (False, True)] == [False, True]
     finally:
         dist.destroy_process_group()

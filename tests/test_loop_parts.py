@@ -156,3 +156,43 @@ def test_the_grids_off_and_the_knn_monitor_by_epochs():
     assert not e.grids_due(5, None) and e.grids_due(12, None)  # vis_every 0: the last step only
     assert [s for s in range(1, 25) if e.knn_due(s)] == [8, 16, 24]  # every 2 epochs of 4 steps
     assert not any(loop.Evaluator(5, 0, 4, 12).knn_due(s) for s in range(1, 25))
+
+
+def test_a_resumed_guard_judges_its_first_step_against_the_windows_it_saved(tmp_path):
+    """The recent good losses and norms, the weights' reference, the rollbacks spent and the good checkpoints are
+    resume state: a spike right after a resume is a bad step, as it would have been without the stop."""
+    health, calls = Health(window=4), []
+    g = _guard(health, calls)
+    health.observe_weights(0, 1.0)
+    for loss in (1.0, 1.1, 0.9, 1.0, 1.2):
+        g.add(_t(loss), _t(2.0), _t(True))
+    g.check(step=5)
+    g.rollbacks = 1
+    old = tmp_path / "ckpt_00000003.pt"
+    old.write_bytes(b"x")
+    health.saved(3, old)
+    state = g.state_dict()
+    assert state["rollbacks"] == 1 and state["health"]["losses"] == pytest.approx([1.1, 0.9, 1.0, 1.2])
+
+    fresh, spike = Health(window=4), _t(10.0)
+    again = _guard(fresh, calls)
+    again.load_state_dict(state)
+    assert again.rollbacks == 1 and list(fresh.norms) == [2.0] * 4 and fresh.weight_norm == health.weight_norm
+    assert fresh.last_good_checkpoint() == (3, old)
+    again.add(spike, _t(2.0), _t(True))
+    again.check(step=6)
+    assert (fresh.streak, fresh.streak_start) == (1, 6) and "above 3 x the recent median" in fresh.last_reason
+    blank = Health(window=4)  # without the saved windows the same spike passes as the first good step
+    blank.observe(6, 10.0, 2.0, True)
+    assert blank.streak == 0
+
+
+def test_validation_is_due_at_its_epochs_and_the_last_step_and_keeps_the_best():
+    v = loop.Validation(every=2, steps_per_epoch=10, stop_at=35)
+    assert [s for s in range(1, 36) if v.due(s)] == [20, 35] and not v.due(20, "SIGTERM")
+    assert v.record(20, 0.5, 0.9) is True and v.record(35, 0.5, 0.95) is False  # equal top-1: the first stays
+    assert v.best == {"top1": 0.5, "top5": 0.9, "epoch": 2.0, "step": 20}
+    assert [h["epoch"] for h in v.history] == [2.0, 3.5]
+    w = loop.Validation(every=2, steps_per_epoch=10, stop_at=35)
+    w.load_state_dict(v.state_dict())
+    assert w.record(40, 0.4, 0.9) is False and w.best["step"] == 20 and len(w.history) == 3

@@ -98,7 +98,7 @@ def test_fsdp2_computes_in_bf16_reduces_in_fp32_and_returns_no_view(one_rank_gro
     policy = tr.model.blocks[0]._get_fsdp_state()._mp_policy  # private: the policy fully_shard was given
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loss, finite = tr.step([(torch.randn(4, 3, 32, 32), torch.rand(4, 64))])
+        loss, finite = tr.step_fn([(torch.randn(4, 3, 32, 32), torch.rand(4, 64))])
     assert bool(finite) and torch.isfinite(loss)
     assert seen == {"weight": torch.bfloat16, "x": torch.bfloat16, "imgs": torch.float32}
     assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32

@@ -25,8 +25,8 @@ def test_benchmark_step_is_the_trainers_step(tmp_path, levers):
     runner = StepRunner(debug().model, "mae", 4, "cpu", **levers)
     for i in range(3):
         batch = [_inputs(seed=i)]
-        la, fa = trainer.training.step(batch)
-        lb, fb = runner.training.step(batch, 0.75)
+        la, fa = trainer.training.step_fn(batch)
+        lb, fb = runner.training.step_fn(batch, 0.75)
         assert torch.equal(la, lb) and bool(fa) and bool(fb), i
     pa, pb = dict(trainer.model.named_parameters()), dict(runner.model.named_parameters())
     assert pa.keys() == pb.keys()
@@ -38,7 +38,7 @@ def test_hooks_see_the_phases_in_order():
     cfg = config_with_levers(debug(), {}, **{"train.accum_steps": 2, "train.device": "cpu"})
     tr = build_training(cfg)
     seen = []
-    tr.step([_inputs(seed=1), _inputs(seed=2)], hooks=[seen.append])
+    tr.step_fn([_inputs(seed=1), _inputs(seed=2)], hooks=[seen.append])
     assert seen == ["forward", "backward", "forward", "backward", "optimizer", "end"]
     assert set(seen) == set(PHASES)
 
@@ -58,9 +58,9 @@ def test_phase_timer_splits_a_step():
 def test_step_takes_exactly_accum_micro_batches():
     tr = build_training(config_with_levers(debug(), {}, **{"train.accum_steps": 2, "train.device": "cpu"}))
     with pytest.raises(ValueError, match="accum_steps=2 micro-batches; got 1"):
-        tr.step([_inputs()])
+        tr.step_fn([_inputs()])
     with pytest.raises(ValueError, match="got more"):
-        tr.step([_inputs(), _inputs(), _inputs()])
+        tr.step_fn([_inputs(), _inputs(), _inputs()])
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
