@@ -29,6 +29,9 @@ run() {  # run PROTOCOL NAME SOURCE... -- each run's wall time in NAME.s
 }
 run finetune ft_pretrained --checkpoint "$ck"
 run finetune ft_random --random
+# the ImageNet recipe's regularisation (RandAugment, random erasing, mixup, cutmix) on the same 20 epochs
+run finetune ft_recipe --checkpoint "$ck" --task.auto_augment rand-m9-mstd0.5-inc1 --task.reprob 0.25 \
+  --task.mixup 0.8 --task.cutmix 1.0
 run linprobe lin_pretrained --checkpoint "$ck" --task.pool gap
 run linprobe lin_random --random --task.pool gap
 # the same pretrained runs, stopped halfway (a pre-emption) and resumed
@@ -67,6 +70,8 @@ rows = [("kNN (k=20, cosine, T=0.07), 32 px", f"{knn('knn_pretrained'):.1f}%", f
          f"{top('lin_random'):.1f}%", f"{secs('lin_pretrained')} s"),
         ("`mae finetune` (every block, layer decay 0.75, 20 epochs), 32 px", f"{top('ft_pretrained'):.1f}%",
          f"{top('ft_random'):.1f}%", f"{secs('ft_pretrained')} s"),
+        ("`mae finetune` with the recipe's RandAugment, random erasing, mixup, cutmix, 32 px",
+         f"{top('ft_recipe'):.1f}%", "-", f"{secs('ft_recipe')} s"),
         ("`mae finetune --model.img_size 48` (pretrained at 32 px)", f"{top('ft48_pretrained'):.1f}%",
          f"{top('ft48_random'):.1f}%", f"{secs('ft48_pretrained')} s")]
 text = [f"# Digits demonstration: pretrain, fine-tune, linear probe (CPU, {day})", "",

@@ -104,7 +104,8 @@ class ClassifyRun:
         cfg, t, task = self.cfg, self.cfg.train, self.cfg.task
         if not task.train or not task.val:
             raise ConfigError(f"{self.command} needs labelled images: --train DIR and --val DIR (task.train, task.val: "
-                              "one subfolder per class; `mae data digits OUT` writes a small set)")
+                              "one subfolder per class, or shards of `mae data pack --labels`; `mae data digits OUT` "
+                              "writes a small set)")
         if cfg.data.backend in ("dali", "synthetic"):
             raise ConfigError(f"data.backend={cfg.data.backend}: {self.command} reads labelled folders through the "
                               "torchvision pipeline (the recipe's RandAugment and random erasing are timm's, with no "

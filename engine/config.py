@@ -507,9 +507,9 @@ class TaskConfig:
     """The pretrained encoder: an engine checkpoint, the paper's release, timm ViT weights or a Hugging Face
     directory; empty = a randomly initialised encoder (the baseline a pretraining is judged against)."""
     train: str = ""
-    """Labelled training images: a folder with one subfolder per class."""
+    """Labelled training images: a folder with one subfolder per class, or a set packed with `mae data pack --labels`."""
     val: str = ""
-    """Labelled validation images (one subfolder per class, the same classes)."""
+    """Labelled validation images (a folder or a packed set with the same classes)."""
     pool: str = "gap"
     """Features: gap (the mean of the patch tokens, then fc_norm: the paper's fine-tuning) | cls (the cls token after
     the encoder's final norm: the paper's linear probe)."""

@@ -1,4 +1,5 @@
-"""Labelled image folders (one subfolder per class) for evaluation, through the torchvision pipeline:
+"""Labelled image folders (one subfolder per class), or sets packed with `mae data pack --labels` (pipelines/shards.py),
+for fine-tuning, probing and evaluation, through the torchvision pipeline:
 training batches with RandomResizedCrop + flip (the probe's and fine-tuning's augmentation), evaluation
 batches with a resize of the shorter side to img_size / crop_pct and a center crop.
 
@@ -39,6 +40,34 @@ def list_labelled(path: str) -> tuple[list[str], list[int], list[str]]:
     return files, labels, classes
 
 
+class ShardLabels:
+    """The labels of a packed set as a sequence, each read from its shard when asked for (a worker reads the labels
+    of its own samples only)."""
+
+    def __init__(self, shards):
+        self.shards = shards
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, i: int) -> int:
+        return self.shards.label(i)
+
+
+def open_labelled(path: str):
+    """(files, labels, class names, shards) of a labelled folder, or of a set packed with `mae data pack --labels`
+    (files are then the sample numbers, labels read lazily, shards the ShardSet; None for a folder)."""
+    from .shards import find_manifest, open_shards
+
+    if find_manifest(path) is None:
+        return (*list_labelled(path), None)
+    shards = open_shards(path)
+    if len(shards.classes) < 2 or not shards.samples or shards.samples[0].label_at is None:
+        raise DataError(f"{path} is a packed set without labels; pack the class folders again with "
+                        "`mae data pack SRC OUT --labels`")
+    return list(range(len(shards))), ShardLabels(shards), shards.classes, shards
+
+
 class LabelledFiles(ImageFiles):
     """(image, label) by (epoch, sample). Training: the probe's RandomResizedCrop + flip, or with `auto_augment`
     timm's create_transform (bicubic RandomResizedCrop, flip, RandAugment, random erasing: the fine-tuning recipe),
@@ -48,7 +77,8 @@ class LabelledFiles(ImageFiles):
                  auto_augment: str = "", reprob: float = 0.0):
         super().__init__(files, img_size, data_cfg.scale, data_cfg.ratio, data_cfg.hflip if train else 0.0,
                          data_cfg.mean, data_cfg.std, seed, deterministic=not train)
-        self.labels, self.train, self.crop_pct = list(labels), train, crop_pct
+        self.labels, self.train, self.crop_pct = labels if isinstance(labels, ShardLabels) else list(labels), train, crop_pct
+        self.shards = None  # a packed set (with_shards): samples read from their shard by offset
         self.timm_transform = None
         if train and auto_augment:
             from timm.data import create_transform
@@ -58,6 +88,25 @@ class LabelledFiles(ImageFiles):
                 hflip=data_cfg.hflip, auto_augment=auto_augment, interpolation="bicubic", re_prob=reprob,
                 re_mode="pixel", re_count=1, mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
             _posterize_to_zero_bits(self.timm_transform)
+
+    def with_shards(self, shards) -> "LabelledFiles":
+        self.shards = shards
+        return self
+
+    def load(self, key):
+        if self.shards is None:
+            return super().load(key)
+        import io
+
+        from PIL import Image
+
+        from .common import to_rgb
+
+        with Image.open(io.BytesIO(self.shards.read(key))) as im:
+            return to_rgb(im)
+
+    def describe(self, key) -> str:
+        return super().describe(key) if self.shards is None else f"{self.shards.name(key)} (shard:member)"
 
     def transform(self, img, rng):
         if self.timm_transform is not None:
@@ -137,10 +186,10 @@ class LabelledLoader:
     def __init__(self, path: str, img_size: int, batch_size: int, data_cfg, seed: int, device, train: bool,
                  num_workers: int | None = None, *, rank: int = 0, world: int = 1, crop_pct: float = 0.875,
                  auto_augment: str = "", reprob: float = 0.0):
-        self.files, self.labels, self.classes = list_labelled(path)
+        self.files, self.labels, self.classes, shards = open_labelled(path)
         self.path = path
         self.dataset = LabelledFiles(self.files, self.labels, img_size, data_cfg, seed, train, crop_pct,
-                                     auto_augment, reprob)
+                                     auto_augment, reprob).with_shards(shards)
         self.train, self.batch_size, self.seed, self.rank, self.world = train, batch_size, seed, rank, world
         self.device = torch.device(device)
         self.num_workers = data_cfg.workers() if num_workers is None else num_workers

@@ -195,6 +195,8 @@ class ShardSample:
     offset: int
     size: int
     label: int | None
+    label_at: tuple[int, int] | None = None
+    """(offset, size) of the sample's {key}.cls member (packed with --labels), read when the label is asked for."""
 
 
 class ShardSet:
@@ -235,6 +237,29 @@ class ShardSet:
         s = self.samples[i]
         return f"{self.shards[s.shard]}:{s.member}"
 
+    @property
+    def classes(self) -> list[str]:
+        """The class names of a set packed with --labels (their index is the label), else []."""
+        c = self.manifest.get("classes")
+        return [str(x) for x in c] if isinstance(c, list) else []
+
+    def label(self, i: int) -> int:
+        """The class index of sample i, from its {key}.cls member (one small read)."""
+        s = self.samples[i]
+        if s.label_at is None:
+            raise DataError(f"{self.name(i)} has no label ({{key}}.cls member): the set was packed without --labels")
+        off, size = s.label_at
+        with open(self.shards[s.shard], "rb") as f:
+            f.seek(off)
+            text = f.read(size)
+        try:
+            k = int(text.decode().strip())
+        except (UnicodeDecodeError, ValueError):
+            raise DataError(f"{self.name(i)}: its label member holds {text[:20]!r}, not a class index") from None
+        if not 0 <= k < max(1, len(self.classes)):
+            raise DataError(f"{self.name(i)}: label {k} is not one of the manifest's {len(self.classes)} classes")
+        return k
+
 
 def _read_index(path: Path, shard: int, tar_bytes: int | None = None, tar: Path | None = None,
                 outside: list | None = None) -> list[ShardSample]:
@@ -270,7 +295,8 @@ def _read_index(path: Path, shard: int, tar_bytes: int | None = None, tar: Path 
         if img is None:
             raise DataError(f"{path} line {n}: no image component in {sorted(comps)}")
         off, size, member = comps[img]
-        out.append(ShardSample(shard, member, off, size, None))
+        cls = comps.get("cls")
+        out.append(ShardSample(shard, member, off, size, None, (cls[0], cls[1]) if cls else None))
     return out
 
 

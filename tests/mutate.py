@@ -61,7 +61,8 @@ MUTANTS = [
            ("tests/test_step.py::test_non_finite_loss_skips_the_update",)),
     Mutant("fallback_always_steps", "engine/step.py", "elif bad.item() == 0:  # note: a host sync",
            "else:  # note: a host sync", ("tests/test_step.py::test_non_finite_loss_skips_the_update",)),
-    Mutant("accumulation_not_scaled", "engine/step.py", "(loss / k).backward()", "loss.backward()",
+    Mutant("accumulation_not_scaled", "engine/step.py", "if self.scaler is not None else loss / k).backward()",
+           "if self.scaler is not None else loss).backward()",
            ("tests/test_recorded_run.py",)),
     # resume: the optimizer state, the data position
     Mutant("resume_drops_optimizer_state", "engine/checkpoint.py",

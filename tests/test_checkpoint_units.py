@@ -416,14 +416,15 @@ def test_imports_of_every_origin(tmp_path):
 
     model = build_model(debug().model)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
-    assert ckpt.import_weights(model, tmp_path / "mae.pth") == {"format": "mae", "loaded": len(src), "kept_init": []}
+    assert ckpt.import_weights(model, tmp_path / "mae.pth") == {"format": "mae", "loaded": len(src), "kept_init": [],
+                                                                "resized": []}
     assert all(torch.equal(model.state_dict()[k], v) for k, v in src.items())
 
     model = build_model(debug().model)
     model.load_state_dict(fresh)
     got = ckpt.import_weights(model, tmp_path / "timm.safetensors")
     decoder = [k for k in src if k not in enc]
-    assert got == {"format": "timm", "loaded": len(enc), "kept_init": decoder}
+    assert got == {"format": "timm", "loaded": len(enc), "kept_init": decoder, "resized": []}
     after = model.state_dict()
     assert all(torch.equal(after[k], enc[k]) for k in enc) and all(torch.equal(after[k], fresh[k]) for k in decoder)
 

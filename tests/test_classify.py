@@ -135,7 +135,8 @@ def test_bad_input_is_one_line_naming_it(digits, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "has the classes [cat, dog]" in err and "must be the same folders" in err
     assert main(["finetune", "--random", "--train", str(digits / "train"), "--val", str(digits / "val"), "--run-dir",
-                 str(tmp_path / "d"), "--train.batch_size", "33", "--train.max_steps", "1", *FAST]) == 2
+                 str(tmp_path / "d"), "--train.batch_size", "33", "--train.max_steps", "1", "--task.mixup", "0.8",
+                 *FAST]) == 2
     assert "train.batch_size=33 must be even" in capsys.readouterr().err
     assert main(["finetune", "--random", "--train", str(digits / "train"), "--val", str(digits / "val"), "--run-dir",
                  str(tmp_path / "f"), "--data.backend", "dali", *FAST]) == 2
@@ -498,3 +499,28 @@ def test_mae_import_at_another_resolution_resamples_the_position_embeddings(pret
     obj = torch.load(out, map_location="cpu", weights_only=True)
     assert obj["model"]["pos_embed"].shape == (1, 145, 64) and obj["config"]["model"]["img_size"] == 48
     assert obj["model"]["decoder_pos_embed"].shape == (1, 145, 32)
+
+
+def test_a_packed_labelled_set_trains_and_validates_as_its_folder_does(digits, tmp_path, capsys):
+    """`mae data pack --labels` shards (labels in {key}.cls members): the same validation top-1 as the folder (the
+    same images, another order), and a fine-tune reads its training images from them."""
+    packed = {}
+    for split in ("train", "val"):
+        packed[split] = tmp_path / f"{split}_packed"
+        assert main(["data", "pack", str(digits / split), str(packed[split]), "--labels", "--per-shard", "200"]) == 0
+    common = ["--random", "--train.max_steps", "2", "--train.batch_size", "32", *FAST]
+    assert main(["linprobe", *common, "--train", str(digits / "train"), "--val", str(digits / "val"), "--run-dir",
+                 str(tmp_path / "folder")]) == 0
+    assert main(["linprobe", *common, "--train", str(digits / "train"), "--val", str(packed["val"]), "--run-dir",
+                 str(tmp_path / "shards")]) == 0
+    a, b = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("folder", "shards"))
+    assert a["top1"] == b["top1"] and a["top5"] == b["top5"] and b["val_samples"] == 539
+    assert main(["finetune", *common, "--train", str(packed["train"]), "--val", str(packed["val"]), "--run-dir",
+                 str(tmp_path / "both")]) == 0
+    unlabelled = tmp_path / "unlabelled"
+    assert main(["data", "pack", str(digits / "val"), str(unlabelled), "--per-shard", "200"]) == 0
+    capsys.readouterr()
+    assert main(["finetune", *common, "--train", str(unlabelled), "--val", str(packed["val"]), "--run-dir",
+                 str(tmp_path / "no")]) == 2
+    assert "is a packed set without labels; pack the class folders again with `mae data pack SRC OUT --labels`" in \
+        capsys.readouterr().err

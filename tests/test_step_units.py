@@ -153,7 +153,7 @@ def test_a_step_writes_its_lr_and_batch_from_the_config():
                                             "optim.base_lr": "1e-3", "model.mask_ratio": "0.6"})
     tr = build_training(cfg, DistContext(rank=0, world=1))
     assert tr.lr == pytest.approx(1e-3 * 16 / 256) and tr.plain.accum_steps == 2 and tr.plain.mask_ratio == 0.6
-    assert tr.step is tr.plain and tr.graphed is None and tr.amp_dtype is None and tr.compute is None
+    assert tr.step_fn is tr.plain and tr.graphed is None and tr.amp_dtype is None and tr.compute is None
     assert tr.optimizer.defaults["lr"] == tr.lr
 
 
@@ -257,7 +257,7 @@ def test_every_lever_maps_onto_its_config_fields():
         assert levers_to_overrides({"graph": value}) == {"train.cuda_graph": want}
         assert levers_to_overrides({"activation_checkpointing": value}) == {"train.activation_checkpointing": want}
     for value, want in [("autocast", "auto"), ("bf16", "bf16"), ("bf16-pure", "bf16-pure"), ("fp32", "fp32"),
-                        ("auto", "auto"), ("fp8", "fp8")]:
+                        ("auto", "auto"), ("fp8", "fp8"), ("fp16", "fp16")]:
         assert levers_to_overrides({"precision": value}) == {"train.precision": want}
     assert set(LEVERS) == {"kernels", "compile", "compile_mode", "graph", "precision", "fp8_recipe", "attention",
                            "checkpoint_blocks", "checkpoint_decoder_blocks", "activation_checkpointing",
@@ -265,8 +265,8 @@ def test_every_lever_maps_onto_its_config_fields():
     with pytest.raises(ValueError, match=r"^unknown lever 'compiled'; levers: kernels, compile, compile_mode, graph, "):
         levers_to_overrides({"compiled": True})
     with pytest.raises(ValueError, match=r"^lever precision must be one of autocast, bf16, bf16-pure, fp32, auto, fp8, "
-                                         r"got 'fp16'$"):
-        levers_to_overrides({"precision": "fp16"})
+                                         r"fp16, got 'fp64'$"):
+        levers_to_overrides({"precision": "fp64"})
 
 
 def test_a_config_with_levers_takes_further_overrides_as_strings():
@@ -330,9 +330,9 @@ def test_build_training_is_strict_by_default_and_checks_with_its_context():
     with pytest.raises(ConfigError, match=r"^train.cuda_graph=true: it needs CUDA \(train.device resolved to cpu\)"):
         build_training(cfg)
     tr = build_training(cfg, strict=False)  # the captured step's body, eagerly (benchmarks, CPU tests)
-    assert tr.graphed is tr.step and (tr.step.max_graphs, tr.step.warmup, tr.step.capture) == (2, 2, False)
+    assert tr.graphed is tr.step_fn and (tr.step_fn.max_graphs, tr.step_fn.warmup, tr.step_fn.capture) == (2, 2, False)
     tr = build_training(cfg, strict=False, max_graphs=5, graph_warmup=1)
-    assert (tr.step.max_graphs, tr.step.warmup) == (5, 1)
+    assert (tr.step_fn.max_graphs, tr.step_fn.warmup) == (5, 1)
     with pytest.raises(ConfigError, match="^parallel.replicate=2 needs a torchrun job"):
         build_training(apply_overrides(debug(), {"parallel.replicate": "2", "train.device": "cpu"}))
 
@@ -481,7 +481,7 @@ def test_a_fused_optimizer_skips_on_the_device_reading_the_flag_during_its_step(
 def test_the_captured_steps_body_takes_the_configs_mask_ratio_and_graph_limits():
     tr = build_training(config_with_levers(debug(), {}, **{"train.device": "cpu", "model.mask_ratio": "0.6"}))
     g = tr.enable_graph(capture=False)
-    assert tr.step is g and tr.graphed is g and (g.mask_ratio, g.max_graphs, g.warmup) == (0.6, 2, 2)
+    assert tr.step_fn is g and tr.graphed is g and (g.mask_ratio, g.max_graphs, g.warmup) == (0.6, 2, 2)
 
 
 def test_a_captured_step_with_the_default_fused_optimizer_is_built(monkeypatch):
