@@ -146,7 +146,8 @@ def check_graph_step(preset, compile, pure=False, attention="auto", ckpt=0, comp
     device="cpu" runs both bodies eagerly (what the CPU tests can hold of this check's set-up)."""
     from engine.config import get_preset
     from engine.optim import set_lr
-    from engine.step import build_training, config_with_levers
+    from engine.step import build_training
+    from engine.levers import config_with_levers
 
     levers = dict(compile="regional" if compile else "none", compile_mode=compile_mode, attention=attention,
                   precision=precision or ("bf16-pure" if pure else "autocast"), checkpoint_blocks=ckpt,
@@ -193,7 +194,8 @@ def check_fp8_follows_bf16(preset="mae_vit_base_patch16", recipe="tensorwise", d
     """train.precision=fp8 against bf16 autocast from the same weights, images and masks: the loss within 2%, the
     gradients within 10% relative and not equal (the float8 GEMMs ran). Returns the gradients' relative gap."""
     from engine.config import get_preset
-    from engine.step import build_training, config_with_levers
+    from engine.step import build_training
+    from engine.levers import config_with_levers
 
     out = []
     for levers in ({"precision": "fp8", "fp8_recipe": recipe}, {"precision": "bf16"}):

@@ -31,7 +31,7 @@ def _tolerances(device: torch.device) -> tuple[float, float]:
 
 def _config(preset: str, device: torch.device, **levers):
     from engine.config import get_preset
-    from engine.step import config_with_levers
+    from engine.levers import config_with_levers
 
     precision = "bf16" if device.type == "cuda" else "fp32"
     return config_with_levers(get_preset(preset), dict(levers, precision=precision),

@@ -1,4 +1,4 @@
-"""What `mae bench speedup` measures: the lever sets (each a set of the trainer's own levers, engine.step.LEVERS),
+"""What `mae bench speedup` measures: the lever sets (each a set of the trainer's own levers, engine.levers.LEVERS),
 the suites of rows per model, the mask ratios and the targets."""
 
 from __future__ import annotations

@@ -171,7 +171,7 @@ class PhaseTimer:
 class StepRunner:
     """Times full training steps of one model on synthetic on-device input (or a loader's stream), through the
     same step `mae pretrain` runs (engine.step.build_training): the lever keywords below are mapped onto the
-    config fields the trainer reads (engine.step.LEVERS), so a row measures what a run with those overrides does.
+    config fields the trainer reads (engine.levers.LEVERS), so a row measures what a run with those overrides does.
 
     Levers (all default off, i.e. the reference's way of training): kernels "torch" | "triton" | "auto" for the
     MAE's masking / unshuffle / loss; compile "none" | "regional" (each block compiled once, reused by every
@@ -194,7 +194,8 @@ class StepRunner:
 
         from engine.config import Config, OptimConfig, TrainConfig
         from engine.parallel import DistContext
-        from engine.step import build_training, config_with_levers
+        from engine.step import build_training
+        from engine.levers import config_with_levers
 
         self.t_build = time.perf_counter()
         self.device = torch.device(device)

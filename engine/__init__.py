@@ -5,10 +5,9 @@
   own state and its own "is it time": StepMeter (the sums, the clock, the log record), Guard (health checks,
   rollback), Checkpointer (saves, never in a bad streak), Evaluator (grids, kNN monitor). A new periodic job is a
   part there and one line in `fit`.
-- a lever (a speed or memory switch): its field and value checks in engine/config.py, its cross-checks in
-  step.check_levers, applied where the model is built (parallel.build_parallel_model, step.build_training, or
-  step._levers_on_given_model for a given model), its short name in step.LEVERS and its benchmark sets in
-  benchmarks/levers.py.
+- a lever (a speed or memory switch): its field and value check in engine/config.py, and one record in
+  engine/levers.py (short name, fields, check, application to the model; check_levers, build_parallel_model,
+  build_training and the benchmarks' lever sets in benchmarks/levers.py all read that table).
 - fine-tuning and linear probing (`mae finetune`, `mae linprobe`): engine/classify.py, the same step (TrainStep with
   the classifier's forward and loss) and the same loop parts (StepMeter, Guard, Checkpointer, StopSignals) with a
   validation each task.eval_every epochs and best.pt; its config is engine/config.py's ClassifyConfig (the

@@ -147,7 +147,8 @@ def estimate_step(m, mode: str = "mae", batch: int = 256, mask_ratio: float = 0.
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from engine.config import Config, OptimConfig, TrainConfig
-    from engine.step import build_training, config_with_levers
+    from engine.step import build_training
+    from engine.levers import config_with_levers
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -17,10 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .attention import apply_attention
 from .config import Config
 from .device import resolve_device, resolve_dtype
-from .layernorm import apply_layer_norm
+from .levers import apply_levers
 from .model import MaskedAutoencoderViT, build_model
 
 
@@ -206,35 +205,19 @@ def _distribute_local(full: torch.Tensor, like):
 
 
 def build_parallel_model(cfg: Config, ctx: DistContext, device: torch.device) -> nn.Module:
-    """Meta build -> activation checkpointing -> attention path -> regional compile -> FSDP2 (under torchrun) ->
-    materialise -> apex LayerNorm (train.layer_norm=apex). engine.step.build_training adds the optimizer and
+    """Meta build -> the levers of engine/levers.py's `model` stage in table order (activation checkpointing,
+    attention path, float8, regional compile) -> FSDP2 (under torchrun) -> materialise -> the `after` stage (apex
+    LayerNorm). engine.step.build_training adds the optimizer and
     the step; call that unless only the module is wanted."""
     t = cfg.train
     with _outside_dispatch_modes(), torch.device("meta"):  # shapes only: no mode needs to see the skeleton
         model = build_model(cfg.model)
-    if t.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    elif t.checkpoint_blocks or t.checkpoint_decoder_blocks:  # <= model.depth / decoder_depth: checked by Config
-        apply_activation_checkpointing(model, first=t.checkpoint_blocks, decoder_first=t.checkpoint_decoder_blocks)
-    apply_attention(model, t.attention)
-    if t.precision == "fp8":  # on the meta model, before the compile (which fuses the casts) and FSDP2
-        from .fp8 import apply_fp8
-
-        apply_fp8(model, t.fp8_recipe, t.fp8_decoder, fsdp=ctx.distributed)
-    if t.compile and t.compile_scope == "blocks":
-        apply_regional_compile(model, t.compile_mode)
+    apply_levers(model, cfg, ctx, "model")  # checkpointing, attention path, float8, regional compile (engine/levers.py)
     if ctx.distributed:
         mesh = device_mesh(device, ctx.world, cfg.parallel.replicate) if cfg.parallel.replicate > 1 else None
         apply_fsdp(model, resolve_dtype(t.precision, device), mesh=mesh)
     materialize(model, device, t.seed)
-    if t.layer_norm != "torch":  # after the values are set: the swap keeps the Parameters, not the module types
-        # where it may run (one CUDA process) is checked by engine.step.check_levers
-        try:
-            apply_layer_norm(model, t.layer_norm)
-        except RuntimeError as e:
-            from .config import UnavailableError
-
-            raise UnavailableError(str(e)) from None
+    apply_levers(model, cfg, ctx, "after")  # apex LayerNorm (where it may run: engine.levers.check_levers)
     return model
 
 

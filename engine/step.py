@@ -16,11 +16,11 @@ once per batch shape and mask ratio and replays it. Benchmarks time `training.st
 backward / optimizer) and the memory estimator's phase accounting are hooks called at the phase boundaries
 (`PHASES`), not a second implementation.
 
-Levers: a lever is a config field (model.kernels, train.compile, train.cuda_graph, train.precision, ...),
-cross-checked here (check_levers) and applied where the model and the step are built (engine/parallel.py's
-build_parallel_model, build_training here; _levers_on_given_model for a model handed in). The benchmarks' lever
-sets name them by short names (`LEVERS`), mapped onto the same config fields by `levers_to_overrides`, so a
-benchmark row runs what `mae pretrain` runs with those overrides.
+Levers: each lever (model.kernels, train.compile, train.cuda_graph, train.precision, ...) is one record of
+engine/levers.py: its fields, its check (check_levers, called here) and its application (to the meta-built model in
+engine/parallel.py's build_parallel_model, to a model handed in here); build_training reads the `step` ones (the
+capture, the optimizer, the whole-model compile, the fp16 loss scaler). The benchmarks' lever sets name the same
+records, so a benchmark row runs what `mae pretrain` runs with those overrides.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from typing import Callable, Iterable
 import torch
 
 from .attention import attention_context
-from .config import Config, ConfigError, apply_overrides
+from .config import Config, ConfigError
 from .device import autocast, resolve_device, resolve_dtype
+from .levers import apply_to_given_model, check_levers
 from .optim import build_optimizer, supports_found_inf
 from .parallel import DistContext, all_reduce_, build_parallel_model, fsdp_replicas, is_fsdp
 
@@ -190,45 +191,6 @@ class Training:
         return self.step_fn
 
 
-def check_levers(cfg: Config, ctx: DistContext, device: torch.device, strict: bool = True) -> None:
-    """Refuse lever combinations that cannot run here, naming the lever and the way out (ConfigError).
-    strict=False (benchmarks, CPU tests) lets the captured step run its body eagerly off CUDA and apex's layer
-    norm run wherever its module does; what cannot work anywhere is refused either way."""
-    t = cfg.train
-    if cfg.parallel.replicate > 1 and (not ctx.distributed or ctx.world % cfg.parallel.replicate
-                                       or ctx.world == cfg.parallel.replicate):
-        raise ConfigError(f"parallel.replicate={cfg.parallel.replicate} needs a torchrun job whose world size is a "
-                          f"multiple of it with at least 2 ranks per group (world size {ctx.world if ctx.distributed else 1})"
-                          "; use --parallel.replicate 1")
-    if t.precision == "bf16-pure" and ctx.distributed:
-        raise ConfigError("train.precision=bf16-pure is for one process; under FSDP2 use bf16 (FSDP2 keeps "
-                          "bf16 parameters with fp32 master weights itself)")
-    if t.precision == "fp8":
-        from .fp8 import supported_here, torchao_float8
-
-        torchao_float8()  # UnavailableError naming the extra to install
-        why = supported_here(device)
-        if why:
-            raise ConfigError(f"train.precision=fp8: {why}; use --train.precision bf16")
-    if t.precision == "fp16" and t.cuda_graph:
-        raise ConfigError("train.precision=fp16: its loss scaler is not captured in a CUDA graph; set "
-                          "--train.cuda_graph false (or use bf16 on a GPU that has it)")
-    if not strict:
-        return
-    if t.cuda_graph:
-        why = None
-        if device.type != "cuda":
-            why = f"it needs CUDA (train.device resolved to {device})"
-        elif ctx.distributed:
-            why = "FSDP2 (torchrun or train.fsdp=always) is not captured; it overlaps its own collectives"
-        if why:
-            raise ConfigError(f"train.cuda_graph=true: {why}; set --train.cuda_graph false")
-    if t.layer_norm != "torch" and (ctx.distributed or device.type != "cuda"):
-        raise ConfigError(f"train.layer_norm={t.layer_norm} runs in one CUDA process "
-                          f"({'FSDP2 is on' if ctx.distributed else f'the device is {device}'}); "
-                          "use --train.layer_norm torch")
-
-
 MEASURED_DEFAULT = ("the fastest single-GPU setting measured: ViT-H b256 1,045 img/s eager -> 1,278 compiled -> 1,280 "
                     "captured, H100 (benchmarks/results/speedup_h100_2026-11-26.md)")
 """Why train.compile and train.cuda_graph default to on in one CUDA process (the `fast` lever set)."""
@@ -292,7 +254,7 @@ def build_training(cfg: Config, ctx: DistContext | None = None, device: torch.de
     if model is None:
         model = build_parallel_model(cfg, ctx, device)
     else:
-        _levers_on_given_model(model, cfg)
+        apply_to_given_model(model, cfg, ctx)
     lr = cfg.optim.scaled_lr(t.batch_size * t.accum_steps * ctx.world)
     optimizer = build_optimizer(model, cfg.optim, lr, device)
     if strict and t.cuda_graph and not supports_found_inf(optimizer):
@@ -321,62 +283,3 @@ def loss_scaler(precision: str, device: torch.device):
     from .mixed import LossScaler
 
     return LossScaler(device)
-
-
-def _levers_on_given_model(model: torch.nn.Module, cfg: Config) -> None:
-    from .attention import apply_attention
-    from .layernorm import apply_layer_norm
-    from .parallel import apply_regional_compile
-
-    t = cfg.train
-    apply_layer_norm(model, t.layer_norm)
-    apply_attention(model, t.attention)
-    if t.compile and t.compile_scope == "blocks":
-        apply_regional_compile(model, t.compile_mode)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Lever sets by short name (the benchmarks' vocabulary), mapped onto the config fields the step reads
-
-LEVERS = {
-    "kernels": ("model.kernels", str),  # torch | triton | auto: the masking / unshuffle / loss kernels
-    "compile": (("train.compile", "train.compile_scope"),
-                {"none": ("false", "blocks"), "regional": ("true", "blocks"), "model": ("true", "model"),
-                 False: ("false", "blocks"), True: ("true", "model")}),
-    "compile_mode": ("train.compile_mode", str),
-    "graph": ("train.cuda_graph", lambda v: "true" if v else "false"),
-    "precision": ("train.precision", {"autocast": "auto", "bf16": "bf16", "bf16-pure": "bf16-pure",
-                                      "fp32": "fp32", "auto": "auto", "fp8": "fp8", "fp16": "fp16"}),
-    "fp8_recipe": ("train.fp8_recipe", str),
-    "attention": ("train.attention", str),
-    "checkpoint_blocks": ("train.checkpoint_blocks", str),
-    "checkpoint_decoder_blocks": ("train.checkpoint_decoder_blocks", str),
-    "activation_checkpointing": ("train.activation_checkpointing", lambda v: "true" if v else "false"),
-    "layer_norm": ("train.layer_norm", str),
-    "optimizer": ("optim.fused", str),
-}
-
-
-def levers_to_overrides(levers: dict) -> dict[str, str]:
-    """{"kernels": "auto", "compile": "regional", "graph": True, ...} -> dotted config overrides."""
-    out: dict[str, str] = {}
-    for name, value in levers.items():
-        if name not in LEVERS:
-            raise ValueError(f"unknown lever {name!r}; levers: {', '.join(LEVERS)}")
-        key, conv = LEVERS[name]
-        if isinstance(conv, dict):
-            if value not in conv:
-                raise ValueError(f"lever {name} must be one of {', '.join(map(str, conv))}, got {value!r}")
-            v = conv[value]
-        else:
-            v = conv(value)
-        if isinstance(key, tuple):
-            out.update(zip(key, v))
-        else:
-            out[key] = v
-    return out
-
-
-def config_with_levers(cfg: Config, levers: dict, **overrides) -> Config:
-    """`cfg` with a lever set and further dotted overrides applied (validated as the command line is)."""
-    return apply_overrides(cfg, {**levers_to_overrides(levers), **{k: str(v) for k, v in overrides.items()}})

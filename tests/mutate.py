@@ -171,7 +171,7 @@ MUTANTS = [
     Mutant("fp8_converts_nothing", "engine/fp8.py", "module_filter_fn=fp8_filter(decoder))",
            "module_filter_fn=lambda m, f: False)",
            ("tests/test_fp8.py",)),
-    Mutant("fp8_no_float8_all_gather", "engine/parallel.py", "t.fp8_decoder, fsdp=ctx.distributed)",
+    Mutant("fp8_no_float8_all_gather", "engine/levers.py", "t.fp8_decoder, fsdp=ctx.distributed)",
            "t.fp8_decoder, fsdp=False)", ("tests/test_fp8.py",)),
     # the attention kernel's tail tile too small to cover the sequence
     Mutant("attention_tail_tile_16", "kernels/attention.py",

@@ -393,7 +393,7 @@ def test_fp16_pretraining_logs_its_scale_and_resumes_with_it(tmp_path):
 
 def test_fp16_is_refused_with_the_captured_step():
     from engine.parallel import DistContext
-    from engine.step import check_levers
+    from engine.levers import check_levers
     from engine.config import debug
 
     cfg = apply_overrides(debug(), {"train.precision": "fp16", "train.cuda_graph": "true"})

@@ -204,7 +204,7 @@ def test_fsdp_always_in_a_single_process_matches_plain(tmp_path, reference, caps
 def test_replicate_must_divide_the_world_size():
     from engine.config import ConfigError, debug
     from engine.parallel import DistContext
-    from engine.step import check_levers
+    from engine.levers import check_levers
 
     cfg = debug()
     cfg.parallel.replicate = 2

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from engine.config import ConfigError, UnavailableError, debug
-from engine.step import build_training, config_with_levers
+from engine.step import build_training
+from engine.levers import config_with_levers
 
 torchao = pytest.importorskip("torchao", reason="the fp8 extra (torchao) is not installed")
 

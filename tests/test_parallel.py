@@ -81,7 +81,8 @@ def test_fsdp2_computes_in_bf16_reduces_in_fp32_and_returns_no_view(one_rank_gro
     the model returns no view (FSDP2 warned that an in-place op on one would skip its pre-backward hook)."""
     import warnings
 
-    from engine.step import build_training, config_with_levers
+    from engine.step import build_training
+    from engine.levers import config_with_levers
 
     cfg = config_with_levers(debug(), {"precision": "bf16"}, **{"train.device": "cpu", "train.batch_size": 4})
     tr = build_training(cfg, DistContext(distributed=True), torch.device("cpu"))

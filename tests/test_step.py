@@ -6,7 +6,8 @@ from conftest import debug_cfg
 
 from benchmarks.step_runner import PhaseTimer, StepRunner
 from engine.config import ConfigError, apply_overrides, debug
-from engine.step import PHASES, TrainStep, build_training, config_with_levers, levers_to_overrides
+from engine.step import PHASES, TrainStep, build_training
+from engine.levers import config_with_levers, levers_to_overrides
 from engine.trainer import Trainer
 
 

@@ -10,8 +10,8 @@ import torch
 
 from engine.config import ConfigError, apply_overrides, debug
 from engine.parallel import DistContext
-from engine.step import (LEVERS, TrainStep, build_training, check_levers, config_with_levers, levers_to_overrides,
-                         resolve_auto_levers)
+from engine.step import TrainStep, build_training, resolve_auto_levers
+from engine.levers import LEVERS, check_levers, config_with_levers, levers_to_overrides
 
 ONE = DistContext()
 TORCHRUN = DistContext(rank=0, world=4, distributed=True)
@@ -262,7 +262,8 @@ def test_every_lever_maps_onto_its_config_fields():
     assert set(LEVERS) == {"kernels", "compile", "compile_mode", "graph", "precision", "fp8_recipe", "attention",
                            "checkpoint_blocks", "checkpoint_decoder_blocks", "activation_checkpointing",
                            "layer_norm", "optimizer"}
-    with pytest.raises(ValueError, match=r"^unknown lever 'compiled'; levers: kernels, compile, compile_mode, graph, "):
+    with pytest.raises(ValueError, match=r"^unknown lever 'compiled'; levers: kernels, activation_checkpointing, "
+                                         r"checkpoint_blocks, checkpoint_decoder_blocks, attention, precision, "):
         levers_to_overrides({"compiled": True})
     with pytest.raises(ValueError, match=r"^lever precision must be one of autocast, bf16, bf16-pure, fp32, auto, fp8, "
                                          r"fp16, got 'fp64'$"):
@@ -374,8 +375,9 @@ def test_only_compile_scope_model_compiles_the_whole_forward(monkeypatch):
 
 
 def test_the_levers_apply_to_a_given_model(monkeypatch):
-    """A finished model handed in (the dense baseline of the benchmarks) gets the layer-norm, attention and
-    regional-compile levers the config names, in that order; compile only when it is on and regional."""
+    """A finished model handed in (the dense baseline of the benchmarks) gets the records of engine/levers.py marked
+    `given`, in table order: the attention path, the regional compile (only when on and regional), the layer norm
+    (only when not torch's)."""
     import engine.attention
     import engine.layernorm
     import engine.parallel
@@ -388,11 +390,15 @@ def test_the_levers_apply_to_a_given_model(monkeypatch):
     cfg = config_with_levers(debug(), {"compile": "regional", "compile_mode": "max-autotune-no-cudagraphs",
                                        "attention": "encoder-math"}, **{"train.device": "cpu"})
     tr = build_training(cfg, model=given)
-    assert tr.model is given and calls == [("layer_norm", given, "torch"), ("attention", given, "encoder-math"),
+    assert tr.model is given and calls == [("attention", given, "encoder-math"),
                                            ("compile", given, "max-autotune-no-cudagraphs")]
     calls.clear()
     build_training(config_with_levers(debug(), {"compile": "model"}, **{"train.device": "cpu"}), model=given)
-    assert [c[0] for c in calls] == ["layer_norm", "attention"]
+    assert [c[0] for c in calls] == ["attention"]
+    calls.clear()
+    build_training(config_with_levers(debug(), {"layer_norm": "apex"}, **{"train.device": "cpu"}), model=given,
+                   strict=False)
+    assert calls == [("attention", given, "auto"), ("layer_norm", given, "apex")]
 
 
 def test_bf16_pure_accumulates_micro_batches_into_the_fp32_masters():
@@ -564,3 +570,46 @@ def test_bf16_pure_replaces_the_gradients_a_captured_body_keeps_from_its_last_st
     first = [p.grad.clone() for p in m.parameters()]
     step.body([_data()], 0.5)  # no zero_grad in between, as under the capture
     assert all(torch.equal(p.grad, g) for p, g in zip(m.parameters(), first))
+
+
+def test_every_lever_record_is_applied_or_read_and_its_fields_are_checked():
+    """One record per lever (engine/levers.py): a model or after stage lever has its application; a step lever's
+    fields are read where the step is built; a `reads` lever names its reader; every field refuses a bad value."""
+    import inspect
+
+    import engine.optim
+    import engine.step
+    from engine.config import ConfigError as CE
+    from engine.levers import LEVERS as RECORDS
+
+    built = inspect.getsource(engine.step) + inspect.getsource(engine.optim)
+    for lever in RECORDS.values():
+        assert lever.stage in ("model", "after", "step", "reads"), lever.name
+        if lever.stage in ("model", "after"):
+            assert lever.apply is not None, lever.name
+        elif lever.stage == "step":
+            assert all(f.split(".")[1] in built for f in lever.fields), lever.name
+        else:
+            assert "read by" in lever.doc, lever.name
+        assert not lever.given or lever.apply is not None
+        for field in lever.fields:
+            with pytest.raises(CE):
+                config_with_levers(debug(), {}, **{field: "no-such-value"})
+
+
+def test_the_model_stage_applies_its_levers_in_table_order(monkeypatch):
+    """Checkpointing, then the attention path, then float8, then the regional compile (which fuses the casts), all
+    on the meta model before FSDP2; the layer norm after materialisation."""
+    import engine.levers as lv
+    from engine.parallel import DistContext, build_parallel_model
+
+    order = []
+    for name in ("_full_checkpointing", "_attention", "_fp8", "_regional_compile", "_layer_norm"):
+        monkeypatch.setattr(lv, name, lambda m, c, x, name=name: order.append((name, str(next(m.parameters()).device))))
+    records = tuple(lv.Lever(r.name, r.fields, r.values, r.stage, r.doc,
+                             getattr(lv, r.apply.__name__) if r.apply is not None and hasattr(lv, r.apply.__name__)
+                             else r.apply, r.check, r.given) for r in lv._TABLE)
+    monkeypatch.setattr(lv, "_TABLE", records)
+    build_parallel_model(debug(), DistContext(), torch.device("cpu"))
+    assert [n for n, _ in order] == ["_full_checkpointing", "_attention", "_fp8", "_regional_compile", "_layer_norm"]
+    assert [d for _, d in order] == ["meta"] * 4 + ["cpu"]

@@ -106,9 +106,6 @@ EQUIVALENT: dict[str, str] = {
     **{f"engine.step.xǁTrainStepǁbody__mutmut_{k}": "autocast's weight-cast cache off (False or None): each weight "
                                                     "is cast again instead of once per step, to the same values"
        for k in (1, 29)},
-    "engine.step.x_check_levers__mutmut_13": "the world size named for a context that is not distributed: its "
-                                             "world is 1",
-    "engine.step.x_check_levers__mutmut_34": "no reason as \"\" instead of None: both are false",
     "engine.step.xǁTrainStepǁ_total_norm__mutmut_16": "_foreach_norm's order defaults to 2",
     "engine.step.xǁTrainStepǁ_total_norm__mutmut_22": "all_reduce_'s op defaults to sum",
     "engine.optim.x_build_optimizer__mutmut_51": "AdamW's default weight decay: each of the two groups carries "
