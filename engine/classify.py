@@ -32,11 +32,12 @@ from .config import ClassifyConfig, ConfigError, to_toml
 from .device import autocast, resolve_device, resolve_dtype
 from .evaluate import EncoderClassifier, layer_decay_groups, lars
 from .health import Health, StopVote
-from .loop import Checkpointer, Guard, StepMeter, StopSignals, Validation
+from .loop import Checkpointer, Guard, Job, Loop, StepMeter, StopSignals, Validation, resume_parts
 from .metrics import MetricsWriter, datasheet_peak, vit_train_flops_per_image
 from .model import build_model, evaluating
 from .optim import lr_at, set_lr
-from .parallel import DistContext, all_reduce_, apply_activation_checkpointing, apply_regional_compile
+from .levers import apply_activation_checkpointing, apply_regional_compile
+from .parallel import DistContext, all_reduce_
 from .runlock import RunLock
 from .step import TrainStep, loss_scaler
 
@@ -314,8 +315,9 @@ class ClassifyRun:
                 f"stopping at step {self.stop_at}; run dir {self.run_dir}")
 
     def fit(self) -> ClassifyResult:
-        """The loop: a training step, then the log line, the validation (each task.eval_every epochs and at the
-        end; best.pt when top-1 improves), the save, a stop signal, each at its own time."""
+        """The engine's loop (engine/loop.py's Loop, as pretraining's) with a validation part: a training step, then
+        the health check, the log line, the validation (each task.eval_every epochs and at the end; best.pt when
+        top-1 improves; a checkpoint with it), the save, a stop signal, each at its own time."""
         t = self.cfg.train
         if self.is_main:
             self.log(self.banner())
@@ -332,53 +334,33 @@ class ClassifyRun:
                       max_rollbacks=0, rollback=None, diverged=self._divergence_message)
         saver = Checkpointer(self.save, t.ckpt_every, self.stop_at, health, self.is_main)
         val = Validation(self.cfg.task.eval_every, self.steps_per_epoch, self.stop_at)
-        self.parts = {"guard": guard, "validation": val}  # resume state: gathered from them, handed back to them
-        for name, part in self.parts.items():
-            if isinstance(self._parts_state.get(name), dict):
-                part.load_state_dict(self._parts_state[name])
-        stop_signal, vote, signals = None, StopVote(self.device, self.ctx.distributed), StopSignals(self.is_main)
-        restore = signals.install()
-        last = None
+        self.parts = resume_parts({"guard": guard, "validation": val}, self._parts_state)  # meta() gathers them
+        last: list[dict] = []
+        jobs = [Job(val.due, lambda: last.append(self._validation_line(val, writer, say)), "before_save", saves=True)]
+        loop = Loop(meter=meter, guard=guard, saver=saver, vote=StopVote(self.device, self.ctx.distributed),
+                    signals=StopSignals(self.is_main), jobs=jobs, say=say, bar=bar,
+                    log_line=lambda: self._log_line(meter, writer, bar, say))
         try:
-            while self.step < self.stop_at:
-                loss, finite = self.optimizer_step(stream)
-                meter.add(loss, self.training.grad_norm, finite)
-                guard.add(loss, self.training.grad_norm, finite)
-                if bar is not None:
-                    bar.update(1)
-                if vote.agree(signals.requested is not None):
-                    stop_signal = signals.requested or "a signal on another rank"
-                eval_now = val.due(self.step, stop_signal)
-                log_now = meter.due(self.step)
-                save_now = saver.due(self.step, stop_signal) or eval_now
-                if log_now or save_now:
-                    guard.check(self.step)  # DivergenceError past train.max_bad_steps
-                if log_now:
-                    self._log_line(meter, writer, bar, say)
-                if eval_now:
-                    with meter.paused():
-                        last = self._validation_line(val, writer, say)
-                if save_now:
-                    with meter.paused():
-                        saver.save(self.step, say)
-                if stop_signal:
-                    if self.is_main:
-                        say(f"received {stop_signal}: saved {saver.last} at step {self.step}; continue with --resume")
-                    break
+            stop_signal = loop.run(lambda: self._train_step(stream), lambda: self.step, self.stop_at)
+            if stop_signal and self.is_main:
+                say(f"received {stop_signal}: saved {saver.last} at step {self.step}; continue with --resume")
         finally:
-            restore()
             if bar is not None:
                 bar.close()
             writer.close()
             stream.close()
             self.close()
-        top1, top5 = (last["val_top1"], last["val_top5"]) if last else (None, None)
+        top1, top5 = (last[-1]["val_top1"], last[-1]["val_top5"]) if last else (None, None)
         best = val.best
         result = ClassifyResult(self.step, top1, top5, best["top1"] if best else None, best["epoch"] if best else None,
                                 saver.last, self.run_dir, stop_signal, val.history)
         if self.is_main and not stop_signal:
             self._write_result(result)
         return result
+
+    def _train_step(self, stream) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        loss, finite = self.optimizer_step(stream)
+        return loss, self.training.grad_norm, finite
 
     def _validation_line(self, val: Validation, writer, say) -> dict:
         top1, top5 = self.validate()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -204,6 +205,87 @@ class Validation:
     def load_state_dict(self, state: dict) -> None:
         self.best = state.get("best") if isinstance(state.get("best"), dict) else None
         self.history = list(state.get("history") or [])
+
+
+def resume_parts(parts: dict, saved: dict | None) -> dict:
+    """Hand each part the state a resumed checkpoint saved of it (its meta's "parts", gathered from each part's
+    state_dict() at the save); returns `parts`, the run's parts with resume state from now on."""
+    for name, part in parts.items():
+        if isinstance(saved, dict) and isinstance(saved.get(name), dict):
+            part.load_state_dict(saved[name])
+    return parts
+
+
+@dataclass
+class Job:
+    """Side work of a run at its own time: `due(step, stop_signal)`, then `run()`, timed out of the throughput
+    (meter.paused). `when` places it around the log line and the save: before_log (its result goes into the log
+    record), before_save, after_save (never on a stop: the loop has ended). `saves`: its step also writes a
+    checkpoint (fine-tuning's validation: best.pt and the resume point agree)."""
+
+    due: Callable[[int, "str | None"], bool]
+    run: Callable[[], object]
+    when: str = "before_save"
+    saves: bool = False
+
+
+class Loop:
+    """The loop every run shares (pretraining, fine-tuning, linear probing; engine/trainer.py, engine/classify.py):
+
+        while step < stop_at:
+            one optimizer step
+            the meter and the guard take its loss, gradient norm and finite flag
+            a stop signal: every rank agrees on the same step
+            the guard judges the steps so far (at a log line or a save: the host syncs there anyway);
+                a rollback goes on from the restored step
+            the jobs due before the log line, the log line, the jobs due before the save, the save
+            a stop signal ends the loop (after its checkpoint); the jobs due after the save
+
+    `run` returns the stop signal's name, or None when the run reached stop_at."""
+
+    def __init__(self, *, meter: StepMeter, guard: Guard, saver: Checkpointer, vote, signals: "StopSignals",
+                 log_line: Callable[[], None], say: Callable[[str], None], jobs=(), bar=None):
+        self.meter, self.guard, self.saver, self.vote, self.signals = meter, guard, saver, vote, signals
+        self.log_line, self.say, self.jobs, self.bar = log_line, say, list(jobs), bar
+
+    def run(self, train_step: Callable[[], tuple], step_now: Callable[[], int], stop_at: int) -> str | None:
+        """train_step() -> (loss, gradient norm, finite flag), device tensors; step_now() -> the steps done."""
+        restore = self.signals.install()
+        try:
+            while step_now() < stop_at:
+                loss, grad_norm, finite = train_step()
+                step = step_now()
+                self.meter.add(loss, grad_norm, finite)
+                self.guard.add(loss, grad_norm, finite)
+                if self.bar is not None:
+                    self.bar.update(1)
+                stop = (self.signals.requested or "a signal on another rank") if self.vote.agree(
+                    self.signals.requested is not None) else None
+                due = [job for job in self.jobs if job.due(step, stop)]
+                log_now = self.meter.due(step)
+                save_now = self.saver.due(step, stop) or any(job.saves for job in due)
+                if (log_now or save_now) and self.guard.check(step):  # with the log line, the only host sync
+                    self.meter.reset()  # rolled back: the loop goes on from the restored step
+                    continue
+                self._run(due, "before_log")
+                if log_now:
+                    self.log_line()
+                self._run(due, "before_save")
+                if save_now:
+                    with self.meter.paused():
+                        self.saver.save(step, self.say)
+                if stop:
+                    return stop
+                self._run(due, "after_save")
+            return None
+        finally:
+            restore()
+
+    def _run(self, due: list, when: str) -> None:
+        for job in due:
+            if job.when == when:
+                with self.meter.paused():
+                    job.run()
 
 
 class StopSignals:

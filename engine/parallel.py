@@ -1,6 +1,7 @@
-"""Building the model a run trains (build_parallel_model): on the meta device, then activation checkpointing, the
-attention path, the float8 GEMMs, regional torch.compile, FSDP2 `fully_shard` per block and the root,
-materialisation, the layer norm; plus the process-group set-up for torchrun. The model file knows nothing of any of it.
+"""Building the model a run trains (build_parallel_model): on the meta device, then the levers of engine/levers.py
+(activation checkpointing, the attention path, the float8 GEMMs, regional torch.compile), FSDP2 `fully_shard` per
+block and the root, materialisation, the layer norm; plus the process-group set-up for torchrun. The model file knows
+nothing of any of it.
 
 The model is built on the meta device and materialised after sharding, so ViT-H and larger never exist
 whole in fp32 on one rank: each parameter's initial value is computed alone and only this rank's shard
@@ -96,31 +97,6 @@ def destroy_distributed() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-
-
-def apply_activation_checkpointing(model: MaskedAutoencoderViT, first: int | None = None,
-                                   decoder_first: int | None = None) -> None:
-    """Recompute every encoder and decoder block in backward, or only the first `first` encoder blocks and the
-    first `decoder_first` decoder blocks (parameter names unchanged).
-
-    Per recomputed FLOP a decoder block frees more memory than an encoder block: at mask 0.75 it runs on every
-    patch (4x the encoder's tokens) at a narrower width (ViT-H: 257 tokens x 512 against 65 x 1280), so its
-    saved activations are ~1.6x an encoder block's for about two thirds of its forward FLOPs."""
-    if first is None and decoder_first is None:
-        model.grad_checkpointing = True
-        return
-    model.checkpoint_first = first or 0
-    model.checkpoint_first_decoder = decoder_first or 0
-
-
-def apply_regional_compile(model: nn.Module, mode: str = "default") -> None:
-    """torch.compile each block in place: one compiled block reused by every layer of that shape, not a
-    whole-model graph (a 32-block encoder compiles one block). An MAE's encoder and decoder blocks, or the
-    `blocks` of any ViT (timm's too). `mode` is torch.compile's (train.compile_mode)."""
-    kw = {} if mode == "default" else {"mode": mode}
-    for name in ("blocks", "decoder_blocks"):
-        for blk in getattr(model, name, []):
-            blk.compile(**kw)
 
 
 def device_mesh(device: torch.device, world: int, replicate: int = 1):

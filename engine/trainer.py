@@ -26,7 +26,7 @@ from .config import Config, ConfigError
 from .device import autocast, resolve_device, resolve_dtype
 from .errors import DivergenceError
 from .health import Health, StopVote
-from .loop import Checkpointer, Evaluator, Guard, StepMeter, StopSignals
+from .loop import Checkpointer, Evaluator, Guard, Job, Loop, StepMeter, StopSignals, resume_parts
 from .metrics import MetricsWriter, datasheet_peak, train_flops_per_image
 from .model import evaluating
 from .optim import lr_at, set_lr
@@ -363,6 +363,10 @@ class Trainer:
         self.step += 1
         return loss, finite  # a captured step's static outputs: fit() reads them before the next step
 
+    def _train_step(self, stream) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        loss, finite = self.optimizer_step(stream)
+        return loss, self.training.step_fn.grad_norm, finite
+
     def _next_micro_batch(self, stream) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next micro-batch and its mask noise: the noise is drawn for the global micro-batch from
         the shared mask stream and sliced, so masks do not depend on the world size (or on the graph)."""
@@ -374,8 +378,9 @@ class Trainer:
         return imgs, noise[self.rank * b:(self.rank + 1) * b]
 
     def fit(self) -> TrainResult:
-        """The loop: a training step, then each part at its own time (engine/loop.py): the health check (at a log
-        line or a save), the grids, the log line, the save, a stop signal, the kNN monitor."""
+        """The loop (engine/loop.py's Loop, shared with fine-tuning and probing): a training step, then each part at
+        its own time: the health check (at a log line or a save), the grids, the log line, the save, a stop
+        signal, the kNN monitor."""
         t = self.cfg.train
         if self.is_main:
             self.log(self.banner())
@@ -390,44 +395,19 @@ class Trainer:
                       on_divergence=t.on_divergence, max_rollbacks=t.max_rollbacks,
                       rollback=lambda h, n: self._rollback(h, say, n), diverged=self._divergence_message)
         saver = Checkpointer(self.save, t.ckpt_every, self.stop_at, health, self.is_main)
-        self.parts = {"guard": guard}  # resume state: gathered from them into meta(), handed back on --resume
-        for name, part in self.parts.items():
-            if isinstance(self._parts_state.get(name), dict):
-                part.load_state_dict(self._parts_state[name])
+        self.parts = resume_parts({"guard": guard}, self._parts_state)  # meta() gathers their state
         evals = Evaluator(t.vis_every, t.knn_every, self.steps_per_epoch, self.stop_at, grids=vis_imgs is not None)
-        stop_signal, vote = None, StopVote(self.device, self.ctx.distributed)
-        signals = StopSignals(self.is_main)
-        restore = signals.install()
+        jobs = [Job(evals.grids_due, lambda: self.write_reconstruction(vis_imgs, writer), "before_log"),  # the log
+                # record carries the held-out error
+                Job(lambda step, stop: evals.knn_due(step), lambda: self._knn_line(writer, say), "after_save")]
+        loop = Loop(meter=meter, guard=guard, saver=saver, vote=StopVote(self.device, self.ctx.distributed),
+                    signals=StopSignals(self.is_main), jobs=jobs, say=say, bar=bar,
+                    log_line=lambda: self._log_line(meter, health, writer, bar, say))
         try:
-            while self.step < self.stop_at:
-                loss, finite = self.optimizer_step(stream)
-                meter.add(loss, self.training.step_fn.grad_norm, finite)
-                guard.add(loss, self.training.step_fn.grad_norm, finite)
-                if bar is not None:
-                    bar.update(1)
-                if vote.agree(signals.requested is not None):  # every rank agrees on the same step
-                    stop_signal = signals.requested or "a signal on another rank"
-                log_now, save_now = meter.due(self.step), saver.due(self.step, stop_signal)
-                if (log_now or save_now) and guard.check(self.step):  # note: with the log line, the only host sync
-                    meter.reset()  # rolled back: the loop goes on from the restored step
-                    continue
-                if evals.grids_due(self.step, stop_signal):
-                    with meter.paused():  # before the log line: its record carries the held-out error
-                        self.write_reconstruction(vis_imgs, writer)
-                if log_now:
-                    self._log_line(meter, health, writer, bar, say)
-                if save_now:
-                    with meter.paused():
-                        saver.save(self.step, say)
-                if stop_signal:
-                    if self.is_main:
-                        say(self._stopped_line(stop_signal, saver.last, health))
-                    break
-                if evals.knn_due(self.step):
-                    with meter.paused():
-                        self._knn_line(writer, say)
+            stop_signal = loop.run(lambda: self._train_step(stream), lambda: self.step, self.stop_at)
+            if stop_signal and self.is_main:
+                say(self._stopped_line(stop_signal, saver.last, health))
         finally:
-            restore()
             if bar is not None:
                 bar.close()
             writer.close()

@@ -72,7 +72,7 @@ def test_model_encoder_triton_path_matches_plain_and_compiles(monkeypatch):
     from engine.attention import apply_attention
     from engine.config import debug
     from engine.model import build_model
-    from engine.parallel import apply_regional_compile
+    from engine.levers import apply_regional_compile
 
     torch.manual_seed(0)
     m = build_model(debug().model).to(DEV)

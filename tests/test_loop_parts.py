@@ -196,3 +196,75 @@ def test_validation_is_due_at_its_epochs_and_the_last_step_and_keeps_the_best():
     w = loop.Validation(every=2, steps_per_epoch=10, stop_at=35)
     w.load_state_dict(v.state_dict())
     assert w.record(40, 0.4, 0.9) is False and w.best["step"] == 20 and len(w.history) == 3
+
+
+class _Events:
+    """Stand-ins for the loop's parts that write what happens, in order, into one list."""
+
+    def __init__(self, log_every=2, ckpt_every=3, stop_at=6, stop_after=None, rollback_at=None):
+        self.events, self.step, self.stop_after, self.rollback_at = [], 0, stop_after, rollback_at
+        ev = self
+
+        class Meter:
+            def add(self, *a): ev.events.append(("add", ev.step))
+            def due(self, step): return step % log_every == 0 or step == stop_at
+            def reset(self): ev.events.append(("reset", ev.step))
+            paused = loop.StepMeter.paused
+            started = 0.0
+
+        class Guard:
+            def add(self, *a): pass
+            def check(self, step):
+                if step == ev.rollback_at:
+                    ev.rollback_at, ev.step = None, step - 2
+                    ev.events.append(("rollback", step))
+                    return True
+                return False
+
+        class Saver:
+            def due(self, step, stop): return step % ckpt_every == 0 or step == stop_at or bool(stop)
+            def save(self, step, say): ev.events.append(("save", step))
+
+        class Vote:
+            def agree(self, request): return request
+
+        class Signals:
+            requested = None
+            def install(self):
+                ev.events.append(("install", ev.step))
+                return lambda: ev.events.append(("restore", ev.step))
+
+        self.meter, self.guard, self.saver, self.vote, self.signals = Meter(), Guard(), Saver(), Vote(), Signals()
+        self.stop_at = stop_at
+
+    def train_step(self):
+        self.step += 1
+        if self.stop_after is not None and self.step == self.stop_after:
+            self.signals.requested = "SIGTERM"
+        return _t(1.0), _t(1.0), _t(True)
+
+    def loop(self, jobs):
+        return loop.Loop(meter=self.meter, guard=self.guard, saver=self.saver, vote=self.vote, signals=self.signals,
+                         jobs=jobs, say=lambda m: None, log_line=lambda: self.events.append(("log", self.step)))
+
+
+def test_the_shared_loop_runs_each_part_at_its_time_in_order():
+    ev = _Events()
+    e = ev.events
+    jobs = [loop.Job(lambda s, stop: s == 4, lambda: e.append(("grids", ev.step)), "before_log"),
+            loop.Job(lambda s, stop: s == 4, lambda: e.append(("validate", ev.step)), "before_save", saves=True),
+            loop.Job(lambda s, stop: s == 4, lambda: e.append(("knn", ev.step)), "after_save")]
+    assert ev.loop(jobs).run(ev.train_step, lambda: ev.step, ev.stop_at) is None
+    assert e == [("install", 0), ("add", 1), ("add", 2), ("log", 2), ("add", 3), ("save", 3), ("add", 4),
+                 ("grids", 4), ("log", 4), ("validate", 4), ("save", 4), ("knn", 4), ("add", 5), ("add", 6),
+                 ("log", 6), ("save", 6), ("restore", 6)]
+
+
+def test_the_shared_loop_stops_after_the_signals_checkpoint_and_goes_on_after_a_rollback():
+    ev = _Events(stop_after=5)
+    after = loop.Job(lambda s, stop: True, lambda: ev.events.append(("after", ev.step)), "after_save")
+    assert ev.loop([after]).run(ev.train_step, lambda: ev.step, ev.stop_at) == "SIGTERM"
+    assert ev.events[-3:] == [("add", 5), ("save", 5), ("restore", 5)] and ("after", 5) not in ev.events
+    ev = _Events(rollback_at=4)
+    ev.loop([]).run(ev.train_step, lambda: ev.step, ev.stop_at)
+    assert ev.events[6:11] == [("add", 4), ("rollback", 4), ("reset", 2), ("add", 3), ("save", 3)]

@@ -147,7 +147,7 @@ def _saved_bytes(model, imgs, noise):
 ])
 def test_partial_activation_checkpointing_same_gradients_less_saved(depth, decoder_depth, settings):
     from engine.config import ModelConfig
-    from engine.parallel import apply_activation_checkpointing
+    from engine.levers import apply_activation_checkpointing
 
     cfg = ModelConfig(img_size=32, patch_size=4, embed_dim=64, depth=depth, num_heads=4, decoder_embed_dim=32,
                       decoder_depth=decoder_depth, decoder_num_heads=4, kernels="torch")
@@ -178,7 +178,7 @@ def test_bf16_pure_recomputes_checkpointed_blocks_in_bf16():
     functional_call (which crashed with a dtype mismatch): same gradients as bf16-pure without checkpointing."""
     from engine.config import debug
     from engine.mixed import Bf16Compute
-    from engine.parallel import apply_activation_checkpointing
+    from engine.levers import apply_activation_checkpointing
 
     imgs, noise = torch.randn(8, 3, 32, 32), torch.rand(8, 64)
     grads = []

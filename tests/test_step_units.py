@@ -380,12 +380,12 @@ def test_the_levers_apply_to_a_given_model(monkeypatch):
     (only when not torch's)."""
     import engine.attention
     import engine.layernorm
-    import engine.parallel
+    import engine.levers
 
     calls = []
     monkeypatch.setattr(engine.layernorm, "apply_layer_norm", lambda m, v: calls.append(("layer_norm", m, v)))
     monkeypatch.setattr(engine.attention, "apply_attention", lambda m, v: calls.append(("attention", m, v)))
-    monkeypatch.setattr(engine.parallel, "apply_regional_compile", lambda m, v: calls.append(("compile", m, v)))
+    monkeypatch.setattr(engine.levers, "apply_regional_compile", lambda m, v: calls.append(("compile", m, v)))
     given = Quadratic()
     cfg = config_with_levers(debug(), {"compile": "regional", "compile_mode": "max-autotune-no-cudagraphs",
                                        "attention": "encoder-math"}, **{"train.device": "cpu"})
