@@ -1,10 +1,12 @@
 """Model and training (imports kernels/ and pipelines/, never the reverse). Where a change belongs:
 
-- the training loop: engine/trainer.py sets a run up (run directory, resume checks, the model and step of
-  engine/step.py, the loader) and `Trainer.fit` wires one training step to the parts of engine/loop.py, each with its
-  own state and its own "is it time": StepMeter (the sums, the clock, the log record), Guard (health checks,
-  rollback), Checkpointer (saves, never in a bad streak), Evaluator (grids, kNN monitor). A new periodic job is a
-  part there and one line in `fit`.
+- the training loop: engine/loop.py's Loop is the one loop of every run (a step, the guard, then jobs before the log
+  line, before the save and after it, the save, a stop signal), built from parts that each own their state and
+  their "is it time": StepMeter (the sums, the clock, the log record), Guard (health checks, rollback), Checkpointer
+  (saves, never in a bad streak), Evaluator (grids, kNN monitor), Validation (fine-tuning's scores and best), and
+  StopSignals. engine/trainer.py sets a pretraining run up and its `fit` hands the Loop its jobs; a new periodic
+  job is a part there and one Job in that `fit`. A part with resume state has state_dict() / load_state_dict():
+  each checkpoint's meta gathers them ("parts").
 - a lever (a speed or memory switch): its field and value check in engine/config.py, and one record in
   engine/levers.py (short name, fields, check, application to the model; check_levers, build_parallel_model,
   build_training and the benchmarks' lever sets in benchmarks/levers.py all read that table).

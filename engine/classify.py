@@ -19,8 +19,6 @@ the parts of engine/loop.py. What differs from pretraining is only what a classi
 from __future__ import annotations
 
 import json
-import sys
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +27,7 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from .config import ClassifyConfig, ConfigError, to_toml
-from .device import autocast, resolve_device, resolve_dtype
+from .device import autocast, resolve_dtype
 from .evaluate import EncoderClassifier, layer_decay_groups, lars
 from .health import Health, StopVote
 from .loop import Checkpointer, Guard, Job, Loop, StepMeter, StopSignals, Validation, resume_parts
@@ -38,7 +36,7 @@ from .model import build_model, evaluating
 from .optim import lr_at, set_lr
 from .levers import apply_activation_checkpointing, apply_regional_compile
 from .parallel import DistContext, all_reduce_
-from .runlock import RunLock
+from .run import Run
 from .step import TrainStep, loss_scaler
 
 
@@ -71,32 +69,12 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class ClassifyRun:
+class ClassifyRun(Run):
     """Set-up in the constructor (run directory, resume checks, loaders, model, optimizer, step); `fit()` runs."""
 
-    def __init__(self, cfg: ClassifyConfig, resume: bool = False, ctx: DistContext | None = None, log=None,
-                 device: torch.device | None = None):
-        self.cfg = cfg
-        self.ctx = ctx or DistContext()
-        self.rank, self.world, self.is_main = self.ctx.rank, self.ctx.world, self.ctx.is_main
-        self.log = log or (lambda msg: print(msg, flush=True))
-        t = cfg.train
-        self.device = device or resolve_device(t.device)
-        self.amp_dtype = resolve_dtype(t.precision, self.device)
-        self.run_dir = Path(t.run_dir)
-        self.command = f"mae {cfg.task.protocol}"
-        self._lock: RunLock | None = None
-        if self.is_main:
-            ckpt.ensure_writable(self.run_dir)
-            self._lock = RunLock(self.run_dir, command=self.command).acquire()
-            weakref.finalize(self, self._lock.release)
-            if self._lock.describe_takeover():
-                self.log(self._lock.describe_takeover())
-        try:
-            self._setup(resume)
-        except BaseException:
-            self.close()
-            raise
+    @property
+    def command(self) -> str:
+        return f"mae {self.cfg.task.protocol}"
 
     # ------------------------------------------------------------------------------------------------------
     # set-up
@@ -181,12 +159,8 @@ class ClassifyRun:
                                        "another run directory")
         ckpt.check_architecture(saved, self.cfg.model, path)
 
-    def close(self) -> None:
-        for loader in (getattr(self, "train_loader", None), getattr(self, "val_loader", None)):
-            if loader is not None:
-                loader.close()
-        if self._lock is not None:
-            self._lock.release()
+    def loaders(self) -> list:
+        return [getattr(self, "train_loader", None), getattr(self, "val_loader", None)]
 
     # ------------------------------------------------------------------------------------------------------
     # the step
@@ -238,17 +212,9 @@ class ClassifyRun:
     # checkpoints
 
     def meta(self) -> dict:
-        t = self.cfg.train
         return {
-            "step": self.step,
-            "data": {"micro_batch": self.micro_batch, "epoch": self.micro_batch // self.train_loader.batches_per_epoch,
-                     "batches_per_epoch": self.train_loader.batches_per_epoch,
-                     "samples_seen": self.micro_batch * t.batch_size * self.world},
-            "schedule": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps, "lr": self.lr},
+            **self.position_meta(self.train_loader.batches_per_epoch),
             "rng": ckpt.capture_rng(),  # (every draw is seeded by position; kept for the format)
-            "world": self.world,
-            "config": self.cfg.to_dict(),
-            "parts": {name: part.state_dict() for name, part in self.parts.items()},
             "weights": self.weights.get("format"),
             **({"loss_scale": self.training.scaler.state_dict()} if self.training.scaler else {}),
         }
@@ -322,7 +288,7 @@ class ClassifyRun:
         if self.is_main:
             self.log(self.banner())
         writer = MetricsWriter(self.run_dir, tensorboard=t.tensorboard, enabled=self.is_main, resume_step=self.step)
-        bar = self._progress_bar()
+        bar = self.progress_bar(self.stop_at)
         say = bar.write if bar is not None else self.log
         stream = self.train_loader.stream(self.micro_batch)
         health = Health(t.spike_factor, t.grad_spike_factor)
@@ -405,13 +371,6 @@ class ClassifyRun:
                 f"train.max_bad_steps={self.cfg.train.max_bad_steps}; the last: {health.last_reason}); stopping. "
                 + (f"The last checkpoint written before it is {good[1]} (step {good[0]}): lower the lr, then --resume"
                    if good else "No checkpoint was written before it: lower the lr and start again"))
-
-    def _progress_bar(self):
-        if self.is_main and self.cfg.train.progress and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            return tqdm(total=self.stop_at, initial=self.step, unit="step", dynamic_ncols=True)
-        return None
 
 
 def build_classifier(cfg: ClassifyConfig, num_classes: int, ctx: DistContext, device: torch.device, *,
@@ -511,28 +470,14 @@ def _few(names: list[str]) -> str:
 
 def run_classify(cfg: ClassifyConfig, resume: bool = False) -> int:
     """`mae finetune` / `mae linprobe`: process group (torchrun), the run, its exit status, teardown."""
-    from . import parallel
+    from .parallel import run_job
 
-    ctx, device = parallel.init_distributed(cfg.train.device, fsdp=cfg.train.fsdp)
-    run = None
-    try:
-        run = ClassifyRun(cfg, resume=resume, ctx=ctx, device=device)
-        r = run.fit()
-        if r.interrupted:
-            import signal
+    def done(r: ClassifyResult) -> None:
+        best = (f", best {r.best_top1 * 100:.2f}% at epoch {r.best_epoch:g} ({r.run_dir / 'best.pt'})"
+                if r.best_top1 is not None else "")
+        top = f"top-1 {r.top1 * 100:.2f}%, top-5 {r.top5 * 100:.2f}%" if r.top1 is not None else "no validation"
+        print(f"done: {cfg.task.protocol} step {r.step}, {top}{best}; metrics {r.run_dir / 'metrics.jsonl'}, "
+              f"result {r.run_dir / 'result.json'}", flush=True)
 
-            sig = getattr(signal, r.interrupted, None) if r.interrupted.startswith("SIG") else None
-            return 128 + int(sig if sig is not None else signal.SIGTERM)
-        if ctx.is_main:
-            best = (f", best {r.best_top1 * 100:.2f}% at epoch {r.best_epoch:g} ({r.run_dir / 'best.pt'})"
-                    if r.best_top1 is not None else "")
-            top = f"top-1 {r.top1 * 100:.2f}%, top-5 {r.top5 * 100:.2f}%" if r.top1 is not None else "no validation"
-            print(f"done: {cfg.task.protocol} step {r.step}, {top}{best}; metrics {r.run_dir / 'metrics.jsonl'}, "
-                  f"result {r.run_dir / 'result.json'}", flush=True)
-    finally:
-        run = None
-        import gc
-
-        gc.collect()
-        parallel.destroy_distributed()
-    return 0
+    return run_job(cfg.train.device, cfg.train.fsdp,
+                   lambda ctx, device: ClassifyRun(cfg, resume=resume, ctx=ctx, device=device), done)

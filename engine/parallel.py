@@ -80,6 +80,34 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def run_job(device_pref: str, fsdp: str, build, done) -> int:
+    """A run from start to exit status: the process group (torchrun's, or none), the run `build(ctx, device)` makes,
+    its fit(), `done(result)` on rank 0 when it finished, 128 + the signal's number when a signal stopped it (143,
+    138, 130), and the teardown (`mae pretrain`, `mae finetune`, `mae linprobe`)."""
+    ctx, device = init_distributed(device_pref, fsdp=fsdp)
+    run = None
+    try:
+        run = build(ctx, device)
+        result = run.fit()
+        if result.interrupted:
+            import signal
+
+            sig = getattr(signal, result.interrupted, None) if result.interrupted.startswith("SIG") else None
+            return 128 + int(sig if sig is not None else signal.SIGTERM)
+        if ctx.is_main:
+            done(result)
+    finally:
+        # free the model, optimizer and loader (FSDP2 state sits in reference cycles) while the interpreter and
+        # the process group are alive: collective work objects left for interpreter shutdown can take the
+        # process down in the communication library's threads after a successful run
+        run = None
+        import gc
+
+        gc.collect()
+        destroy_distributed()
+    return 0
+
+
 # what the environment held before a one-process group (train.fsdp always) set torchrun's variables: restored at
 # teardown, so that a later run in this process (the Python API, a test) is not taken for a torchrun job
 _ONE_PROCESS_ENV: dict[str, str | None] = {}

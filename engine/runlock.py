@@ -143,3 +143,19 @@ class RunLock:
     @property
     def held(self) -> bool:
         return self._fd is not None
+
+
+def claim_run_dir(owner, run_dir, command: str, log) -> RunLock:
+    """What rank 0 of every run does first with its run directory: refuse a read-only or full one (one line, before
+    any work), take the directory's lock for the whole job (released when `owner` is collected, or by the run's
+    close()), and say so when it took over the lock of a run that is gone."""
+    import weakref
+
+    from .checkpoint import ensure_writable
+
+    ensure_writable(run_dir)
+    lock = RunLock(run_dir, command=command).acquire()
+    weakref.finalize(owner, lock.release)
+    if lock.describe_takeover():
+        log(lock.describe_takeover())
+    return lock

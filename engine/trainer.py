@@ -10,9 +10,7 @@ consecutive-bad-step counter stay on the device in between.
 from __future__ import annotations
 
 import json
-import sys
 import time
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,23 +21,19 @@ from pipelines import build_loader
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError
-from .device import autocast, resolve_device, resolve_dtype
+from .device import autocast
 from .errors import DivergenceError
 from .health import Health, StopVote
 from .loop import Checkpointer, Evaluator, Guard, Job, Loop, StepMeter, StopSignals, resume_parts
 from .metrics import MetricsWriter, datasheet_peak, train_flops_per_image
 from .model import evaluating
 from .optim import lr_at, set_lr
-from .parallel import DistContext
-from .runlock import RunLock
+from .run import Run
 from .step import build_training, resolve_auto_levers
 from .visualize import reconstruction_grid, save_grid
 
 
 DEMO_TARGET = 0.75  # the held-out masked-patch error the README's first run reaches (see the tiny preset)
-
-
-NonFiniteLossError = DivergenceError  # the name of the first version, when only non-finite losses counted
 
 
 @dataclass
@@ -59,29 +53,9 @@ class TrainResult:
     """The last masked-patch error on the held-out photographs (runs on the embedded set), 1.0 = patch mean."""
 
 
-class Trainer:
-    def __init__(self, cfg: Config, resume: bool = False, ctx: DistContext | None = None, log=None,
-                 device: torch.device | None = None):
-        self.cfg = cfg
-        self.ctx = ctx or DistContext()
-        self.rank, self.world, self.is_main = self.ctx.rank, self.ctx.world, self.ctx.is_main
-        self.log = log or (lambda msg: print(msg, flush=True))
-        t = cfg.train
-        self.device = device or resolve_device(t.device)
-        self.amp_dtype = resolve_dtype(t.precision, self.device)
-        self.run_dir = Path(t.run_dir)
-        self._lock: RunLock | None = None
-        if self.is_main:  # a read-only or full run directory fails here, in one line, before any work
-            ckpt.ensure_writable(self.run_dir)
-            self._lock = RunLock(self.run_dir).acquire()  # one run per directory (rank 0 holds it for the job)
-            weakref.finalize(self, self._lock.release)
-            if self._lock.describe_takeover():
-                self.log(self._lock.describe_takeover())
-        try:
-            self._setup(resume)
-        except BaseException:
-            self.close()
-            raise
+class Trainer(Run):
+    """A pretraining run: set up in the constructor (run directory, resume checks, model, step, loader), `fit()` runs
+    it through the shared loop (engine/loop.py)."""
 
     def _setup(self, resume: bool) -> None:
         self._fault_step = _fault_step(self.rank)
@@ -177,14 +151,8 @@ class Trainer:
             resolved = replace(cfg, data=replace(cfg.data, backend=self.loader.name))
             ckpt.atomic_write(self.run_dir / "config.toml", lambda f: f.write(to_toml(resolved).encode()))
 
-    def close(self) -> None:
-        """Stop the loaders' workers and pipelines and release the run directory (every way a run ends calls it;
-        a second call does nothing)."""
-        for loader in (getattr(self, "loader", None), *(getattr(self, "_knn_loaders", None) or ())):
-            if loader is not None and hasattr(loader, "close"):
-                loader.close()
-        if self._lock is not None:
-            self._lock.release()
+    def loaders(self) -> list:
+        return [getattr(self, "loader", None), *(getattr(self, "_knn_loaders", None) or ())]
 
     @property
     def graphed(self):
@@ -259,20 +227,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
 
     def meta(self) -> dict:
-        t = self.cfg.train
         return {
-            "step": self.step,
-            "data": {"micro_batch": self.micro_batch, "epoch": self.micro_batch // self.loader.batches_per_epoch,
-                     "batches_per_epoch": self.loader.batches_per_epoch,
-                     "samples_seen": self.micro_batch * t.batch_size * self.world},
-            "schedule": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps, "lr": self.lr},
+            **self.position_meta(self.loader.batches_per_epoch),
             "rng": ckpt.capture_rng({"mask": self.mask_gen}),
             "loader": self._loader_states(),
-            "world": self.world,
             "data_backend": self.loader.name,
-            "config": self.cfg.to_dict(),
             "resumes": self._resume_history,
-            "parts": {name: part.state_dict() for name, part in self.parts.items()},
             **({"loss_scale": self.training.plain.scaler.state_dict()} if self.training.plain.scaler else {}),
         }
 
@@ -386,7 +346,7 @@ class Trainer:
             self.log(self.banner())
         self._last_loss = None
         writer = MetricsWriter(self.run_dir, tensorboard=t.tensorboard, enabled=self.is_main, resume_step=self.step)
-        bar = self._progress_bar()
+        bar = self.progress_bar(self.stop_at)
         say = bar.write if bar is not None else self.log
         stream, vis_imgs = self._stream_and_grid_images()
         health = self._health()
@@ -430,13 +390,6 @@ class Trainer:
         writer.log(self.step, knn_top1=acc)
         if self.is_main:
             say(f"kNN monitor at epoch {self.step // self.steps_per_epoch}: top-1 {acc * 100:.2f}%")
-
-    def _progress_bar(self):
-        if self.is_main and self.cfg.train.progress and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            return tqdm(total=self.stop_at, initial=self.step, unit="step", dynamic_ncols=True)
-        return None
 
     def _stream_and_grid_images(self):
         """The data stream, and the first batch's first four images for the reconstruction grids (that batch still

@@ -6,7 +6,8 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine.optim import lr_at, param_groups
-from engine.trainer import NonFiniteLossError, Trainer
+from engine.errors import DivergenceError
+from engine.trainer import Trainer
 
 from conftest import debug_cfg
 
@@ -117,7 +118,7 @@ def test_consecutive_non_finite_steps_stop_with_clear_error(tmp_path):
     t = Trainer(debug_cfg(tmp_path, **{"train.max_steps": 40, "train.log_every": 2, "train.max_bad_steps": 3,
                                        "train.ckpt_every": 2}))
     _poison(t, 5)
-    with pytest.raises(NonFiniteLossError, match=r"consecutive bad steps since step 5 .* The last checkpoint written "
+    with pytest.raises(DivergenceError, match=r"consecutive bad steps since step 5 .* The last checkpoint written "
                                                  r"before it is .*ckpt_00000004.pt"):
         t.fit()
     assert t.step < 12

@@ -7,31 +7,13 @@ from ..config import Config
 
 
 def run_pretrain(cfg: Config, resume: bool = False) -> int:
-    from .. import parallel
+    from ..parallel import run_job
     from ..trainer import Trainer
 
-    ctx, device = parallel.init_distributed(cfg.train.device, fsdp=cfg.train.fsdp)
-    trainer = None
-    try:
-        trainer = Trainer(cfg, resume=resume, ctx=ctx, device=device)
-        result = trainer.fit()
-        if result.interrupted:
-            import signal
+    def done(result) -> None:
+        loss = f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a"
+        print(f"done: step {result.step}, loss {loss}, checkpoint {result.checkpoint}, "
+              f"metrics {result.run_dir / 'metrics.jsonl'}, reconstructions {result.run_dir / 'recon'}", flush=True)
 
-            sig = getattr(signal, result.interrupted, None) if result.interrupted.startswith("SIG") else None
-            return 128 + int(sig if sig is not None else signal.SIGTERM)  # 143 / 138 / 130: stopped by a signal
-        if ctx.is_main:
-            loss = f"{result.last_loss:.4f}" if result.last_loss is not None else "n/a"
-            print(f"done: step {result.step}, loss {loss}, checkpoint {result.checkpoint}, "
-                  f"metrics {result.run_dir / 'metrics.jsonl'}, reconstructions {result.run_dir / 'recon'}",
-                  flush=True)
-    finally:
-        # free the model, optimizer and loader (FSDP2 state sits in reference cycles) while the interpreter and
-        # the process group are alive: collective work objects left for interpreter shutdown can take the
-        # process down in the communication library's threads after a successful run
-        trainer = None
-        import gc
-
-        gc.collect()
-        parallel.destroy_distributed()
-    return 0
+    return run_job(cfg.train.device, cfg.train.fsdp,
+                   lambda ctx, device: Trainer(cfg, resume=resume, ctx=ctx, device=device), done)
