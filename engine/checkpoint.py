@@ -672,7 +672,7 @@ def import_weights(model, path: str | os.PathLike) -> dict:
     sd = full_model_state(path) if path.is_dir() else model_state_from(_load_any(path), path)
     fmt = detect_format(sd)
     own = model.state_dict()
-    sd, resized = fit_pos_embeds(sd, own)
+    sd, resized = fit_pos_embeds(sd, own, getattr(getattr(model, "patch_embed", None), "grid_size", None))
     if fmt == "mae":
         load_model_state(model, sd, path)
         return {"format": fmt, "loaded": len(sd), "kept_init": [], "resized": resized}
@@ -696,10 +696,11 @@ def import_weights(model, path: str | os.PathLike) -> dict:
     return {"format": fmt, "loaded": len(enc), "kept_init": kept, "resized": resized}
 
 
-def fit_pos_embeds(sd: dict, own: dict) -> tuple[dict, list[str]]:
+def fit_pos_embeds(sd: dict, own: dict, grid=None) -> tuple[dict, list[str]]:
     """`sd` with its position embeddings (pos_embed, decoder_pos_embed) bicubically resampled to the grid of the
-    model's (`own`) where only the number of patches differs: weights of another resolution load (224 -> 448).
-    Returns the state dict and the names resampled, as 'name: 14x14 -> 28x28'."""
+    model's (`own`; `grid` = (rows, columns) when it is not square) where only the number of patches differs:
+    weights of another resolution load (224 -> 448, or a non-square input). Returns the state dict and the names
+    resampled, as 'name: 14x14 -> 28x28'."""
     from .model import resample_pos_embed
 
     out, resized = dict(sd), []
@@ -710,11 +711,12 @@ def fit_pos_embeds(sd: dict, own: dict) -> tuple[dict, list[str]]:
         if src.shape == dst.shape or src.ndim != 3 or dst.ndim != 3 or src.shape[-1] != dst.shape[-1]:
             continue
         n_src, n_dst = src.shape[1] - 1, dst.shape[1] - 1
-        a, b = int(round(n_src ** 0.5)), int(round(n_dst ** 0.5))
-        if a * a != n_src or b * b != n_dst:
-            continue  # not square grids: left to the shape check, which names both
-        out[key] = resample_pos_embed(src, (b, b))
-        resized.append(f"{key}: {a}x{a} -> {b}x{b}")
+        a = int(round(n_src ** 0.5))
+        rows, cols = (int(grid[0]), int(grid[1])) if grid is not None else (int(round(n_dst ** 0.5)),) * 2
+        if a * a != n_src or rows * cols != n_dst:
+            continue  # not a square source, or not the model's grid: left to the shape check, which names both
+        out[key] = resample_pos_embed(src, (rows, cols))
+        resized.append(f"{key}: {a}x{a} -> {rows}x{cols}")
     return out, resized
 
 

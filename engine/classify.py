@@ -104,7 +104,8 @@ class ClassifyRun(Run):
             ckpt.check_training_meta(saved_meta, resume_path)
             self._check_same_task(saved_meta, resume_path)
 
-        img = cfg.model.img_size
+        img = cfg.model.img_size if not task.height or task.height == cfg.model.img_size else (
+            task.height, cfg.model.img_size)
         finetune = task.protocol == "finetune"
         self.train_loader = _labelled(task.train, img, t.batch_size, cfg, self.device, train=True, rank=self.rank,
                                       world=self.world, auto_augment=task.auto_augment if finetune else "",
@@ -264,7 +265,7 @@ class ClassifyRun(Run):
         resized = "; position embeddings " + ", ".join(self.weights["resized"]) if self.weights.get("resized") else ""
         return (f"{self.command}, preset {self.cfg.preset}: {what}\n"
                 f"encoder {task.checkpoint or 'random init'} ({self.weights.get('format')}){resized}; "
-                f"{m.img_size}px, patch {m.patch_size}; {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train\n"
+                f"{f'{task.height}x{m.img_size}' if task.height else m.img_size}px, patch {m.patch_size}; {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train\n"
                 f"data {task.train} ({len(self.train_loader.files)} images, {self.num_classes} classes; torchvision "
                 f"loader, {self.train_loader.num_workers} workers), val "
                 f"{task.val} ({len(self.val_loader.files)}); augmentation "
@@ -382,6 +383,8 @@ def build_classifier(cfg: ClassifyConfig, num_classes: int, ctx: DistContext, de
     torch.manual_seed(t.seed)
     mae = build_model(cfg.model)
     mae.init_weights(t.seed)
+    if task.height and task.height != cfg.model.img_size:
+        rectangular(mae, task.height)
     info = {"format": "random init"}
     if task.checkpoint and load_pretrained:  # a resumed run has its own weights in its checkpoint
         info = ckpt.import_weights(mae, task.checkpoint)
@@ -409,6 +412,22 @@ def build_classifier(cfg: ClassifyConfig, num_classes: int, ctx: DistContext, de
         mesh = device_mesh(device, ctx.world, cfg.parallel.replicate) if cfg.parallel.replicate > 1 else None
         shard_classifier(model, resolve_dtype(t.precision, device), mesh)
     return model, info
+
+
+def rectangular(mae, height: int) -> None:
+    """Make a square-built MAE take images of `height` x its width (task.height): the patch embedding's size and grid,
+    and the position embeddings resampled to the rectangular grid (weights loaded afterwards are resampled to it
+    from their own grid, engine.checkpoint.fit_pos_embeds). The encoder's path only (fine-tuning, probing)."""
+    from .model import resample_pos_embed
+
+    pe = mae.patch_embed
+    width, p = pe.img_size[1], pe.patch_size[0]
+    pe.img_size, pe.grid_size = (height, width), (height // p, width // p)
+    pe.num_patches = pe.grid_size[0] * pe.grid_size[1]
+    with torch.no_grad():
+        for name in ("pos_embed", "decoder_pos_embed"):
+            old = getattr(mae, name)
+            setattr(mae, name, nn.Parameter(resample_pos_embed(old.detach(), pe.grid_size), requires_grad=False))
 
 
 def build_classifier_optimizer(cfg: ClassifyConfig, model: nn.Module, lr: float, device: torch.device):

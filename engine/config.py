@@ -530,6 +530,9 @@ class TaskConfig:
     RandomResizedCrop, flip and random erasing; empty = the linear probe's RandomResizedCrop + flip only."""
     reprob: float = 0.25
     """Random erasing probability (with task.auto_augment)."""
+    height: int = 0
+    """Non-square inputs: the image height in pixels, model.img_size being the width (both multiples of
+    model.patch_size); the position embeddings are resampled to the rectangular grid. 0 = square."""
     crop_pct: float = 0.875
     """Evaluation: resize the shorter side to img_size / crop_pct (256 for 224), then a center crop of img_size."""
     optimizer: str = "adamw"
@@ -552,6 +555,9 @@ class TaskConfig:
                f"task.mixup and task.cutmix must be >= 0, got {self.mixup}, {self.cutmix}")
         _check(0.0 < self.crop_pct <= 1.0, f"task.crop_pct must be in (0, 1], got {self.crop_pct}")
         _check(self.eval_every >= 1, f"task.eval_every must be a positive number of epochs, got {self.eval_every}")
+        _check(isinstance(self.height, int) and 0 <= self.height <= MODEL_LIMITS["img_size"],
+               f"task.height must be 0 (square) or a height in pixels up to {MODEL_LIMITS['img_size']}, got "
+               f"{self.height!r}")
 
 
 @dataclass
@@ -568,6 +574,8 @@ class ClassifyConfig:
     COMMAND = "finetune"  # what to_toml's header names (`mae linprobe` reads the same files)
 
     def __post_init__(self) -> None:
+        _check(self.task.height % self.model.patch_size == 0,
+               f"task.height={self.task.height} is not divisible by model.patch_size={self.model.patch_size}")
         _check(self.task.last_blocks <= self.model.depth,
                f"task.last_blocks={self.task.last_blocks} is more than the encoder's {self.model.depth} blocks "
                "(model.depth)")

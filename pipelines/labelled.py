@@ -84,7 +84,7 @@ class LabelledFiles(ImageFiles):
             from timm.data import create_transform
 
             self.timm_transform = create_transform(
-                img_size, is_training=True, scale=tuple(data_cfg.scale), ratio=tuple(data_cfg.ratio),
+                (3, *img_size) if isinstance(img_size, tuple) else img_size, is_training=True, scale=tuple(data_cfg.scale), ratio=tuple(data_cfg.ratio),
                 hflip=data_cfg.hflip, auto_augment=auto_augment, interpolation="bicubic", re_prob=reprob,
                 re_mode="pixel", re_count=1, mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
             _posterize_to_zero_bits(self.timm_transform)
@@ -113,6 +113,12 @@ class LabelledFiles(ImageFiles):
             return seeded(self.timm_transform, img, rng.getrandbits(63))
         if self.train:
             return super().transform(img, rng)
+        if isinstance(self.img_size, tuple):  # (height, width): timm's eval transform, both sides scaled
+            h, w = self.img_size
+            img = TF.resize(img, [int(h / self.crop_pct), int(w / self.crop_pct)], InterpolationMode.BICUBIC,
+                            antialias=True)
+            img = TF.center_crop(img, [h, w])
+            return TF.normalize(TF.to_tensor(img), self.mean, self.std)
         size = int(round(self.img_size / self.crop_pct))
         img = TF.resize(img, size, InterpolationMode.BICUBIC, antialias=True)
         img = TF.center_crop(img, [self.img_size, self.img_size])

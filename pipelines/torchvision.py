@@ -38,7 +38,7 @@ CACHE_MAX_FILES = 32
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Indexed by (epoch, sample); sample i reads files[i % len(files)]."""
+    """Indexed by (epoch, sample); sample i reads files[i % len(files)]. img_size: a side, or (height, width)."""
 
     def __init__(self, files, img_size, scale, ratio, hflip, mean, std, seed, deterministic=False):
         self.files, self.img_size = list(files), img_size
@@ -63,7 +63,7 @@ class ImageFiles(torch.utils.data.Dataset):
         return img
 
     def transform(self, img: Image.Image, rng) -> torch.Tensor:
-        size = [self.img_size, self.img_size]
+        size = list(self.img_size) if isinstance(self.img_size, tuple) else [self.img_size, self.img_size]
         if self.deterministic:  # full image, plain resize, no flip (parity tests)
             img = TF.resize(img, size, InterpolationMode.BICUBIC, antialias=True)
         else:

@@ -524,3 +524,39 @@ def test_a_packed_labelled_set_trains_and_validates_as_its_folder_does(digits, t
                  str(tmp_path / "no")]) == 2
     assert "is a packed set without labels; pack the class folders again with `mae data pack SRC OUT --labels`" in \
         capsys.readouterr().err
+
+
+def test_a_non_square_finetune_resamples_to_the_rectangular_grid_and_resumes(digits, pretrained, tmp_path, capsys):
+    """--task.height 48 with the 32-pixel width: 48x32 inputs, a 12x8 grid of patches, position embeddings resampled
+    from the checkpoint's 8x8 (as timm's resample_abs_pos_embed), and a resume of that run."""
+    from timm.layers import resample_abs_pos_embed
+
+    args = ["--task.height", "48", "--task.auto_augment", "rand-m9-mstd0.5-inc1", "--task.mixup", "0.8"]
+    assert classify("finetune", digits, tmp_path, *args, "--train.max_steps", "2", checkpoint=pretrained) == 0
+    out = capsys.readouterr().out
+    assert "position embeddings pos_embed: 8x8 -> 12x8" in out and "48x32px" in out
+    from engine.classify import build_classifier
+    from engine.parallel import DistContext
+
+    cfg = apply_overrides(get_classify_preset("finetune_debug"), {"task.height": "48",
+                                                                  "task.checkpoint": str(pretrained)})
+    model, info = build_classifier(cfg, 10, DistContext(), torch.device("cpu"))
+    src = ckpt.full_model_state(pretrained)["pos_embed"]
+    want = resample_abs_pos_embed(src, [12, 8], num_prefix_tokens=1, antialias=False)
+    assert torch.equal(model.pos_embed.detach(), want) and info["resized"][0] == "pos_embed: 8x8 -> 12x8"
+    assert model(torch.randn(2, 3, 48, 32)).shape == (2, 10)
+    assert main(["finetune", "--run-dir", str(tmp_path), "--resume", "--train.max_steps", "4", *FAST]) == 0
+    assert final_model(tmp_path)["pos_embed"].shape == (1, 97, 64)
+    with pytest.raises(ConfigError, match="task.height=50 is not divisible by model.patch_size=4"):
+        apply_overrides(get_classify_preset("finetune_debug"), {"task.height": "50"})
+
+
+@pytest.mark.parametrize("train,aug", [(True, ""), (True, "rand-m9-mstd0.5-inc1"), (False, "")])
+def test_labelled_images_come_at_a_rectangular_size(digits, train, aug):
+    from engine.config import DataConfig
+    from pipelines.labelled import LabelledFiles
+
+    files = [str(sorted((digits / "val" / "1").iterdir())[0])]
+    ds = LabelledFiles(files, [1], (48, 32), DataConfig(), 0, train=train, auto_augment=aug, reprob=0.25 if aug else 0)
+    x, label = ds[(0, 0)]
+    assert x.shape == (3, 48, 32) and label == 1
