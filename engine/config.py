@@ -571,7 +571,10 @@ class ClassifyConfig:
     preset: str = "custom"
     """Name of the preset this config started from."""
 
-    COMMAND = "finetune"  # what to_toml's header names (`mae linprobe` reads the same files)
+    @property
+    def command(self) -> str:
+        """The command that runs this config again (to_toml's header): finetune or linprobe."""
+        return self.task.protocol
 
     def __post_init__(self) -> None:
         _check(self.task.height % self.model.patch_size == 0,
@@ -787,7 +790,7 @@ def to_toml(cfg) -> str:
 
         return json.dumps(str(v))
 
-    command = getattr(cfg, "COMMAND", "pretrain")
+    command = getattr(cfg, "command", "pretrain")
     lines = [f"# resolved configuration of this run: `mae {command} --config FILE` runs it again (dotted overrides",
              "# on the command line still win)", f"preset = {value(cfg.preset)}"]
     for sec in sections_of(cfg):

@@ -99,6 +99,7 @@ def test_best_pt_holds_the_best_validation_and_loads_into_the_classifier(digits,
 def test_the_linear_probe_trains_the_head_only_and_a_pretrained_encoder_is_untouched(digits, pretrained, tmp_path):
     assert classify("linprobe", digits, tmp_path, "--train.epochs", "1", "--train.batch_size", "64",
                     checkpoint=pretrained) == 0
+    assert "`mae linprobe --config FILE` runs it again" in (tmp_path / "config.toml").read_text()
     after = final_model(tmp_path)
     before = ckpt.full_model_state(pretrained)
     for k, v in after.items():
