@@ -1,5 +1,6 @@
 """The training step, written once: `mae pretrain`, the captured CUDA graph, the benchmarks and the memory
-estimator all run `TrainStep`, built from a Config by `build_training`.
+estimator all run `TrainStep`, built from a Config by `build_training`; `mae finetune` / `mae linprobe` run it with
+the classifier's forward and loss (engine/classify.py).
 
     training = build_training(cfg, ctx, device)        # model, optimizer, step: every lever applied here
     loss, finite = training.step_fn([(imgs, noise), ...])  # one optimizer step over accum_steps micro-batches
@@ -9,7 +10,8 @@ the forward with its mask noise, the backward of loss / accum_steps (FSDP2 reduc
 micro-batch only) and the copies' gradients moved to the fp32 masters; then the mean loss, the gradient norm,
 a non-finite flag (loss or gradient; all-reduced, so every rank skips together) and the optimizer step, which
 the fused optimizer skips on the device when the flag is set (`found_inf`). Loss, norm and flag stay on the
-device: no host sync.
+device: no host sync. Under train.precision=fp16 the loss is scaled before backward and the gradients unscaled
+before the norm (engine.mixed.LossScaler): an overflow is a bad step, and the scale follows on the device.
 
 `train.cuda_graph` wraps the same TrainStep in engine.graphstep.GraphedStep, which records `TrainStep.body`
 once per batch shape and mask ratio and replays it. Benchmarks time `training.step_fn`; phase timing (forward /
