@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ..config import PRESETS, ConfigError, apply_overrides, describe_fields, get_preset
-from .options import UserError, build_config, checkpoint_config
+from .options import UserError, build_config, checkpoint_config, resume_config_file
 
 EXIT_USAGE = 2
 
@@ -33,14 +33,7 @@ def current_argv() -> list[str]:
 
 
 def cmd_pretrain(args, extra) -> int:
-    config_file = args.config or None
-    if args.resume and not args.preset and not config_file and args.run_dir:
-        saved = Path(args.run_dir) / "config.toml"
-        if saved.is_file():  # the run's own settings: --resume needs no --preset; overrides still win (and a
-            # change of what the run learns is reported and recorded when it resumes)
-            config_file = str(saved)
-            print(f"resuming with the run's own settings ({saved}); options given here override them", flush=True)
-    cfg = build_config(args.preset, extra, config_file)
+    cfg = build_config(args.preset, extra, resume_config_file(args))
     given = {**({"train.run_dir": args.run_dir} if args.run_dir else {}), **({"data.path": args.data} if args.data
                                                                             else {})}
     if given:

@@ -14,13 +14,11 @@ def build_classify_config(protocol: str, preset: str | None, extra: list[str], c
                           checkpoint: str = ""):
     """The preset (named, the config file's, or the one whose architecture is the pretrained checkpoint's, else
     {protocol}_debug), then the file's values, then the dotted overrides; task.protocol is the command's."""
-    from ..config import ClassifyConfig, apply_overrides, file_overrides, get_classify_preset, read_toml
-    from .options import UserError, split_overrides
+    from ..config import ClassifyConfig, apply_overrides, get_classify_preset
+    from .options import UserError, config_file_values, layered
 
-    file_vals: dict[str, str] = {}
-    if config_file:
-        file_preset, file_vals = file_overrides(read_toml(config_file), config_file, ClassifyConfig)
-        preset = preset or file_preset
+    file_preset, file_vals = config_file_values(config_file, ClassifyConfig)
+    preset = preset or file_preset
     note = None
     if not preset and checkpoint:
         preset, note = preset_for_checkpoint(protocol, checkpoint)
@@ -31,11 +29,9 @@ def build_classify_config(protocol: str, preset: str | None, extra: list[str], c
     if cfg.task.protocol != protocol:
         raise UserError(f"preset {preset} is a {cfg.task.protocol} recipe; `mae {protocol}` takes a {protocol}_* "
                         "preset (or --task.* overrides on one)")
-    if note is not None and isinstance(note, dict):  # the checkpoint's own architecture, under the debug recipe
+    if isinstance(note, dict):  # the checkpoint's own architecture, under the debug recipe
         cfg = apply_overrides(cfg, {f"model.{k}": str(v) for k, v in note.items()})
-    if file_vals:
-        cfg = apply_overrides(cfg, file_vals)
-    return apply_overrides(cfg, split_overrides(extra))
+    return layered(cfg, file_vals, extra)
 
 
 def preset_for_checkpoint(protocol: str, checkpoint: str):
@@ -62,16 +58,10 @@ def preset_for_checkpoint(protocol: str, checkpoint: str):
 def cmd_classify(args, extra) -> int:
     from ..classify import run_classify
     from ..config import apply_overrides
-    from .options import UserError
+    from .options import UserError, resume_config_file
 
     protocol = args.command
-    config_file = args.config or None
-    if args.resume and not args.preset and not config_file and args.run_dir:
-        saved = Path(args.run_dir) / "config.toml"
-        if saved.is_file():
-            config_file = str(saved)
-            print(f"resuming with the run's own settings ({saved}); options given here override them", flush=True)
-    cfg = build_classify_config(protocol, args.preset, extra, config_file, args.checkpoint)
+    cfg = build_classify_config(protocol, args.preset, extra, resume_config_file(args), args.checkpoint)
     given = {k: v for k, v in (("train.run_dir", args.run_dir), ("task.train", args.train), ("task.val", args.val),
                                ("task.checkpoint", args.checkpoint)) if v}
     if given:

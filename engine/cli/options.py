@@ -41,19 +41,43 @@ def _is_number(s: str) -> bool:
     return True
 
 
-def build_config(preset: str | None, extra: list[str], config_file: str | None = None) -> Config:
-    """The preset (the config file's own `preset` when none is named, else debug), then the file's values, then
-    the command line's dotted overrides: the last one to set a field wins."""
+def config_file_values(config_file: str | None, kind=Config) -> tuple[str | None, dict[str, str]]:
+    """(the file's preset, its values as dotted overrides) of a config file for a config of class `kind`; (None, {})
+    without a file."""
     from ..config import file_overrides, read_toml
 
-    file_vals: dict[str, str] = {}
-    if config_file:
-        file_preset, file_vals = file_overrides(read_toml(config_file), config_file)
-        preset = preset or file_preset
-    cfg = get_preset(preset or "debug")
+    if not config_file:
+        return None, {}
+    return file_overrides(read_toml(config_file), config_file, kind)
+
+
+def layered(cfg, file_vals: dict[str, str], extra: list[str]):
+    """A preset's config, then a config file's values, then the command line's dotted overrides: the last one to set
+    a field wins."""
     if file_vals:
         cfg = apply_overrides(cfg, file_vals)
     return apply_overrides(cfg, split_overrides(extra))
+
+
+def resume_config_file(args) -> str | None:
+    """The config file a command reads: --config, or on --resume without --preset and --config the run's own
+    config.toml (overrides given still win, and a resume that changes what the run learns says so)."""
+    from pathlib import Path
+
+    if args.config or not args.resume or args.preset or not args.run_dir:
+        return args.config or None
+    saved = Path(args.run_dir) / "config.toml"
+    if not saved.is_file():
+        return None
+    print(f"resuming with the run's own settings ({saved}); options given here override them", flush=True)
+    return str(saved)
+
+
+def build_config(preset: str | None, extra: list[str], config_file: str | None = None) -> Config:
+    """The preset (the config file's own `preset` when none is named, else debug), then the file's values, then
+    the command line's dotted overrides: the last one to set a field wins."""
+    file_preset, file_vals = config_file_values(config_file)
+    return layered(get_preset(preset or file_preset or "debug"), file_vals, extra)
 
 
 def checkpoint_config(path, preset: str | None, extra: list[str]) -> Config:
