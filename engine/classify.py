@@ -136,13 +136,11 @@ class ClassifyRun(Run):
         self.training = TrainStep(self.model, self.optimizer, device=self.device, amp_dtype=self.amp_dtype,
                                   forward=self._forward, accum_steps=t.accum_steps,
                                   scaler=loss_scaler(t.precision, self.device))
-        self.step = 0
         self.micro_batch = 0
         self.parts: dict = {}  # the loop's parts with resume state (fit builds them; meta gathers their state)
         self._parts_state: dict = {}  # what a resumed checkpoint saved of them
         self.flops_per_image = vit_train_flops_per_image(cfg.model, self.num_classes)
         self.peak = datasheet_peak(self.device) if self.device.type == "cuda" else None
-        self._resumed_from = None
         if resume_path is not None:
             self._resume(resume_path)
             self._resumed_from = resume_path
@@ -181,10 +179,14 @@ class ClassifyRun(Run):
             return self.mixup(imgs, labels)
         return imgs, labels
 
-    def optimizer_step(self, stream) -> tuple[torch.Tensor, torch.Tensor]:
-        set_lr(self.optimizer, lr_at(self.step, self.total_steps, self.warmup_steps, self.lr, self.cfg.optim.min_lr))
+    def training_mode(self) -> None:
+        """Train mode, with the frozen blocks in eval mode (no drop path): at the loop's start and after each
+        validation (which leaves every module in train mode), not at every step."""
         self.model.train()
         _frozen_blocks_eval(self.model)
+
+    def optimizer_step(self, stream) -> tuple[torch.Tensor, torch.Tensor]:
+        set_lr(self.optimizer, lr_at(self.step, self.total_steps, self.warmup_steps, self.lr, self.cfg.optim.min_lr))
         loss, finite = self.training((self._next_micro_batch(stream) for _ in range(self.cfg.train.accum_steps)))
         self.step += 1
         return loss, finite
@@ -292,10 +294,7 @@ class ClassifyRun(Run):
         bar = self.progress_bar(self.stop_at)
         say = bar.write if bar is not None else self.log
         stream = self.train_loader.stream(self.micro_batch)
-        health = Health(t.spike_factor, t.grad_spike_factor)
-        health.observe_weights(self.step, float(self.training.param_norm()))
-        if self._resumed_from is not None:
-            health.saved(self.step, self._resumed_from)
+        health = self.start_health(self.training.param_norm)
         meter = StepMeter(self.device, self.world, self.global_batch, t.log_every, self.stop_at)
         guard = Guard(health, self.training.param_norm, max_bad_steps=t.max_bad_steps, on_divergence="stop",
                       max_rollbacks=0, rollback=None, diverged=self._divergence_message)
@@ -307,6 +306,7 @@ class ClassifyRun(Run):
         loop = Loop(meter=meter, guard=guard, saver=saver, vote=StopVote(self.device, self.ctx.distributed),
                     signals=StopSignals(self.is_main), jobs=jobs, say=say, bar=bar,
                     log_line=lambda: self._log_line(meter, writer, bar, say))
+        self.training_mode()
         try:
             stop_signal = loop.run(lambda: self._train_step(stream), lambda: self.step, self.stop_at)
             if stop_signal and self.is_main:
@@ -331,6 +331,7 @@ class ClassifyRun(Run):
 
     def _validation_line(self, val: Validation, writer, say) -> dict:
         top1, top5 = self.validate()
+        self.training_mode()
         better = val.record(self.step, top1, top5)
         if better:
             self.save_best()

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .device import resolve_device, resolve_dtype
 from .parallel import DistContext
 from .runlock import RunLock, claim_run_dir
+
+if TYPE_CHECKING:
+    from .health import Health
 
 
 class Run:
@@ -30,6 +34,8 @@ class Run:
         self.run_dir = Path(t.run_dir)
         self.step = 0
         """Optimizer steps done."""
+        self._resumed_from: Path | None = None
+        """The checkpoint this run resumed from (the last good one until its next save)."""
         self._lock: RunLock | None = None
         if self.is_main:  # one run per directory, checked writable before any work (rank 0 holds it for the job)
             self._lock = claim_run_dir(self, self.run_dir, self.command, self.log)
@@ -41,6 +47,17 @@ class Run:
 
     def _setup(self, resume: bool) -> None:
         """The run's own set-up (its model, step, loaders; the checks of a resume), after the directory is claimed."""
+
+    def start_health(self, param_norm) -> Health:
+        """The health checks' state at the loop's start: the weights' norm as the reference for growth, and the
+        checkpoint resumed from as the last good one until the next save."""
+        from .health import Health
+
+        health = Health(self.cfg.train.spike_factor, self.cfg.train.grad_spike_factor)
+        health.observe_weights(self.step, float(param_norm()))
+        if self._resumed_from is not None:
+            health.saved(self.step, self._resumed_from)
+        return health
 
     def position_meta(self, batches_per_epoch: int) -> dict:
         """What every run's checkpoint carries to resume: the steps done, the data position (global micro-batches,

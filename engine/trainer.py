@@ -114,7 +114,6 @@ class Trainer(Run):
         # one masking stream for the global micro-batch, the same on every rank; each rank takes its rows,
         # so a run's masks do not depend on how the global batch is split over ranks
         self.mask_gen = torch.Generator(device=self.device).manual_seed(t.seed * 7919 + 17)
-        self.step = 0
         self.micro_batch = 0  # global micro-batch position of the data stream
         self.parts: dict = {}  # the loop's parts with resume state (fit builds them; meta gathers their state)
         self._parts_state: dict = {}  # what a resumed checkpoint saved of them
@@ -129,7 +128,6 @@ class Trainer(Run):
             self._heldout = heldout_images(cfg.model.img_size, cfg.data.mean, cfg.data.std).to(self.device)
         self.flops_per_image = train_flops_per_image(cfg.model)
         self.peak = datasheet_peak(self.device) if self.device.type == "cuda" else None
-        self._resumed_from: Path | None = None
         if resume_path is not None:
             self._resume(resume_path)
             self._resumed_from = resume_path
@@ -349,7 +347,7 @@ class Trainer(Run):
         bar = self.progress_bar(self.stop_at)
         say = bar.write if bar is not None else self.log
         stream, vis_imgs = self._stream_and_grid_images()
-        health = self._health()
+        health = self.start_health(self.training.plain.param_norm)
         meter = StepMeter(self.device, self.world, self.effective_batch, t.log_every, self.stop_at)
         guard = Guard(health, self.training.plain.param_norm, max_bad_steps=t.max_bad_steps,
                       on_divergence=t.on_divergence, max_rollbacks=t.max_rollbacks,
@@ -399,13 +397,6 @@ class Trainer(Run):
             return stream, None
         first = next(stream)
         return _chain_first(first, stream), first[:4].detach().clone()
-
-    def _health(self) -> Health:
-        health = Health(self.cfg.train.spike_factor, self.cfg.train.grad_spike_factor)
-        health.observe_weights(self.step, float(self.training.plain.param_norm()))  # the reference for growth
-        if self._resumed_from is not None:  # the checkpoint resumed from is the last good one until the next save
-            health.saved(self.step, self._resumed_from)
-        return health
 
     def _log_line(self, meter: StepMeter, health: Health, writer, bar, say) -> None:
         """The window's record into metrics.jsonl / TensorBoard, the progress line, the warnings of the window."""
