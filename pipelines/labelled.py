@@ -78,7 +78,6 @@ class LabelledFiles(ImageFiles):
         super().__init__(files, img_size, data_cfg.scale, data_cfg.ratio, data_cfg.hflip if train else 0.0,
                          data_cfg.mean, data_cfg.std, seed, deterministic=not train)
         self.labels, self.train, self.crop_pct = labels if isinstance(labels, ShardLabels) else list(labels), train, crop_pct
-        self.shards = None  # a packed set (with_shards): samples read from their shard by offset
         self.timm_transform = None
         if train and auto_augment:
             from timm.data import create_transform
@@ -92,21 +91,6 @@ class LabelledFiles(ImageFiles):
     def with_shards(self, shards) -> "LabelledFiles":
         self.shards = shards
         return self
-
-    def load(self, key):
-        if self.shards is None:
-            return super().load(key)
-        import io
-
-        from PIL import Image
-
-        from .common import to_rgb
-
-        with Image.open(io.BytesIO(self.shards.read(key))) as im:
-            return to_rgb(im)
-
-    def describe(self, key) -> str:
-        return super().describe(key) if self.shards is None else f"{self.shards.name(key)} (shard:member)"
 
     def transform(self, img, rng):
         if self.timm_transform is not None:

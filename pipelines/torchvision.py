@@ -38,7 +38,8 @@ CACHE_MAX_FILES = 32
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Indexed by (epoch, sample); sample i reads files[i % len(files)]. img_size: a side, or (height, width)."""
+    """Indexed by (epoch, sample); sample i reads files[i % len(files)] (with `shards` set, a packed set's sample
+    numbers, read from their shard: ShardImages). img_size: a side, or (height, width)."""
 
     def __init__(self, files, img_size, scale, ratio, hflip, mean, std, seed, deterministic=False):
         self.files, self.img_size = list(files), img_size
@@ -49,11 +50,17 @@ class ImageFiles(torch.utils.data.Dataset):
         # the embedded photographs (a handful) are decoded once per worker and kept (TorchvisionLoader turns it
         # on for them only: a user's small folder is decoded every time, as a large one is)
         self._cache: dict[str, Image.Image] | None = None
+        self.shards = None  # a packed set (pipelines/shards.py ShardSet): samples read by offset, one seek each
 
     def __len__(self):
         return len(self.files)
 
-    def load(self, path: str) -> Image.Image:
+    def load(self, path) -> Image.Image:
+        if self.shards is not None:  # a sample number of a packed set
+            import io
+
+            with Image.open(io.BytesIO(self.shards.read(path))) as im:
+                return to_rgb(im)
         if self._cache is not None and path in self._cache:
             return self._cache[path]
         with Image.open(path) as im:
@@ -83,8 +90,8 @@ class ImageFiles(torch.utils.data.Dataset):
         return x
 
     def describe(self, path) -> str:
-        """How a warning names a sample's source (a file here; a shard and its member for packed data)."""
-        return str(path)
+        """How a warning names a sample's source (a file; a shard and its member for packed data)."""
+        return f"{self.shards.name(path)} (shard:member)" if self.shards is not None else str(path)
 
     def get_with_skips(self, key):
         epoch, index = key
@@ -108,17 +115,7 @@ class ShardImages(ImageFiles):
 
     def __init__(self, shards, img_size, scale, ratio, hflip, mean, std, seed, deterministic=False):
         super().__init__(list(range(len(shards))), img_size, scale, ratio, hflip, mean, std, seed, deterministic)
-        self.shards = shards
-        self._cache = None  # packed data is large: no decoded cache
-
-    def load(self, i) -> Image.Image:
-        import io
-
-        with Image.open(io.BytesIO(self.shards.read(i))) as im:
-            return to_rgb(im)
-
-    def describe(self, i) -> str:
-        return f"{self.shards.name(i)} (shard:member)"
+        self.shards = shards  # packed data is large: no decoded cache
 
 
 class Normalize:
