@@ -265,13 +265,15 @@ class ClassifyRun(Run):
                 f"fine-tuning ({'every block' if task.last_blocks < 0 else f'the last {task.last_blocks} blocks'}, "
                 f"layer decay {task.layer_decay:g}, drop path {task.drop_path:g})")
         resized = "; position embeddings " + ", ".join(self.weights["resized"]) if self.weights.get("resized") else ""
+        size = f"{task.height}x{m.img_size}" if task.height else f"{m.img_size}"
+        aug = (f"{task.auto_augment}, random erasing {task.reprob:g}" if task.auto_augment and task.protocol == "finetune"
+               else "crop + flip")
         return (f"{self.command}, preset {self.cfg.preset}: {what}\n"
                 f"encoder {task.checkpoint or 'random init'} ({self.weights.get('format')}){resized}; "
-                f"{f'{task.height}x{m.img_size}' if task.height else m.img_size}px, patch {m.patch_size}; {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train\n"
+                f"{size}px, patch {m.patch_size}; {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train\n"
                 f"data {task.train} ({len(self.train_loader.files)} images, {self.num_classes} classes; torchvision "
                 f"loader, {self.train_loader.num_workers} workers), val "
-                f"{task.val} ({len(self.val_loader.files)}); augmentation "
-                f"{task.auto_augment + f', random erasing {task.reprob:g}' if task.auto_augment and task.protocol == 'finetune' else 'crop + flip'}"
+                f"{task.val} ({len(self.val_loader.files)}); augmentation {aug}"
                 + (f", mixup {task.mixup:g} / cutmix {task.cutmix:g}" if self.mixup is not None else "")
                 + f", label smoothing {task.smoothing:g}\n"
                 f"device {self.device}, precision {self.amp_dtype or torch.float32}"
@@ -393,7 +395,7 @@ def build_classifier(cfg: ClassifyConfig, num_classes: int, ctx: DistContext, de
         info = {"format": "resumed"}
     probe = task.protocol == "linprobe"
     model = EncoderClassifier(mae, num_classes, pool=task.pool, head="bn_linear" if probe else "linear",
-                              drop_path=0.0 if probe else task.drop_path)
+                              drop_path=0.0 if probe else task.drop_path, owns_tokens=True)
     k = 0 if probe else (len(model.blocks) if task.last_blocks < 0 else task.last_blocks)
     model.freeze_all_but_last(k)
     if k == len(model.blocks):  # full fine-tuning: every parameter trains, as in the reference code

@@ -32,13 +32,17 @@ class EncoderClassifier(nn.Module):
     """
 
     def __init__(self, mae: MaskedAutoencoderViT, num_classes: int, pool: str = "cls", head: str = "bn_linear",
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, owns_tokens: bool = False):
         super().__init__()
         if pool not in ("cls", "gap"):
             raise ValueError(f"pool must be cls or gap, got {pool!r}")
         self.patch_embed, self.cls_token, self.pos_embed = mae.patch_embed, mae.cls_token, mae.pos_embed
         self.blocks, self.norm = mae.blocks, mae.norm
         self._mae = (mae,)  # not a submodule: its decoder stays out of this model
+        # owns_tokens: this model is the one trained and sharded (mae finetune / linprobe): the forward reads the
+        # cls token and position embeddings registered here (FSDP2 sets their unsharded tensors on this module);
+        # otherwise (the kNN monitor on a sharded MAE) the MAE's own
+        self.owns_tokens = owns_tokens
         self.pool = pool
         dim = mae.cls_token.shape[-1]
         self.fc_norm = nn.LayerNorm(dim, eps=1e-6) if pool == "gap" else nn.Identity()
@@ -53,6 +57,7 @@ class EncoderClassifier(nn.Module):
             for i, blk in enumerate(self.blocks):
                 rate = drop_path * i / max(1, n - 1)
                 blk.drop_path1, blk.drop_path2 = DropPath(rate), DropPath(rate)
+            mae.blocks_draw_random = True  # activation checkpointing recomputes with the same drop-path draws
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """The grouping of parameters by depth for timm's layer-wise lr decay, as the paper groups them: the stem
@@ -63,7 +68,7 @@ class EncoderClassifier(nn.Module):
 
     def features(self, imgs: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] -> pooled features [N, D] (through the MAE's forward_features, so FSDP gathers it)."""
-        x = self._mae[0].forward_features(imgs, norm=self.pool == "cls")
+        x = self._mae[0].forward_features(imgs, norm=self.pool == "cls", owner=self if self.owns_tokens else None)
         if self.pool == "gap":
             return self.fc_norm(x[:, 1:, :].mean(dim=1))
         return x[:, 0]

@@ -115,7 +115,8 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_norm = norm_layer(decoder_embed_dim, **dd)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True, **dd)
 
-        self.grad_checkpointing = False  # set by engine.parallel: recompute each block in backward
+        self.grad_checkpointing = False  # set by engine.levers: recompute each block in backward
+        self.blocks_draw_random = False  # set by a classifier that gives the blocks drop path (engine/evaluate.py)
         self.checkpoint_first = 0  # or only the first N encoder blocks (train.checkpoint_blocks)
         self.checkpoint_first_decoder = 0  # and the first N decoder blocks (train.checkpoint_decoder_blocks)
         if self.pos_embed.device.type != "meta":
@@ -200,27 +201,34 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.norm(x)
         return x, mask, ids_restore
 
-    def _prepend_cls(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, T, D] -> [N, T+1, D] with the cls token (plus its position embedding) first."""
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1).to(x.dtype)
+    def _prepend_cls(self, x: torch.Tensor, owner: nn.Module | None = None) -> torch.Tensor:
+        """[N, T, D] -> [N, T+1, D] with the cls token (plus its position embedding) first (`owner`'s: see
+        forward_features)."""
+        o = self if owner is None else owner
+        cls = (o.cls_token + o.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1).to(x.dtype)
         return torch.cat([cls, x], dim=1)
 
     def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         first = self.checkpoint_first if blocks is self.blocks else self.checkpoint_first_decoder
         for i, blk in enumerate(blocks):
             if (self.grad_checkpointing or i < first) and torch.is_grad_enabled():
-                # the blocks draw no random numbers (no dropout, no drop path), so the RNG state is not stashed:
-                # that would read the CUDA generator, which a graph capture forbids
-                x = torch.utils.checkpoint.checkpoint(_RunWith(blk), x, use_reentrant=False, preserve_rng_state=False)
+                # pretraining's blocks draw no random numbers (no dropout, no drop path), so the RNG state is not
+                # stashed (that would read the CUDA generator, which a graph capture forbids); blocks with drop path
+                # (fine-tuning) stash it, so that the recomputation drops the same paths as the forward did
+                x = torch.utils.checkpoint.checkpoint(_RunWith(blk), x, use_reentrant=False,
+                                                      preserve_rng_state=self.blocks_draw_random)
             else:
                 x = blk(x)
         return x
 
-    def forward_features(self, imgs: torch.Tensor, norm: bool = True) -> torch.Tensor:
+    def forward_features(self, imgs: torch.Tensor, norm: bool = True, owner: nn.Module | None = None) -> torch.Tensor:
         """The encoder on every patch, no masking (evaluation): imgs [N, C, H, W] -> tokens [N, L+1, D],
-        cls first; `norm=False` returns them before the final LayerNorm (for global-pool heads)."""
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
-        x = self._run_blocks(self.blocks, self._prepend_cls(x))
+        cls first; `norm=False` returns them before the final LayerNorm (for global-pool heads). `owner`: the module
+        whose cls_token and pos_embed to read instead of this model's: a classifier that registers them as its own
+        parameters and is the module FSDP2 shards (its unsharded tensors are set on it, not on this model)."""
+        o = self if owner is None else owner
+        x = self.patch_embed(imgs) + o.pos_embed[:, 1:, :]
+        x = self._run_blocks(self.blocks, self._prepend_cls(x, owner))
         return self.norm(x) if norm else x
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:

@@ -77,7 +77,8 @@ class LabelledFiles(ImageFiles):
                  auto_augment: str = "", reprob: float = 0.0):
         super().__init__(files, img_size, data_cfg.scale, data_cfg.ratio, data_cfg.hflip if train else 0.0,
                          data_cfg.mean, data_cfg.std, seed, deterministic=not train)
-        self.labels, self.train, self.crop_pct = labels if isinstance(labels, ShardLabels) else list(labels), train, crop_pct
+        self.labels = labels if isinstance(labels, ShardLabels) else list(labels)
+        self.train, self.crop_pct = train, crop_pct
         self.timm_transform = None
         if train and auto_augment:
             from timm.data import create_transform

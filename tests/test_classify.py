@@ -453,8 +453,10 @@ def test_randaugment_posterize_at_zero_bits_gives_a_black_image():
 
 
 def test_a_two_rank_finetune_equals_a_one_rank_one_with_the_same_global_batch(digits, pretrained, tmp_path):
-    """FSDP2 on 2 CPU processes, 16 images each, against one process with 32: the same losses (to float rounding: the
-    gradients are averaged in another order) and the same validation (each digit counted once over the ranks).
+    """FSDP2 on 2 CPU processes, 16 images each, stopped at step 3 and resumed, against one process with 32: the same
+    losses (to float rounding: the gradients are averaged in another order) and the same validation (each digit
+    counted once over the ranks); the cls token and position embeddings, parameters of the classifier that FSDP2
+    shards, train on both.
     Mixup and drop path draw per rank, so they are off here; the per-sample crop and flip are the same either way."""
     import os
     import subprocess
@@ -467,9 +469,12 @@ def test_a_two_rank_finetune_equals_a_one_rank_one_with_the_same_global_batch(di
     assert main(["finetune", *same, "--train.batch_size", "32", "--run-dir", str(one)]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "engine.cli",
            "finetune", *same, "--train.batch_size", "16", "--run-dir", str(two)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert "FSDP2 over 2 ranks" in r.stdout
+    for extra in (["--train.max_steps", "3"], ["--resume"]):  # stopped halfway, resumed from the sharded checkpoint
+        r = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+        assert "FSDP2 over 2 ranks" in r.stdout
+    assert "resumed from" in r.stdout
     a, b = records(one), records(two)
     la = {x["step"]: x["loss"] for x in a if "loss" in x}
     lb = {x["step"]: x["loss"] for x in b if "loss" in x}
@@ -561,3 +566,78 @@ def test_labelled_images_come_at_a_rectangular_size(digits, train, aug):
     ds = LabelledFiles(files, [1], (48, 32), DataConfig(), 0, train=train, auto_augment=aug, reprob=0.25 if aug else 0)
     x, label = ds[(0, 0)]
     assert x.shape == (3, 48, 32) and label == 1
+
+
+REHEARSAL = r'''
+import os, sys
+import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed.tensor import DTensor
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from engine.classify import build_classifier, build_loss
+from engine.config import apply_overrides, get_classify_preset
+from engine.parallel import DistContext
+
+world, rank, replicate, protocol = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank % 8), LOCAL_WORLD_SIZE="8")
+dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+cfg = apply_overrides(get_classify_preset(f"{protocol}_debug"), {"parallel.replicate": str(replicate),
+                                                                  "train.device": "cpu"})
+model, _ = build_classifier(cfg, 10, DistContext(rank, world, rank % 8, True), torch.device("cpu"))
+shard, index = world // replicate, rank % (world // replicate)
+for name, p in model.named_parameters():
+    assert isinstance(p, DTensor), name
+    rows, chunk = p.shape[0], -(-p.shape[0] // shard)
+    assert p.to_local().shape[0] == max(0, min(chunk, rows - index * chunk)), name
+mixup, criterion = build_loss(cfg, 10)
+with FakeTensorMode(allow_non_fake_inputs=True):
+    loss = criterion(model(torch.randn(4, 3, 32, 32)).float(), torch.randint(0, 10, (4,)))
+    loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.to_local().numel():  # a rank past a parameter's rows holds none of it
+            assert p.grad is not None and p.grad.to_local().shape == p.to_local().shape, name
+trained = sorted({n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad})
+print("ok", trained)
+'''
+
+
+@pytest.mark.parametrize("world, rank, replicate, protocol, trained", [
+    (8, 3, 1, "finetune", "['blocks', 'cls_token', 'fc_norm', 'head', 'patch_embed', 'pos_embed']"),
+    (64, 37, 8, "finetune", "['blocks', 'cls_token', 'fc_norm', 'head', 'patch_embed', 'pos_embed']"),
+    (16, 5, 2, "linprobe", "['head']"),
+])
+def test_the_classifier_shards_as_fsdp2_and_hsdp_on_a_fake_process_group(world, rank, replicate, protocol, trained):
+    """Rank `rank` of a `world`-rank fine-tune or probe, built as torchrun would on a fake process group: every
+    parameter a DTensor holding its chunk of rows (FSDP2 over the world, or HSDP `replicate` x shards), and a forward
+    and backward on fake tensors leaving each trained parameter a gradient the shape of its shard."""
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", REHEARSAL, str(world), str(rank), str(replicate), protocol],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert r.stdout.strip().splitlines()[-1] == f"ok {trained}"
+
+
+def test_activation_checkpointing_recomputes_the_same_drop_path(pretrained):
+    """Drop path draws random numbers in the blocks: a recomputed block must draw what its forward drew, or its
+    gradients are another network's. With checkpointing, the gradients equal those without."""
+    from engine.classify import build_classifier
+    from engine.parallel import DistContext
+
+    grads = []
+    for ckpting in ("false", "true"):
+        cfg = apply_overrides(get_classify_preset("finetune_debug"), {
+            "task.checkpoint": str(pretrained), "task.drop_path": "0.5", "train.activation_checkpointing": ckpting})
+        model, _ = build_classifier(cfg, 10, DistContext(), torch.device("cpu"))
+        model.train()
+        torch.manual_seed(3)
+        x = torch.randn(8, 3, 32, 32)
+        model.features(x).square().sum().backward()  # the features: the fresh head's 2e-5 weights would hide it
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
