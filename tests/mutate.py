@@ -147,7 +147,7 @@ MUTANTS = [
     Mutant("refused_resume_writes_config", "engine/trainer.py", "        resume_path = None\n        self.resume_changes",
            "        (self.run_dir / 'config.toml').write_text('x')\n        resume_path = None\n        self.resume_changes",
            ("tests/test_operation.py::test_a_refused_resume_leaves_the_run_directory_as_it_was",)),
-    Mutant("resumed_checkpoint_not_last_good", "engine/trainer.py",
+    Mutant("resumed_checkpoint_not_last_good", "engine/run.py",
            "            health.saved(self.step, self._resumed_from)", "            pass",
            ("tests/test_operation.py::test_a_rollback_after_a_resume_returns_to_the_resumed_checkpoint",)),
     Mutant("bad_streak_at_the_end_exits_0", "engine/trainer.py", "if health.in_streak and not stop_signal:",
